@@ -1,0 +1,125 @@
+"""The per-layer DRAM window cache (LLM in a flash, section 3.3).
+
+A preallocated `[capacity, bundle_width]` matrix holds the bundles of every neuron that was
+active in the last `window` steps. Rows `[:n_used]` are in use and compact:
+
+- deletion moves the last used rows into the freed slots (cost: the rows moved, not the cache);
+- insertion appends the new neurons' rows at `n_used` (the reader writes them there directly);
+- the FFN is computed on `matrix[:n_used]`, with `neuron_at[:n_used]` naming each row's neuron.
+
+No tensor is allocated per step in steady state: moves go through a scratch buffer that only
+grows. The bookkeeping is numpy on small index arrays.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_NEVER = np.iinfo(np.int64).min // 2
+
+
+@dataclass(frozen=True)
+class CacheUpdate:
+    missing: np.ndarray  # sorted neuron ids to load, into rows [start, start + len(missing))
+    start: int
+    hits: int  # neurons of this step already cached
+    evicted: int  # neurons that left the cache this step
+    moved: int  # rows copied to keep the matrix compact
+
+
+class WindowCache:
+    """Neurons active in the last `window` steps, as compact rows of a preallocated matrix."""
+
+    def __init__(self, matrix: torch.Tensor, n_neurons: int, window: int):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.matrix = matrix  # [capacity, W]
+        self.capacity = matrix.shape[0]
+        self.window = window
+        self.slot_of = np.full(n_neurons, -1, dtype=np.int64)  # neuron -> row, -1 if absent
+        self.neuron_at = np.full(self.capacity, -1, dtype=np.int64)  # row -> neuron
+        self.last_active = np.full(n_neurons, _NEVER, dtype=np.int64)
+        self.history: deque[np.ndarray] = deque()
+        self.n_used = 0
+        self.step = 0
+        self._scratch = matrix.new_empty((0, matrix.shape[1]))
+
+    def reset(self) -> None:
+        self.slot_of.fill(-1)
+        self.neuron_at.fill(-1)
+        self.last_active.fill(_NEVER)
+        self.history.clear()
+        self.n_used = 0
+        self.step = 0
+
+    @property
+    def neurons(self) -> np.ndarray:
+        return self.neuron_at[: self.n_used]
+
+    def update(self, active: np.ndarray) -> CacheUpdate:
+        """Advance one step with `active` (sorted unique neuron ids, len <= capacity).
+
+        Expires neurons whose last activity left the window, evicts least recently active
+        neurons if the capacity demands it, and reserves rows for the missing ones. The caller
+        fills `matrix[start:start + len(missing)]` with their bundles.
+        """
+        if len(active) > self.capacity:
+            raise ValueError(f"{len(active)} active neurons exceed the cache capacity {self.capacity}")
+        s = self.step
+        self.step += 1
+        self.last_active[active] = s
+        self.history.append(active)
+        expired = np.empty(0, dtype=np.int64)
+        if len(self.history) > self.window:
+            old = self.history.popleft()  # the set of step s - window
+            expired = old[(self.last_active[old] == s - self.window) & (self.slot_of[old] >= 0)]
+        missing = active[self.slot_of[active] < 0]
+        overflow = self.n_used - len(expired) + len(missing) - self.capacity
+        if overflow > 0:  # the window does not fit: drop the least recently active neurons too
+            used = self.neuron_at[: self.n_used]
+            keep = np.ones(self.n_used, dtype=bool)
+            keep[self.slot_of[expired]] = False
+            keep[self.slot_of[active[self.slot_of[active] >= 0]]] = False
+            candidates = used[keep]
+            oldest = candidates[np.argpartition(self.last_active[candidates], overflow - 1)[:overflow]]
+            expired = np.concatenate([expired, oldest])
+        moved = self._remove(expired)
+        start = self.n_used
+        m = len(missing)
+        self.neuron_at[start : start + m] = missing
+        self.slot_of[missing] = np.arange(start, start + m)
+        self.n_used += m
+        return CacheUpdate(missing, start, len(active) - m, len(expired), moved)
+
+    def _remove(self, neurons: np.ndarray) -> int:
+        """Free the rows of `neurons`, filling holes with the last used rows. Returns rows moved."""
+        f = len(neurons)
+        if f == 0:
+            return 0
+        freed = self.slot_of[neurons]
+        self.slot_of[neurons] = -1
+        new_used = self.n_used - f
+        is_freed = np.zeros(self.n_used - new_used, dtype=bool)
+        tail_freed = freed[freed >= new_used]
+        is_freed[tail_freed - new_used] = True
+        holes = np.sort(freed[freed < new_used])
+        movers = np.arange(new_used, self.n_used)[~is_freed]  # used rows past the new end
+        m = len(holes)
+        assert m == len(movers), (m, len(movers))
+        if m:
+            if self._scratch.shape[0] < m:  # grows rarely: amortised, not per step
+                self._scratch = self.matrix.new_empty((max(m, 2 * self._scratch.shape[0]), self.matrix.shape[1]))
+            buf = self._scratch[:m]
+            src, dst = torch.from_numpy(movers), torch.from_numpy(holes)
+            torch.index_select(self.matrix, 0, src, out=buf)
+            self.matrix.index_copy_(0, dst, buf)
+            moved_neurons = self.neuron_at[movers]
+            self.neuron_at[holes] = moved_neurons
+            self.slot_of[moved_neurons] = holes
+        self.neuron_at[new_used : self.n_used] = -1
+        self.n_used = new_used
+        return m

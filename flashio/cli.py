@@ -1,0 +1,97 @@
+"""The `flashio` command.
+
+    flashio run ARTIFACT --prompt "def main():" --max-new-tokens 32
+    flashio inspect ARTIFACT --verify
+    flashio pack CHECKPOINT_DIR OUT_DIR --dtype float16
+
+Runtime subcommands live in flashio. Pipeline subcommands (convert, serve...) are contributed by
+the `flows` package through the `flashio.commands` entry-point group; each entry point is a
+function `add_command(subparsers)` that must not import the pipeline's heavy dependencies at
+import time, so that `flashio --help` works on a runtime-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from importlib import metadata
+
+from flashio.errors import FlashError, MissingExtraError
+
+log = logging.getLogger(__name__)
+
+# Modules inside flashio that contribute subcommands: each has `add_commands(subparsers)`.
+_RUNTIME_COMMAND_MODULES = (
+    "flashio.commands",
+    "flashio.registry.cli",
+    "flashio.bench.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashio",
+        description="Run LLMs whose FFN weights stay on flash (LLM in a flash), and build their artifacts.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    import importlib
+
+    for name in _RUNTIME_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # the module itself is not there yet: no commands from it
+                continue
+            raise
+        module.add_commands(sub)
+    for ep in _entry_points():
+        try:
+            add_command: Callable = ep.load()
+        except ImportError as exc:
+            _add_unavailable(sub, ep.name, exc)
+            continue
+        add_command(sub)
+    return parser
+
+
+def _entry_points():
+    try:
+        return sorted(metadata.entry_points(group="flashio.commands"), key=lambda e: e.name)
+    except Exception:  # pragma: no cover - broken metadata must not break the runtime CLI
+        log.debug("could not read flashio.commands entry points", exc_info=True)
+        return []
+
+
+def _add_unavailable(sub, name: str, exc: ImportError) -> None:
+    """A contributed command whose module cannot be imported: keep it, explain on use."""
+    p = sub.add_parser(name, help="(unavailable: needs the pipeline extra)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def _fail(_args):
+        raise MissingExtraError(f"`flashio {name}`", "pipeline", getattr(exc, "name", None))
+
+    p.set_defaults(func=_fail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.func(args)
+    except FlashError as exc:
+        print(f"flashio {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flashio {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Open and validate an artifact directory.
+
+    art = Artifact("artifacts/opt-125m")       # cheap checks: manifest, names, sizes, offsets
+    art.verify()                                # sha256 of every file (reads everything)
+    weights = art.load_resident()
+
+Validation on open never trusts the manifest: file names must stay inside the directory, sizes
+must match the files on disk, and every FFN layer's offsets are cross-checked against the
+safetensors header of ffn.safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from flashio.errors import ChecksumError, FormatError
+from flashio.format.ffnfile import read_safetensors_header
+from flashio.format.manifest import MANIFEST, SAFETENSORS_DTYPES, Manifest, parse_manifest
+from flashio.format.writer import sha256_file
+from flashio.models import get_architecture
+from flashio.predictor import PredictorWeights
+
+log = logging.getLogger(__name__)
+
+
+class Artifact:
+    """A validated artifact directory."""
+
+    def __init__(self, path: str | Path, *, verify: bool = False):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise FormatError(f"{self.path}: no {MANIFEST}; not a flashio artifact (or an incomplete one)")
+        self.manifest: Manifest = parse_manifest(mpath.read_bytes())
+        m = self.manifest
+        self.arch = get_architecture(m.architecture)
+        self.args = self.arch.ModelArgs.from_hf(m.model_config)
+        if m.n_layers != self.args.n_layers:
+            raise FormatError(f"{mpath}: {m.n_layers} FFN layers but the model config has {self.args.n_layers}")
+        if m.gated != self.arch.GATED:
+            raise FormatError(f"{mpath}: gated={m.gated} but {m.architecture} FFNs are gated={self.arch.GATED}")
+        root = self.path.resolve()
+        for name, entry in m.files.items():
+            p = (self.path / name).resolve()
+            if not p.is_relative_to(root):
+                raise FormatError(f"{mpath}: file {name!r} resolves outside the artifact ({p})")
+            if not p.is_file():
+                raise FormatError(f"{self.path}: file {name!r} listed in the manifest is missing")
+            size = p.stat().st_size
+            if size != entry.bytes:
+                raise FormatError(f"{self.path / name}: {size} bytes on disk, the manifest says "
+                                  f"{entry.bytes} (truncated or replaced file)")
+        self._check_ffn_header()
+        if verify:
+            self.verify()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def _check_ffn_header(self) -> None:
+        m = self.manifest
+        path = self.file(m.ffn_file)
+        with open(path, "rb") as f:
+            infos = read_safetensors_header(f, m.files[m.ffn_file].bytes, str(path))
+        want_dtype = SAFETENSORS_DTYPES[m.dtype]
+        for i, L in enumerate(m.ffn_layers):
+            info = infos.get(L.tensor)
+            if info is None:
+                raise FormatError(f"{path}: no tensor {L.tensor!r} (manifest ffn_layers[{i}])")
+            found = (info.dtype, info.shape, info.start, info.end - info.start)
+            want = (want_dtype, (L.n_neurons, L.bundle_width), L.offset_bytes, L.length_bytes)
+            if found != want:
+                raise FormatError(f"{path}: tensor {L.tensor!r} is (dtype, shape, offset, bytes) = {found}, "
+                                  f"the manifest says {want}")
+
+    def verify(self, names: Iterable[str] | None = None,
+               progress: Callable[[str, int], None] | None = None) -> None:
+        """Recompute sha256 of the named files (default: all) and compare with the manifest."""
+        files = self.manifest.files
+        for name in names if names is not None else files:
+            got = sha256_file(self.file(name))
+            if progress:
+                progress(name, files[name].bytes)
+            if got != files[name].sha256:
+                raise ChecksumError(f"{self.file(name)}: sha256 is {got}, the manifest says "
+                                    f"{files[name].sha256}; the file is corrupt or was modified")
+
+    def load_resident(self) -> dict[str, torch.Tensor]:
+        return self._load(self.manifest.resident_file)
+
+    def _load(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.file(name)))
+        except (SafetensorError, OSError) as exc:
+            raise FormatError(f"{self.file(name)}: cannot be read as safetensors: {exc}") from None
+
+    def load_predictors(self) -> list[PredictorWeights] | None:
+        m = self.manifest
+        if m.predictors_file is None or m.predictor_layers is None:
+            return None
+        t = self._load(m.predictors_file)
+        out = []
+        for i, P in enumerate(m.predictor_layers):
+            try:
+                A, B, bias = t[f"layers.{i}.A"], t[f"layers.{i}.B"], t[f"layers.{i}.bias"]
+            except KeyError as exc:
+                raise FormatError(f"{self.file(m.predictors_file)}: missing tensor {exc.args[0]!r}") from None
+            n = m.ffn_layers[i].n_neurons
+            if A.shape != (P.rank, self.args.dim) or B.shape != (n, P.rank) or bias.shape != (n,):
+                raise FormatError(f"{self.file(m.predictors_file)}: layer {i} predictor shapes A{tuple(A.shape)} "
+                                  f"B{tuple(B.shape)} bias{tuple(bias.shape)} do not match rank {P.rank}, "
+                                  f"dim {self.args.dim}, {n} neurons")
+            out.append(PredictorWeights(A, B, bias, P.threshold))
+        return out
+
+    def tokenizer_path(self) -> Path | None:
+        tok = self.manifest.tokenizer
+        return self.file(tok["file"]) if tok else None
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "path": str(self.path), "architecture": m.architecture, "dtype": m.dtype,
+            "layers": m.n_layers, "dim": self.args.dim, "ffn_neurons": m.ffn_layers[0].n_neurons,
+            "bundle_bytes": m.ffn_layers[0].bundle_width * m.itemsize,
+            "ffn_bytes": sum(L.length_bytes for L in m.ffn_layers),
+            "resident_bytes": m.files[m.resident_file].bytes,
+            "predictors": None if m.predictor_layers is None else [p.rank for p in m.predictor_layers],
+            "tokenizer": m.tokenizer is not None,
+            "files": len(m.files),
+        }

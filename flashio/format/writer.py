@@ -1,0 +1,258 @@
+"""Write a flash-ready artifact (format version 1) from a model source.
+
+    from flashio.format import write_artifact, source_from_checkpoint
+    write_artifact(source_from_checkpoint("hf/opt-125m"), "artifacts/opt-125m", dtype="float16")
+
+The pipeline's bundling task calls the same function with a neuron order and trained predictors.
+The artifact is written under a temporary name, fsynced and renamed into place: a crash or a full
+disk never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from flashio.checkpoint import HFCheckpoint
+from flashio.errors import FlashError, FormatError
+from flashio.format.ffnfile import layout_ffn_file
+from flashio.format.manifest import (
+    FFN,
+    MANIFEST,
+    PREDICTORS,
+    RESIDENT,
+    SAFETENSORS_DTYPES,
+    FFNLayer,
+    FileEntry,
+    Manifest,
+    PredictorLayer,
+)
+from flashio.models import get_architecture
+from flashio.models.base import FFNWeights
+from flashio.predictor import PredictorWeights
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelSource:
+    """Everything the writer needs from a model, one FFN layer at a time."""
+
+    model_type: str
+    config: dict[str, Any]  # HF config.json
+    n_layers: int
+    resident: dict[str, torch.Tensor]  # flashio names (see the architecture's table)
+    ffn: Callable[[int], FFNWeights]
+    tokenizer_files: list[Path] = field(default_factory=list)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_from_checkpoint(path: str | Path, *, hash_files: bool = True) -> ModelSource:
+    """A ModelSource over a local Hugging Face checkpoint (config.json + safetensors)."""
+    ckpt = HFCheckpoint(path)
+    arch = get_architecture(ckpt.config["model_type"])
+    args = arch.ModelArgs.from_hf(ckpt.config)
+    resident, ffn = arch.read_checkpoint(ckpt, args)
+    lineage: dict[str, Any] = {"source": {"path": str(Path(path).resolve()),
+                                          "model_type": ckpt.config["model_type"]}}
+    if hash_files:
+        lineage["source"]["files"] = {p.name: sha256_file(p) for p in ckpt.file_paths()}
+    return ModelSource(ckpt.config["model_type"], ckpt.config, args.n_layers, resident, ffn,
+                       ckpt.tokenizer_files(), lineage)
+
+
+def _tokenizer_entry(source: ModelSource) -> dict[str, Any] | None:
+    names = {p.name: p for p in source.tokenizer_files}
+    if "tokenizer.json" not in names:
+        return None
+    tcfg: dict[str, Any] = {}
+    if "tokenizer_config.json" in names:
+        import json
+
+        tcfg = json.loads(names["tokenizer_config.json"].read_text())
+    c = source.config
+    return {"file": "tokenizer.json", "bos_token_id": c.get("bos_token_id"),
+            "eos_token_id": c.get("eos_token_id"), "add_bos": bool(tcfg.get("add_bos_token", True))}
+
+
+def _check_order(order: Any, n: int, layer: int) -> torch.Tensor:
+    o = torch.as_tensor(np.asarray(order), dtype=torch.int64)
+    if o.shape != (n,) or not torch.equal(torch.sort(o).values, torch.arange(n)):
+        raise FlashError(f"neuron order of layer {layer} is not a permutation of 0..{n - 1} "
+                         f"(shape {tuple(o.shape)})")
+    return o
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_artifact(
+    source: ModelSource | str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    orders: Sequence[Any] | None = None,
+    predictors: Sequence[PredictorWeights] | None = None,
+    active_thresholds: Sequence[float] | None = None,
+    lineage: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+    report_files: dict[str, Path] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write an artifact directory and return its path.
+
+    orders[i]: stored row j of layer i holds source neuron orders[i][j] (default: identity).
+    predictors[i]: layer i's predictor in *source* neuron order; the writer permutes its rows.
+    active_thresholds[i]: what counts as active for layer i (default 0: ReLU output > 0).
+    progress(done_layers, n_layers) is called after each layer.
+    """
+    if not isinstance(source, ModelSource):
+        source = source_from_checkpoint(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FlashError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
+    arch = get_architecture(source.model_type)
+    args = arch.ModelArgs.from_hf(source.config)
+    dtype = dtype or _source_dtype(source)
+    if dtype not in TORCH_DTYPES:
+        raise FlashError(f"dtype {dtype!r} is not supported; choose one of {sorted(TORCH_DTYPES)}")
+    tdtype = TORCH_DTYPES[dtype]
+    n_layers, d, n = source.n_layers, args.dim, args.ffn_dim
+    for name, seq in (("orders", orders), ("predictors", predictors), ("active_thresholds", active_thresholds)):
+        if seq is not None and len(seq) != n_layers:
+            raise FlashError(f"{name} has {len(seq)} entries for a model of {n_layers} layers")
+    parts = ["up", "gate", "down"] if arch.GATED else ["up", "down"]
+    layout = tuple((p, k * d, (k + 1) * d) for k, p in enumerate(parts))
+    width = len(parts) * d
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        header, placed, total = layout_ffn_file(
+            [(f"layers.{i}.bundles", SAFETENSORS_DTYPES[dtype], (n, width)) for i in range(n_layers)],
+            {"format": "pt", "flashio": "ffn-bundles-v1"})
+        resident = {k: v.to(tdtype).contiguous() for k, v in source.resident.items()}
+        ffn_layers, preds_out = [], {}
+        h = hashlib.sha256()
+        with open(tmp / FFN, "wb") as f:
+            f.write(header)
+            h.update(header)
+            for i in range(n_layers):
+                w = source.ffn(i)
+                if w.up.shape != (n, d):
+                    raise FormatError(f"layer {i}: FFN up projection has shape {tuple(w.up.shape)}, "
+                                      f"config says {(n, d)}")
+                order = _check_order(orders[i], n, i) if orders is not None else torch.arange(n)
+                mats = {"up": w.up, "gate": w.gate, "down": w.down}
+                bundles = torch.cat([mats[p].to(tdtype) for p in parts], dim=1)[order].contiguous()  # [N, W]
+                info = placed[f"layers.{i}.bundles"]
+                pad = info.start - f.tell()
+                if pad:
+                    f.write(b"\0" * pad)
+                    h.update(b"\0" * pad)
+                raw = bundles.view(torch.uint8).numpy()
+                f.write(memoryview(raw))
+                h.update(memoryview(raw))
+                resident[f"layers.{i}.ffn.order"] = order
+                for key, b in (("up_bias", w.up_bias), ("gate_bias", w.gate_bias)):
+                    if b is not None:
+                        resident[f"layers.{i}.ffn.{key}"] = b.to(tdtype)[order].contiguous()
+                if w.down_bias is not None:
+                    resident[f"layers.{i}.ffn.down_bias"] = w.down_bias.to(tdtype).contiguous()
+                thr = float(active_thresholds[i]) if active_thresholds is not None else 0.0
+                ffn_layers.append(FFNLayer(f"layers.{i}.bundles", n, width, info.start,
+                                           info.end - info.start, f"layers.{i}.ffn.order", thr))
+                if predictors is not None:
+                    p = predictors[i]
+                    if p.n_neurons != n or p.A.shape[1] != d:
+                        raise FlashError(f"predictor of layer {i} maps {p.A.shape[1]} -> {p.n_neurons}, "
+                                         f"expected {d} -> {n}")
+                    p = p.permuted(order)
+                    preds_out.update({f"layers.{i}.A": p.A.to(tdtype).contiguous(),
+                                      f"layers.{i}.B": p.B.to(tdtype).contiguous(),
+                                      f"layers.{i}.bias": p.bias.to(tdtype).contiguous()})
+                if progress:
+                    progress(i + 1, n_layers)
+            assert f.tell() == total, (f.tell(), total)
+            f.flush()
+            os.fsync(f.fileno())
+        files = {FFN: FileEntry(total, h.hexdigest())}
+        save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
+        if predictors is not None:
+            save_file(preds_out, str(tmp / PREDICTORS), metadata={"format": "pt"})
+        tok = _tokenizer_entry(source)
+        for p in source.tokenizer_files:
+            shutil.copyfile(p, tmp / p.name)
+        for rel, src in (report_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+        for p in sorted(tmp.rglob("*")):
+            rel = p.relative_to(tmp).as_posix()
+            if p.is_file() and rel not in files:
+                files[rel] = FileEntry(p.stat().st_size, sha256_file(p))
+        from flashio import __version__
+
+        full_lineage = {**source.lineage, **(lineage or {}), "flashio_version": __version__,
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        manifest = Manifest(
+            architecture=source.model_type, model_config=source.config, dtype=dtype,
+            activation=arch.ACTIVATION, gated=arch.GATED, bundle_layout=layout,
+            ffn_layers=tuple(ffn_layers), files=dict(sorted(files.items())),
+            predictor_layers=tuple(PredictorLayer(p.rank, p.threshold) for p in predictors)
+            if predictors is not None else None,
+            tokenizer=tok, lineage=full_lineage, report=report,
+            predictors_file=PREDICTORS if predictors is not None else None)
+        (tmp / MANIFEST).write_text(manifest.dumps())
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if out_dir.exists():  # overwrite: move the old one aside first, delete it after the swap
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote artifact %s (%d layers, %s)", out_dir, n_layers, dtype)
+    return out_dir
+
+
+def _source_dtype(source: ModelSource) -> str:
+    name = str(source.config.get("torch_dtype") or source.config.get("dtype") or "float32")
+    name = name.replace("torch.", "")
+    return name if name in TORCH_DTYPES else "float32"

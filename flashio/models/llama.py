@@ -1,0 +1,187 @@
+"""Llama family: RMSNorm, rotary positions, SwiGLU FFN, grouped-query attention.
+
+The SwiGLU FFN is not exactly sparse: "active" means |silu(gate . x)| above a per-layer threshold
+calibrated at conversion (training-free, as in CATS/TEAL); the artifact's manifest records it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashio.checkpoint import HFCheckpoint
+from flashio.errors import UnsupportedArchitectureError
+from flashio.models.base import FFNWeights, KVCache, attend, linear
+
+ACTIVATION = "silu"
+GATED = True
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_positions: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, c: dict) -> ModelArgs:
+        act = c.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedArchitectureError(f"Llama with hidden_act={act!r} is not supported (expected 'silu')")
+        # transformers >= 5 nests rope settings in rope_parameters; older configs use rope_theta/rope_scaling
+        rope = dict(c.get("rope_parameters") or {})
+        rope.update({k: v for k, v in (c.get("rope_scaling") or {}).items() if v is not None})
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UnsupportedArchitectureError(
+                f"Llama rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            ffn_dim=c["intermediate_size"], max_positions=c["max_position_embeddings"],
+            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
+            attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        )
+
+
+_LAYER_KEYS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q.weight": "self_attn.q_proj.weight",
+    "attn.k.weight": "self_attn.k_proj.weight",
+    "attn.v.weight": "self_attn.v_proj.weight",
+    "attn.o.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_ATTN_BIAS_KEYS = {f"attn.{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkvo"}
+
+
+def read_checkpoint(ckpt: HFCheckpoint, args: ModelArgs):
+    """Resident tensors (flashio names) and a function giving layer i's FFN weights."""
+    p = ckpt.prefix_for(("model.", ""), "embed_tokens.weight")
+    resident = {"tok_embeddings.weight": ckpt.get(p + "embed_tokens.weight"),
+                "norm.weight": ckpt.get(p + "norm.weight")}
+    if not args.tie_embeddings:
+        resident["lm_head.weight"] = ckpt.get("lm_head.weight")
+    for i in range(args.n_layers):
+        lp = f"{p}layers.{i}."
+        for k, v in _LAYER_KEYS.items():
+            resident[f"layers.{i}.{k}"] = ckpt.get(lp + v)
+        if args.attention_bias:
+            for k, v in _ATTN_BIAS_KEYS.items():
+                if ckpt.has(lp + v):
+                    resident[f"layers.{i}.{k}"] = ckpt.get(lp + v)
+
+    def ffn(i: int) -> FFNWeights:
+        lp = f"{p}layers.{i}.mlp."
+        bias = (lambda n: ckpt.get(lp + n)) if args.mlp_bias else (lambda n: None)
+        return FFNWeights(
+            up=ckpt.get(lp + "up_proj.weight"),  # [N, D]
+            gate=ckpt.get(lp + "gate_proj.weight"),  # [N, D]
+            down=ckpt.get(lp + "down_proj.weight").t().contiguous(),  # [D, N] -> [N, D]
+            up_bias=bias("up_proj.bias"), gate_bias=bias("gate_proj.bias"),
+            down_bias=bias("down_proj.bias"),
+        )
+
+    return resident, ffn
+
+
+def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
+    inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float64) / a.head_dim))
+    if a.rope_type == "linear":
+        inv = inv / a.rope_factor
+    elif a.rope_type == "llama3":
+        old = a.rope_original_max_positions
+        low_wl, high_wl = old / a.rope_low_freq_factor, old / a.rope_high_freq_factor
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > low_wl, inv / a.rope_factor, inv)
+        smooth = (old / wl - a.rope_low_freq_factor) / (a.rope_high_freq_factor - a.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / a.rope_factor + smooth * scaled
+        medium = (wl >= high_wl) & (wl <= low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv.float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Model:
+    """The resident part of a Llama model; the FFN is computed by the runtime's engine."""
+
+    def __init__(self, args: ModelArgs, w: dict[str, torch.Tensor]):
+        self.args = args
+        self.tok = w["tok_embeddings.weight"]  # [V, D]
+        self.lm_head = w.get("lm_head.weight", self.tok)
+        self.norm_w = w["norm.weight"]
+        self.layers = [
+            {k.split(".", 2)[2]: t for k, t in w.items() if k.startswith(f"layers.{i}.")}
+            for i in range(args.n_layers)
+        ]
+        self.inv_freq = rope_inv_freq(args)  # [Dh/2]
+        self.scale = args.head_dim**-0.5
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.args.norm_eps)
+        return w * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        # x: [H, T, Dh]
+        pos = torch.arange(start, start + x.shape[1], dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return x * cos + _rotate_half(x) * sin
+
+    def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        return self.tok[tokens]  # [T, D]
+
+    def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        a, lw = self.args, self.layers[i]
+        h = self._rms(x, lw["attn_norm.weight"])
+        t = h.shape[0]
+        q = linear(h, lw["attn.q.weight"], lw.get("attn.q.bias")).view(t, a.n_heads, a.head_dim)
+        k = linear(h, lw["attn.k.weight"], lw.get("attn.k.bias")).view(t, a.n_kv_heads, a.head_dim)
+        v = linear(h, lw["attn.v.weight"], lw.get("attn.v.bias")).view(t, a.n_kv_heads, a.head_dim)
+        q = self._rope(q.transpose(0, 1), start)
+        k = self._rope(k.transpose(0, 1), start)
+        k_all, v_all = kv.update(i, k, v.transpose(0, 1))
+        o = attend(q, k_all, v_all, start, self.scale)  # [T, H*Dh]
+        return x + linear(o, lw["attn.o.weight"], lw.get("attn.o.bias"))
+
+    def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self._rms(x, self.layers[i]["ffn_norm.weight"])
+
+    def ffn_output(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = self.layers[i].get("ffn.down_bias")
+        return x + (y if b is None else y + b)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self._rms(x, self.norm_w), self.lm_head)  # [T, V]

@@ -1,0 +1,71 @@
+"""Low-rank activation predictors (Deja Vu style, as in LLM in a flash section 3.1).
+
+Per layer, `logits = (x @ A.T) @ B.T + bias` with A: [r, D] and B: [N, r]; neuron n is predicted
+active when sigmoid(logits[n]) > threshold. The pipeline trains `LowRankPredictor` (a torch module);
+the runtime only needs `PredictorWeights.predict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PredictorWeights:
+    A: torch.Tensor  # [r, D]
+    B: torch.Tensor  # [N, r]
+    bias: torch.Tensor  # [N]
+    threshold: float = 0.5  # probability
+
+    def __post_init__(self) -> None:
+        r, _ = self.A.shape
+        assert self.B.shape[1] == r and self.bias.shape == (self.B.shape[0],), (self.A.shape, self.B.shape)
+        assert 0.0 < self.threshold < 1.0, self.threshold
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def n_neurons(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def logit_threshold(self) -> float:
+        t = self.threshold
+        return math.log(t / (1.0 - t))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D] -> [T, N]
+        return torch.addmm(self.bias, x @ self.A.T, self.B.T)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean [T, N]: which neurons each token is predicted to need."""
+        return self.logits(x) > self.logit_threshold
+
+    def permuted(self, order: torch.Tensor) -> PredictorWeights:
+        """The same predictor with output rows in stored order: row j predicts source neuron order[j]."""
+        return PredictorWeights(self.A, self.B[order], self.bias[order], self.threshold)
+
+    def to(self, dtype: torch.dtype) -> PredictorWeights:
+        return PredictorWeights(self.A.to(dtype), self.B.to(dtype), self.bias.to(dtype), self.threshold)
+
+
+class LowRankPredictor(nn.Module):
+    """Trainable form of a predictor: x -> down (no bias) -> up (+ bias) -> logits."""
+
+    def __init__(self, dim: int, n_neurons: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, n_neurons, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def export(self, threshold: float) -> PredictorWeights:
+        return PredictorWeights(self.down.weight.detach().clone(), self.up.weight.detach().clone(),
+                                self.up.bias.detach().clone(), threshold)

@@ -1,0 +1,133 @@
+"""Pulling a version into the local cache, and `resolve_to_local` behind `flashio.open(ref)`.
+
+    path = resolve_to_local("s3://bucket/models/opt-125m@latest")
+    path = resolve_to_local("opt-125m@prod", registry="/srv/registry", cache_dir="/tmp/c")
+
+A pull resolves the reference (one or two small GETs), and if the cache already holds that
+version returns its directory without transferring anything. Otherwise, under a per-version file
+lock (two processes pulling the same version: one downloads, the other waits and reuses), it
+fetches the missing blobs (download.py), checks the artifact manifest against the version
+manifest, links the files into a staging directory and renames it into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flashio.registry.cache import Cache, default_cache_dir
+from flashio.registry.config import RegistryConfig
+from flashio.registry.download import fetch_blob
+from flashio.registry.errors import IntegrityError, RefError, TransferError, UnsafePathError
+from flashio.registry.manifest import (
+    ARTIFACT_MANIFEST,
+    VersionManifest,
+    check_relative_path,
+    parse_artifact_manifest,
+)
+from flashio.registry.progress import NullProgress, Progress
+from flashio.registry.refs import parse_ref, split_ref_uri
+
+if TYPE_CHECKING:
+    from flashio.registry.registry import Registry, ResolvedVersion
+
+log = logging.getLogger(__name__)
+
+REGISTRY_ENV = "FLASHIO_REGISTRY"
+
+
+def pull_version(registry: Registry, rv: ResolvedVersion, *, cache_dir: str | Path | None,
+                 progress: Progress | None) -> Path:
+    """Make `rv` available in the cache and return its artifact directory."""
+    cache = Cache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    progress = progress or NullProgress()
+    vm = rv.manifest
+    vdir = cache.version_dir(vm.name, vm.version, rv.sha256)
+    if (vdir / ARTIFACT_MANIFEST).is_file():
+        log.debug("%s@%s is in the cache: %s", vm.name, vm.version, vdir)
+        return vdir
+    config = registry.config
+    with cache.lock(f"version-{rv.sha256}", timeout_s=config.lock_timeout_s):
+        if (vdir / ARTIFACT_MANIFEST).is_file():
+            return vdir
+        blobs = {}
+        for entry in vm.all_files:
+            if entry.sha256 in blobs:
+                continue
+            try:
+                blobs[entry.sha256] = fetch_blob(registry.backend, cache, entry, config=config, progress=progress)
+            except TransferError as exc:
+                raise type(exc)(
+                    f"pulling {entry.path} of {vm.name}@{vm.version} failed: {exc}. Run the pull again: "
+                    f"it resumes where it stopped"
+                ) from None
+        _check_artifact_manifest(blobs[vm.artifact_manifest.sha256], vm, registry)
+        staging = cache.staging_dir(vm.name, uuid.uuid4().hex)
+        try:
+            for entry in vm.all_files:
+                dest = _inside(staging, entry.path)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(blobs[entry.sha256], dest)
+            os.rename(staging, vdir)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    log.info("pulled %s@%s (%d bytes) into %s", vm.name, vm.version, vm.total_bytes, vdir)
+    return vdir
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """root/rel, refusing any name that would land outside root."""
+    if rel != ARTIFACT_MANIFEST:
+        check_relative_path(rel, where="version manifest")
+    dest = root.joinpath(*rel.split("/"))
+    if not dest.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"version manifest: file name {rel!r} leaves the version directory")
+    return dest
+
+
+def _link_or_copy(blob: Path, dest: Path) -> None:
+    try:
+        os.link(blob, dest)
+    except OSError:  # no hard links on this file system: a read-only copy
+        shutil.copyfile(blob, dest)
+        os.chmod(dest, 0o444)
+
+
+def _check_artifact_manifest(path: Path, vm: VersionManifest, registry: Registry) -> None:
+    files, _ = parse_artifact_manifest(path.read_bytes(), where=f"manifest.json of {vm.name}@{vm.version}")
+    if files != vm.files:
+        raise IntegrityError(
+            f"{vm.name}@{vm.version} in {registry.backend.description}: the artifact's manifest.json and the "
+            f"version manifest list different files; the registry is damaged: publish the artifact again "
+            f"under a new version"
+        )
+
+
+def resolve_to_local(ref_or_uri: str, *, registry: str | None = None, cache_dir: str | Path | None = None,
+                     endpoint_url: str | None = None, config: RegistryConfig | None = None,
+                     progress: Progress | None = None) -> Path:
+    """Pull `ref_or_uri` (or reuse the cache) and return the local artifact directory.
+
+    `ref_or_uri` is `<registry>/<name>[@tag]` (e.g. `s3://bucket/prefix/opt@latest`,
+    `file:///srv/reg/opt@1`) or, with `registry=` (or $FLASHIO_REGISTRY), a plain `name[@tag]`.
+    """
+    from flashio.registry.registry import open_registry
+
+    if registry is None and "/" in ref_or_uri:
+        registry, ref = split_ref_uri(ref_or_uri)
+    else:
+        ref = ref_or_uri
+        registry = registry or os.environ.get(REGISTRY_ENV)
+        if not registry:
+            raise RefError(
+                f"{ref_or_uri!r} names no registry: pass registry='s3://bucket/prefix' (or a directory), "
+                f"set ${REGISTRY_ENV}, or write the full URI 's3://bucket/prefix/{ref_or_uri}'"
+            )
+    parsed = parse_ref(ref)
+    with open_registry(registry, endpoint_url=endpoint_url, config=config) as reg:
+        return reg.pull(parsed, cache_dir=cache_dir, progress=progress)

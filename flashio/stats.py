@@ -1,0 +1,53 @@
+"""Per-step statistics: the paper's latency breakdown (I/O, memory management, compute) and
+the bytes that crossed from flash to DRAM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class StepStats:
+    tokens: int = 0  # tokens processed in this step (1 while generating)
+    bytes_read: int = 0  # bytes read from the FFN file
+    reads: int = 0  # read syscalls issued
+    neurons_active: int = 0  # neurons the FFN used (predicted/oracle set, all layers)
+    neurons_loaded: int = 0  # neurons read from flash (missing from the window)
+    cache_hits: int = 0  # active neurons already in the window cache
+    cache_rows: int = 0  # rows held by the window caches after the step (all layers)
+    truncated: int = 0  # active neurons dropped because the cache capacity was reached
+    buffered_reads: int = 0  # reads that could not use O_DIRECT
+    io_ms: float = 0.0
+    mem_ms: float = 0.0  # window cache management (evictions, row moves)
+    compute_ms: float = 0.0  # everything else: attention, predictors, FFN matmuls
+    total_ms: float = 0.0
+
+    def __add__(self, other: StepStats) -> StepStats:
+        return StepStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def per_token(self, n: int) -> dict[str, float]:
+        n = max(n, 1)
+        return {f.name: getattr(self, f.name) / n for f in fields(self)}
+
+
+class StatsRecorder:
+    """Mutable accumulator the engines add to during one step."""
+
+    __slots__ = ("bytes_read", "reads", "neurons_active", "neurons_loaded", "cache_hits",
+                 "cache_rows", "truncated", "buffered_reads", "io_s", "mem_s")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.bytes_read = self.reads = self.neurons_active = self.neurons_loaded = 0
+        self.cache_hits = self.cache_rows = self.truncated = self.buffered_reads = 0
+        self.io_s = self.mem_s = 0.0
+
+    def finish(self, tokens: int, total_s: float) -> StepStats:
+        return StepStats(
+            tokens=tokens, bytes_read=self.bytes_read, reads=self.reads,
+            neurons_active=self.neurons_active, neurons_loaded=self.neurons_loaded,
+            cache_hits=self.cache_hits, cache_rows=self.cache_rows, truncated=self.truncated,
+            buffered_reads=self.buffered_reads, io_ms=1e3 * self.io_s, mem_ms=1e3 * self.mem_s,
+            compute_ms=1e3 * max(total_s - self.io_s - self.mem_s, 0.0), total_ms=1e3 * total_s)

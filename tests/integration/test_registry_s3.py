@@ -1,0 +1,468 @@
+"""The registry against real servers: `rclone serve s3` and a local directory (same tests), moto for
+conditional writes. Faults: a server killed mid-upload and mid-download, corrupt blobs, races.
+
+    .venv/bin/python -m pytest tests/integration/test_registry_s3.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flashio.registry import (
+    IntegrityError,
+    NotFoundError,
+    NullProgress,
+    RefError,
+    Registry,
+    RegistryConfig,
+    TransferError,
+    UnreachableError,
+    UnsafePathError,
+    VersionExistsError,
+    open_registry,
+    resolve_to_local,
+)
+from flashio.registry.commit import create_once
+from flashio.registry.errors import RegistryError
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+BUCKET = "flashio-test"  # created by the server fixtures in conftest.py
+REPO = Path(__file__).resolve().parents[2]
+# Small parts and chunks so that a few MiB exercise multipart uploads and parallel ranged GETs;
+# short timeouts and few attempts so that fault tests fail fast.
+CFG = RegistryConfig(
+    part_size_bytes=5 * MiB, multipart_threshold_bytes=5 * MiB, download_chunk_bytes=1 * MiB, concurrency=4,
+    connect_timeout_s=1.0, read_timeout_s=5.0, max_attempts=2, commit_timeout_s=20.0, claim_ttl_s=10.0,
+    lock_timeout_s=60.0,
+)
+FILES = {
+    "tokenizer.json": 3000,
+    "resident.safetensors": 300_000,
+    "ffn.safetensors": 7 * MiB + 123,  # two multipart parts, eight download chunks
+    "predictors.safetensors": 50_000,
+    "report/summary.json": 400,
+    "report/plots/empty.png": 0,
+}
+
+
+def make_artifact(root: Path, files: dict[str, int], *, seed: int = 0) -> Path:
+    """An artifact directory: random files and a manifest.json listing their size and sha256."""
+    rng = random.Random(seed)
+    table = {}
+    for rel, size in files.items():
+        data = rng.randbytes(size)
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        table[rel] = {"bytes": size, "sha256": hashlib.sha256(data).hexdigest()}
+    lineage = {"source_model": "facebook/opt-125m", "revision": f"rev{seed}", "calibration_fingerprint": "abc"}
+    (root / "manifest.json").write_text(json.dumps({"format_version": 1, "files": table, "lineage": lineage}))
+    return root
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Target:
+    """A registry under test: where it is, how to open it, and where its objects lie on disk."""
+
+    kind: str
+    uri: str
+    endpoint_url: str | None
+    disk_root: Path | None  # the directory holding the registry's keys, for tampering
+    server: object | None = None
+
+    def open(self, config: RegistryConfig = CFG) -> Registry:
+        return open_registry(self.uri, endpoint_url=self.endpoint_url, config=config)
+
+    def full_uri(self, ref: str) -> str:
+        return f"{self.uri}/{ref}" if self.kind != "local" else f"file://{self.uri}/{ref}"
+
+
+def _target(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    if kind == "local":
+        root = tmp_path / "registry"
+        return Target("local", str(root), None, root)
+    if kind == "moto":
+        moto = request.getfixturevalue("moto_s3")
+        return Target("moto", f"s3://{BUCKET}/reg", moto.endpoint, None)
+    server = request.getfixturevalue("rclone_s3")
+    return Target("rclone", f"s3://{BUCKET}/reg", server.endpoint, server.object_path("reg"), server)
+
+
+@pytest.fixture(params=["local", "rclone"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    return _target(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["local", "rclone", "moto"])
+def racing_target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    return _target(request.param, request, tmp_path)
+
+
+def spy_reads(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the bytes each blob key delivers through read_range."""
+    counts: dict[str, int] = {}
+    original = reg.backend.read_range
+
+    def spy(key: str, start: int, end: int):
+        for piece in original(key, start, end):
+            counts[key] = counts.get(key, 0) + len(piece)
+            yield piece
+
+    monkeypatch.setattr(reg.backend, "read_range", spy)
+    return counts
+
+
+# -- round trip --------------------------------------------------------------------------------
+def test_publish_pull_round_trip_and_dedup(target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    art = make_artifact(tmp_path / "art", FILES)
+    cache = tmp_path / "cache"
+    with target.open() as reg:
+        first = reg.publish(art, name="opt-tiny", version="1", aliases=["prod"])
+        assert first.created and first.uploaded_blobs == len(FILES) + 1 and first.reused_blobs == 0
+        second = reg.publish(art, name="opt-tiny", version="2")  # same bytes, new version
+        assert second.created and second.uploaded_blobs == 0 and second.uploaded_bytes == 0
+        assert second.reused_blobs == len(FILES) + 1
+        assert [m.version for m in reg.versions("opt-tiny")] == ["1", "2"]
+        assert reg.aliases("opt-tiny") == {"latest": "2", "prod": "1"}
+        assert reg.names() == ["opt-tiny"]
+        vm = reg.resolve("opt-tiny@prod").manifest
+        assert vm.lineage["revision"] == "rev0" and vm.flashio_version
+
+        reads = spy_reads(reg, monkeypatch)
+        local = reg.pull("opt-tiny@prod", cache_dir=cache)
+        assert tree_digests(local) == tree_digests(art)
+        assert (local / "manifest.json").read_bytes() == (art / "manifest.json").read_bytes()
+        downloaded = sum(reads.values())
+        assert downloaded == sum(FILES.values()) + (art / "manifest.json").stat().st_size
+        # version 2 has the same blobs: nothing is downloaded again; pulling 1 again is a no-op
+        local2 = reg.pull("opt-tiny", cache_dir=cache)
+        assert local2 != local and tree_digests(local2) == tree_digests(art)
+        assert reg.pull("opt-tiny@1", cache_dir=cache) == local
+        assert sum(reads.values()) == downloaded
+
+    monkeypatch.setenv("FLASHIO_CACHE", str(cache))
+    assert resolve_to_local(target.full_uri("opt-tiny@latest"), endpoint_url=target.endpoint_url) == local2
+    assert resolve_to_local("opt-tiny@prod", registry=target.uri, endpoint_url=target.endpoint_url) == local
+
+
+def test_versions_are_immutable(target: Target, tmp_path: Path):
+    a = make_artifact(tmp_path / "a", {"ffn.safetensors": 1000}, seed=1)
+    b = make_artifact(tmp_path / "b", {"ffn.safetensors": 1000}, seed=2)
+    with target.open() as reg:
+        reg.publish(a, name="m", version="1")
+        again = reg.publish(a, name="m", version="1", aliases=["prod"])
+        assert not again.created and again.uploaded_blobs == 0
+        assert reg.aliases("m") == {"latest": "1", "prod": "1"}
+        with pytest.raises(VersionExistsError, match=r"m@1 already exists .* new --version"):
+            reg.publish(b, name="m", version="1")
+        assert [m.version for m in reg.versions("m")] == ["1"]
+
+
+# -- concurrency -------------------------------------------------------------------------------
+def test_racing_publishes_of_one_version_exactly_one_wins(racing_target: Target, tmp_path: Path):
+    arts = [make_artifact(tmp_path / f"art{i}", {"ffn.safetensors": 20_000, "tokenizer.json": 100}, seed=i)
+            for i in range(2)]
+    for round_ in range(3):
+        version = f"1.{round_}"
+        barrier = threading.Barrier(2)
+        outcomes: list[object] = [None, None]
+
+        def publish(i: int, version: str = version, barrier: threading.Barrier = barrier,
+                    outcomes: list[object] = outcomes) -> None:
+            with racing_target.open() as reg:
+                barrier.wait(timeout=10)
+                try:
+                    outcomes[i] = reg.publish(arts[i], name="race", version=version)
+                except RegistryError as exc:
+                    outcomes[i] = exc
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        winners = [i for i, o in enumerate(outcomes) if not isinstance(o, Exception)]
+        losers = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(winners) == 1, outcomes
+        assert len(losers) == 1 and isinstance(losers[0], VersionExistsError), outcomes
+        with racing_target.open() as reg:
+            stored = reg.resolve(f"race@{version}").manifest
+            want = json.loads((arts[winners[0]] / "manifest.json").read_bytes())["files"]
+            assert {e.path: e.sha256 for e in stored.files} == {k: v["sha256"] for k, v in want.items()}
+            assert not list(reg.backend.list(f"models/race/claims/{version}/"))
+
+
+def test_create_once_under_contention(racing_target: Target):
+    n = 4
+    barrier = threading.Barrier(n)
+    results: list[tuple[bool, bytes] | Exception | None] = [None] * n
+
+    def run(i: int) -> None:
+        with racing_target.open() as reg:
+            barrier.wait(timeout=10)
+            try:
+                results[i] = create_once(reg.backend, "models/x/versions/1/manifest.json", f"writer {i}".encode(),
+                                         claims_prefix="models/x/claims/1/", config=CFG)
+            except RegistryError as exc:
+                results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(isinstance(r, tuple) for r in results), results
+    created = [i for i, r in enumerate(results) if r[0]]
+    assert len(created) == 1
+    contents = {r[1] for r in results}
+    assert contents == {f"writer {created[0]}".encode()}
+
+
+def test_conditional_writes_where_honoured(racing_target: Target):
+    """moto (like AWS) refuses a second If-None-Match write; rclone ignores it, which is why commit.py exists."""
+    with racing_target.open() as reg:
+        assert reg.backend.put_bytes("probe", b"one", if_absent=True)
+        second = reg.backend.put_bytes("probe", b"two", if_absent=True)
+        assert second is (racing_target.kind == "rclone")
+        assert reg.backend.get_bytes("probe") == (b"two" if racing_target.kind == "rclone" else b"one")
+
+
+def test_two_processes_pull_the_same_version(rclone_s3, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", FILES)
+    uri = f"s3://{BUCKET}/reg"
+    with open_registry(uri, endpoint_url=rclone_s3.endpoint, config=CFG) as reg:
+        reg.publish(art, name="m", version="1")
+    code = ("import sys; from flashio.registry import resolve_to_local; "
+            f"print(resolve_to_local(sys.argv[1], endpoint_url={rclone_s3.endpoint!r}, cache_dir=sys.argv[2]))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"{uri}/m@1", str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1].decode() for o in outs]
+    paths = {o[0].decode().strip() for o in outs}
+    assert len(paths) == 1
+    assert tree_digests(Path(paths.pop())) == tree_digests(art)
+
+
+# -- faults ------------------------------------------------------------------------------------
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter(NullProgress):
+    """A progress sink that raises (like Ctrl-C) once `limit` bytes of file `label` have moved."""
+
+    def __init__(self, label: str, limit: int, action=None):
+        self.label, self.limit, self.action = label, limit, action
+        self.current, self.seen, self.fired = "", 0, False
+
+    def begin(self, label: str, total_bytes: int) -> None:
+        self.current, self.seen = label, 0
+
+    def advance(self, n_bytes: int) -> None:
+        self.seen += n_bytes
+        if self.current == self.label and self.seen > self.limit and not self.fired:
+            self.fired = True
+            if self.action is None:
+                raise _Interrupt
+            self.action()
+
+
+def test_interrupted_pull_resumes_and_verifies(target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    art = make_artifact(tmp_path / "art", FILES)
+    cache = tmp_path / "cache"
+    ffn_size = FILES["ffn.safetensors"]
+    with target.open() as reg:
+        reg.publish(art, name="m", version="1")
+        ffn_key = "blobs/sha256/" + hashlib.sha256((art / "ffn.safetensors").read_bytes()).hexdigest()
+        with pytest.raises(_Interrupt):
+            reg.pull("m@1", cache_dir=cache, progress=_StopAfter("ffn.safetensors", 3 * MiB))
+        assert not (cache / "models" / "m").exists() or not any((cache / "models" / "m").iterdir())
+        assert list((cache / "blobs" / "sha256").glob("*.partial"))
+        reads = spy_reads(reg, monkeypatch)
+        local = reg.pull("m@1", cache_dir=cache)
+    assert 0 < reads[ffn_key] <= ffn_size - 2 * MiB  # resumed: at least the finished chunks were kept
+    assert tree_digests(local) == tree_digests(art)
+    assert not list((cache / "blobs" / "sha256").glob("*.partial*"))
+
+
+def test_corrupt_blob_on_server_is_never_exposed(target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", FILES)
+    cache = tmp_path / "cache"
+    digest = hashlib.sha256((art / "ffn.safetensors").read_bytes()).hexdigest()
+    with target.open() as reg:
+        reg.publish(art, name="m", version="1")
+        stored = target.disk_root / "blobs" / "sha256" / digest
+        with open(stored, "r+b") as f:  # flip bytes in the middle, same size
+            f.seek(4 * MiB)
+            f.write(b"\x00corrupt\x00")
+        with pytest.raises(IntegrityError, match=f"sha256:{digest}.*corrupt and was not used"):
+            reg.pull("m@1", cache_dir=cache)
+    assert not (cache / "blobs" / "sha256" / digest).exists()
+    assert not list((cache / "blobs" / "sha256").glob(f"{digest}.partial*"))
+    assert not (cache / "models" / "m").exists() or not any((cache / "models" / "m").iterdir())
+
+
+@pytest.mark.parametrize("size", [100_000, 12 * MiB])  # a single PUT, and a multipart upload
+def test_file_changed_after_its_manifest_is_never_published(target: Target, tmp_path: Path, size: int):
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": size})
+    with open(art / "ffn.safetensors", "r+b") as f:  # same size, different last byte
+        f.seek(size - 1)
+        last = f.read(1)
+        f.seek(size - 1)
+        f.write(b"\x00" if last != b"\x00" else b"\x01")
+    with target.open() as reg:
+        with pytest.raises(IntegrityError, match=r"'ffn\.safetensors' .* has sha256 .* rebuild the artifact"):
+            reg.publish(art, name="m", version="1")
+        digest = json.loads((art / "manifest.json").read_text())["files"]["ffn.safetensors"]["sha256"]
+        assert reg.backend.head(f"blobs/sha256/{digest}") is None
+        assert reg.versions("m") == []
+
+
+def test_server_killed_mid_multipart_upload_then_publish_resumes(rclone_s3, tmp_path: Path):
+    files = {"tokenizer.json": 1000, "resident.safetensors": 200_000, "ffn.safetensors": 30 * MiB}
+    art = make_artifact(tmp_path / "art", files)
+    uri = f"s3://{BUCKET}/reg"
+    t0 = time.monotonic()
+    with open_registry(uri, endpoint_url=rclone_s3.endpoint, config=CFG) as reg:
+        killer = _StopAfter("ffn.safetensors", 10 * MiB, action=rclone_s3.kill)
+        with pytest.raises(TransferError, match=r"(cannot reach|failed).*127\.0\.0\.1"):
+            reg.publish(art, name="m", version="1", progress=killer)
+    assert killer.fired and time.monotonic() - t0 < 30
+    rclone_s3.start()
+    with open_registry(uri, endpoint_url=rclone_s3.endpoint, config=CFG) as reg:
+        assert reg.names() == [] and reg.versions("m") == []
+        with pytest.raises(NotFoundError):
+            reg.resolve("m@1")
+        result = reg.publish(art, name="m", version="1")
+        assert result.created
+        assert result.reused_blobs == 2 and result.reused_bytes == 201_000  # uploaded before the crash
+        assert result.uploaded_blobs == 2  # ffn.safetensors and manifest.json
+        local = reg.pull("m", cache_dir=tmp_path / "cache")
+    assert tree_digests(local) == tree_digests(art)
+
+
+def test_server_killed_mid_pull_then_pull_resumes(rclone_s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    art = make_artifact(tmp_path / "art", FILES)
+    cache = tmp_path / "cache"
+    with open_registry(f"s3://{BUCKET}/reg", endpoint_url=rclone_s3.endpoint, config=CFG) as reg:
+        reg.publish(art, name="m", version="1")
+        killer = _StopAfter("ffn.safetensors", 3 * MiB, action=rclone_s3.kill)
+        with pytest.raises(TransferError):
+            reg.pull("m@1", cache_dir=cache, progress=killer)
+        rclone_s3.start()
+        reads = spy_reads(reg, monkeypatch)
+        local = reg.pull("m@1", cache_dir=cache)
+    ffn_key = "blobs/sha256/" + hashlib.sha256((art / "ffn.safetensors").read_bytes()).hexdigest()
+    assert reads[ffn_key] < FILES["ffn.safetensors"]
+    assert tree_digests(local) == tree_digests(art)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_unknown_and_malformed_references(target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": 100})
+    with target.open() as reg:
+        reg.publish(art, name="m", version="1", aliases=["prod"])
+        with pytest.raises(NotFoundError, match=r"m@staging: no such version or alias .*versions: 1; aliases: latest, prod"):
+            reg.resolve("m@staging")
+        with pytest.raises(NotFoundError, match=r"model 'nope' is not in .*models there: m"):
+            reg.resolve("nope@1")
+        for bad in ("m@", "@1", "m@1@2", "../m", "m@../x", "m/x@1", ""):
+            with pytest.raises(RefError):
+                reg.resolve(bad)
+        with pytest.raises(NotFoundError):
+            reg.set_alias("m", "9", "prod")
+
+
+def test_version_manifest_with_escaping_file_names_is_refused(target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": 100})
+    cache = tmp_path / "cache"
+    with target.open() as reg:
+        reg.publish(art, name="m", version="1")
+        raw = json.loads(reg.backend.get_bytes("models/m/versions/1/manifest.json"))
+        entry = raw["files"]["ffn.safetensors"]
+        for evil in ("../../escape.bin", "/etc/passwd", "a/../../b"):
+            raw["version"] = "2"
+            raw["files"] = {evil: entry}
+            reg.backend.put_bytes("models/m/versions/2/manifest.json", json.dumps(raw).encode())
+            with pytest.raises(UnsafePathError, match="leave"):
+                reg.pull("m@2", cache_dir=cache)
+    assert not (tmp_path / "escape.bin").exists() and not (cache.parent / "escape.bin").exists()
+
+
+def test_artifact_with_escaping_file_names_is_not_published(target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": 100})
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    doc = json.loads((art / "manifest.json").read_text())
+    doc["files"]["../outside.bin"] = {"bytes": 6, "sha256": hashlib.sha256(b"secret").hexdigest()}
+    (art / "manifest.json").write_text(json.dumps(doc))
+    with target.open() as reg, pytest.raises(UnsafePathError, match=r"'\.\./outside\.bin' would leave"):
+        reg.publish(art, name="m", version="1")
+
+
+def test_unreachable_endpoint_fails_within_the_timeout(aws_env: None):
+    cfg = RegistryConfig(connect_timeout_s=0.5, read_timeout_s=0.5, max_attempts=2, commit_timeout_s=20, claim_ttl_s=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(UnreachableError, match=rf"cannot reach http://127\.0\.0\.1:{port} .* 2 attempts"):
+        open_registry(f"s3://{BUCKET}/reg", endpoint_url=f"http://127.0.0.1:{port}", config=cfg).resolve("m")
+    assert time.monotonic() - t0 < 5
+
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(UnreachableError, match="ReadTimeoutError"):
+            open_registry(f"s3://{BUCKET}/reg", endpoint_url=endpoint, config=cfg).resolve("m")
+        assert time.monotonic() - t0 < 6
+
+
+def test_non_transient_errors_fail_fast_and_say_why(rclone_s3, monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(NotFoundError, match="bucket 'no-such-bucket' does not exist"):
+        open_registry("s3://no-such-bucket/reg", endpoint_url=rclone_s3.endpoint, config=CFG).resolve("m")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-wrong-secret")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError, match=r"refused by .*check the AWS credentials") as info:
+        open_registry(f"s3://{BUCKET}/reg", endpoint_url=rclone_s3.endpoint, config=CFG).resolve("m")
+    assert time.monotonic() - t0 < 2
+    assert "wrong-secret" not in str(info.value) and "AKIA" not in str(info.value)
+
+
+# -- gc ----------------------------------------------------------------------------------------
+def test_gc_deletes_only_unreferenced_blobs_past_the_grace_period(target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": 1000, "tokenizer.json": 10})
+    with target.open() as reg:
+        reg.publish(art, name="m", version="1")
+        orphan = "blobs/sha256/" + "0" * 64  # as an interrupted publish leaves behind
+        reg.backend.put_bytes(orphan, b"orphan bytes")
+        young = reg.gc(grace_s=3600)
+        assert not young.deletable and [o.key for o in young.young] == [orphan]
+        dry = reg.gc(grace_s=0, dry_run=True)
+        assert [o.key for o in dry.deletable] == [orphan] and not dry.deleted
+        assert reg.backend.head(orphan) is not None
+        done = reg.gc(grace_s=0)
+        assert done.deleted and done.referenced_blobs == 3
+        assert reg.backend.head(orphan) is None
+        assert tree_digests(reg.pull("m@1", cache_dir=tmp_path / "cache")) == tree_digests(art)

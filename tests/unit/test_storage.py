@@ -1,0 +1,387 @@
+"""BundleReader against numpy slices of the same file: every read path gives the same bytes.
+
+The file imitates ffn.safetensors: a 4096-byte header area, then layer blocks of random bytes.
+tmp_path is on a disk filesystem here (ext4), so O_DIRECT works; tests that need it skip otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flashio.errors import FlashReadError, FormatError
+from flashio.storage import (
+    MAX_READ_BYTES,
+    AlignedArena,
+    BundleReader,
+    LayerExtent,
+    ReadResult,
+    evict_from_page_cache,
+    plan_runs,
+)
+
+HEADER_BYTES = 4096
+# (n_rows, row_bytes): aligned rows, unaligned rows, and aligned rows at an unaligned offset
+# (layer 2 starts where layer 1's 200-byte rows end). Layer 0 is > MAX_READ_BYTES / 512 rows so
+# that long runs are cut into several reads.
+LAYERS = [(1200, 1024), (50, 200), (40, 1024)]
+TRAILING_BYTES = 7  # the file size is not a block multiple: aligned supersets run past EOF
+
+
+def _extents() -> list[LayerExtent]:
+    extents, offset = [], HEADER_BYTES
+    for n_rows, row_bytes in LAYERS:
+        extents.append(LayerExtent(offset, n_rows, row_bytes))
+        offset += n_rows * row_bytes
+    return extents
+
+
+EXTENTS = _extents()
+
+
+@pytest.fixture(scope="module")
+def ffn_file(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """(path, file bytes as uint8)."""
+    size = EXTENTS[-1].offset_bytes + EXTENTS[-1].nbytes + TRAILING_BYTES
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    path = tmp_path_factory.mktemp("ffn") / "ffn.bin"
+    data.tofile(path)
+    return str(path), data
+
+
+def _block(data: np.ndarray, layer: int) -> np.ndarray:
+    ext = EXTENTS[layer]
+    return data[ext.offset_bytes : ext.offset_bytes + ext.nbytes].reshape(ext.n_rows, ext.row_bytes)
+
+
+def _random_ids(rng: np.random.Generator, n_rows: int) -> np.ndarray:
+    return np.unique(rng.integers(0, n_rows, size=rng.integers(1, n_rows)))
+
+
+def _direct_reader(path: str, **kwargs) -> BundleReader:
+    reader = BundleReader(path, EXTENTS, **kwargs)
+    if not reader.direct:
+        reader.close()
+        pytest.skip("the filesystem under tmp_path refuses O_DIRECT")
+    return reader
+
+
+def _run_rows(runs: list[tuple[int, int]]) -> int:
+    return sum(stop - start for start, stop in runs)
+
+
+# -- plan_runs ---------------------------------------------------------------------------------
+
+sorted_ids = st.lists(st.integers(0, 2000), unique=True, max_size=200).map(
+    lambda xs: np.array(sorted(xs), dtype=np.int64)
+)
+
+
+@given(ids=sorted_ids, max_gap=st.integers(0, 12))
+def test_plan_runs_properties(ids, max_gap):
+    runs = plan_runs(ids, max_gap)
+    covered = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.array([], int)
+    # sorted and disjoint (a row is never read twice), non-empty, covering every id
+    assert all(a < b for a, b in runs)
+    assert all(b1 < a2 for (_, b1), (a2, _) in pairwise(runs))
+    assert set(ids.tolist()) <= set(covered.tolist())
+    assert len(covered) == len(set(covered.tolist()))
+    for a, b in runs:
+        inside = ids[(ids >= a) & (ids < b)]
+        # runs start and stop on ids, and every unneeded stretch inside a run is <= max_gap rows
+        assert inside[0] == a and inside[-1] == b - 1
+        assert np.all(np.diff(inside) - 1 <= max_gap)
+    # merged as much as allowed: consecutive runs are separated by more than max_gap rows
+    assert all(a2 - b1 > max_gap for (_, b1), (a2, _) in pairwise(runs))
+
+
+def test_plan_runs_examples():
+    ids = np.array([0, 1, 2, 5, 6, 10], dtype=np.int64)
+    assert plan_runs(ids) == [(0, 3), (5, 7), (10, 11)]
+    assert plan_runs(ids, max_gap=2) == [(0, 7), (10, 11)]
+    assert plan_runs(ids, max_gap=3) == [(0, 11)]
+    assert plan_runs(np.array([], dtype=np.int64)) == []
+    with pytest.raises(ValueError, match="sorted and unique"):
+        plan_runs(np.array([3, 1]))
+    with pytest.raises(ValueError, match="max_gap"):
+        plan_runs(ids, max_gap=-1)
+
+
+# -- read_rows: three read paths, same bytes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("max_gap", [0, 3])
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+def test_read_rows_all_paths_match_numpy(ffn_file, layer, max_gap):
+    path, data = ffn_file
+    ext = EXTENTS[layer]
+    expected_block = _block(data, layer)
+    rng = np.random.default_rng(layer * 10 + max_gap)
+    with (_direct_reader(path, max_gap=max_gap, threads=4) as direct,
+          BundleReader(path, EXTENTS, max_gap=max_gap, threads=4, direct=False) as buffered):
+        assert not buffered.direct
+        for _ in range(5):
+            ids = _random_ids(rng, ext.n_rows)
+            expected = expected_block[ids]
+            # 1. O_DIRECT into page-aligned arena rows (zero copy when the layer is aligned)
+            arena = AlignedArena(len(ids) * ext.row_bytes)
+            out = arena.tensor(torch.uint8, (len(ids), ext.row_bytes))
+            result = direct.read_rows(layer, ids, out)
+            np.testing.assert_array_equal(out.numpy(), expected)
+            assert result.direct and result.reads >= 1
+            assert result.bytes_read >= len(ids) * ext.row_bytes
+            # 2. O_DIRECT into a misaligned tensor: aligned superset into scratch, then a copy
+            misaligned = torch.zeros(len(ids) * ext.row_bytes + 1, dtype=torch.uint8)[1:]
+            result = direct.read_rows(layer, ids, misaligned)
+            np.testing.assert_array_equal(misaligned.numpy().reshape(expected.shape), expected)
+            assert result.direct
+            # 3. buffered preadv straight into the tensor
+            plain = torch.zeros(len(ids), ext.row_bytes, dtype=torch.uint8)
+            result = buffered.read_rows(layer, ids, plain)
+            np.testing.assert_array_equal(plain.numpy(), expected)
+            assert not result.direct
+            assert result.bytes_read == _run_rows(plan_runs(ids, max_gap)) * ext.row_bytes
+            del out
+            arena.close()
+
+
+def test_read_rows_into_wider_dtype(ffn_file):
+    """out of another dtype receives the raw bytes: row j is out.view(uint8)[j]."""
+    path, data = ffn_file
+    ids = np.array([3, 4, 9, 700, 1199], dtype=np.int64)
+    with BundleReader(path, EXTENTS, threads=2) as reader, AlignedArena(5 * 1024) as arena:
+        out = arena.tensor(torch.float16, (5, 512))
+        reader.read_rows(0, ids, out)
+        np.testing.assert_array_equal(out.view(torch.uint8).numpy(), _block(data, 0)[ids])
+        del out
+
+
+@settings(deadline=None, max_examples=40,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), max_gap=st.integers(0, 8), threads=st.sampled_from([1, 3, 16]))
+def test_bytes_read_is_sum_of_runs_when_aligned(ffn_file, data, max_gap, threads):
+    """Coalescing never reads a neuron twice: bytes_read == rows in runs * row_bytes."""
+    path, file_bytes = ffn_file
+    ext = EXTENTS[0]
+    ids = np.array(sorted(data.draw(st.sets(st.integers(0, ext.n_rows - 1), min_size=1))),
+                   dtype=np.int64)
+    with (_direct_reader(path, max_gap=max_gap, threads=threads) as reader,
+          AlignedArena(len(ids) * ext.row_bytes) as arena):
+        out = arena.tensor(torch.uint8, (len(ids), ext.row_bytes))
+        result = reader.read_rows(0, ids, out)
+        assert result.bytes_read == _run_rows(plan_runs(ids, max_gap)) * ext.row_bytes
+        assert result.reads >= len(plan_runs(ids, max_gap))
+        np.testing.assert_array_equal(out.numpy(), _block(file_bytes, 0)[ids])
+        del out
+
+
+def test_long_runs_are_cut_and_all_gap_pieces_skipped(ffn_file):
+    path, data = ffn_file
+    ext = EXTENTS[0]
+    max_rows = min(MAX_READ_BYTES // ext.row_bytes, 511)  # 511: iovec limit for gapped reads
+    everything = np.arange(ext.n_rows, dtype=np.int64)
+    with _direct_reader(path, threads=4) as reader, AlignedArena(ext.nbytes) as arena:
+        out = arena.tensor(torch.uint8, (ext.n_rows, ext.row_bytes))
+        result = reader.read_rows(0, everything, out)
+        np.testing.assert_array_equal(out.numpy(), _block(data, 0))
+        assert result.reads == -(-ext.n_rows // max_rows)
+        assert result.bytes_read == ext.nbytes
+        del out
+    # one run [0, 1200) with a 1198-row gap: the pieces holding only gap rows are not read
+    ends = np.array([0, ext.n_rows - 1], dtype=np.int64)
+    with _direct_reader(path, threads=4, max_gap=ext.n_rows) as reader:
+        out = torch.empty(2, ext.row_bytes, dtype=torch.uint8)
+        result = reader.read_rows(0, ends, out)
+        np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ends])
+        assert result.reads == 2
+
+
+def test_concurrent_callers_get_their_own_rows(ffn_file):
+    path, data = ffn_file
+    errors: list[BaseException] = []
+    with BundleReader(path, EXTENTS, threads=4, max_gap=2) as reader:
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for _ in range(20):
+                    layer = int(rng.integers(len(LAYERS)))
+                    ids = _random_ids(rng, EXTENTS[layer].n_rows)
+                    out = torch.empty(len(ids), EXTENTS[layer].row_bytes, dtype=torch.uint8)
+                    reader.read_rows(layer, ids, out)
+                    np.testing.assert_array_equal(out.numpy(), _block(data, layer)[ids])
+            except BaseException as e:  # handed to the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+# -- read_layer --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+def test_read_layer_matches_numpy(ffn_file, layer, direct):
+    path, data = ffn_file
+    ext = EXTENTS[layer]
+    with BundleReader(path, EXTENTS, threads=3, direct=direct) as reader:
+        with AlignedArena(ext.nbytes) as arena:
+            out = arena.tensor(torch.uint8, (ext.n_rows, ext.row_bytes))
+            result = reader.read_layer(layer, out)
+            np.testing.assert_array_equal(out.numpy(), _block(data, layer))
+            assert result.bytes_read >= ext.nbytes and result.direct == reader.direct
+            del out
+        plain = torch.empty(ext.n_rows * ext.row_bytes + 3, dtype=torch.uint8)[3:]
+        reader.read_layer(layer, plain)
+        np.testing.assert_array_equal(plain.numpy(), _block(data, layer).reshape(-1))
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def test_extent_beyond_eof_is_a_format_error(ffn_file, tmp_path):
+    _, data = ffn_file
+    short = tmp_path / "short.bin"
+    data[: EXTENTS[1].offset_bytes + 100].tofile(short)
+    with pytest.raises(FormatError) as info:
+        BundleReader(short, EXTENTS)
+    message = str(info.value)
+    assert str(short) in message and "layer 1" in message
+    assert str(EXTENTS[1].offset_bytes + 100) in message  # the file size
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_file_truncated_underneath_raises_not_garbage(ffn_file, tmp_path, direct):
+    _, data = ffn_file
+    path = tmp_path / "victim.bin"
+    data.tofile(path)
+    with BundleReader(path, EXTENTS, threads=2, direct=direct) as reader:
+        ids = np.array([0, 1, 1100, 1199], dtype=np.int64)
+        out = torch.empty(4, 1024, dtype=torch.uint8)
+        reader.read_rows(0, ids, out)  # fine while the file is whole
+        os.truncate(path, EXTENTS[0].offset_bytes + 600 * 1024 + 100)
+        with pytest.raises(FlashReadError, match=r"victim\.bin.*offset \d+ expected \d+ bytes, got"):
+            reader.read_rows(0, ids, out)
+        with pytest.raises(FlashReadError, match="short read"):
+            reader.read_rows(2, np.array([5], dtype=np.int64), torch.empty(1, 1024, dtype=torch.uint8))
+        with pytest.raises(FlashReadError):
+            reader.read_layer(0, torch.empty(EXTENTS[0].n_rows, 1024, dtype=torch.uint8))
+        # rows before the cut still read fine
+        reader.read_rows(0, ids[:2], out[:2])
+        np.testing.assert_array_equal(out[:2].numpy(), _block(data, 0)[:2])
+
+
+def test_os_error_is_wrapped(ffn_file, monkeypatch):
+    path, _ = ffn_file
+
+    def failing_preadv(fd, buffers, offset, *args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with BundleReader(path, EXTENTS, threads=2) as reader:
+        monkeypatch.setattr(os, "preadv", failing_preadv)
+        with pytest.raises(FlashReadError, match="errno 5"):
+            reader.read_rows(0, np.array([1, 2], dtype=np.int64), torch.empty(2, 1024, dtype=torch.uint8))
+
+
+def test_bad_arguments(ffn_file):
+    path, _ = ffn_file
+    reader = BundleReader(path, EXTENTS, threads=2)
+    out = torch.empty(2, 1024, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sorted and unique"):
+        reader.read_rows(0, np.array([5, 2]), out)
+    with pytest.raises(ValueError, match="rows"):
+        reader.read_rows(0, np.array([1, 5000]), out)
+    with pytest.raises(ValueError, match="needs exactly 3072"):
+        reader.read_rows(0, np.array([1, 2, 3]), out)
+    with pytest.raises(ValueError, match="contiguous"):
+        reader.read_rows(0, np.array([1, 2]), torch.empty(1024, 2, dtype=torch.uint8).T)
+    with pytest.raises(IndexError, match="3 layers"):
+        reader.read_rows(3, np.array([1]), out[:1])
+    empty = reader.read_rows(0, np.array([], dtype=np.int64), out[:0])
+    assert isinstance(empty, ReadResult) and (empty.bytes_read, empty.reads) == (0, 0)
+    reader.close()
+    reader.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        reader.read_rows(0, np.array([1, 2]), out)
+    with pytest.raises(FlashReadError, match="cannot open"):
+        BundleReader(path + ".missing", EXTENTS)
+
+
+# -- O_DIRECT availability ---------------------------------------------------------------------
+
+
+def test_direct_false_reports_buffered(ffn_file):
+    path, _ = ffn_file
+    with BundleReader(path, EXTENTS, direct=False) as reader:
+        assert reader.direct is False
+        result = reader.read_rows(1, np.array([0, 7], dtype=np.int64), torch.empty(2, 200, dtype=torch.uint8))
+        assert result.direct is False
+
+
+def test_filesystem_refusing_o_direct_falls_back(ffn_file, monkeypatch, caplog):
+    """tmpfs (before Linux 6.6) refuses O_DIRECT with EINVAL: read buffered and say so once."""
+    path, data = ffn_file
+    real_open = os.open
+
+    def open_without_direct(file, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_without_direct)
+    with caplog.at_level(logging.INFO, logger="flashio.storage"):
+        reader = BundleReader(path, EXTENTS, threads=2)
+    monkeypatch.undo()
+    with reader:
+        assert reader.direct is False
+        assert sum("O_DIRECT" in r.getMessage() for r in caplog.records) == 1
+        ids = np.array([2, 3, 40], dtype=np.int64)
+        out = torch.empty(3, 1024, dtype=torch.uint8)
+        assert reader.read_rows(0, ids, out).direct is False
+        np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
+
+
+def test_evict_from_page_cache_keeps_contents(ffn_file):
+    path, data = ffn_file
+    evict_from_page_cache(path)
+    with BundleReader(path, EXTENTS, direct=False) as reader:
+        out = torch.empty(1, 200, dtype=torch.uint8)
+        reader.read_rows(1, np.array([49], dtype=np.int64), out)
+        np.testing.assert_array_equal(out.numpy()[0], _block(data, 1)[49])
+
+
+# -- AlignedArena ------------------------------------------------------------------------------
+
+
+def test_arena_tensors_are_page_aligned_views():
+    with AlignedArena(3 * 4096 + 10) as arena:
+        a = arena.tensor(torch.float32, (2, 1024))
+        b = arena.tensor(torch.uint8, (4096,), offset_bytes=8192)
+        assert a.data_ptr() % 4096 == 0 and b.data_ptr() % 4096 == 0
+        a.fill_(1.0)
+        b.fill_(7)
+        assert arena.memoryview[0:4] == np.float32(1.0).tobytes()
+        assert arena.memoryview[8192] == 7 and arena.nbytes == 3 * 4096 + 10
+        with pytest.raises(ValueError, match="does not fit"):
+            arena.tensor(torch.float32, (4096,), offset_bytes=4096)
+        with pytest.raises(ValueError, match="multiple"):
+            arena.tensor(torch.float32, (4,), offset_bytes=2)
+    # closed while views live: the views stay valid (unmapped when they die), the arena refuses
+    assert a.sum().item() == 2048.0 and int(b[0]) == 7
+    with pytest.raises(ValueError, match="closed"):
+        arena.tensor(torch.uint8, (1,))
+    assert AlignedArena(0).tensor(torch.float16, (0, 8)).shape == (0, 8)
