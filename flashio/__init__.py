@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-def open(path, **kwargs):  # noqa: A001 - mirrors builtins.open on purpose: flashio.open(...)
+def open(path, **kwargs):
     """Open an artifact (a directory or a registry reference) for inference.
 
     See :func:`flashio.runtime.open_model` for the options.

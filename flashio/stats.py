@@ -33,8 +33,18 @@ class StepStats:
 class StatsRecorder:
     """Mutable accumulator the engines add to during one step."""
 
-    __slots__ = ("bytes_read", "reads", "neurons_active", "neurons_loaded", "cache_hits",
-                 "cache_rows", "truncated", "buffered_reads", "io_s", "mem_s")
+    __slots__ = (
+        "buffered_reads",
+        "bytes_read",
+        "cache_hits",
+        "cache_rows",
+        "io_s",
+        "mem_s",
+        "neurons_active",
+        "neurons_loaded",
+        "reads",
+        "truncated",
+    )
 
     def __init__(self) -> None:
         self.clear()

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import UnsupportedArchitectureError

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (OPT and Llama with grouped-query
+attention) saved with save_pretrained, and their flashio artifacts."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+TINY_TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
+             "        self.x = x\n        self.y = y\n") * 20
+
+
+def save_tiny_tokenizer(path, vocab_size: int) -> None:
+    """A byte-level BPE trained on a few lines, saved the transformers way."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_TEXT], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def make_opt(path, *, seed: int = 0, with_tokenizer: bool = True, **overrides):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=320, hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=128, word_embed_proj_dim=64, bos_token_id=2, eos_token_id=2,
+               pad_token_id=1)
+    cfg.update(overrides)
+    model = OPTForCausalLM(OPTConfig(**cfg)).eval()
+    model.save_pretrained(path)
+    if with_tokenizer:
+        save_tiny_tokenizer(path, cfg["vocab_size"])
+    return model
+
+
+def make_llama(path, *, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("opt") / "ckpt"
+    return make_opt(path), path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama") / "ckpt"
+    return make_llama(path), path
+
+
+@pytest.fixture(scope="session")
+def opt_artifact(tiny_opt, tmp_path_factory):
+    from flashio.format import write_artifact
+
+    return write_artifact(tiny_opt[1], tmp_path_factory.mktemp("opt-art") / "art")
+
+
+@pytest.fixture(scope="session")
+def llama_artifact(tiny_llama, tmp_path_factory):
+    from flashio.format import write_artifact
+
+    return write_artifact(tiny_llama[1], tmp_path_factory.mktemp("llama-art") / "art")

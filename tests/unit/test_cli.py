@@ -1,0 +1,69 @@
+"""The flashio command, called as a user would (through main(argv))."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from flashio import cli
+from flashio.cli import main
+
+
+def test_pack_inspect_run(tiny_opt, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["pack", str(tiny_opt[1]), str(out), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert main(["inspect", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "opt float32, 2 layers" in text and "verified" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ffn_neurons"] == 256
+    assert main(["run", str(out), "--prompt", "def add(a, b):", "--max-new-tokens", "5", "--mode", "oracle"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def add(a, b):")
+    assert "tok/s" in captured.err and "MB read/token" in captured.err and "I/O" in captured.err
+    assert main(["run", str(out), "--prompt", "x", "--max-new-tokens", "3", "--mode", "naive", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_token"]["bytes_read"] == 2 * 256 * 512
+
+
+def test_errors_are_one_line(opt_artifact, capsys):
+    assert main(["run", str(opt_artifact), "--prompt", "x", "--mode", "sparse"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flashio run: error:") and "predictors" in err[0]
+    assert main(["run", str(opt_artifact), "--prompt", "x", "--dram-budget", "lots"]) == 2
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+def test_command_from_missing_extra_says_what_to_install(monkeypatch, capsys):
+    class BrokenEntryPoint:
+        name = "convert"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'prefect'", name="prefect")
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: [BrokenEntryPoint()])
+    assert main(["convert", "some/model"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'flashio[pipeline]'" in err and "prefect" in err and "Traceback" not in err
+
+
+def test_console_script_is_declared():
+    try:
+        eps = metadata.entry_points(group="console_scripts")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        pytest.skip("flashio is not installed")
+    if not any(ep.name == "flashio" for ep in eps):
+        pytest.skip("flashio is not installed as a distribution (run `make test`)")
+    assert any(ep.value == "flashio.cli:main" for ep in eps if ep.name == "flashio")
+
+
+def test_help_runs_in_a_fresh_process():
+    r = subprocess.run([sys.executable, "-m", "flashio.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for command in ("run", "inspect", "pack"):
+        assert command in r.stdout

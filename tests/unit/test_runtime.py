@@ -1,0 +1,133 @@
+"""The runtime against transformers' forward pass, mode by mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import flashio
+from flashio.errors import BudgetError, FlashError
+from flashio.format import write_artifact
+from flashio.predictor import PredictorWeights
+
+PROMPT = [2, 17, 101, 55, 9, 240, 33, 78, 12, 5, 99, 301]
+
+
+def hf_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.fixture(params=["opt", "llama"])
+def family(request, tiny_opt, tiny_llama, opt_artifact, llama_artifact):
+    if request.param == "opt":
+        return tiny_opt[0], opt_artifact
+    return tiny_llama[0], llama_artifact
+
+
+@pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
+def test_logits_match_transformers(family, mode):
+    hf, art = family
+    ref = hf_logits(hf, PROMPT)
+    with flashio.open(art, mode=mode) as model:
+        whole = model.forward(PROMPT)  # the prompt in one step
+        stepwise = model.forward(PROMPT, token_by_token=True)  # decoding through the KV cache
+    assert whole.shape == ref.shape
+    assert (whole - ref).abs().max().item() <= 1e-4
+    assert (stepwise - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
+def test_greedy_generation_matches_transformers(family, mode):
+    hf, art = family
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([PROMPT[:5]]), max_new_tokens=10, do_sample=False,
+                           min_new_tokens=10)[0, 5:].tolist()
+    with flashio.open(art, mode=mode) as model:
+        got = model.generate(PROMPT[:5], max_new_tokens=10, stop_at_eos=False)
+    assert got.token_ids == want
+    assert len(got.decode) == 9 and got.prompt_tokens == 5
+
+
+def test_oracle_equals_dense_exactly_for_relu(opt_artifact):
+    with flashio.open(opt_artifact, mode="dense") as dense, flashio.open(opt_artifact, mode="oracle", window=2) as oracle:
+        d = dense.forward(PROMPT, token_by_token=True)
+        o = oracle.forward(PROMPT, token_by_token=True)
+        assert (d - o).abs().max().item() <= 1e-6
+        # the oracle really skipped neurons: ReLU leaves about half of a random model's FFN inactive
+        active = sum(s.neurons_active for s in oracle.stats[1:])
+        total = sum(s.tokens for s in oracle.stats[1:]) * 2 * 256
+        assert 0 < active < total
+
+
+def _all_active_predictors(n_layers: int, dim: int, n: int) -> list[PredictorWeights]:
+    return [PredictorWeights(torch.zeros(4, dim), torch.zeros(n, 4), torch.full((n,), 20.0), 0.5)
+            for _ in range(n_layers)]
+
+
+def test_sparse_with_all_active_predictor_and_reordering_equals_dense(tiny_opt, opt_artifact, tmp_path):
+    rng = np.random.default_rng(0)
+    orders = [rng.permutation(256) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "sparse", orders=orders,
+                         predictors=_all_active_predictors(2, 64, 256))
+    with flashio.open(opt_artifact, mode="dense") as dense, flashio.open(art, mode="sparse") as sparse:
+        want = dense.forward(PROMPT)
+        assert (sparse.forward(PROMPT) - want).abs().max().item() <= 1e-5
+        assert (sparse.forward(PROMPT, token_by_token=True) - want).abs().max().item() <= 1e-4
+    with flashio.open(art, mode="dense") as reordered:  # reordering alone changes nothing
+        assert (reordered.forward(PROMPT) - want).abs().max().item() <= 1e-5
+
+
+def test_sparse_reads_only_missing_bundles(tiny_opt, tmp_path):
+    """Bytes read per step equal the bundles of the neurons missing from the window."""
+    torch.manual_seed(1)
+    preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
+    with flashio.open(art, mode="sparse", window=3) as model:
+        model.forward(PROMPT, token_by_token=True)
+        bundle_bytes = 2 * 64 * 4
+        for s in model.stats:
+            assert s.bytes_read == s.neurons_loaded * bundle_bytes  # 512-byte bundles: no padding
+            assert s.neurons_loaded + s.cache_hits == s.neurons_active
+        assert sum(s.cache_hits for s in model.stats) > 0  # the window saved reads
+
+
+def test_sparse_needs_predictors(opt_artifact):
+    with pytest.raises(FlashError, match="needs predictors"):
+        flashio.open(opt_artifact, mode="sparse")
+
+
+def test_dram_budget(opt_artifact):
+    with pytest.raises(BudgetError, match="at least"):
+        flashio.open(opt_artifact, mode="dense", dram_budget="100KiB")
+    # a budget between the sparse minimum and the whole FFN: the cache is capped below N
+    with flashio.open(opt_artifact, mode="oracle", dram_budget=600_000, max_context=64) as model:
+        assert 0 < model.capacity < 256
+        model.forward(PROMPT, token_by_token=True)
+        assert max(s.cache_rows for s in model.stats) <= 2 * model.capacity
+
+
+def test_generation_text_and_stats(opt_artifact):
+    with flashio.open(opt_artifact, mode="naive") as model:
+        toks = list(model.stream("def add(a, b):", max_new_tokens=4, stop_at_eos=False))
+        assert len(toks) == 4
+        assert all(t.stats.bytes_read == 2 * 256 * 512 for t in toks[1:])  # the whole FFN per token
+        gen = model.generate("def add", max_new_tokens=3, temperature=0.8, top_p=0.9, seed=3, stop_at_eos=False)
+        again = model.generate("def add", max_new_tokens=3, temperature=0.8, top_p=0.9, seed=3, stop_at_eos=False)
+        assert gen.token_ids == again.token_ids and isinstance(gen.text, str)
+        assert "MB read/token" in gen.summary()
+
+
+def test_bad_requests(opt_artifact, llama_artifact):
+    with flashio.open(opt_artifact, mode="dense") as model:
+        with pytest.raises(FlashError, match="outside the vocabulary"):
+            model.forward([5, 100000])
+        with pytest.raises(FlashError, match="exceeds the model's maximum"):
+            model.forward(list(range(3, 200)))
+    with flashio.open(llama_artifact, mode="dense") as model, pytest.raises(FlashError, match="no tokenizer"):
+        model.forward("hello")
+    with pytest.raises(FlashError, match="mode"):
+        flashio.open(opt_artifact, mode="fast")
+    with pytest.raises(FlashError, match="not an artifact directory"):
+        flashio.open("/nonexistent/path")
