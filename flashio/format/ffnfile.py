@@ -88,7 +88,7 @@ def read_safetensors_header(f, file_size: int, name: str) -> dict[str, TensorInf
         if not isinstance(e, dict):
             raise FormatError(f"{name}: entry {key!r} is not an object")
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dtype not in ST_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
             raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape)):

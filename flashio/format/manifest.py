@@ -143,7 +143,7 @@ def parse_manifest(text: bytes | str) -> Manifest:
         raise FormatError(f"manifest.json: format_version {version!r} is not supported "
                           f"(this flashio reads version {FORMAT_VERSION}); use a matching flashio release")
     dtype = _get(d, "dtype", str, "manifest")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"manifest.json: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     layout_raw = _get(d, "bundle_layout", list, "manifest")
     layout = []

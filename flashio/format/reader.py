@@ -11,6 +11,7 @@ safetensors header of ffn.safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,6 +30,23 @@ from flashio.predictor import PredictorWeights
 log = logging.getLogger(__name__)
 
 
+def model_args(arch, config: dict, where: str):
+    """The architecture's ModelArgs from a config dict; any gap or nonsense is a FormatError."""
+    try:
+        args = arch.ModelArgs.from_hf(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise FormatError(f"{where}: model config is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v > 1 << 31):
+            raise FormatError(f"{where}: model config {f.name} = {v!r}, expected a positive integer")
+    explicit_head_dim = "head_dim" in {f.name for f in dataclasses.fields(args)}
+    if (not explicit_head_dim and args.dim % args.n_heads) or args.n_heads % args.n_kv_heads:
+        raise FormatError(f"{where}: model config has dim {args.dim}, {args.n_heads} heads, "
+                          f"{args.n_kv_heads} key/value heads: the heads must divide evenly")
+    return args
+
+
 class Artifact:
     """A validated artifact directory."""
 
@@ -40,7 +58,7 @@ class Artifact:
         self.manifest: Manifest = parse_manifest(mpath.read_bytes())
         m = self.manifest
         self.arch = get_architecture(m.architecture)
-        self.args = self.arch.ModelArgs.from_hf(m.model_config)
+        self.args = model_args(self.arch, m.model_config, str(mpath))
         if m.n_layers != self.args.n_layers:
             raise FormatError(f"{mpath}: {m.n_layers} FFN layers but the model config has {self.args.n_layers}")
         if m.gated != self.arch.GATED:
