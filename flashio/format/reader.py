@@ -109,20 +109,24 @@ class Artifact:
                 raise ChecksumError(f"{self.file(name)}: sha256 is {got}, the manifest says "
                                     f"{files[name].sha256}; the file is corrupt or was modified")
 
-    def load_resident(self) -> dict[str, torch.Tensor]:
-        return self._load(self.manifest.resident_file)
+    def load_resident(self, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The DRAM-resident tensors; by default their file's sha256 is checked first (the file is
+        read once anyway, so the check costs one extra pass over warm page cache)."""
+        return self._load(self.manifest.resident_file, verify)
 
-    def _load(self, name: str) -> dict[str, torch.Tensor]:
+    def _load(self, name: str, verify: bool) -> dict[str, torch.Tensor]:
+        if verify:
+            self.verify([name])
         try:
             return load_file(str(self.file(name)))
         except (SafetensorError, OSError) as exc:
             raise FormatError(f"{self.file(name)}: cannot be read as safetensors: {exc}") from None
 
-    def load_predictors(self) -> list[PredictorWeights] | None:
+    def load_predictors(self, *, verify: bool = True) -> list[PredictorWeights] | None:
         m = self.manifest
         if m.predictors_file is None or m.predictor_layers is None:
             return None
-        t = self._load(m.predictors_file)
+        t = self._load(m.predictors_file, verify)
         out = []
         for i, P in enumerate(m.predictor_layers):
             try:

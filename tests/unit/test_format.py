@@ -157,3 +157,12 @@ def test_float16_pack_runs(tiny_opt, tmp_path):
     assert a.manifest.dtype == "float16" and a.manifest.ffn_layers[0].length_bytes == 256 * 128 * 2
     with flashio.open(art, mode="oracle") as model:
         assert model.forward([2, 5, 9]).isfinite().all()
+
+
+def test_resident_checksum_checked_on_open(art):
+    """Resident and predictor files are verified when loaded, without --verify."""
+    with open(art / "resident.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
+    with pytest.raises(ChecksumError, match="resident.safetensors: sha256"):
+        flashio.open(art, mode="dense")
