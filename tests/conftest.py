@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# The models here are tiny: one intra-op thread is fastest, and it keeps OpenMP's spinning
+# threads from fighting the flash reader's threads on a 2-core machine.
+torch.set_num_threads(1)
+
 TINY_TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
              "        self.x = x\n        self.y = y\n") * 20
 

@@ -85,20 +85,26 @@ class KVCache:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
     """Causal attention of T new queries over P+T keys.
 
-    q: [H, T, Dh]; k, v: [Hk, P+T, Dh] (grouped-query when Hk < H). Returns [T, H*Dh].
+    q: [H, T, Dh]; k, v: [Hk, P+T, Dh] (grouped-query when Hk < H: query head h reads key/value
+    head h // (H / Hk), as transformers' repeat_kv). Returns [T, H*Dh].
+
+    Written with two matmuls instead of scaled_dot_product_attention: at batch 1 and one query,
+    torch's CPU SDPA costs 5-30x more than the arithmetic (measured: 3.9 ms vs 0.12 ms at 4 heads
+    over 200 keys) and it would copy the strided KV cache views.
     """
     h, t, dh = q.shape
-    if k.shape[0] != h:
-        k = k.repeat_interleave(h // k.shape[0], dim=0)
-        v = v.repeat_interleave(h // v.shape[0], dim=0)
-    if t == 1:
-        mask = None  # one new token sees everything before it
-    else:
+    hk, s_len, _ = k.shape
+    g = h // hk
+    qg = q.reshape(hk, g * t, dh)  # heads of one group are adjacent: [Hk, G*T, Dh]
+    scores = torch.bmm(qg, k.transpose(1, 2)) * scale  # [Hk, G*T, S]
+    if t > 1:
         q_pos = torch.arange(start, start + t, device=q.device)[:, None]
-        k_pos = torch.arange(0, start + t, device=q.device)[None, :]
-        mask = k_pos <= q_pos  # [T, P+T]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [H, T, Dh]
-    return out.transpose(0, 1).reshape(t, h * dh)
+        k_pos = torch.arange(0, s_len, device=q.device)[None, :]
+        future = (k_pos > q_pos).repeat(g, 1)  # [G*T, S]
+        scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.bmm(probs, v)  # [Hk, G*T, Dh]
+    return out.reshape(h, t, dh).transpose(0, 1).reshape(t, h * dh)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
