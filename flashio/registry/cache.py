@@ -52,11 +52,15 @@ class Cache:
         """Where a blob is downloaded to before it is verified; `.chunks` beside it is its journal."""
         return self.root / "blobs" / "sha256" / f"{digest}.partial"
 
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
     def version_dir(self, name: str, version: str, manifest_sha256: str) -> Path:
-        return self.root / "models" / name / f"{version}-{manifest_sha256[:12]}"
+        return self.model_dir(name) / f"{version}-{manifest_sha256[:12]}"
 
     def staging_dir(self, name: str, token: str) -> Path:
-        return self.root / "models" / name / f".tmp-{token}"
+        """Where a version is assembled before its rename; `.tmp-*` names are never versions."""
+        return self.model_dir(name) / f".tmp-{token}"
 
     @contextlib.contextmanager
     def lock(self, name: str, *, timeout_s: float) -> Iterator[None]:

@@ -13,6 +13,7 @@ settings (AWS_PROFILE, AWS_ENDPOINT_URL_S3, ...) or --endpoint-url. Progress goe
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -69,6 +70,12 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _open(args: argparse.Namespace) -> Registry:
+    # botocore's debug log prints request headers (the access key id among them): even at -vv,
+    # keep the AWS libraries at INFO.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
     if not args.registry:
         raise RefError(f"no registry given: pass --registry URI (a directory or s3://bucket/prefix) or set ${REGISTRY_ENV}")
     overrides: dict[str, Any] = {}

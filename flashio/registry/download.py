@@ -73,7 +73,8 @@ def fetch_blob(backend: Backend, cache: Cache, entry: FileEntry, *, config: Regi
             if not resumed or attempt == 1:
                 raise IntegrityError(
                     f"{where} has sha256 {digest} after download, expected {entry.sha256}: the registry "
-                    f"copy is corrupt and was not used; publish the artifact again (it replaces the blob)"
+                    f"copy is corrupt and was not used; delete {key} from the registry and publish the "
+                    f"artifact again (a publish skips blobs that are present with the right size)"
                 )
             log.warning("resumed download of %s failed verification: downloading it again", entry.path)
         os.chmod(partial, 0o444)

@@ -75,6 +75,8 @@ def publish_artifact(registry: Registry, artifact_dir: Path, *, name: str, versi
     art = read_artifact_manifest(artifact_dir)
 
     existing = registry.read_version(name, version)
+    if existing is None and registry.alias_target(name, version) is not None:
+        raise RefError(f"{version!r} is an alias of {name}: a version cannot shadow an alias; pick another version")
     if existing is not None:
         _check_same(existing.manifest, art, registry)
         log.info("%s@%s is already published with this content: nothing to upload", name, version)

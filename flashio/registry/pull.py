@@ -12,9 +12,11 @@ manifest, links the files into a staging directory and renames it into place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +68,7 @@ def pull_version(registry: Registry, rv: ResolvedVersion, *, cache_dir: str | Pa
                     f"it resumes where it stopped"
                 ) from None
         _check_artifact_manifest(blobs[vm.artifact_manifest.sha256], vm, registry)
+        _remove_abandoned_staging(cache.model_dir(vm.name))
         staging = cache.staging_dir(vm.name, uuid.uuid4().hex)
         try:
             for entry in vm.all_files:
@@ -78,6 +81,15 @@ def pull_version(registry: Registry, rv: ResolvedVersion, *, cache_dir: str | Pa
                 shutil.rmtree(staging, ignore_errors=True)
     log.info("pulled %s@%s (%d bytes) into %s", vm.name, vm.version, vm.total_bytes, vdir)
     return vdir
+
+
+def _remove_abandoned_staging(models_dir: Path, *, age_s: float = 3600.0) -> None:
+    """Staging directories of pulls that crashed (older than an hour) hold only hard links: drop them."""
+    now = time.time()
+    for path in models_dir.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > age_s:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _inside(root: Path, rel: str) -> Path:

@@ -13,6 +13,7 @@ keys and commit.py for how a version is created exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -93,7 +94,14 @@ class Registry:
         out = []
         for obj in self.backend.list(prefix):
             version, _, rest = obj.key[len(prefix):].partition("/")
-            if rest == layout.VERSION_MANIFEST and (rv := self.read_version(name, version)):
+            if rest != layout.VERSION_MANIFEST:
+                continue
+            try:
+                rv = self.read_version(name, version)
+            except RefError:
+                log.warning("ignoring %s in %s: not a valid version name", obj.key, self.backend.description)
+                continue
+            if rv is not None:
                 out.append(rv.manifest)
         return sorted(out, key=lambda m: (m.created_at, m.version))
 
@@ -103,12 +111,15 @@ class Registry:
         out = {}
         for obj in self.backend.list(prefix):
             alias = obj.key[len(prefix):]
-            if "/" not in alias and (doc := self._read_alias(name, alias)):
-                out[alias] = doc
+            with contextlib.suppress(RefError):  # not an alias we wrote: skip it
+                if version := self.alias_target(name, alias):
+                    out[alias] = version
         return dict(sorted(out.items()))
 
-    def _read_alias(self, name: str, alias: str) -> str | None:
-        raw = self.backend.get_bytes(layout.alias_key(name, alias))
+    def alias_target(self, name: str, alias: str) -> str | None:
+        """The version `name@alias` points to, or None if there is no such alias."""
+        key = layout.alias_key(check_token(name, "model name"), check_token(alias, "alias"))
+        raw = self.backend.get_bytes(key)
         if raw is None:
             return None
         try:
@@ -126,7 +137,7 @@ class Registry:
         tag = ref.tag or LATEST
         if tag != LATEST and (rv := self.read_version(ref.name, tag)):
             return rv
-        version = self._read_alias(ref.name, tag)
+        version = self.alias_target(ref.name, tag)
         if version is None:
             raise self._not_found(ref.name, tag)
         rv = self.read_version(ref.name, version)

@@ -61,18 +61,20 @@ class S3Backend(Backend):
         except ImportError as exc:
             raise MissingExtraError("S3 registries", "s3", "boto3") from exc
         self._exc = botocore.exceptions
-        self._boto3 = boto3
         self.bucket = location.bucket
         self.prefix = f"{location.prefix}/" if location.prefix else ""
         self.config = config
-        session = boto3.session.Session(profile_name=profile)
+        try:
+            session = boto3.session.Session(profile_name=profile)
+        except botocore.exceptions.BotoCoreError as exc:  # e.g. ProfileNotFound
+            raise RegistryError(f"cannot set up the S3 client for {location}: {type(exc).__name__}: {exc}") from None
         region = session.region_name or "us-east-1"
 
         def make_client(style: str) -> Any:
             cfg = botocore.config.Config(
                 connect_timeout=config.connect_timeout_s,
                 read_timeout=config.read_timeout_s,
-                retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": config.max_attempts, "mode": "standard"},
                 max_pool_connections=max(10, config.concurrency + 4),
                 s3={"addressing_style": style},
                 # Our own sha256 protects the payload; flexible checksums break ranged GETs
@@ -85,6 +87,7 @@ class S3Backend(Backend):
         client = make_client(addressing_style or "auto")
         host = urlsplit(client.meta.endpoint_url).hostname or ""
         if addressing_style is None and not host.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+            client.close()  # not AWS: S3-compatible servers expect path-style requests
             client = make_client("path")
         self._client = client
         self.endpoint = safe_endpoint(client.meta.endpoint_url)

@@ -13,8 +13,8 @@ artifact whose `ffn.safetensors` holds `--size-mib` random bytes, then in the sa
   ranged GETs into the cache, sha256 verified before the version is exposed);
 - a second publish of the unchanged artifact (uploads nothing) and a second pull (cache hit).
 
-Every file stays in the page cache (the machine has the RAM), so this measures the client and the
-server, not the disk. Prints MiB/s per step. This is a script, not a pytest module.
+Every file stays in the page cache (the machine has the RAM) and dirty pages are flushed before
+each step, so this measures the client and the server more than the disk. Prints MiB/s per step. This is a script, not a pytest module.
 
 How to read it: rclone's local backend computes an object's MD5 (its ETag) on the first HEAD or GET
 after an upload, reading the whole file. boto3's download_file pays that in its first HEAD;
@@ -86,6 +86,7 @@ def sha256_of(path: Path) -> str:
 
 
 def timed(label: str, size_bytes: int, fn) -> float:
+    os.sync()  # start each step with no dirty pages: earlier steps' writeback must not slow it down
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0

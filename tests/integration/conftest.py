@@ -118,8 +118,8 @@ class MotoS3:
     bucket: str = BUCKET
 
 
-@pytest.fixture
-def moto_s3(aws_env: None) -> Iterator[MotoS3]:
+@pytest.fixture(scope="session")
+def _moto_server() -> Iterator[MotoS3]:
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
     import boto3
 
@@ -129,7 +129,14 @@ def moto_s3(aws_env: None) -> Iterator[MotoS3]:
     try:
         wait_for_port(port)
         endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                     aws_secret_access_key=SECRET_KEY).create_bucket(Bucket=BUCKET)
         yield MotoS3(endpoint=endpoint)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def moto_s3(_moto_server: MotoS3, aws_env: None) -> MotoS3:
+    """moto's server (one per session: tests use distinct key prefixes) with credentials set."""
+    return _moto_server

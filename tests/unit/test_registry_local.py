@@ -106,7 +106,7 @@ def test_create_once_threads_exactly_one_wins(tmp_path: Path):
     assert not list(backend.list("claims/"))
 
 
-FAST = RegistryConfig(commit_timeout_s=1.0, claim_ttl_s=0.5)
+FAST = RegistryConfig(commit_timeout_s=5.0, claim_ttl_s=0.5)
 
 
 def test_create_once_outwaits_a_crashed_publishers_claim(tmp_path: Path):
@@ -136,7 +136,8 @@ def test_create_once_gives_up_while_a_live_claim_persists(tmp_path: Path, monkey
     rival.start()
     try:
         with pytest.raises(TransferError, match=r"another publish holds a claim .*claims/rival-0"):
-            create_once(backend, "k", b"mine", claims_prefix="claims/", config=FAST)
+            create_once(backend, "k", b"mine", claims_prefix="claims/",
+                        config=RegistryConfig(commit_timeout_s=1.0, claim_ttl_s=0.3))
     finally:
         stop.set()
         rival.join(timeout=5)

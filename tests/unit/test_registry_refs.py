@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashio.errors import RegistryError
@@ -15,12 +15,14 @@ from flashio.registry.refs import parse_location, split_ref_uri
 token = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", fullmatch=True)
 
 
+@settings(deadline=None)
 @given(name=token, tag=st.none() | token)
 def test_parse_ref_round_trips(name: str, tag: str | None):
     ref = Ref(name, tag)
     assert parse_ref(str(ref)) == ref
 
 
+@settings(deadline=None)
 @given(text=st.text(max_size=30))
 def test_parse_ref_accepts_or_raises_ref_error(text: str):
     try:
