@@ -164,5 +164,5 @@ def test_resident_checksum_checked_on_open(art):
     with open(art / "resident.safetensors", "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
-    with pytest.raises(ChecksumError, match="resident.safetensors: sha256"):
+    with pytest.raises(ChecksumError, match=r"resident\.safetensors: sha256"):
         flashio.open(art, mode="dense")
