@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,12 @@ class S3Backend(Backend):
         except ImportError as exc:
             raise MissingExtraError("S3 registries", "s3", "boto3") from exc
         self._exc = botocore.exceptions
+        for url in (endpoint_url, os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL")):
+            if url and (urlsplit(url).username or urlsplit(url).password):
+                # boto never uses URL user info for auth; refusing it keeps the secret out of every
+                # request line, log record and error message downstream
+                raise RegistryError(f"the S3 endpoint URL {safe_endpoint(url)!r} carries credentials (user:secret@); "
+                                    "remove them and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         self.bucket = location.bucket
         self.prefix = f"{location.prefix}/" if location.prefix else ""
         self.config = config
