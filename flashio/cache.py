@@ -114,7 +114,8 @@ class WindowCache:
             if self._scratch.shape[0] < m:  # grows rarely: amortised, not per step
                 self._scratch = self.matrix.new_empty((max(m, 2 * self._scratch.shape[0]), self.matrix.shape[1]))
             buf = self._scratch[:m]
-            src, dst = torch.from_numpy(movers), torch.from_numpy(holes)
+            dev = self.matrix.device  # index tensors live where the matrix does (CPU or CUDA)
+            src, dst = torch.from_numpy(movers).to(dev), torch.from_numpy(holes).to(dev)
             torch.index_select(self.matrix, 0, src, out=buf)
             self.matrix.index_copy_(0, dst, buf)
             moved_neurons = self.neuron_at[movers]
