@@ -17,6 +17,7 @@ files as its default calibration data cheaply.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import sysconfig
 
@@ -76,10 +77,12 @@ def stdlib_text_files(split: str, *, root: pathlib.Path | None = None) -> list[p
         )
     want_heldout = split == "heldout"
     files = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if EXCLUDED_DIRS.intersection(relative.parts[:-1]) or not path.is_file():
-            continue
-        if is_heldout(relative.as_posix()) == want_heldout:
-            files.append((relative.as_posix(), path))
-    return [path for _, path in sorted(files)]
+    for directory, subdirectories, names in os.walk(root):
+        # Pruning here (not filtering afterwards) keeps a large site-packages from being walked.
+        subdirectories[:] = [d for d in subdirectories if d not in EXCLUDED_DIRS]
+        for name in names:
+            if name.endswith(".py"):
+                relative = pathlib.Path(directory, name).relative_to(root).as_posix()
+                if is_heldout(relative) == want_heldout:
+                    files.append(relative)
+    return [root / relative for relative in sorted(files)]

@@ -2,15 +2,18 @@
 
     python -m tasks.demo.train --out tasks/demo/opt-stdlib
 
-About 25 minutes on one CPU thread (--threads; --max-minutes stops the training loop early and
-still saves). Everything is local: the text is `tasks.demo.stdlib_text_files("train")`, loaded
-through `datasets`' "text" builder, one example per file. The run is seeded: the same machine,
-seed and options give the same checkpoint.
+About 22 minutes on one free CPU core (--threads). On a slower or busy machine --max-minutes
+(default 25) ends the training loop, the learning-rate schedule following the clock so that the
+model still ends annealed, and the checkpoint is saved and evaluated all the same.
+
+Everything is local: the text is `tasks.demo.stdlib_text_files("train")`, loaded through
+`datasets`' "text" builder, one example per file. The run is seeded: on the same machine, the
+same options give the same checkpoint unless the time budget had to take over the schedule.
 
 Writes a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained` load like any OPT from the hub (config.json, model.safetensors,
 tokenizer.json, tokenizer_config.json...), plus `training_report.json`: held-out perplexity, the
-unigram baseline it has to beat, steps, tokens, wall time and the FFN's natural sparsity per layer.
+unigram baseline it has to beat, steps, tokens, wall time and the FFN's sparsity per layer.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ BUNDLE_ALIGN_BYTES = 512
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides the checkpoint; `steps` is fixed so a run is reproducible and
-    `max_minutes` only guards slower machines (the cosine schedule is then cut short)."""
+    """Everything that decides the checkpoint. A run of `steps` steps is reproducible; on a
+    machine too slow (or too busy) to finish them in `max_minutes`, the schedule follows the
+    clock instead so that the model still ends annealed, and the run is then not repeatable."""
 
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -66,7 +70,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # Weight of a mean |ReLU output| penalty added to the loss; 0 leaves the sparsity natural.
-    l1_activation: float = 0.0
+    # In 400-step pilots, 0.05 raised the FFN's zeros from 51/80/81/80 % (layers 0-3) to
+    # 78/97/97/95 %, close to the 97 % of real OPTs, and held-out perplexity improved (106 vs 123).
+    l1_activation: float = 0.05
     seed: int = 0
     threads: int = 1
     max_minutes: float = 25.0
@@ -162,12 +168,14 @@ def build_model(config: TrainConfig) -> OPTForCausalLM:
     return OPTForCausalLM(opt_config)
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
+def learning_rate(step: int, clock_fraction: float, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step or at the end of
+    the time budget (clock_fraction = elapsed / budget), whichever comes first."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    step_fraction = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, max(step_fraction, clock_fraction))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
@@ -201,15 +209,25 @@ def train_model(model: OPTForCausalLM, train_ids: np.ndarray, config: TrainConfi
     span = config.seq_len + 1
     tokens_per_step = config.batch_size * config.seq_len
     model.train()
+    budget_s = 60.0 * config.max_minutes
     start = last_log = time.monotonic()
-    running_loss, step, stopped_early = 0.0, 0, False
+    running_loss, step, lr, clock_led = 0.0, 0, 0.0, False
     for step in range(config.steps):
-        if time.monotonic() - start > 60.0 * config.max_minutes:
-            stopped_early = True
+        clock_fraction = (time.monotonic() - start) / budget_s
+        if clock_fraction >= 1.0:
             logger.warning("time budget of %.1f min reached at step %d", config.max_minutes, step)
             break
+        lr = learning_rate(step, clock_fraction, config)
+        if lr < learning_rate(step, 0.0, config) and not clock_led:
+            clock_led = True
+            logger.warning(
+                "too slow for %d steps in the time budget: from step %d the "
+                "schedule follows the clock",
+                config.steps,
+                step,
+            )
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+            group["lr"] = lr
         starts = rng.integers(0, len(train_ids) - span, size=config.batch_size)
         windows = torch.from_numpy(np.stack([train_ids[s : s + span] for s in starts])).long()
         loss = next_token_loss(model, windows)
@@ -227,7 +245,7 @@ def train_model(model: OPTForCausalLM, train_ids: np.ndarray, config: TrainConfi
                 step + 1,
                 config.steps,
                 running_loss / config.log_every,
-                learning_rate(step, config),
+                lr,
                 config.log_every * tokens_per_step / (now - last_log),
                 (now - start) / 60.0,
             )
@@ -240,7 +258,8 @@ def train_model(model: OPTForCausalLM, train_ids: np.ndarray, config: TrainConfi
         "steps": step,
         "tokens_seen": step * tokens_per_step,
         "train_wall_s": round(time.monotonic() - start, 1),
-        "stopped_early": stopped_early,
+        "stopped_early": step < config.steps,
+        "schedule_followed_clock": clock_led,
     }
 
 
@@ -297,8 +316,9 @@ def directory_bytes(directory: pathlib.Path) -> int:
     return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
 
 
-def run(config: TrainConfig, out: pathlib.Path) -> dict:
-    """Train tokenizer and model, save the checkpoint to `out` and return the report."""
+def run(config: TrainConfig, out: pathlib.Path, *, command: str = "") -> dict:
+    """Train tokenizer and model, save the checkpoint to `out` and return the report;
+    `command`, the command line that asked for it, is recorded in the report."""
     started = time.monotonic()
     torch.set_num_threads(config.threads)
     train_texts, heldout_texts = load_stdlib_texts("train"), load_stdlib_texts("heldout")
@@ -332,7 +352,7 @@ def run(config: TrainConfig, out: pathlib.Path) -> dict:
     train_counts = np.bincount(train_ids, minlength=config.vocab_size)
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "-m", "tasks.demo.train", *sys.argv[1:]]),
+        "command": command,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "config": dataclasses.asdict(config),
@@ -378,7 +398,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, pathlib.Path
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config, out = parse_args(argv)
-    report = run(config, out)
+    arguments = sys.argv[1:] if argv is None else argv
+    report = run(config, out, command=shlex.join(["python", "-m", "tasks.demo.train", *arguments]))
     logger.info(
         "held-out perplexity %.2f (unigram baseline %.2f), FFN sparsity %s, %.1f min in all",
         report["heldout_perplexity"],
