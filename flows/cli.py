@@ -1,0 +1,219 @@
+"""`flashio convert`: run the conversion flow from the command line.
+
+    flashio convert                                   # the bundled demo model, end to end
+    flashio convert facebook/opt-125m --calibration allenai/c4:en:validation --samples 512 \\
+        --registry s3://bucket/models --name opt-125m --version 1
+    flashio convert ./my-llama --calibration 'data/*.jsonl' --recall 0.995 --allow-accuracy-loss
+
+Contributed to the `flashio` CLI through the `flashio.commands` entry point group
+(`convert = "flows.cli:add_convert_command"`). Importing this module imports only argparse and
+the standard library, so `flashio --help` stays fast and works without the pipeline extra; the
+flow and its dependencies load when the command runs.
+
+With no MODEL it converts the demo model (tasks/demo/opt-stdlib) on the standard library's
+sources, publishes to ./flashio-registry and generates a short continuation with the published
+artifact. Any bad input (missing model, unsupported architecture, calibration spec matching no
+files) is reported before the Prefect server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def add_convert_command(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face checkpoint into a checked, published artifact",
+        description="Run the conversion flow (Prefect): calibration -> activations -> predictors -> "
+                    "bundling -> evaluation (accuracy gate) -> publish. With no MODEL: the bundled demo model.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id or checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--config", default=None, help="YAML or JSON file of ConvertConfig fields (flags override it)")
+    g = p.add_argument_group("source")
+    g.add_argument("--revision", help="hub revision")
+    g.add_argument("--source-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the source model runs in while collecting activations (default float32)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="artifact storage dtype (default: the checkpoint's)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calibration", metavar="SPEC",
+                   help="files/dir/glob (.txt .py .md .jsonl .parquet .csv), hub 'name[:config][:split]', or "
+                        "stdlib:train (default)")
+    g.add_argument("--heldout", metavar="SPEC", help="evaluation text (default: split from the calibration data)")
+    g.add_argument("--text-field", help="column holding the text (default: text, content, or the first string)")
+    g.add_argument("--samples", type=int, help="calibration sequences (default 128)")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
+    g.add_argument("--heldout-samples", type=int, help="held-out sequences (default 16)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--shard-samples", type=int, help="sequences per activation shard (default 32)")
+    g.add_argument("--batch-samples", type=int, help="sequences per forward pass (default 8)")
+    g.add_argument("--gated-density", type=float, help="gated FFNs: target active fraction (default 0.5)")
+    g = p.add_argument_group("predictors")
+    g.add_argument("--rank", type=int, help="predictor rank (default d/32, at least 32)")
+    g.add_argument("--rank-last", type=int, help="rank of the last layers (default d/4)")
+    g.add_argument("--last-layers", type=int, help="layers that get --rank-last (default n_layers/8)")
+    g.add_argument("--max-rank", type=int, help="rank escalation cap")
+    g.add_argument("--max-escalations", type=int, help="rank doublings per layer (default 2)")
+    g.add_argument("--recall", type=float, help="recall target on held-out pairs (default 0.99)")
+    g.add_argument("--threshold", type=float, help="fixed predictor threshold instead of calibration")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--order", choices=["frequency", "coactivation", "identity"], help="neuron order (default frequency)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--window", type=int, help="sliding window in tokens (default 5)")
+    g.add_argument("--sweep", help="comma-separated recall targets for the sparsity-accuracy curve")
+    g.add_argument("--max-ppl-increase", type=float, help="accuracy budget: relative perplexity increase (default 0.02)")
+    g.add_argument("--min-top1", type=float, help="accuracy budget: top-1 agreement (default 0.97)")
+    g.add_argument("--allow-accuracy-loss", action="store_true", help="publish even if the budget is exceeded")
+    g.add_argument("--zero-shot", action="append", metavar="SPEC",
+                   help="multiple-choice task '[name=]data' (ARC/HellaSwag/PIQA format); repeatable")
+    g.add_argument("--zero-shot-limit", type=int, help="examples per zero-shot task (default 100)")
+    g = p.add_argument_group("publishing")
+    g.add_argument("--registry", metavar="URI", help="directory, file:// or s3:// (default ./flashio-registry)")
+    g.add_argument("--registry-endpoint", metavar="URL", help="S3 endpoint URL")
+    g.add_argument("--name", help="registry model name (default: the source's name)")
+    g.add_argument("--version", help="registry version (default: a UTC timestamp)")
+    g.add_argument("--alias", action="append", dest="aliases", help="alias to point at the version; repeatable")
+    g.add_argument("--prompt", help="generate a continuation with the published artifact "
+                                    "(default for the demo model: 'def fibonacci(n):')")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--no-sample", action="store_true", help="do not generate a continuation")
+    g = p.add_argument_group("execution")
+    g.add_argument("--work-dir", help="stage outputs and caches (default ~/.cache/flashio/convert)")
+    g.add_argument("--workers", type=int, help="parallel tasks (default 1)")
+    g.add_argument("--torch-threads", type=int, help="torch threads for activation collection (default: torch's)")
+    g.add_argument("--dask", action="store_true", help="run tasks on a local Dask cluster")
+    g.add_argument("--dask-address", help="an existing Dask scheduler")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_convert)
+
+
+_FLAG_FIELDS = ("revision", "source_dtype", "dtype", "calibration", "heldout", "text_field", "samples", "seq_len",
+                "heldout_samples", "seed", "shard_samples", "batch_samples", "gated_density", "rank", "rank_last",
+                "last_layers", "max_rank", "max_escalations", "recall", "threshold", "epochs", "order", "window",
+                "zero_shot_limit", "registry", "registry_endpoint", "name", "version", "prompt", "max_new_tokens",
+                "work_dir", "workers", "torch_threads", "dask_address")
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """ConvertConfig fields from a config file and the flags given (flags win)."""
+    fields: dict[str, Any] = {}
+    if args.config:
+        fields.update(_read_config_file(args.config))
+    if args.model is not None:
+        fields["model"] = args.model
+    for name in _FLAG_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    if args.sweep:
+        fields["sweep"] = tuple(float(x) for x in args.sweep.split(",") if x.strip())
+    if args.zero_shot:
+        fields["zero_shot"] = tuple(args.zero_shot)
+    if args.aliases:
+        fields["aliases"] = tuple(args.aliases)
+    if args.dask:
+        fields["dask"] = True
+    budget = dict(fields.get("budget") or {})
+    for flag, key in (("max_ppl_increase", "max_perplexity_increase"), ("min_top1", "min_top1_agreement")):
+        if getattr(args, flag) is not None:
+            budget[key] = getattr(args, flag)
+    if args.allow_accuracy_loss:
+        budget["allow_loss"] = True
+    if budget:
+        fields["budget"] = budget
+    demo = "model" not in fields
+    if args.no_sample:
+        fields["prompt"] = None
+    elif demo and "prompt" not in fields:
+        from flows.config import DEFAULT_PROMPT
+
+        fields["prompt"] = DEFAULT_PROMPT
+    return fields
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    from tasks.errors import InputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read config file {path}: {exc}") from None
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must hold a mapping of ConvertConfig fields")
+    return data
+
+
+def build_config(fields: dict[str, Any]):
+    from pydantic import ValidationError
+
+    from flows.config import ConvertConfig
+    from tasks.errors import InputError
+
+    try:
+        return ConvertConfig(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"invalid options: {problems}") from None
+
+
+def preflight(config) -> None:
+    """The cheap checks, before the Prefect server starts: the model can be found and converted,
+    the data specs match something."""
+    from pathlib import Path
+
+    from flows.config import default_model
+    from tasks.calibration import resolve_spec
+    from tasks.errors import InputError
+    from tasks.source import inspect_source
+
+    if config.model == default_model() and not (Path(config.model) / "config.json").is_file():
+        raise InputError(f"the bundled demo checkpoint is missing from {config.model}; train it with "
+                         "`python -m tasks.demo.train`, or give a MODEL")
+    inspect_source(config.model, revision=config.revision, hash_files=False)
+    resolve_spec(config.calibration)
+    if held := config.heldout_spec():
+        resolve_spec(held)
+
+
+def _quiet_defaults(verbose: int) -> None:
+    """Terminal-friendly defaults for a CLI run (set before Prefect is imported; the user's own
+    environment wins)."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("FLASHIO_PROGRESS", "bar" if sys.stderr.isatty() else "none")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    _quiet_defaults(getattr(args, "verbose", 0))
+    config = build_config(config_fields(args))
+    preflight(config)
+    from flows.convert import run_convert
+
+    result = run_convert(config)
+    if args.json:
+        print(json.dumps({"reference": result.reference, "registry": result.registry, "created": result.created,
+                          "artifact_dir": result.artifact_dir, "report": result.report, "sample": result.sample},
+                         indent=1))
+        return 0
+    state = "published" if result.created else "already published (same content)"
+    print(f"{state}: {result.reference} in {result.registry}")
+    for line in result.summary_lines():
+        print(f"  {line}")
+    if result.sample:
+        s = result.sample
+        print(f"\n{s['prompt']}{s['text']}")
+        print(f"[sparse, window {config.window}] {s['summary']}")
+    print(f"\nrun it: flashio run {result.reference} --registry {result.registry} --prompt '...'")
+    return 0

@@ -1,0 +1,167 @@
+"""The `convert` flow's parameters: one validated pydantic model, also written into the
+artifact's lineage.
+
+    cfg = ConvertConfig(model="facebook/opt-125m", calibration="allenai/c4:en:validation",
+                        samples=512, registry="s3://bucket/models", name="opt-125m")
+
+Defaults convert the bundled demo model on the Python standard library's sources.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_REGISTRY = "./flashio-registry"
+DEFAULT_PROMPT = "def fibonacci(n):"
+WORK_DIR_ENV = "FLASHIO_WORK_DIR"
+
+
+def default_model() -> str:
+    from tasks.demo import DEMO_CHECKPOINT_DIR  # standard library only: cheap
+
+    return str(DEMO_CHECKPOINT_DIR)
+
+
+def default_work_dir() -> Path:
+    """$FLASHIO_WORK_DIR, else $XDG_CACHE_HOME/flashio/convert, else ~/.cache/flashio/convert."""
+    if env := os.environ.get(WORK_DIR_ENV):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flashio" / "convert"
+
+
+class AccuracyBudgetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_perplexity_increase: float = Field(0.02, ge=0.0, description="relative: 0.02 = sparse perplexity at most +2%")
+    min_top1_agreement: float = Field(0.97, ge=0.0, le=1.0, description="next-token arg-max agreement with dense")
+    allow_loss: bool = Field(False, description="publish even when the budget is exceeded (recorded in the report)")
+
+
+class ConvertConfig(BaseModel):
+    """Everything a conversion depends on. Changing a field re-runs the stages it feeds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # source
+    model: str = Field(default_factory=default_model, description="HF hub id or checkpoint directory")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    source_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the source model runs in while collecting activations")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="artifact storage dtype (default: the checkpoint's)")
+    # calibration
+    calibration: str = Field("stdlib:train", description="local files/dir/glob, hub 'name[:config][:split]', "
+                                                         "or stdlib:train")
+    heldout: str | None = Field(None, description="evaluation text (default: stdlib:heldout for stdlib "
+                                                  "calibration, else the documents after the calibration part)")
+    text_field: str | None = None
+    samples: int = Field(128, ge=2, description="calibration sequences")
+    seq_len: int = Field(256, ge=2, description="tokens per sequence")
+    heldout_samples: int = Field(16, ge=1, description="held-out evaluation sequences")
+    seed: int = 0
+    shard_samples: int = Field(32, ge=1, description="calibration sequences per activation shard")
+    batch_samples: int = Field(8, ge=1, description="sequences per forward pass")
+    coactivation_stride: int | None = Field(
+        None, ge=0, description="co-activation on every k-th position (0: off; default 16 when the order "
+                                "needs it or the FFN has <= 4096 neurons, else off)")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads while collecting activations "
+                                                              "(default: torch's); predictors and evaluation use 1")
+    gated_density: float = Field(0.5, gt=0.0, lt=1.0, description="gated FFNs (Llama): target fraction of "
+                                                                  "active neurons, sets |silu(gate)| thresholds")
+    # predictors
+    rank: int | None = Field(None, ge=1, description="predictor rank (default d/32, at least 32)")
+    rank_last: int | None = Field(None, ge=1, description="rank of the last layers (default d/4)")
+    last_layers: int | None = Field(None, ge=0, description="how many last layers get rank_last "
+                                                            "(default n_layers/8, at least 1)")
+    max_rank: int | None = Field(None, ge=1, description="escalation cap (default min(d, n_neurons))")
+    max_escalations: int = Field(2, ge=0, description="rank doublings for layers that miss the recall target")
+    recall: float = Field(0.99, gt=0.0, lt=1.0, description="predictor recall target on held-out pairs")
+    threshold: float | None = Field(None, gt=0.0, lt=1.0, description="fixed predictor threshold instead "
+                                                                     "of calibrating to the recall target")
+    density_ratio: float = Field(3.0, gt=0.0, description="escalate when recall at ratio x true density "
+                                                          "misses the target")
+    epochs: int = Field(8, ge=1)
+    sweep: tuple[float, ...] = Field((0.9, 0.95, 0.98, 0.99, 0.995, 0.999),
+                                     description="recall targets of the sparsity-accuracy sweep")
+    # bundling and runtime
+    order: Literal["frequency", "coactivation", "identity"] = "frequency"
+    window: int = Field(5, ge=1, description="sliding window (tokens) for evaluation and generation")
+    # evaluation
+    budget: AccuracyBudgetConfig = Field(default_factory=AccuracyBudgetConfig)
+    sweep_samples: int = Field(4, ge=1, description="held-out sequences per sweep point")
+    zero_shot: tuple[str, ...] = Field((), description="multiple-choice task specs '[name=]data'")
+    zero_shot_limit: int = Field(100, ge=1)
+    # publishing
+    registry: str = Field(DEFAULT_REGISTRY, description="registry URI: a directory, file:// or s3://")
+    registry_endpoint: str | None = None
+    name: str | None = Field(None, description="registry model name (default: the source's)")
+    version: str | None = Field(None, description="registry version (default: a UTC timestamp)")
+    aliases: tuple[str, ...] = ()
+    prompt: str | None = Field(None, description="generate a continuation with the published artifact")
+    max_new_tokens: int = Field(32, ge=1)
+    # execution
+    work_dir: Path = Field(default_factory=default_work_dir, description="stage outputs (content-addressed)")
+    workers: int = Field(1, ge=1, description="parallel tasks (threads; or Dask workers with dask=True)")
+    dask: bool = Field(False, description="run the tasks on a local Dask cluster (prefect-dask)")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler instead of a local cluster")
+
+    @model_validator(mode="after")
+    def _check(self) -> ConvertConfig:
+        if self.samples < 2:
+            raise ValueError("samples must be >= 2: one sequence is held out to calibrate predictor thresholds")
+        if any(not 0.0 < r < 1.0 for r in self.sweep):
+            raise ValueError(f"sweep recall targets must be in (0, 1): {self.sweep}")
+        if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:
+            raise ValueError(f"rank {self.rank} exceeds max_rank {self.max_rank}")
+        return self
+
+    def heldout_spec(self) -> str | None:
+        if self.heldout is not None:
+            return self.heldout
+        if self.calibration == "stdlib" or self.calibration.startswith("stdlib:"):
+            return "stdlib:heldout"
+        return None
+
+    def lineage(self) -> dict:
+        """The pipeline config as it goes into the manifest: what decides the artifact's content
+        (no machine-local paths, nothing about where it is published)."""
+        return self.model_dump(mode="json", exclude={"work_dir", "workers", "torch_threads", "dask", "dask_address",
+                                                     "registry", "registry_endpoint", "name", "version",
+                                                     "aliases", "prompt", "max_new_tokens"})
+
+    # -- the typed options of each step (frozen dataclasses of tasks/) ---------------------------
+    def activation_options(self, ffn_dim: int):
+        from tasks.activations import ActivationOptions
+
+        stride = self.coactivation_stride
+        if stride is None:  # co-activation counts are N x N per layer: only when cheap or needed
+            stride = 16 if self.order == "coactivation" or ffn_dim <= 4096 else 0
+        return ActivationOptions(dtype=self.source_dtype, batch_sequences=self.batch_samples,
+                                 coactivation_stride=stride, torch_threads=self.torch_threads)
+
+    def predictor_options(self, n_layers: int, dim: int, ffn_dim: int):
+        from tasks.predictors import PredictorOptions, default_ranks
+
+        ranks = default_ranks(n_layers, dim, ffn_dim=ffn_dim, rank=self.rank, rank_last=self.rank_last,
+                              last_layers=self.last_layers)
+        return PredictorOptions(ranks=ranks, max_rank=self.max_rank or min(dim, ffn_dim), recall_target=self.recall,
+                                threshold=self.threshold, density_ratio=self.density_ratio,
+                                max_escalations=self.max_escalations, epochs=self.epochs,
+                                sweep_recalls=tuple(self.sweep), seed=self.seed)
+
+    def eval_options(self):
+        from tasks.evaluation import EvalOptions
+
+        return EvalOptions(window=self.window, sweep_recalls=tuple(self.sweep), sweep_sequences=self.sweep_samples,
+                           zero_shot=tuple(self.zero_shot), zero_shot_limit=self.zero_shot_limit)
+
+    def accuracy_budget(self):
+        from tasks.evaluation import AccuracyBudget
+
+        return AccuracyBudget(max_perplexity_increase=self.budget.max_perplexity_increase,
+                              min_top1_agreement=self.budget.min_top1_agreement)

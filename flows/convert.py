@@ -1,0 +1,163 @@
+"""The `convert` flow: a Hugging Face checkpoint -> a checked, published flash-ready artifact.
+
+    from flows.config import ConvertConfig
+    from flows.convert import run_convert
+    result = run_convert(ConvertConfig(model="tasks/demo/opt-stdlib", registry="./flashio-registry"))
+    print(result.reference, *result.summary_lines(), sep="\\n")
+
+The flow only orders the tasks (tasks/): inspect the source and resolve the data specs (cheap:
+bad input fails here) -> calibration -> [gated thresholds] -> activations mapped over shards ->
+merge -> predictors mapped over layers -> bundle -> evaluate -> accuracy gate -> report ->
+bundle with the report -> publish -> [sample generation]. Every heavy task is cached on a
+content key (source file hashes, calibration fingerprint, options, code), so a re-run after a
+failure in a late stage reuses the early ones. A failed gate fails the flow before publishing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import ConvertConfig
+from tasks.activations import (
+    activations_task,
+    gate_thresholds_task,
+    merge_task,
+    shard_ranges,
+)
+from tasks.bundling import bundle_task
+from tasks.calibration import calibration_task, resolve_spec_task
+from tasks.evaluation import evaluate_task, gate_task, sample_task
+from tasks.predictors import predictor_task
+from tasks.progress import StageProgress
+from tasks.publish import publish_task
+from tasks.report import layer_rows, render_markdown, report_task, summary_lines
+from tasks.source import inspect_source_task
+
+STAGES = ("source", "calibration", "activations", "predictors", "bundle", "evaluate", "report", "publish")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    registry: str
+    name: str
+    version: str
+    created: bool
+    artifact_dir: str  # the local artifact in the work directory (the published copy is in the registry)
+    report: dict[str, Any]
+    sample: dict[str, Any] | None = None
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def summary_lines(self) -> list[str]:
+        return summary_lines(self.report)
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("flashio")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def registry_name(text: str) -> str:
+    """A valid registry model name from a directory or hub id ('My Model' -> 'My-Model')."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or "model"
+    return name[:128]
+
+
+@flow(name="flashio-convert", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def convert(config: ConvertConfig) -> ConvertResult:
+    log = get_run_logger()
+    work = config.work_dir.expanduser().resolve()
+    with StageProgress("convert", len(STAGES), unit="stage") as stages:
+        src = inspect_source_task(config.model, config.revision)
+        spec = resolve_spec_task(config.calibration)
+        held_text = config.heldout_spec()
+        held = resolve_spec_task(held_text) if held_text else None
+        stages.advance()
+
+        calib = calibration_task(src, spec, held, config.samples, config.seq_len, config.heldout_samples,
+                                 config.seed, config.text_field, work)
+        stages.advance()
+
+        act = config.activation_options(src.ffn_dim)
+        thresholds = gate_thresholds_task(src, calib, config.gated_density, min(config.samples, 16), act, work) \
+            if src.gated else (0.0,) * src.n_layers
+        ranges = shard_ranges(config.samples, config.shard_samples)
+        shards = activations_task.map(
+            unmapped(src), unmapped(calib), list(range(len(ranges))), [a for a, _ in ranges],
+            [b for _, b in ranges], unmapped(len(ranges)), unmapped(thresholds), unmapped(act),
+            unmapped(work)).result()  # .result() raises the first failed shard's error
+        stats = merge_task(shards, work)
+        stages.advance()
+
+        popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim)
+        predictors = predictor_task.map(unmapped(stats), list(range(src.n_layers)), unmapped(popts),
+                                        unmapped(work)).result()
+        stages.advance()
+
+        lineage = {"calibration": {"spec": calib.spec, "heldout_spec": calib.heldout_spec,
+                                   "fingerprint": calib.fingerprint, "sequences": calib.n_sequences,
+                                   "heldout_sequences": calib.n_heldout, "seq_len": calib.seq_len,
+                                   "seed": calib.seed},
+                   "pipeline": {"flow": "flashio-convert", "package": "flashio", "version": package_version(),
+                                "config": config.lineage()}}
+        # The candidate that is evaluated carries only content lineage, so that changing what does not
+        # change its bytes (budget, sweep, window...) reuses it and its evaluation from the cache.
+        candidate = bundle_task(src, stats, predictors, config.order, config.dtype,
+                                {"calibration": lineage["calibration"]}, None, None, work)
+        stages.advance()
+
+        ev = evaluate_task(candidate.manifest_sha256, candidate.path, calib, predictors, config.eval_options(), work)
+        budget = config.accuracy_budget()
+        violations = gate_task(ev, budget, config.budget.allow_loss)  # raises: the flow stops, nothing published
+        stages.advance()
+
+        report, report_files = report_task(stats, predictors, ev, budget, violations, config.window,
+                                           lineage["calibration"], work)
+        final = bundle_task(src, stats, predictors, config.order, config.dtype, lineage, report, report_files, work)
+        stages.advance()
+
+        name = config.name or registry_name(src.name)
+        published = publish_task(final.path, config.registry, name, config.version, list(config.aliases),
+                                 {"flow": "flashio-convert", "source": src.ref}, config.registry_endpoint)
+        stages.advance()
+
+    sample = None
+    if config.prompt:
+        sample = sample_task(published.reference, config.registry, config.prompt, config.max_new_tokens,
+                             config.window)
+    create_markdown_artifact(markdown=render_markdown(report, title=f"{published.reference}: conversion report",
+                                                      plot=None),
+                             key="flashio-convert-report", description=f"conversion report of {published.reference}")
+    create_table_artifact(table=layer_rows(report), key="flashio-convert-layers",
+                          description=f"per-layer predictors of {published.reference}")
+    for line in summary_lines(report):
+        log.info(line)
+    return ConvertResult(registry=config.registry, name=published.name, version=published.version,
+                         created=published.created, artifact_dir=str(final.path), report=report, sample=sample)
+
+
+def task_runner(config: ConvertConfig):
+    """Threads (default), or Dask: a local cluster of `workers` processes, or `dask_address`."""
+    if not (config.dask or config.dask_address):
+        return ThreadPoolTaskRunner(max_workers=config.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1, "processes": True})
+
+
+def run_convert(config: ConvertConfig) -> ConvertResult:
+    """Run the flow with the task runner the config asks for; raises what the flow raised."""
+    return convert.with_options(task_runner=task_runner(config))(config)

@@ -1,0 +1,442 @@
+"""Activation statistics and predictor training pairs, from forward hooks on each FFN.
+
+    shard = collect_shard(source, calib, 0, 32, thresholds, ActivationOptions(), out_dir=Path("w/s0"))
+    stats = merge_shards([shard, ...], out_dir=Path("w/stats"))
+    x, mask, seq_ids = load_pairs(stats.shards, layer=3)   # FFN inputs [T, D], active [T, N]
+
+The source model runs through transformers (hub id or local directory, dtype option) with a
+forward hook on the FFN's first projection, which sees exactly what the flashio runtime feeds the
+predictor: its input is the FFN input (the normalised hidden state), its output decides which
+neurons are active:
+- OPT (ReLU): hook on fc1; active = fc1 output > 0 (exact sparsity).
+- Llama (SwiGLU): hook on gate_proj; active = |silu(gate_proj(x))| > the layer's threshold,
+  calibrated beforehand by `calibrate_gate_thresholds` to a target density (CATS-style).
+
+Per layer and neuron a shard records the activation count, the summed activation magnitude and,
+on every `coactivation_stride`-th position, co-activation counts; counts are integers, so the
+statistics of shards merged by `merge_shards` equal those of one pass over all sequences. The
+pairs (FFN input in float16, active mask bit-packed) go to a safetensors file per shard. Only
+the decoder runs (the LM head's logits are not needed).
+
+Measure the cost of collection against a plain forward pass (the issue's 25% bound):
+
+    PYTHONPATH=. python -m tasks.activations --measure [MODEL] [--sequences 64] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import get_run_logger, task
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flashio.format import sha256_file
+from tasks.caching import run_stage, stage_cache
+from tasks.calibration import CalibrationData, load_tokens
+from tasks.errors import InputError
+from tasks.progress import StageProgress
+from tasks.source import SourceModel
+from tasks.threads import torch_threads
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATS_FILE = "stats.safetensors"
+PAIRS_FILE = "pairs.safetensors"
+# Values sampled per layer to place a gated layer's threshold (a quantile; 2M keeps it < 1 s).
+GATE_SAMPLE_VALUES = 2_000_000
+
+
+def _opt_ffn(model) -> list[torch.nn.Module]:
+    return [layer.fc1 for layer in model.model.decoder.layers]
+
+
+def _llama_ffn(model) -> list[torch.nn.Module]:
+    return [layer.mlp.gate_proj for layer in model.model.layers]
+
+
+# model_type -> (the module per layer whose input is the FFN input and whose output decides activity, gated)
+FAMILIES: dict[str, tuple[Callable, bool]] = {"opt": (_opt_ffn, False), "llama": (_llama_ffn, True)}
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    dtype: str = "float32"  # the source model's compute dtype here (CPU: float32 is fastest)
+    batch_sequences: int = 8
+    coactivation_stride: int = 16  # co-activation on every k-th position; 0 = not collected
+    pair_stride: int = 1  # keep predictor pairs of every k-th position
+    pairs_dtype: str = "float16"
+    torch_threads: int | None = None  # None: torch's default (see tasks.threads)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES or self.pairs_dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r} / {self.pairs_dtype!r}")
+        if self.batch_sequences < 1 or self.coactivation_stride < 0 or self.pair_stride < 1:
+            raise InputError("batch_sequences >= 1, coactivation_stride >= 0 and pair_stride >= 1 are required")
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    start: int  # calibration sequences [start, stop)
+    stop: int
+    stats_path: Path
+    pairs_path: Path
+    tokens: int
+    stats_sha256: str
+    pairs_sha256: str
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Merged statistics (`path`) and the shards whose pairs the predictors train on."""
+
+    path: Path
+    shards: tuple[ShardResult, ...]
+    tokens: int
+    n_layers: int
+    n_neurons: int
+    active_thresholds: tuple[float, ...]
+    density: tuple[float, ...]  # per layer: active neurons per token / n_neurons
+    coactivation_tokens: int
+    sha256: str
+
+
+def family(model_type: str) -> tuple[Callable, bool]:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise InputError(f"the pipeline cannot hook FFNs of model_type {model_type!r}; it knows "
+                         f"{', '.join(sorted(FAMILIES))}") from None
+
+
+def shard_ranges(n_sequences: int, shard_sequences: int) -> list[tuple[int, int]]:
+    step = max(1, shard_sequences)
+    return [(s, min(s + step, n_sequences)) for s in range(0, n_sequences, step)]
+
+
+_MODEL_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def load_model(path: str, dtype: str, fingerprint: str = ""):
+    """The transformers model, loaded once per process (shards of one conversion share it);
+    `fingerprint` (the source's file hashes) keeps a rewritten checkpoint from being reused."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.eval()
+
+
+class _Collector:
+    """Per-layer accumulators filled by the FFN hooks of one batch after another."""
+
+    def __init__(self, n_layers: int, n: int, *, gated: bool, thresholds: Sequence[float],
+                 options: ActivationOptions, keep_pairs: bool = True):
+        self.n, self.gated, self.thresholds, self.opt = n, gated, list(thresholds), options
+        self.count = [torch.zeros(n, dtype=torch.int64) for _ in range(n_layers)]
+        self.abs_sum = [torch.zeros(n, dtype=torch.float64) for _ in range(n_layers)]
+        s = options.coactivation_stride
+        self.coact = [torch.zeros(n, n, dtype=torch.int64) for _ in range(n_layers)] if s else None
+        self.keep_pairs = keep_pairs
+        self.xs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.masks: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+        self.tokens = self.coact_tokens = 0
+
+    def begin_batch(self, batch: torch.Tensor) -> None:
+        """Rows (of the flattened [B*L] tokens) kept for co-activation and for pairs."""
+        b, length = batch.shape
+        pos = torch.arange(length).repeat(b)  # [B*L] position of each row in its sequence
+        s = self.opt.coactivation_stride
+        self.coact_rows = torch.nonzero(pos % s == 0).flatten() if s else None
+        self.pair_rows = torch.nonzero(pos % self.opt.pair_stride == 0).flatten()
+        self.tokens += b * length
+        if self.coact_rows is not None:
+            self.coact_tokens += len(self.coact_rows)
+
+    def hook(self, i: int):
+        def fn(_module, inputs, output) -> None:
+            # Some models flatten [B, L, D] to [B*L, D] around the FFN (OPT does): work on rows.
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [B*L, D] FFN input
+            out = output.reshape(-1, self.n)  # [B*L, N] pre-activation (fc1) or gate projection
+            if self.gated:
+                mag = F.silu(out).abs()
+                active = mag > self.thresholds[i]
+            else:
+                mag = out.clamp_min(0)
+                active = out > 0
+            af = active.float()  # [B*L, N]; float sums are exact below 2^24 rows per batch
+            self.count[i] += af.sum(dim=0).long()  # (summing a bool tensor is ~3x slower)
+            self.abs_sum[i] += mag.sum(dim=0).double()
+            if self.coact is not None:
+                m = af[self.coact_rows]  # [Ts, N]
+                self.coact[i] += (m.T @ m).long()  # exact: counts < 2^24 per batch
+            if self.keep_pairs:
+                rows = self.pair_rows
+                self.xs[i].append(x[rows].to(DTYPES[self.opt.pairs_dtype]))
+                self.masks[i].append(np.packbits(active[rows].numpy(), axis=1))
+
+        return fn
+
+
+def _run(source: SourceModel, ids: torch.Tensor, collector: _Collector | None, options: ActivationOptions,
+         progress: Callable[[int, int], None] | None = None) -> None:
+    ffn_of, _ = family(source.model_type)
+    model = load_model(str(source.path), options.dtype, source.fingerprint)
+    with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
+        handles = [m.register_forward_hook(collector.hook(i)) for i, m in enumerate(ffn_of(model))] \
+            if collector is not None else []
+        try:
+            for b in range(0, len(ids), options.batch_sequences):
+                batch = ids[b : b + options.batch_sequences]
+                if collector is not None:
+                    collector.begin_batch(batch)
+                model.base_model(input_ids=batch, use_cache=False)
+                if progress:
+                    progress(min(b + options.batch_sequences, len(ids)), len(ids))
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def calibrate_gate_thresholds(source: SourceModel, calib: CalibrationData, *, density: float,
+                              n_sequences: int, options: ActivationOptions, seed: int = 0) -> tuple[float, ...]:
+    """Per gated layer, the |silu(gate)| value exceeded by a fraction `density` of (token, neuron)
+    pairs on the first `n_sequences` calibration sequences. ReLU models: 0 for every layer."""
+    ffn_of, gated = family(source.model_type)
+    if not gated:
+        return (0.0,) * source.n_layers
+    if not 0.0 < density < 1.0:
+        raise InputError(f"gated density target must be in (0, 1); got {density}")
+    ids = load_tokens(calib, "calibration")[:n_sequences]
+    gen = torch.Generator().manual_seed(seed)
+    samples: list[list[torch.Tensor]] = [[] for _ in range(source.n_layers)]
+    per_batch = max(1, GATE_SAMPLE_VALUES // max(1, -(-len(ids) // options.batch_sequences)))
+
+    def hook(i: int):
+        def fn(_module, _inputs, output) -> None:
+            v = F.silu(output).abs().flatten().float()
+            if v.numel() > per_batch:
+                v = v[torch.randint(v.numel(), (per_batch,), generator=gen)]
+            samples[i].append(v)
+
+        return fn
+
+    model = load_model(str(source.path), options.dtype, source.fingerprint)
+    with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(ffn_of(model))]
+        try:
+            for b in range(0, len(ids), options.batch_sequences):
+                model.base_model(input_ids=ids[b : b + options.batch_sequences], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+    return tuple(float(np.quantile(torch.cat(s).numpy(), 1.0 - density)) for s in samples)
+
+
+def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop: int,
+                  thresholds: Sequence[float], options: ActivationOptions, *, out_dir: Path, index: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> ShardResult:
+    """Statistics and pairs of calibration sequences [start, stop), written under `out_dir`."""
+    _, gated = family(source.model_type)
+    ids = load_tokens(calib, "calibration")
+    if not 0 <= start < stop <= len(ids):
+        raise InputError(f"shard [{start}, {stop}) is outside the {len(ids)} calibration sequences")
+    ids = ids[start:stop]
+    col = _Collector(source.n_layers, source.ffn_dim, gated=gated, thresholds=thresholds,
+                     options=options)
+    _run(source, ids, col, options, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for i in range(source.n_layers):
+        stats[f"layers.{i}.count"] = col.count[i]
+        stats[f"layers.{i}.abs_sum"] = col.abs_sum[i]
+        if col.coact is not None:
+            stats[f"layers.{i}.coact"] = col.coact[i]
+    meta = {"tokens": str(col.tokens), "coactivation_tokens": str(col.coact_tokens),
+            "thresholds": json.dumps(list(thresholds))}
+    save_file(stats, str(out_dir / STATS_FILE), metadata=meta)
+    length = ids.shape[1]
+    positions = len(range(0, length, options.pair_stride))
+    seq_ids = torch.arange(start, stop, dtype=torch.int32).repeat_interleave(positions)
+    pairs = {"seq_ids": seq_ids}
+    for i in range(source.n_layers):
+        pairs[f"layers.{i}.x"] = torch.cat(col.xs[i])
+        pairs[f"layers.{i}.mask"] = torch.from_numpy(np.concatenate(col.masks[i]))
+    save_file(pairs, str(out_dir / PAIRS_FILE), metadata={"n_neurons": str(source.ffn_dim)})
+    return ShardResult(index=index, start=start, stop=stop, stats_path=out_dir / STATS_FILE,
+                       pairs_path=out_dir / PAIRS_FILE, tokens=col.tokens,
+                       stats_sha256=sha256_file(out_dir / STATS_FILE), pairs_sha256=sha256_file(out_dir / PAIRS_FILE))
+
+
+def read_stats(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def merge_shards(shards: Sequence[ShardResult], *, out_dir: Path) -> ActivationStats:
+    """Sum the shards' statistics (exact for every count) into one stats file."""
+    if not shards:
+        raise InputError("no activation shards to merge")
+    total: dict[str, torch.Tensor] = {}
+    tokens = coact_tokens = 0
+    thresholds = None
+    for s in shards:
+        t, meta = read_stats(s.stats_path)
+        for k, v in t.items():
+            total[k] = total[k] + v if k in total else v.clone()
+        tokens += int(meta["tokens"])
+        coact_tokens += int(meta["coactivation_tokens"])
+        th = json.loads(meta["thresholds"])
+        if thresholds is not None and th != thresholds:
+            raise AssertionError(f"shards were collected with different thresholds: {thresholds} vs {th}")
+        thresholds = th
+    n_layers = sum(1 for k in total if k.endswith(".count"))
+    n = total["layers.0.count"].numel()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / STATS_FILE
+    save_file(total, str(path), metadata={"tokens": str(tokens), "coactivation_tokens": str(coact_tokens),
+                                          "thresholds": json.dumps(thresholds)})
+    density = tuple(float(total[f"layers.{i}.count"].sum()) / (tokens * n) for i in range(n_layers))
+    return ActivationStats(path=path, shards=tuple(sorted(shards, key=lambda s: s.start)), tokens=tokens,
+                           n_layers=n_layers, n_neurons=n, active_thresholds=tuple(thresholds), density=density,
+                           coactivation_tokens=coact_tokens, sha256=sha256_file(path))
+
+
+def load_pairs(shards: Sequence[ShardResult], layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's pairs from every shard: x [T, D] float32, active [T, N] bool, seq_ids [T]."""
+    xs, masks, seqs = [], [], []
+    for s in sorted(shards, key=lambda s: s.start):
+        with safe_open(str(s.pairs_path), framework="pt") as f:
+            n = int(f.metadata()["n_neurons"])
+            xs.append(f.get_tensor(f"layers.{layer}.x").float())
+            packed = f.get_tensor(f"layers.{layer}.mask").numpy()
+            masks.append(torch.from_numpy(np.unpackbits(packed, axis=1, count=n).astype(bool)))
+            seqs.append(f.get_tensor("seq_ids"))
+    return torch.cat(xs), torch.cat(masks), torch.cat(seqs)
+
+
+# -- Prefect tasks --------------------------------------------------------------------------------
+
+@task(name="gate-thresholds", cache_key_fn=stage_cache("gate-thresholds", __name__))
+def gate_thresholds_task(source: SourceModel, calib: CalibrationData, density: float, n_sequences: int,
+                         options: ActivationOptions, work_dir: Path) -> tuple[float, ...]:
+    th = run_stage("gate-thresholds", [__name__], lambda _out: calibrate_gate_thresholds(
+        source, calib, density=density, n_sequences=n_sequences, options=options))
+    if any(th):
+        get_run_logger().info("gated activity thresholds (density %.2f): %s", density,
+                              ", ".join(f"{t:.4g}" for t in th))
+    return th
+
+
+@task(name="activations", cache_key_fn=stage_cache("activations", __name__))
+def activations_task(source: SourceModel, calib: CalibrationData, index: int, start: int, stop: int,
+                     n_shards: int, thresholds: tuple[float, ...], options: ActivationOptions,
+                     work_dir: Path) -> ShardResult:
+    t0 = time.perf_counter()
+
+    def compute(out: Path) -> ShardResult:
+        with StageProgress(f"activations shard {index + 1}/{n_shards}", stop - start, unit="seq") as p:
+            return collect_shard(source, calib, start, stop, thresholds, options, out_dir=out, index=index,
+                                 progress=p.update)
+
+    shard = run_stage("activations", [__name__], compute)
+    get_run_logger().info("shard %d/%d: %d tokens in %.1f s", index + 1, n_shards, shard.tokens,
+                          time.perf_counter() - t0)
+    return shard
+
+
+@task(name="merge-activations", cache_key_fn=stage_cache("merge-activations", __name__))
+def merge_task(shards: list[ShardResult], work_dir: Path) -> ActivationStats:
+    stats = run_stage("merge-activations", [__name__], lambda out: merge_shards(shards, out_dir=out))
+    load_model.cache_clear()  # every shard is in: free the source model before the next stages
+    get_run_logger().info("activation density per layer: %s",
+                          ", ".join(f"{d:.3f}" for d in stats.density))
+    return stats
+
+
+# -- measuring the cost of collection ----------------------------------------------------------------
+
+def measure_overhead(source: SourceModel, calib: CalibrationData, options: ActivationOptions,
+                     *, repeats: int = 3) -> dict:
+    """Seconds for a plain forward pass (full model and decoder only) vs collection, same tokens;
+    best of `repeats` (the machine is shared)."""
+    _, gated = family(source.model_type)
+    ids = load_tokens(calib, "calibration")
+    model = load_model(str(source.path), options.dtype, source.fingerprint)
+    thresholds = (0.0,) * source.n_layers
+
+    def plain_full() -> None:
+        with torch.inference_mode(), torch_threads(options.torch_threads):
+            for b in range(0, len(ids), options.batch_sequences):
+                model(input_ids=ids[b : b + options.batch_sequences], use_cache=False)
+
+    def plain_decoder() -> None:
+        _run(source, ids, None, options)
+
+    def collect() -> None:
+        col = _Collector(source.n_layers, source.ffn_dim, gated=gated, thresholds=thresholds,
+                         options=options)
+        _run(source, ids, col, options)
+
+    times = {}
+    for name, fn in (("plain_full_s", plain_full), ("plain_decoder_s", plain_decoder), ("collect_s", collect)):
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    times["tokens"] = int(ids.numel())
+    times["overhead_vs_full"] = times["collect_s"] / times["plain_full_s"] - 1.0
+    times["overhead_vs_decoder"] = times["collect_s"] / times["plain_decoder_s"] - 1.0
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    from tasks.calibration import prepare_calibration, resolve_spec
+    from tasks.demo import DEMO_CHECKPOINT_DIR
+    from tasks.source import inspect_source
+
+    ap = argparse.ArgumentParser(description="Measure activation collection against a plain forward pass.")
+    ap.add_argument("--measure", action="store_true", help="(the only mode)")
+    ap.add_argument("model", nargs="?", default=str(DEMO_CHECKPOINT_DIR))
+    ap.add_argument("--calibration", default="stdlib:train")
+    ap.add_argument("--sequences", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--coactivation-stride", type=int, default=ActivationOptions.coactivation_stride)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    source = inspect_source(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = prepare_calibration(source, resolve_spec(args.calibration), n_sequences=args.sequences,
+                                    seq_len=args.seq_len, n_heldout=0, seed=0, out_dir=Path(tmp))
+        options = ActivationOptions(batch_sequences=args.batch, coactivation_stride=args.coactivation_stride,
+                                    torch_threads=args.threads)
+        r = measure_overhead(source, calib, options)
+    print(json.dumps(r, indent=1))
+    print(f"collection costs {100 * r['overhead_vs_decoder']:+.1f}% vs a plain forward pass of the decoder "
+          f"(the same layers), {100 * r['overhead_vs_full']:+.1f}% vs the full model with its LM head, over "
+          f"{r['tokens']} tokens, {args.threads or torch.get_num_threads()} torch threads")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

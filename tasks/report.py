@@ -1,0 +1,156 @@
+"""The conversion report: a summary for the manifest, a markdown page, a per-layer table.
+
+    report = build_report(stats, predictors, ev, budget=AccuracyBudget(), violations=[])
+    files = write_report_files(report, ev, out_dir)     # {"report/report.md": path, ...}
+    print(render_markdown(report))
+
+`report["summary"]` is what `flashio inspect` and `flashio convert` print: true and predicted
+sparsity, predictor recall, perplexity dense vs sparse, top-1 agreement, bytes read per token
+sparse vs naive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks.activations import ActivationStats
+from tasks.caching import sha256_json, stage_dir
+from tasks.evaluation import AccuracyBudget, Evaluation
+from tasks.predictors import LayerPredictor
+
+REPORT_DIR = "report"
+
+
+def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], ev: Evaluation, *,
+                 budget: AccuracyBudget, violations: Sequence[str], window: int,
+                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    preds = sorted(predictors, key=lambda p: p.layer)
+    m = ev.main
+    true_density = sum(stats.density) / len(stats.density)
+    recalls = [p.recall for p in preds]
+    summary = {
+        "true_sparsity": 1.0 - true_density,
+        "predicted_sparsity": 1.0 - m.density,
+        "predictor_recall_mean": sum(recalls) / len(recalls),
+        "predictor_recall_min": min(recalls),
+        "predictor_precision_mean": sum(p.precision for p in preds) / len(preds),
+        "perplexity_dense": m.perplexity_dense,
+        "perplexity_sparse": m.perplexity_sparse,
+        "perplexity_increase": m.perplexity_increase,
+        "top1_agreement": m.top1_agreement,
+        "mean_kl": m.mean_kl,
+        "bytes_per_token_sparse": m.bytes_per_token,
+        "bytes_per_token_naive": ev.naive_bytes_per_token,
+        "reads_per_token_sparse": m.reads_per_token,
+        "ffn_bytes": ev.ffn_bytes,
+        "eval_tokens": m.tokens,
+        "calibration_tokens": stats.tokens,
+        "window": window,
+        "budget": dataclasses.asdict(budget),
+        "gate": "exceeded (allowed by the caller)" if violations else "passed",
+        "violations": list(violations),
+    }
+    layers = [{"layer": p.layer, "rank": p.rank, "escalations": p.escalations, "threshold": p.threshold,
+               "active_threshold": stats.active_thresholds[p.layer],
+               "true_density": p.true_density, "predicted_density": p.predicted_density, "recall": p.recall,
+               "precision": p.precision, "recall_at_budget": p.recall_at_budget, "met_target": p.met_target}
+              for p in preds]
+    sweep = [{"recall_target": c.recall_target, "density": c.density, "perplexity_increase": c.perplexity_increase,
+              "top1_agreement": c.top1_agreement, "mean_kl": c.mean_kl, "bytes_per_token": c.bytes_per_token,
+              "tokens": c.tokens} for c in ev.sweep]
+    return {"summary": summary, "layers": layers, "sweep": sweep, "zero_shot": list(ev.zero_shot),
+            "calibration": calibration or {}}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The figures that matter, one per line (what `flashio convert` prints)."""
+    s = report["summary"]
+    b = s["budget"]
+    ratio = s["bytes_per_token_naive"] / s["bytes_per_token_sparse"] if s["bytes_per_token_sparse"] else float("inf")
+    return [
+        f"sparsity         true {_pct(s['true_sparsity'])} (calibration), predicted {_pct(s['predicted_sparsity'])} "
+        f"(measured in the runtime, window {s['window']})",
+        f"predictor recall {s['predictor_recall_mean']:.4f} mean, {s['predictor_recall_min']:.4f} worst layer "
+        f"(held-out pairs), precision {s['predictor_precision_mean']:.3f}",
+        f"perplexity       dense {s['perplexity_dense']:.3f}, sparse {s['perplexity_sparse']:.3f} "
+        f"({100 * s['perplexity_increase']:+.2f}%, budget +{100 * b['max_perplexity_increase']:.2f}%)",
+        f"top-1 agreement  {s['top1_agreement']:.4f} (budget >= {b['min_top1_agreement']:.2f}), "
+        f"mean KL {s['mean_kl']:.2e}, {s['eval_tokens']} held-out tokens",
+        f"bytes per token  sparse {_bytes(s['bytes_per_token_sparse'])}, naive {_bytes(s['bytes_per_token_naive'])} "
+        f"({ratio:.1f}x less)",
+        f"accuracy gate    {s['gate']}" + (f": {'; '.join(s['violations'])}" if s["violations"] else ""),
+    ]
+
+
+def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-layer table (rounded for display)."""
+    return [{"layer": r["layer"], "rank": r["rank"], "escalations": r["escalations"],
+             "true density": round(r["true_density"], 4), "predicted density": round(r["predicted_density"], 4),
+             "recall": round(r["recall"], 4), "precision": round(r["precision"], 4),
+             "threshold": float(f"{r['threshold']:.4g}"), "met target": r["met_target"]} for r in report["layers"]]
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(report: dict[str, Any], *, title: str = "flashio conversion report",
+                    plot: str | None = "sparsity_accuracy.png") -> str:
+    parts = [f"# {title}\n", "```", *summary_lines(report), "```\n", "## Per layer\n", _md_table(layer_rows(report))]
+    sweep = [{"recall target": p["recall_target"], "density": _pct(p["density"]),
+              "perplexity": f"{100 * p['perplexity_increase']:+.2f}%", "top-1": round(p["top1_agreement"], 4),
+              "KL": f"{p['mean_kl']:.2e}", "bytes/token": _bytes(p["bytes_per_token"])} for p in report["sweep"]]
+    parts += ["## Sparsity vs accuracy (threshold sweep)\n", _md_table(sweep)]
+    if plot:
+        parts.append(f"![sparsity vs accuracy]({plot})\n")
+    if report["zero_shot"]:
+        zs = [{"task": z["task"], "examples": z["examples"], "dense": round(z["accuracy_dense"], 4),
+               "sparse": round(z["accuracy_sparse"], 4), "dense (norm)": round(z["accuracy_norm_dense"], 4),
+               "sparse (norm)": round(z["accuracy_norm_sparse"], 4)} for z in report["zero_shot"]]
+        parts += ["## Zero-shot multiple choice\n", _md_table(zs)]
+    return "\n".join(parts)
+
+
+def write_report_files(report: dict[str, Any], ev: Evaluation, out_dir: Path) -> dict[str, Path]:
+    """report/summary.json, report/report.md and the curve (JSON, PNG): artifact name -> file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(render_markdown(report, plot=ev.curve_png_path.name if ev.curve_png_path else None))
+    files = {f"{REPORT_DIR}/summary.json": out_dir / "summary.json", f"{REPORT_DIR}/report.md": out_dir / "report.md",
+             f"{REPORT_DIR}/{ev.curve_json_path.name}": ev.curve_json_path}
+    if ev.curve_png_path is not None:
+        files[f"{REPORT_DIR}/{ev.curve_png_path.name}"] = ev.curve_png_path
+    return files
+
+
+@task(name="report")
+def report_task(stats: ActivationStats, predictors: list[LayerPredictor], ev: Evaluation, budget: AccuracyBudget,
+                violations: list[str], window: int, calibration: dict[str, Any], work_dir: Path) -> tuple[dict, dict]:
+    """The report and its files, in a directory named by the report's content."""
+    report = build_report(stats, predictors, ev, budget=budget, violations=violations, window=window,
+                          calibration=calibration)
+    out = stage_dir(work_dir, "report", sha256_json({"report": report, "curve": ev.curve_json_path}))
+    return report, write_report_files(report, ev, out)

@@ -1,0 +1,166 @@
+"""The conversion flow end to end under a real (temporary) Prefect server, on tiny OPT and Llama
+checkpoints built here: published artifacts load with flashio and stay within the accuracy
+budget; a weak predictor fails the gate and publishes nothing; bad input fails early; a re-run
+reuses every cached stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+# The session-scoped Prefect server fixture, registered once as a plugin (shared by both modules).
+pytest_plugins = ["tests.integration.prefect_harness"]
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_session")]
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("prefect")
+
+import flashio  # noqa: E402
+from flashio.registry import open_registry  # noqa: E402
+from flows.config import AccuracyBudgetConfig, ConvertConfig  # noqa: E402
+from flows.convert import convert, run_convert  # noqa: E402
+from tasks.errors import AccuracyBudgetError, InputError  # noqa: E402
+from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
+
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Corpus, tokenizer and two briefly fitted random checkpoints (peaked predictions)."""
+    root = tmp_path_factory.mktemp("tiny")
+    files = write_corpus(root / "text", n_files=12)
+    tok = build_tokenizer(files, root / "tok")
+    models = {f: build_tiny_model(f, root / f, tok, fit_files=files, fit_steps=60) for f in ("opt", "llama")}
+    arc = root / "arc.jsonl"
+    arc.write_text("".join(json.dumps({"question": q, "choices": {"text": c, "label": ["A", "B"]}, "answerKey": "A"})
+                           + "\n" for q, c in (("def f", ["return x", "zzz"]), ("for i in", ["range", "qq"]))))
+    return {"root": root, "text": root / "text", "arc": arc, **models}
+
+
+def config(tiny, tmp_path, family: str, **kw) -> ConvertConfig:
+    base = {"model": str(tiny[family]), "calibration": str(tiny["text"]), "samples": 24, "seq_len": SEQ_LEN,
+            "heldout_samples": 4, "shard_samples": 8, "sweep": (0.9, 0.99), "sweep_samples": 2,
+            "registry": str(tmp_path / "registry"), "work_dir": tmp_path / "work"}
+    return ConvertConfig(**{**base, **kw})
+
+
+def sparse_within_budget(ref: str, registry: str, text: str, budget: AccuracyBudgetConfig) -> dict:
+    """Independently of the flow's evaluation: dense vs sparse (token by token) on fresh text."""
+    with flashio.open(ref, registry=registry, mode="dense") as dense, \
+            flashio.open(ref, registry=registry, mode="sparse") as sparse:
+        ids = dense.codec.encode(text)[:SEQ_LEN]
+        d, s = dense.forward(ids), sparse.forward(ids, token_by_token=True)
+    target = torch.tensor(ids[1:])
+    ppl_d = torch.nn.functional.cross_entropy(d[:-1], target).exp().item()
+    ppl_s = torch.nn.functional.cross_entropy(s[:-1], target).exp().item()
+    top1 = (d.argmax(-1) == s.argmax(-1)).float().mean().item()
+    assert ppl_s <= ppl_d * (1 + budget.max_perplexity_increase), (ppl_d, ppl_s)
+    assert top1 >= budget.min_top1_agreement
+    return {"ppl_dense": ppl_d, "ppl_sparse": ppl_s, "top1": top1}
+
+
+def task_states(flow_state, expect: tuple[str, ...], timeout_s: float = 30.0) -> dict[str, set[str]]:
+    """State names of the flow run's task runs, by task name. The server records them from
+    events, asynchronously: poll until every expected task has runs and all are final."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+            out: dict[str, set[str]] = {}
+            for r in runs:
+                out.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name if r.state else "none")
+            settled = all(r.state is not None and r.state.is_final() for r in runs)
+            if (settled and all(n in out for n in expect)) or time.monotonic() > deadline:
+                return out
+            time.sleep(0.3)
+
+
+def test_convert_tiny_opt(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, "opt", prompt="def value", max_new_tokens=6, zero_shot=(f"arc={tiny['arc']}",),
+                 version="1", aliases=("prod",))
+    result = run_convert(cfg)
+    assert result.created and result.reference == "opt@1"
+    s = result.report["summary"]
+    assert s["gate"] == "passed" and s["predictor_recall_min"] >= 0.98
+    assert s["bytes_per_token_sparse"] < s["bytes_per_token_naive"]
+    assert 0 < s["predicted_sparsity"] < 1 and s["true_sparsity"] > 0.5
+    assert result.sample["tokens"] == 6 and result.report["zero_shot"][0]["examples"] == 2
+    # what was published: loads from the registry, carries lineage and report
+    reg = open_registry(cfg.registry)
+    assert reg.aliases("opt") == {"latest": "1", "prod": "1"}
+    local = reg.pull("opt@prod")
+    with flashio.open(local, mode="sparse") as model:
+        m = model.artifact.manifest
+        assert m.lineage["source"]["files"]["model.safetensors"]
+        assert m.lineage["calibration"]["fingerprint"] and m.lineage["pipeline"]["config"]["recall"] == 0.99
+        assert m.report["summary"]["perplexity_dense"] == pytest.approx(s["perplexity_dense"])
+        assert {"report/report.md", "report/summary.json", "report/sparsity_accuracy.png"} <= set(m.files)
+        assert [p.rank for p in model.engine.predictors] == [L["rank"] for L in result.report["layers"]]
+    text = (tiny["text"] / "doc011.txt").read_text()
+    sparse_within_budget("opt@1", cfg.registry, text, cfg.budget)
+    # Prefect artifacts: the markdown report and the per-layer table
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["flashio-convert-report", "flashio-convert-layers"])))
+    assert {a.key for a in arts} == {"flashio-convert-report", "flashio-convert-layers"}
+    # a re-run (new version) reuses every content-keyed stage
+    state = convert(cfg.model_copy(update={"version": "2"}), return_state=True)
+    assert state.is_completed()
+    cached = ("calibration", "activations", "merge-activations", "predictor", "bundle", "evaluate")
+    states = task_states(state, cached)
+    for name in cached:
+        assert states.get(name) == {"Cached"}, (name, states)
+    assert state.result().created and {v.version for v in reg.versions("opt")} == {"1", "2"}
+
+
+def test_convert_tiny_llama(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, "llama", gated_density=0.4, order="coactivation", name="tiny-llama")
+    result = run_convert(cfg)
+    assert result.report["summary"]["gate"] == "passed"
+    thresholds = [L["active_threshold"] for L in result.report["layers"]]
+    assert all(t > 0 for t in thresholds)
+    with flashio.open(result.reference, registry=cfg.registry, mode="sparse") as model:
+        m = model.artifact.manifest
+        assert m.gated and [L.active_threshold for L in m.ffn_layers] == pytest.approx(thresholds)
+        assert m.lineage["neuron_order"] == "coactivation"
+    sparse_within_budget(result.reference, cfg.registry, (tiny["text"] / "doc010.txt").read_text(), cfg.budget)
+
+
+def test_weak_predictor_fails_the_gate_and_publishes_nothing(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, "opt", rank=1, rank_last=1, threshold=0.9, max_escalations=0, sweep=(0.9,))
+    with pytest.raises(AccuracyBudgetError) as err:
+        run_convert(cfg)
+    msg = str(err.value)
+    assert "accuracy gate failed, nothing was published" in msg
+    assert ("perplexity increase" in msg and "exceeds the budget of +2.00%" in msg) or \
+        ("top-1 agreement" in msg and "below the budget of 0.9700" in msg)
+    assert not (tmp_path / "registry").exists() or open_registry(cfg.registry).names() == []
+    # the caller may accept the loss explicitly: the re-run reuses every stage up to the evaluation
+    allowed = cfg.model_copy(update={"budget": AccuracyBudgetConfig(allow_loss=True)})
+    state = convert(allowed, return_state=True)
+    cached = ("calibration", "activations", "merge-activations", "predictor", "evaluate")
+    states = task_states(state, cached)
+    assert all(states.get(name) == {"Cached"} for name in cached), states
+    result = state.result()
+    assert result.report["summary"]["gate"] == "exceeded (allowed by the caller)"
+    assert open_registry(cfg.registry).names() == ["opt"]
+
+
+def test_bad_input_fails_before_heavy_work(tiny, tmp_path):
+    with pytest.raises(InputError, match="matches no files"):
+        run_convert(config(tiny, tmp_path, "opt", calibration=str(tmp_path / "none" / "*.txt")))
+    with pytest.raises(InputError, match=r"tokens in \d+ documents; 5000 sequences of 64 tokens need 320,000"):
+        run_convert(config(tiny, tmp_path, "opt", samples=5000))
+    assert not (tmp_path / "work" / "activations").exists()
