@@ -31,7 +31,7 @@ from tasks.activations import (
     merge_task,
     shard_ranges,
 )
-from tasks.bundling import bundle_task
+from tasks.bundling import bundle_task, finalize_task
 from tasks.calibration import calibration_task, resolve_spec_task
 from tasks.evaluation import evaluate_task, gate_task, sample_task
 from tasks.predictors import predictor_task
@@ -124,7 +124,7 @@ def convert(config: ConvertConfig) -> ConvertResult:
 
         report, report_files = report_task(stats, predictors, ev, budget, violations, config.window,
                                            lineage["calibration"], work)
-        final = bundle_task(src, stats, predictors, config.order, config.dtype, lineage, report, report_files, work)
+        final = finalize_task(candidate, lineage, report, report_files, work)
         stages.advance()
 
         name = config.name or registry_name(src.name)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
-from flashio.format import sha256_file, source_from_checkpoint, write_artifact
+from flashio.format import finalize_artifact, sha256_file, source_from_checkpoint, write_artifact
 from tasks.activations import ActivationStats, read_stats
 from tasks.caching import run_stage, stage_cache
 from tasks.errors import InputError
@@ -130,4 +130,23 @@ def bundle_task(source: SourceModel, stats: ActivationStats, predictors: list[La
 
     art = run_stage("bundle", [__name__], compute)
     get_run_logger().info("artifact %s (%s, order %s)", art.path, art.dtype, order)
+    return art
+
+
+def finalize_bundle(candidate: BundledArtifact, *, out_dir: Path, lineage: dict[str, Any],
+                    report: dict[str, Any], report_files: dict[str, Path] | None) -> BundledArtifact:
+    """The evaluated candidate plus full lineage and the report: the weights are hard-linked,
+    not rewritten (what is published is byte for byte what was evaluated)."""
+    path = finalize_artifact(candidate.path, out_dir / ARTIFACT_DIR, lineage=lineage, report=report,
+                             report_files=report_files)
+    return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"),
+                           order=candidate.order, dtype=candidate.dtype)
+
+
+@task(name="finalize", cache_key_fn=stage_cache("finalize", __name__))
+def finalize_task(candidate: BundledArtifact, lineage: dict[str, Any], report: dict[str, Any],
+                  report_files: dict[str, Path] | None, work_dir: Path) -> BundledArtifact:
+    art = run_stage("finalize", [__name__], lambda out: finalize_bundle(
+        candidate, out_dir=out, lineage=lineage, report=report, report_files=report_files))
+    get_run_logger().info("final artifact %s", art.path)
     return art

@@ -166,3 +166,21 @@ def test_resident_checksum_checked_on_open(art):
         f.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
     with pytest.raises(ChecksumError, match=r"resident\.safetensors: sha256"):
         flashio.open(art, mode="dense")
+
+
+def test_finalize_links_weights_and_adds_report(opt_artifact, tmp_path):
+    from flashio.format import finalize_artifact
+
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG fake")
+    out = finalize_artifact(opt_artifact, tmp_path / "final", lineage={"calibration": {"fingerprint": "abc"}},
+                            report={"summary": {"perplexity": 1.5}}, report_files={"report/plot.png": png})
+    a = Artifact(out, verify=True)
+    assert a.manifest.report == {"summary": {"perplexity": 1.5}}
+    assert a.manifest.lineage["calibration"] == {"fingerprint": "abc"}
+    assert "source" in a.manifest.lineage  # merged, not replaced
+    assert (out / "ffn.safetensors").stat().st_ino == (opt_artifact / "ffn.safetensors").stat().st_ino
+    assert "report/plot.png" in a.manifest.files
+    with pytest.raises(FlashError, match="would replace"):
+        finalize_artifact(opt_artifact, tmp_path / "bad", report_files={"ffn.safetensors": png})
+    assert not (tmp_path / "bad").exists()
