@@ -1,0 +1,74 @@
+"""A conversion killed mid-way (SIGKILL during predictor training) resumes from the cached
+results of the stages that finished: nothing before the kill is computed twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prefect")
+from tasks.testing import build_tiny_model, build_tokenizer, write_corpus
+
+pytestmark = pytest.mark.integration
+
+
+def _convert(model: Path, text: Path, tmp: Path, home: str) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_HOME": home, "FLASHIO_WORK_DIR": str(tmp / "work"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flashio.cli", "-v", "convert", str(model), "--calibration", str(text),
+           "--samples", "24", "--seq-len", "64", "--heldout-samples", "4", "--registry", str(tmp / "registry"),
+           "--name", "tiny", "--version", "1", "--allow-accuracy-loss", "--no-sample"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _completed(work: Path) -> dict[str, dict[str, int]]:
+    """stage -> {stage directory: mtime of its completion marker}."""
+    out: dict[str, dict[str, int]] = {}
+    for marker in work.glob("*/*/_complete.json"):
+        out.setdefault(marker.parent.parent.name, {})[marker.parent.name] = marker.stat().st_mtime_ns
+    return out
+
+
+def test_killed_conversion_resumes_from_cached_stages(tmp_path):
+    files = write_corpus(tmp_path / "text", n_files=6)
+    tok = build_tokenizer(files, tmp_path / "tok")
+    model = build_tiny_model("opt", tmp_path / "opt", tok)
+    home = str(tmp_path / "prefect-home")
+
+    first = _convert(model, tmp_path / "text", tmp_path, home)
+    stage_dir = tmp_path / "work" / "predictor"  # <work>/<stage>/<key>/: exists once training starts
+    deadline = time.monotonic() + 240
+    try:  # wait until predictor training has started, then kill the whole process group
+        while time.monotonic() < deadline and first.poll() is None:
+            if stage_dir.is_dir() and any(stage_dir.iterdir()):
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, f"the conversion ended before it could be killed:\n{first.stdout.read()}"
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    assert not (tmp_path / "registry" / "models").exists() or not any((tmp_path / "registry" / "models").rglob("manifest.json"))
+
+    done_before = _completed(tmp_path / "work")
+    assert {"calibration", "activations", "merge-activations"} <= set(done_before), done_before
+    assert "predictor" not in done_before or len(done_before["predictor"]) < 2  # killed mid-training
+
+    second = _convert(model, tmp_path / "text", tmp_path, home)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-4000:]
+    done_after = _completed(tmp_path / "work")
+    for stage in ("calibration", "activations", "merge-activations"):
+        assert done_after[stage] == done_before[stage], stage  # reused, not recomputed
+    assert len(done_after["predictor"]) == 2  # both layers trained in the end
+    assert "Cached(type=COMPLETED)" in out
+    assert "tiny@1" in out
+    assert any((tmp_path / "registry").rglob("manifest.json"))
