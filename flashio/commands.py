@@ -24,6 +24,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--registry", default=None, help="registry URI for name@version references")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a line")
+    p.add_argument("--record-trace", metavar="FILE", default=None,
+                   help="save every token's active neurons per layer (a trace for `flashio bench model`)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="print an artifact's manifest summary",
@@ -48,8 +50,9 @@ def add_commands(sub) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import flashio
 
+    record = getattr(args, "record_trace", None) is not None
     with flashio.open(args.artifact, mode=args.mode, window=args.window, dram_budget=args.dram_budget,
-                      threads=args.threads, registry=args.registry) as model:
+                      threads=args.threads, registry=args.registry, record_trace=record) as model:
         out = sys.stdout
         if not args.json:
             out.write(args.prompt)
@@ -71,6 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "per_token": gen.decode_total.per_token(n), "mode": args.mode}, indent=1))
         else:
             print(f"\n[{args.mode}] {gen.summary()}", file=sys.stderr)
+        if record:
+            trace = model.trace()
+            path = trace.save(args.record_trace)
+            print(f"trace: {trace.steps} tokens x {trace.n_layers} layers -> {path}", file=sys.stderr)
     return 0
 
 

@@ -17,10 +17,12 @@ class StepStats:
     cache_rows: int = 0  # rows held by the window caches after the step (all layers)
     truncated: int = 0  # active neurons dropped because the cache capacity was reached
     buffered_reads: int = 0  # reads that could not use O_DIRECT
-    io_ms: float = 0.0
-    mem_ms: float = 0.0  # window cache management (evictions, row moves)
+    io_ms: float = 0.0  # time the step waited for reads (overlapped reads count only their wait)
+    mem_ms: float = 0.0  # window cache management (evictions, row moves, dtype conversion of new rows)
     compute_ms: float = 0.0  # everything else: attention, predictors, FFN matmuls
     total_ms: float = 0.0
+    io_busy_ms: float = 0.0  # wall time reads were in flight (= io_ms unless reads overlap compute)
+    io_predicted_ms: float = 0.0  # the cost model's time for the reads issued (nan: no cost model)
 
     def __add__(self, other: StepStats) -> StepStats:
         return StepStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -38,6 +40,8 @@ class StatsRecorder:
         "bytes_read",
         "cache_hits",
         "cache_rows",
+        "io_busy_s",
+        "io_pred_s",
         "io_s",
         "mem_s",
         "neurons_active",
@@ -52,7 +56,7 @@ class StatsRecorder:
     def clear(self) -> None:
         self.bytes_read = self.reads = self.neurons_active = self.neurons_loaded = 0
         self.cache_hits = self.cache_rows = self.truncated = self.buffered_reads = 0
-        self.io_s = self.mem_s = 0.0
+        self.io_s = self.mem_s = self.io_busy_s = self.io_pred_s = 0.0
 
     def finish(self, tokens: int, total_s: float) -> StepStats:
         return StepStats(
@@ -60,4 +64,5 @@ class StatsRecorder:
             neurons_active=self.neurons_active, neurons_loaded=self.neurons_loaded,
             cache_hits=self.cache_hits, cache_rows=self.cache_rows, truncated=self.truncated,
             buffered_reads=self.buffered_reads, io_ms=1e3 * self.io_s, mem_ms=1e3 * self.mem_s,
-            compute_ms=1e3 * max(total_s - self.io_s - self.mem_s, 0.0), total_ms=1e3 * total_s)
+            compute_ms=1e3 * max(total_s - self.io_s - self.mem_s, 0.0), total_ms=1e3 * total_s,
+            io_busy_ms=1e3 * self.io_busy_s, io_predicted_ms=1e3 * self.io_pred_s)

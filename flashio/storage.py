@@ -20,6 +20,11 @@ and the layer offset are block-aligned: the normal case for arena memory and bun
 multiple of 512 bytes); O_DIRECT of the block-aligned superset of each run into a scratch buffer,
 then a copy of the needed rows; buffered ``preadv`` straight into ``out`` (when O_DIRECT is off or
 refused, e.g. by tmpfs).
+
+``submit_rows`` starts the same reads on the pool and returns at once (a ``PendingRead``), so
+the caller can compute while they fly; ``split=2`` reads each row as two separate requests (the
+paper's unbundled layout, for comparison); a ``CostModel`` given to the reader predicts the time
+of every batch from the device profile (``ReadResult.predicted_s``).
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ import numpy as np
 import torch
 
 from flashio.arena import PAGE_BYTES, AlignedArena, byte_view, logical_block_size, round_up
+from flashio.costmodel import CostModel
 from flashio.errors import FlashReadError, FormatError
 
-__all__ = ["AlignedArena", "BundleReader", "LayerExtent", "ReadResult", "evict_from_page_cache",
-           "logical_block_size", "plan_runs"]
+__all__ = ["AlignedArena", "BundleReader", "LayerExtent", "PendingRead", "ReadResult",
+           "evict_from_page_cache", "logical_block_size", "plan_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,35 @@ class ReadResult:
     bytes_read: int  # bytes transferred from the file (incl. coalescing gaps and alignment padding)
     reads: int  # syscalls issued (preadv calls)
     direct: bool  # True when every byte came through O_DIRECT
-    elapsed_s: float  # wall time of the batch
+    elapsed_s: float  # wall time of the batch (submission to the last byte)
+    predicted_s: float = float("nan")  # the reader's cost model's time for these reads
+
+
+class PendingRead:
+    """Reads started by ``BundleReader.submit_rows``: ``result()`` waits for them.
+
+    The destination tensor must not be used (or freed) before ``result()`` returned.
+    """
+
+    def __init__(self, futures: list, n_reads: int, direct: bool, t0: float, predicted_s: float):
+        self._futures, self._n, self._direct, self._t0 = futures, n_reads, direct, t0
+        self._predicted_s = predicted_s
+        self._result: ReadResult | None = None
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def result(self) -> ReadResult:
+        if self._result is None:
+            wait(self._futures)
+            total = end = 0.0
+            for f in self._futures:
+                got, t_end = f.result()  # re-raises a worker's FlashReadError
+                total += got
+                end = max(end, t_end)
+            self._result = ReadResult(int(total), self._n, self._direct,
+                                      max(end, self._t0) - self._t0, self._predicted_s)
+        return self._result
 
 
 def _check_ids(ids: np.ndarray) -> np.ndarray:
@@ -135,6 +169,7 @@ class BundleReader:
         threads: int | None = None,
         max_gap: int = 0,
         direct: bool = True,
+        cost_model: CostModel | None = None,
     ):
         self._path = os.fspath(path)
         self._extents = tuple(extents)
@@ -144,6 +179,7 @@ class BundleReader:
         if max_gap < 0:
             raise ValueError(f"max_gap must be >= 0 rows, got {max_gap}")
         self.max_gap = int(max_gap)
+        self.cost_model = cost_model
         self._fd = -1  # buffered
         self._fd_direct = -1  # -1: O_DIRECT off (not asked for, or refused by the filesystem)
         self._pool: ThreadPoolExecutor | None = None
@@ -222,12 +258,21 @@ class BundleReader:
 
     # -- public reads -------------------------------------------------------------------------
 
-    def read_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> ReadResult:
+    def read_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, *, split: int = 1) -> ReadResult:
         """Read rows ``ids`` (sorted unique) of ``layer`` into ``out``: row j receives row ids[j].
 
         ``out``: C-contiguous CPU tensor of ``len(ids) * row_bytes`` bytes, viewed as
-        ``[len(ids), row_bytes]`` uint8 when its dtype is wider.
+        ``[len(ids), row_bytes]`` uint8 when its dtype is wider. ``split=k`` reads every row as
+        k separate requests of ``row_bytes / k`` (all first parts, then all second parts...),
+        never coalesced: how the paper's unbundled layout reads up and down projections.
         """
+        return self._rows(layer, ids, out, split, wait_all=True)
+
+    def submit_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, *, split: int = 1) -> PendingRead:
+        """As ``read_rows``, but return at once; the pool reads while the caller works."""
+        return self._rows(layer, ids, out, split, wait_all=False)
+
+    def _rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, split: int, wait_all: bool):
         t0 = time.perf_counter()
         ext = self._extent(layer)
         ids = _check_ids(ids)
@@ -235,26 +280,34 @@ class BundleReader:
             raise ValueError(
                 f"layer {layer} has rows [0, {ext.n_rows}), ids span [{ids[0]}, {ids[-1]}]"
             )
+        if split < 1 or ext.row_bytes % split:
+            raise ValueError(f"split={split} must be >= 1 and divide the row size {ext.row_bytes}")
         out_mv = byte_view(out, ids.size * ext.row_bytes)
         if ids.size == 0:
-            return ReadResult(0, 0, self.direct, time.perf_counter() - t0)
-        pieces, nbytes = self._plan(ids, ext)
-        return self._execute(pieces, nbytes, out, out_mv, ext.offset_bytes, ext.row_bytes, t0)
+            r = ReadResult(0, 0, self.direct, time.perf_counter() - t0, 0.0)
+            return r if wait_all else PendingRead([], 0, self.direct, t0, 0.0)
+        pieces, nbytes = self._plan(ids, ext) if split == 1 else self._plan_split(ids, ext, split)
+        return self._execute(pieces, nbytes, out, out_mv, ext.offset_bytes, ext.row_bytes // split,
+                             t0, wait_all)
 
-    def read_layer(self, layer: int, out: torch.Tensor) -> ReadResult:
-        """Read the whole ``[n_rows, row_bytes]`` block of ``layer`` into ``out`` (naive mode)."""
+    def read_layer(self, layer: int, out: torch.Tensor, rows: tuple[int, int] | None = None) -> ReadResult:
+        """Read the whole ``[n_rows, row_bytes]`` block of ``layer`` into ``out`` (naive mode),
+        or only rows ``[start, stop)`` of it when ``rows`` is given."""
         t0 = time.perf_counter()
         ext = self._extent(layer)
-        out_mv = byte_view(out, ext.nbytes)
-        if ext.nbytes == 0:
-            return ReadResult(0, 0, self.direct, time.perf_counter() - t0)
+        start, stop = rows if rows is not None else (0, ext.n_rows)
+        if not 0 <= start <= stop <= ext.n_rows:
+            raise ValueError(f"layer {layer} has rows [0, {ext.n_rows}), asked for [{start}, {stop})")
+        base, total = ext.offset_bytes + start * ext.row_bytes, (stop - start) * ext.row_bytes
+        out_mv = byte_view(out, total)
+        if total == 0:
+            return ReadResult(0, 0, self.direct, time.perf_counter() - t0, 0.0)
         # chunks of MAX_READ_BYTES, a block multiple so that every chunk but the last is aligned
         chunk = max(MAX_READ_BYTES // self._block, 1) * self._block
-        starts = list(range(0, ext.nbytes, chunk))
-        sizes = [min(chunk, ext.nbytes - s) for s in starts]
-        pieces = list(zip([ext.offset_bytes + s for s in starts], sizes, starts, repeat(None)))
-        return self._execute(pieces, np.asarray(sizes), out, out_mv, ext.offset_bytes,
-                             ext.nbytes, t0)
+        starts = list(range(0, total, chunk))
+        sizes = [min(chunk, total - s) for s in starts]
+        pieces = list(zip([base + s for s in starts], sizes, starts, repeat(None)))
+        return self._execute(pieces, np.asarray(sizes), out, out_mv, base, total, t0)
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -309,12 +362,24 @@ class BundleReader:
                 )
         return list(zip(offsets, nbytes.tolist(), dests, segments)), nbytes
 
+    @staticmethod
+    def _plan_split(ids: np.ndarray, ext: LayerExtent, split: int) -> tuple[list[_Piece], np.ndarray]:
+        """One piece per row part: every row's part 0, then every row's part 1, ..."""
+        part = ext.row_bytes // split
+        k = np.repeat(np.arange(split, dtype=np.int64), ids.size)  # part index of each piece
+        rows = np.tile(ids, split)
+        j = np.tile(np.arange(ids.size, dtype=np.int64), split)  # row of out
+        offsets = (ext.offset_bytes + rows * ext.row_bytes + k * part).tolist()
+        dests = (j * ext.row_bytes + k * part).tolist()
+        nbytes = np.full(rows.size, part, dtype=np.int64)
+        return list(zip(offsets, nbytes.tolist(), dests, repeat(None))), nbytes
+
     # -- execution ----------------------------------------------------------------------------
 
     def _execute(
         self, pieces: list[_Piece], nbytes: np.ndarray, out: torch.Tensor, out_mv: memoryview,
-        base_bytes: int, size_bytes: int, t0: float,
-    ) -> ReadResult:
+        base_bytes: int, size_bytes: int, t0: float, wait_all: bool = True,
+    ) -> ReadResult | PendingRead:
         """Choose the way to read (module docstring), split pieces over threads, run, time."""
         block = self._block
         aligned = (out.data_ptr() | base_bytes | size_bytes) % block == 0
@@ -326,13 +391,18 @@ class BundleReader:
         else:
             worker, fd, scratch_bytes = self._read_into, self._fd, int(nbytes.max())
         groups = self._split(pieces, nbytes)
+        predicted = (self.cost_model.read_time_s(nbytes, self._threads)
+                     if self.cost_model is not None else float("nan"))
+        if not wait_all:  # every share goes to the pool; each reports (bytes, end time)
+            futures = [self._pool.submit(_timed, worker, fd, g, out_mv, scratch_bytes) for g in groups]
+            return PendingRead(futures, len(pieces), fd == self._fd_direct, t0, predicted)
         futures = [self._pool.submit(worker, fd, g, out_mv, scratch_bytes) for g in groups[1:]]
         try:
             total = worker(fd, groups[0], out_mv, scratch_bytes)  # the caller takes a share too
         finally:
             wait(futures)  # never leave while a thread may still write into `out`
         total += sum(f.result() for f in futures)  # re-raises a worker's FlashReadError
-        return ReadResult(total, len(pieces), fd == self._fd_direct, time.perf_counter() - t0)
+        return ReadResult(total, len(pieces), fd == self._fd_direct, time.perf_counter() - t0, predicted)
 
     def _split(self, pieces: list[_Piece], nbytes: np.ndarray) -> list[list[_Piece]]:
         """At most `threads` contiguous groups of about equal bytes: one task per thread."""
@@ -443,6 +513,11 @@ class BundleReader:
     def __repr__(self) -> str:
         return (f"BundleReader({self._path!r}, layers={len(self._extents)}, "
                 f"threads={self._threads}, max_gap={self.max_gap}, direct={self.direct})")
+
+
+def _timed(worker: Callable[..., int], *args: object) -> tuple[int, float]:
+    """Run one share of a submitted batch; report its bytes and when it ended."""
+    return worker(*args), time.perf_counter()
 
 
 def _iovecs(

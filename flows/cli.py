@@ -4,6 +4,8 @@
     flashio convert facebook/opt-125m --calibration allenai/c4:en:validation --samples 512 \\
         --registry s3://bucket/models --name opt-125m --version 1
     flashio convert ./my-llama --calibration 'data/*.jsonl' --recall 0.995 --allow-accuracy-loss
+    flashio convert facebook/opt-125m --runner dask --workers 4          # a local Dask cluster
+    flashio convert facebook/opt-125m --runner dask --dask-address tcp://scheduler:8786
 
 Contributed to the `flashio` CLI through the `flashio.commands` entry point group
 (`convert = "flows.cli:add_convert_command"`). Importing this module imports only argparse and
@@ -83,10 +85,20 @@ def add_convert_command(sub) -> None:
     g.add_argument("--no-sample", action="store_true", help="do not generate a continuation")
     g = p.add_argument_group("execution")
     g.add_argument("--work-dir", help="stage outputs and caches (default ~/.cache/flashio/convert)")
-    g.add_argument("--workers", type=int, help="parallel tasks (default 1)")
+    g.add_argument("--runner", choices=["threads", "dask"],
+                   help="task runner: threads in this process (default), or Dask (prefect-dask): activation "
+                        "shards and predictor layers run on the cluster's workers, with results identical to "
+                        "threads")
+    g.add_argument("--workers", type=int, help="parallel tasks: threads, or the local Dask cluster's worker "
+                                               "processes (each loads the source model; default 1)")
+    g.add_argument("--dask-address", metavar="URL", help="an existing Dask scheduler (tcp://host:8786) instead of "
+                                                         "a local cluster; implies --runner dask. Its workers "
+                                                         "must see --work-dir at the same path")
+    g.add_argument("--dask", action="store_true", help=argparse.SUPPRESS)  # = --runner dask (older spelling)
     g.add_argument("--torch-threads", type=int, help="torch threads for activation collection (default: torch's)")
-    g.add_argument("--dask", action="store_true", help="run tasks on a local Dask cluster")
-    g.add_argument("--dask-address", help="an existing Dask scheduler")
+    g.add_argument("--skip-published", action="store_true",
+                   help="convert only if the registry holds no version with this conversion's lineage (source "
+                        "files, calibration data, options, package version); decided after the cheap stages")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_convert)
 
@@ -115,8 +127,16 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["zero_shot"] = tuple(args.zero_shot)
     if args.aliases:
         fields["aliases"] = tuple(args.aliases)
-    if args.dask:
+    if args.dask or args.runner == "dask":
         fields["dask"] = True
+    elif args.runner == "threads":
+        if args.dask_address:
+            from tasks.errors import InputError
+
+            raise InputError("--dask-address needs --runner dask (it names the Dask scheduler to run on)")
+        fields["dask"] = False
+    if args.skip_published:
+        fields["skip_published"] = True
     budget = dict(fields.get("budget") or {})
     for flag, key in (("max_ppl_increase", "max_perplexity_increase"), ("min_top1", "min_top1_agreement")):
         if getattr(args, flag) is not None:
@@ -193,6 +213,7 @@ def _quiet_defaults(verbose: int) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("FLASHIO_PROGRESS", "bar" if sys.stderr.isatty() else "none")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")  # --runner dask
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -204,8 +225,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = run_convert(config)
     if args.json:
         print(json.dumps({"reference": result.reference, "registry": result.registry, "created": result.created,
+                          "skipped": result.skipped, "lineage_key": result.lineage_key,
                           "artifact_dir": result.artifact_dir, "report": result.report, "sample": result.sample},
                          indent=1))
+        return 0
+    if result.skipped:
+        print(f"up to date: {result.reference} in {result.registry} already holds this conversion "
+              f"(lineage {result.lineage_key[:16]}); nothing converted")
         return 0
     state = "published" if result.created else "already published (same content)"
     print(f"{state}: {result.reference} in {result.registry}")

@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_REGISTRY = "./flashio-registry"
 DEFAULT_PROMPT = "def fibonacci(n):"
 WORK_DIR_ENV = "FLASHIO_WORK_DIR"
+# Fields that decide how and where a conversion runs and is published, not what it produces:
+# left out of the lineage (and so of the idempotence key of scheduled runs).
+EXECUTION_FIELDS = frozenset({"work_dir", "workers", "torch_threads", "dask", "dask_address", "skip_published",
+                              "registry", "registry_endpoint", "name", "version", "aliases", "prompt",
+                              "max_new_tokens"})
 
 
 def default_model() -> str:
@@ -109,6 +114,9 @@ class ConvertConfig(BaseModel):
     workers: int = Field(1, ge=1, description="parallel tasks (threads; or Dask workers with dask=True)")
     dask: bool = Field(False, description="run the tasks on a local Dask cluster (prefect-dask)")
     dask_address: str | None = Field(None, description="an existing Dask scheduler instead of a local cluster")
+    skip_published: bool = Field(False, description="convert only when the registry holds no version with this "
+                                                    "conversion's lineage key (source files, calibration, "
+                                                    "pipeline config, package version)")
 
     @model_validator(mode="after")
     def _check(self) -> ConvertConfig:
@@ -130,9 +138,7 @@ class ConvertConfig(BaseModel):
     def lineage(self) -> dict:
         """The pipeline config as it goes into the manifest: what decides the artifact's content
         (no machine-local paths, nothing about where it is published)."""
-        return self.model_dump(mode="json", exclude={"work_dir", "workers", "torch_threads", "dask", "dask_address",
-                                                     "registry", "registry_endpoint", "name", "version",
-                                                     "aliases", "prompt", "max_new_tokens"})
+        return self.model_dump(mode="json", exclude=EXECUTION_FIELDS)
 
     # -- the typed options of each step (frozen dataclasses of tasks/) ---------------------------
     def activation_options(self, ffn_dim: int):

@@ -11,6 +11,12 @@ merge -> predictors mapped over layers -> bundle -> evaluate -> accuracy gate ->
 bundle with the report -> publish -> [sample generation]. Every heavy task is cached on a
 content key (source file hashes, calibration fingerprint, options, code), so a re-run after a
 failure in a late stage reuses the early ones. A failed gate fails the flow before publishing.
+
+Two conversions of one model name never run at once: the flow holds the Prefect global
+concurrency limit `flashio-convert-<name>` (created with one slot; see flows/locks.py), and a
+second one waits. The published lineage carries a `lineage_key` (source revision and file hashes,
+calibration fingerprint, pipeline config, package version), known after the cheap stages: with
+`skip_published` a conversion whose key the registry already holds stops there (scheduled runs).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
@@ -25,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ConvertConfig
+from flows.locks import conversion_lock
 from tasks.activations import (
     activations_task,
     gate_thresholds_task,
@@ -32,13 +40,14 @@ from tasks.activations import (
     shard_ranges,
 )
 from tasks.bundling import bundle_task, finalize_task
-from tasks.calibration import calibration_task, resolve_spec_task
+from tasks.caching import sha256_json
+from tasks.calibration import CalibrationData, calibration_task, resolve_spec_task
 from tasks.evaluation import evaluate_task, gate_task, sample_task
 from tasks.predictors import predictor_task
 from tasks.progress import StageProgress
-from tasks.publish import publish_task
+from tasks.publish import LINEAGE_KEY, find_published_task, publish_task
 from tasks.report import layer_rows, render_markdown, report_task, summary_lines
-from tasks.source import inspect_source_task
+from tasks.source import SourceModel, inspect_source_task
 
 STAGES = ("source", "calibration", "activations", "predictors", "bundle", "evaluate", "report", "publish")
 
@@ -50,14 +59,18 @@ class ConvertResult:
     version: str
     created: bool
     artifact_dir: str  # the local artifact in the work directory (the published copy is in the registry)
-    report: dict[str, Any]
+    report: dict[str, Any]  # empty when skipped
     sample: dict[str, Any] | None = None
+    lineage_key: str = ""
+    skipped: bool = False  # skip_published found this lineage in the registry: nothing was converted
 
     @property
     def reference(self) -> str:
         return f"{self.name}@{self.version}"
 
     def summary_lines(self) -> list[str]:
+        if self.skipped:
+            return [f"up to date       {self.reference} holds lineage {self.lineage_key[:16]}: nothing converted"]
         return summary_lines(self.report)
 
 
@@ -74,8 +87,29 @@ def registry_name(text: str) -> str:
     return name[:128]
 
 
+def model_name(config: ConvertConfig) -> str:
+    """The registry name a conversion publishes under: `name`, else the source's last path part."""
+    return config.name or registry_name(Path(config.model.rstrip("/")).name or "model")
+
+
+def lineage_key(source: SourceModel, calib: CalibrationData, config: ConvertConfig) -> str:
+    """sha256 of everything that decides an artifact's content, known before the heavy stages:
+    the source's revision and file hashes, the calibration fingerprint (spec, data, seed, tokens),
+    the pipeline config and the package version."""
+    return sha256_json({"source": {"revision": source.revision, "files": dict(source.files)},
+                        "calibration": calib.fingerprint, "pipeline": config.lineage(),
+                        "package": package_version()})
+
+
 @flow(name="flashio-convert", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def convert(config: ConvertConfig) -> ConvertResult:
+    name = model_name(config)
+    with conversion_lock(name):
+        return _convert(config, name)
+
+
+def _convert(config: ConvertConfig, name: str) -> ConvertResult:
+    """The flow's body, run while holding the model's conversion slot."""
     log = get_run_logger()
     work = config.work_dir.expanduser().resolve()
     with StageProgress("convert", len(STAGES), unit="stage") as stages:
@@ -88,6 +122,11 @@ def convert(config: ConvertConfig) -> ConvertResult:
         calib = calibration_task(src, spec, held, config.samples, config.seq_len, config.heldout_samples,
                                  config.seed, config.text_field, work)
         stages.advance()
+        key = lineage_key(src, calib, config)
+        if config.skip_published and (found := find_published_task(
+                config.registry, name, key, list(config.aliases), config.registry_endpoint)) is not None:
+            return ConvertResult(registry=config.registry, name=found.name, version=found.version, created=False,
+                                 artifact_dir="", report={}, lineage_key=key, skipped=True)
 
         act = config.activation_options(src.ffn_dim)
         thresholds = gate_thresholds_task(src, calib, config.gated_density, min(config.samples, 16), act, work) \
@@ -110,7 +149,8 @@ def convert(config: ConvertConfig) -> ConvertResult:
                                    "heldout_sequences": calib.n_heldout, "seq_len": calib.seq_len,
                                    "seed": calib.seed},
                    "pipeline": {"flow": "flashio-convert", "package": "flashio", "version": package_version(),
-                                "config": config.lineage()}}
+                                "config": config.lineage()},
+                   LINEAGE_KEY: key}
         # The candidate that is evaluated carries only content lineage, so that changing what does not
         # change its bytes (budget, sweep, window...) reuses it and its evaluation from the cache.
         candidate = bundle_task(src, stats, predictors, config.order, config.dtype,
@@ -127,9 +167,8 @@ def convert(config: ConvertConfig) -> ConvertResult:
         final = finalize_task(candidate, lineage, report, report_files, work)
         stages.advance()
 
-        name = config.name or registry_name(src.name)
         published = publish_task(final.path, config.registry, name, config.version, list(config.aliases),
-                                 {"flow": "flashio-convert", "source": src.ref}, config.registry_endpoint)
+                                 {"flow": "flashio-convert", LINEAGE_KEY: key}, config.registry_endpoint)
         stages.advance()
 
     sample = None
@@ -144,7 +183,8 @@ def convert(config: ConvertConfig) -> ConvertResult:
     for line in summary_lines(report):
         log.info(line)
     return ConvertResult(registry=config.registry, name=published.name, version=published.version,
-                         created=published.created, artifact_dir=str(final.path), report=report, sample=sample)
+                         created=published.created, artifact_dir=str(final.path), report=report, sample=sample,
+                         lineage_key=key)
 
 
 def task_runner(config: ConvertConfig):

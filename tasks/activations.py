@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from prefect import get_run_logger, task
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flashio.format import sha256_file
 from tasks.caching import run_stage, stage_cache
@@ -48,6 +47,7 @@ from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import InputError
 from tasks.progress import StageProgress
 from tasks.source import SourceModel
+from tasks.tensorfiles import save_tensors
 from tasks.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop:
             stats[f"layers.{i}.coact"] = col.coact[i]
     meta = {"tokens": str(col.tokens), "coactivation_tokens": str(col.coact_tokens),
             "thresholds": json.dumps(list(thresholds))}
-    save_file(stats, str(out_dir / STATS_FILE), metadata=meta)
+    save_tensors(stats, str(out_dir / STATS_FILE), metadata=meta)
     length = ids.shape[1]
     positions = len(range(0, length, options.pair_stride))
     seq_ids = torch.arange(start, stop, dtype=torch.int32).repeat_interleave(positions)
@@ -276,7 +276,7 @@ def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop:
     for i in range(source.n_layers):
         pairs[f"layers.{i}.x"] = torch.cat(col.xs[i])
         pairs[f"layers.{i}.mask"] = torch.from_numpy(np.concatenate(col.masks[i]))
-    save_file(pairs, str(out_dir / PAIRS_FILE), metadata={"n_neurons": str(source.ffn_dim)})
+    save_tensors(pairs, str(out_dir / PAIRS_FILE), metadata={"n_neurons": str(source.ffn_dim)})
     return ShardResult(index=index, start=start, stop=stop, stats_path=out_dir / STATS_FILE,
                        pairs_path=out_dir / PAIRS_FILE, tokens=col.tokens,
                        stats_sha256=sha256_file(out_dir / STATS_FILE), pairs_sha256=sha256_file(out_dir / PAIRS_FILE))
@@ -308,8 +308,8 @@ def merge_shards(shards: Sequence[ShardResult], *, out_dir: Path) -> ActivationS
     n = total["layers.0.count"].numel()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / STATS_FILE
-    save_file(total, str(path), metadata={"tokens": str(tokens), "coactivation_tokens": str(coact_tokens),
-                                          "thresholds": json.dumps(thresholds)})
+    save_tensors(total, str(path), metadata={"tokens": str(tokens), "coactivation_tokens": str(coact_tokens),
+                                             "thresholds": json.dumps(thresholds)})
     density = tuple(float(total[f"layers.{i}.count"].sum()) / (tokens * n) for i in range(n_layers))
     return ActivationStats(path=path, shards=tuple(sorted(shards, key=lambda s: s.start)), tokens=tokens,
                            n_layers=n_layers, n_neurons=n, active_thresholds=tuple(thresholds), density=density,

@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import get_run_logger, task
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tasks.caching import run_stage, sha256_json, stage_cache
 from tasks.errors import InputError
 from tasks.source import SourceModel
+from tasks.tensorfiles import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +279,8 @@ def prepare_calibration(source: SourceModel, spec: CalibrationSpec, *, n_sequenc
         + calib.tobytes() + b"|" + held.tobytes()).hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / TOKENS_FILE
-    save_file({"calibration": torch.from_numpy(calib), "heldout": torch.from_numpy(held)}, str(path),
-              metadata={"fingerprint": fingerprint, "spec": spec.text})
+    save_tensors({"calibration": torch.from_numpy(calib), "heldout": torch.from_numpy(held)}, str(path),
+                 metadata={"fingerprint": fingerprint, "spec": spec.text})
     log.info("calibration: %d x %d tokens from %d documents, held out %d x %d from %d documents",
              n_sequences, seq_len, n_docs, n_heldout, seq_len, h_docs)
     return CalibrationData(path=path, fingerprint=fingerprint, spec=spec.text,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from prefect import get_run_logger, task
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flashio.format import sha256_file
 from flashio.predictor import LowRankPredictor, PredictorWeights
@@ -41,6 +41,7 @@ from tasks.activations import ActivationStats, ShardResult, load_pairs
 from tasks.caching import run_stage, stage_cache
 from tasks.errors import InputError
 from tasks.progress import StageProgress
+from tasks.tensorfiles import save_tensors
 from tasks.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ def _train_layer(shards: Sequence[ShardResult], layer: int, options: PredictorOp
         sweep.append((float(r), t, score(logits, y_val, t)["predicted_density"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"layer-{layer:03d}.safetensors"
-    save_file({"A": w.A, "B": w.B, "bias": w.bias}, str(path), metadata={"threshold": repr(thr), "rank": str(rank)})
+    save_tensors({"A": w.A, "B": w.B, "bias": w.bias}, str(path), metadata={"threshold": repr(thr), "rank": str(rank)})
     return LayerPredictor(layer=layer, path=path, sha256=sha256_file(path), rank=rank, threshold=thr,
                           true_density=metrics["true_density"], predicted_density=metrics["predicted_density"],
                           recall=metrics["recall"], precision=metrics["precision"], recall_at_budget=rab,

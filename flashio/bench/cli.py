@@ -1,0 +1,144 @@
+"""`flashio bench device|model` and `flashio synth`: thin handlers over flashio.bench / flashio.synth.
+
+    flashio bench device /data --out bench/device              # profile JSON + PNG + markdown
+    flashio synth --shape opt-6.7b --out /data/opt-6.7b-synth
+    flashio bench model /data/opt-6.7b-synth --profile bench/device/device-profile.json --out bench/opt
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from flashio.sizes import parse_size
+
+
+def add_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="measure the device and the per-token latency of a model",
+                           description="Benchmarks for your own device and model.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    bsub.required = True
+
+    p = bsub.add_parser("device", help="random/sequential read throughput of the device under DIR",
+                        description="Random O_DIRECT read throughput (chunk sizes x thread counts) of the "
+                                    "device under DIR with flashio's reader (and fio when installed), plus "
+                                    "sequential throughput. Writes the device profile the cost model uses.")
+    p.add_argument("directory", type=Path, help="a directory on the device (a test file is written there)")
+    p.add_argument("--out", type=Path, default=Path("bench-device"), help="output directory (default bench-device)")
+    p.add_argument("--size", default="4GiB", help="test file size (default 4GiB)")
+    p.add_argument("--chunks", default="4KiB,8KiB,16KiB,32KiB,64KiB,128KiB,256KiB,512KiB,1MiB",
+                   help="comma-separated chunk sizes")
+    p.add_argument("--threads", default="1,2,4,8,16,32,64", help="comma-separated thread counts")
+    p.add_argument("--seconds", type=float, default=0.5, help="seconds per point (flashio reader)")
+    p.add_argument("--fio-seconds", type=float, default=1.0, help="seconds per point (fio)")
+    p.add_argument("--no-fio", action="store_true", help="skip fio even when installed")
+    p.add_argument("--keep-file", action="store_true", help="keep the test file for the next run")
+    p.set_defaults(func=cmd_device)
+
+    p = bsub.add_parser("model", help="per-token latency table: naive .. all techniques, mmap, dense",
+                        description="The paper's per-token latency breakdown (I/O, memory management, "
+                                    "compute) and bytes read per token for configurations added in turn, "
+                                    "each in a child process under a cgroup DRAM limit.")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--out", type=Path, default=Path("bench-model"), help="output directory (default bench-model)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="device profile from `flashio bench device` (default: built-in cost model)")
+    p.add_argument("--trace", default="synthetic",
+                   help="'synthetic' (default) or a trace file recorded with `flashio run --record-trace`")
+    p.add_argument("--trace-preset", default="opt-6.7b", help="generator preset for --trace synthetic")
+    p.add_argument("--configs", default=None, help="comma-separated subset of configurations")
+    p.add_argument("--tokens", type=int, default=24, help="measured tokens per sparse configuration")
+    p.add_argument("--baseline-tokens", type=int, default=4, help="measured tokens for naive/hybrid/mmap/dense")
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--dram-limit", default=None,
+                   help="e.g. 7.5GB (default: half the model plus the runtime's fixed overhead)")
+    p.add_argument("--dram-fraction", type=float, default=0.5,
+                   help="fraction of the model's weights the default limit allows (default 0.5, the paper's)")
+    p.add_argument("--no-cgroup", action="store_true", help="do not enforce the limit with a cgroup")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the configurations in this process (fast, no cgroup, no isolation)")
+    p.add_argument("--compute-dtype", default="auto", help="auto (default), float16, bfloat16 or float32")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads for every configuration (default: torch's; 1 can be "
+                        "faster on a small machine that other processes share)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("synth", help="write a random-weight artifact with a real model's shapes",
+                       description="Write an artifact with the shapes of a known model and random weights "
+                                   "(plus random predictors of the paper's ranks), for benchmarks.")
+    p.add_argument("--shape", required=True, help="opt-6.7b, opt-1.3b or llama-2-7b")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    p.add_argument("--scale", type=float, default=1.0, help="shrink widths, layers, vocabulary (smoke runs)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-predictors", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _list(text: str, conv) -> tuple:
+    return tuple(conv(x.strip()) for x in text.split(",") if x.strip())
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    from flashio.bench.device import (
+        DeviceBenchConfig,
+        measure_device,
+        plot_profile,
+        profile_markdown,
+    )
+
+    cfg = DeviceBenchConfig(args.directory, chunks=_list(args.chunks, parse_size),
+                            threads=_list(args.threads, int), file_bytes=parse_size(args.size),
+                            seconds=args.seconds, fio=not args.no_fio, fio_seconds=args.fio_seconds,
+                            keep_file=args.keep_file)
+    profile = measure_device(cfg, progress=_say)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = profile.save(args.out / "device-profile.json")
+    table = profile_markdown(profile)
+    (args.out / "device-profile.md").write_text(table)
+    png = plot_profile(profile, args.out / "device-profile.png")
+    print(table)
+    print(f"profile: {path}" + (f"\nplot: {png}" if png else ""))
+    print(f"the runtime uses it when FLASHIO_DEVICE_PROFILE={path} is set (or open(..., device_profile=...))")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
+    from flashio.bench.report import markdown
+
+    opts = ModelBenchOptions(
+        args.artifact, args.out, configs=_list(args.configs, str) if args.configs else CONFIG_NAMES,
+        tokens=args.tokens, baseline_tokens=args.baseline_tokens, window=args.window, trace=args.trace,
+        trace_preset=args.trace_preset, dram_limit=parse_size(args.dram_limit) if args.dram_limit else None,
+        weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
+        torch_threads=args.torch_threads, compute_dtype=args.compute_dtype, profile=args.profile, seed=args.seed)
+    signal.signal(signal.SIGTERM, _terminate)  # clean up the child and its cgroup on `kill`
+    results = run_model_bench(opts, progress=_say)
+    print(markdown(results))
+    print(f"results: {args.out / 'results.json'}, {args.out / 'table.md'}, {args.out / 'latency.png'}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from flashio.synth import write_synthetic
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rwriting layers {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    out = write_synthetic(args.shape, args.out, scale=args.scale, seed=args.seed, dtype=args.dtype,
+                          predictors=not args.no_predictors, overwrite=args.overwrite, progress=progress)
+    print(out)
+    return 0

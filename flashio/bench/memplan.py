@@ -1,0 +1,129 @@
+"""What `flashio bench model` gives each configuration: DRAM limit, runtime budget, compute dtype.
+
+The paper runs with about half of the model in DRAM. Here the limit is half of the model's
+weights (resident + FFN, as stored) plus the runtime's fixed overhead, which is not weights: the
+interpreter with torch loaded (measured in a child process), the KV cache of the run, the
+predictors, the staging rows of a dtype conversion and a slack for allocator and thread stacks.
+The runtime's own `dram_budget` is the limit minus the interpreter and the slack, so that what
+the runtime counts (resident + predictors + KV + caches) is what the cgroup has room for.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flashio.errors import FlashError
+from flashio.ffn import ffn_compute
+from flashio.format import Artifact
+from flashio.format.writer import TORCH_DTYPES
+from flashio.sizes import format_size
+
+SLACK_BYTES = 256 << 20  # allocator caches, thread stacks, activations, reader scratch
+_CONVERSION_HEADROOM = 0.30  # staging rows: at most this fraction of one layer arrives at once
+_BASELINE_PROBE = (
+    "import torch, numpy, flashio.runtime, flashio.bench.worker\n"
+    "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+    "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0])\n"
+)
+
+
+def process_baseline_bytes() -> int:
+    """RSS of a fresh interpreter with torch and the runtime imported (what every worker pays)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _BASELINE_PROBE], capture_output=True, text=True,
+                             check=True, timeout=300)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as exc:
+        raise FlashError(f"could not measure the interpreter's baseline memory: {exc}") from None
+
+
+def _available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def plan_memory(art: Artifact, compute_dtype: str, *, max_context: int, window: int,
+                limit_bytes: int | None = None, weights_fraction: float = 0.5,
+                baseline_bytes: int | None = None) -> dict:
+    """Limit, runtime budget, hybrid's pinned fraction and whether dense fits (all in bytes)."""
+    m, a = art.manifest, art.args
+    s_item, c_item = m.itemsize, TORCH_DTYPES[compute_dtype].itemsize
+    resident = m.files[m.resident_file].bytes
+    ffn = m.files[m.ffn_file].bytes
+    preds = m.files[m.predictors_file].bytes if m.predictors_file else 0
+    n, rb = m.ffn_layers[0].n_neurons, m.ffn_layers[0].bundle_width * s_item
+    model = resident + ffn
+    resident_c, ffn_c, preds_c = (x * c_item // s_item for x in (resident, ffn, preds))
+    kv = 2 * a.n_layers * max_context * a.n_kv_heads * a.head_dim * c_item
+    staging = int(_CONVERSION_HEADROOM * n * rb) if compute_dtype != m.dtype else 0
+    baseline = process_baseline_bytes() if baseline_bytes is None else baseline_bytes
+    overhead = baseline + SLACK_BYTES + kv + preds_c + staging
+    limit = limit_bytes if limit_bytes is not None else int(weights_fraction * model) + overhead
+    budget = limit - baseline - SLACK_BYTES
+    floor = resident_c + kv + preds_c + staging + int(0.05 * ffn_c)  # the runtime's minimum (5% cache)
+    if budget < floor:
+        raise FlashError(f"a DRAM limit of {format_size(limit)} leaves {format_size(budget)} for the runtime, "
+                         f"less than the {format_size(floor)} it needs (resident weights, KV cache, predictors "
+                         "and a 5% window cache): raise --dram-limit or --dram-fraction")
+    stream = n * rb  # naive's buffer for one layer
+    pinned = (budget - resident_c - kv - stream) / max(ffn_c - stream, 1)
+    dense_bytes = resident_c + ffn_c + kv + baseline + SLACK_BYTES
+    available = _available_bytes()
+    return {"model_bytes": model, "resident_bytes": resident, "ffn_bytes": ffn, "predictor_bytes": preds,
+            "kv_bytes": kv, "process_baseline_bytes": baseline, "slack_bytes": SLACK_BYTES,
+            "staging_bytes": staging, "overhead_bytes": overhead, "limit_bytes": int(limit),
+            "limit_rule": "given" if limit_bytes is not None else f"{weights_fraction:g} x model + fixed overhead",
+            "budget_bytes": int(budget), "window_cache_fraction": (budget - resident_c - kv - preds_c - staging)
+            / max(ffn_c, 1), "hybrid_pinned_fraction": round(min(max(0.98 * pinned, 0.0), 1.0), 4),
+            "dense_bytes": dense_bytes, "available_bytes": available,
+            "dense_fits": dense_bytes + (1 << 30) < available, "window": window}
+
+
+def choose_compute_dtype(art: Artifact, requested: str = "auto") -> dict:
+    """The dtype of weights in DRAM and of the matmuls. 'auto': the storage dtype, except for
+    float16 storage, where the FFN matmul of a cache-sized block is timed in float16 and bfloat16
+    and the faster one is chosen (float32 would double the DRAM)."""
+    m = art.manifest
+    if requested != "auto":
+        if requested not in TORCH_DTYPES:
+            raise FlashError(f"compute dtype {requested!r} is not one of auto, {', '.join(TORCH_DTYPES)}")
+        return {"chosen": requested, "reason": "given"}
+    if m.dtype != "float16":
+        return {"chosen": m.dtype, "reason": f"the artifact's dtype ({m.dtype})"}
+    L = m.ffn_layers[0]
+    rows = min(L.n_neurons, 4096)
+    parts = {name: slice(a, b) for name, a, b in m.bundle_layout}
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, L.bundle_width, generator=gen) * 0.02
+    h = torch.randn(1, art.args.dim, generator=gen)
+    ms = {}
+    for name in ("float16", "bfloat16"):
+        w, x = base.to(TORCH_DTYPES[name]), h.to(TORCH_DTYPES[name])
+        ffn_compute(x, w, parts, None, None)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            ffn_compute(x, w, parts, None, None)
+            times.append(time.perf_counter() - t0)
+        ms[name] = round(1e3 * statistics.median(times), 3)
+    chosen = min(ms, key=ms.get)
+    return {"chosen": chosen, "reason": f"FFN matmul of {rows} rows: " + ", ".join(f"{k} {v} ms" for k, v in ms.items()),
+            "ffn_ms": ms}
+
+
+def row_line(row: dict) -> str:
+    """One line of progress for a finished configuration."""
+    if not row.get("ok"):
+        return f"{row['name']:12s} FAILED: {row.get('error')}"
+    p = row["per_token"]
+    return (f"{row['name']:12s} {p['total_ms']:8.1f} ms/token (I/O {p['io_ms']:.1f}, mem {p['mem_ms']:.1f}, "
+            f"compute {p['compute_ms']:.1f}), {p['bytes_read'] / 1e6:.1f} MB/token, "
+            f"{p['reads']:.0f} reads/token, {row['tokens']} tokens")

@@ -1,0 +1,174 @@
+"""The outputs of `flashio bench model`: results.json, table.md (the paper's Table 2/3 layout)
+and latency.png (a stacked bar per configuration: I/O, memory management, compute)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FULL_CONFIGS = ("+overlap", "+reordering", "+coalescing", "+bundling")  # "all techniques", best first
+COST_MODEL_ROWS = ("+bundling", "+coalescing", "+reordering", "+overlap")
+TARGETS = {"io_vs_cost_model": 1.3, "speedup_vs_naive": 5.0, "memory_fraction": 0.10, "bytes_vs_trace": 1.10}
+
+
+def _ok(results: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in results["configs"] if r.get("ok")}
+
+
+def evaluate_targets(results: dict) -> dict:
+    """The issue's four targets, each with the measured value and a verdict."""
+    rows = _ok(results)
+    full = next((rows[n] for n in FULL_CONFIGS if n in rows), None)
+    out: dict = {"full_config": full["name"] if full else None}
+    if full is None:
+        return out
+    t = full["per_token"]["total_ms"]
+    io_rows = {n: rows[n]["per_token"]["io_busy_ms"] / rows[n]["per_token"]["io_predicted_ms"]
+               for n in COST_MODEL_ROWS if n in rows and rows[n]["per_token"]["io_predicted_ms"] > 0}
+    if io_rows:
+        worst = max(io_rows.values())
+        out["io_vs_cost_model"] = {"per_config": io_rows, "worst": worst, "target": TARGETS["io_vs_cost_model"],
+                                   "met": worst <= TARGETS["io_vs_cost_model"]}
+    for base in ("naive", "mmap", "hybrid", "dense"):
+        if base in rows:
+            s = rows[base]["per_token"]["total_ms"] / t
+            entry = {"value": s}
+            if base == "naive":
+                entry.update(target=TARGETS["speedup_vs_naive"], met=s >= TARGETS["speedup_vs_naive"])
+            out[f"speedup_vs_{base}"] = entry
+    frac = full["per_token"]["mem_ms"] / t
+    out["memory_fraction"] = {"value": frac, "target": TARGETS["memory_fraction"],
+                              "met": frac <= TARGETS["memory_fraction"]}
+    ratios = {n: r["per_token"]["bytes_read"] / r["required_bytes_per_token"]
+              for n, r in rows.items() if r.get("required_bytes_per_token")}
+    if full["name"] in ratios:
+        v = ratios[full["name"]]
+        out["bytes_vs_trace"] = {"value": v, "per_config": ratios, "target": TARGETS["bytes_vs_trace"],
+                                 "met": v <= TARGETS["bytes_vs_trace"]}
+    return out
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f}" if x >= 1e8 else f"{x / 1e9:.4f}"
+
+
+def markdown(results: dict) -> str:
+    a, mem, tr = results["artifact"], results["memory"], results["trace"]
+    rows = _ok(results)
+    naive = rows.get("naive")
+    lines = [
+        f"### {a['architecture']} {a['layers']} layers x d_model {a['dim']} x {a['ffn_neurons']} FFN neurons, "
+        f"{a['dtype']} ({_gb(mem['model_bytes'])} GB; FFN {_gb(mem['ffn_bytes'])} GB on flash)",
+        "",
+        f"- measured {results['created_at']} on {results['machine'].get('cpus')} CPUs "
+        f"({results['machine'].get('cpu', '?')}), {results['cost_model']['device']}; load average "
+        f"{_load(results)} (other processes share the machine)",
+        f"- DRAM limit {_gb(mem['limit_bytes'])} GB ({mem['limit_rule']}; "
+        + ("cgroup v1 memory limit" if mem["cgroup"] else f"NO cgroup: {mem['cgroup_reason']}; runtime dram_budget only")
+        + f"), runtime budget {_gb(mem['budget_bytes'])} GB",
+        f"- compute dtype {results['compute_dtype']['chosen']} ({results['compute_dtype']['reason']}); "
+        f"torch threads {results['cost_model'].get('torch_threads', '?')}",
+        f"- trace: {_trace_line(tr)}",
+        f"- cost model: {results['cost_model']['source']} profile -> {results['cost_model']['tuned_threads']} "
+        f"threads, gap reads up to {results['cost_model']['tuned_max_gap']} rows (untuned rows: "
+        f"{results['cost_model']['default_threads']} threads, no gap reads)",
+        "",
+        "| configuration | DRAM (GB) | flash->DRAM (MB/token) | reads/token | I/O (ms) | memory mgmt (ms) "
+        "| compute (ms) | total (ms) | speedup vs naive | I/O / cost model | bytes / trace |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["configs"]:
+        if not r.get("ok"):
+            lines.append(f"| {r['name']} | {r.get('error', 'failed')} |||||||||| ")
+            continue
+        p = r["per_token"]
+        io = "(in compute)" if r["mode"] == "mmap" else f"{p['io_ms']:.1f}"
+        speed = f"{naive['per_token']['total_ms'] / p['total_ms']:.2f}x" if naive else "-"
+        model = (f"{p['io_busy_ms'] / p['io_predicted_ms']:.2f}" if r["mode"] == "sparse" and p["io_predicted_ms"] > 0
+                 else "-")
+        need = r.get("required_bytes_per_token")
+        ratio = f"{p['bytes_read'] / need:.3f}" if need else "-"
+        if p.get("truncated"):  # the cache could not hold a step's active set
+            ratio += f" ({p['truncated']:.0f} active neurons/token dropped: cache too small)"
+        lines.append(f"| {r['name']} | {_gb(r['dram_bytes'])} | {p['bytes_read'] / 1e6:.1f} | {p['reads']:.0f} | "
+                     f"{io} | {p['mem_ms']:.1f} | {p['compute_ms']:.1f} | {p['total_ms']:.1f} | {speed} | "
+                     f"{model} | {ratio} |")
+    lines += ["", "Targets:", ""]
+    for key, v in results.get("targets", {}).items():
+        if isinstance(v, dict):
+            target = f" (target {v['target']})" if "target" in v else ""
+            met = (" met" if v["met"] else " MISSED") if "met" in v else ""
+            value = v.get("value", v.get("worst"))
+            lines.append(f"- {key}: {value:.3f}{target}{met}")
+    lines += ["", "DRAM: what the runtime holds (resident weights, window caches, KV cache); "
+              "I/O: time the step waited for reads (+overlap hides part of it; the I/O / cost model "
+              "column compares the reads' wall time with the cost model's prediction for the same reads).", ""]
+    return "\n".join(lines)
+
+
+def _load(results: dict) -> str:
+    la = results.get("load_average") or {}
+    if not la:
+        return "?"
+    return f"{la['start'][0]:.1f} at the start, {la['end'][0]:.1f} at the end"
+
+
+def _trace_line(tr: dict) -> str:
+    if "measured" not in tr:
+        return tr.get("kind", "none")
+    meas = tr["measured"]
+    stats = (f"measured density {100 * meas.get('density', 0):.1f}%, newly loaded {100 * meas.get('loaded', 0):.2f}%"
+             f"/token, window cache {100 * meas.get('cache', 0):.1f}% of the FFN")
+    if tr.get("kind") == "synthetic":
+        g = tr["generator"]
+        return (f"synthetic ({tr['preset']} preset: density {g['density']}, persistence {g['persistence']}, "
+                f"hotness sigma {g['hotness_sigma']}); {stats}")
+    return f"recorded ({tr.get('file')}); {stats}"
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no chart (pip install 'flashio[pipeline]')")
+        return None
+    rows = [r for r in results["configs"] if r.get("ok")]
+    if not rows:
+        return None
+    names = [r["name"] for r in rows][::-1]
+    io = [r["per_token"]["io_ms"] for r in rows][::-1]
+    mem = [r["per_token"]["mem_ms"] for r in rows][::-1]
+    comp = [r["per_token"]["compute_ms"] for r in rows][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    ax.barh(names, io, color="#d62728", label="I/O")
+    ax.barh(names, mem, left=io, color="#ff7f0e", label="memory management")
+    ax.barh(names, comp, left=[a + b for a, b in zip(io, mem)], color="#1f77b4", label="compute")
+    for k, r in enumerate(rows[::-1]):
+        ax.text(r["per_token"]["total_ms"], k, f" {r['per_token']['total_ms']:.0f} ms", va="center", fontsize=8)
+    a = results["artifact"]
+    ax.set_xlabel("ms per token")
+    ax.set_title(f"{a['architecture']} {a['dtype']}, DRAM limit {_gb(results['memory']['limit_bytes'])} GB: "
+                 "per-token latency", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "table.md"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    paths["markdown"].write_text(markdown(results))
+    chart = plot(results, out_dir / "latency.png")
+    if chart:
+        paths["chart"] = chart
+    return paths

@@ -1,0 +1,136 @@
+"""Smoke tests of `flashio bench device`, `flashio synth` and `flashio bench model` at a tiny scale
+(seconds). The full-scale run is in the README's Benchmarks section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
+from flashio.bench.device import DeviceBenchConfig, measure_device
+from flashio.bench.fio import fio_available
+from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
+from flashio.cli import main
+from flashio.costmodel import CostModel, DeviceProfile
+from flashio.errors import FlashError
+from flashio.synth import write_synthetic
+
+BASELINE = 400 << 20  # the interpreter's RSS, fixed here instead of measured in a child (3 s)
+
+
+@pytest.fixture(scope="module")
+def synth_art(tmp_path_factory):
+    return write_synthetic("opt-6.7b", tmp_path_factory.mktemp("bench") / "opt", scale=0.05, seed=0)
+
+
+def test_bench_device_smoke(tmp_path):
+    cfg = DeviceBenchConfig(tmp_path / "dev", chunks=(4096, 16384), threads=(1, 4), file_bytes=16 << 20,
+                            seconds=0.05, fio=False)
+    lines = []
+    profile = measure_device(cfg, progress=lines.append)
+    assert {(p.chunk_bytes, p.threads) for p in profile.random} == {(4096, 1), (4096, 4), (16384, 1), (16384, 4)}
+    assert all(p.mbps > 0 for p in profile.random) and profile.sequential_mbps > 0
+    assert profile.source == "measured" and profile.machine["cpus"] >= 1
+    assert not (tmp_path / "dev" / ".flashio-device-test.bin").exists()  # cleaned up
+    assert len(lines) >= 5
+    cm = CostModel(profile)
+    assert cm.read_time_s([16384] * 64, 4) > 0
+
+
+@pytest.mark.skipif(not fio_available(), reason="fio is not installed")
+def test_bench_device_cli_with_fio(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "device", str(tmp_path / "d"), "--out", str(out), "--size", "16MiB", "--chunks",
+                 "16KiB", "--threads", "2", "--seconds", "0.05", "--fio-seconds", "1"]) == 0
+    profile = DeviceProfile.load(out / "device-profile.json")
+    assert profile.fio_random and profile.fio_random[0].mbps > 0 and profile.fio_sequential_mbps
+    assert (out / "device-profile.png").stat().st_size > 0
+    assert "16.00 KiB" in capsys.readouterr().out
+
+
+def test_bench_model_smoke_all_rows(synth_art, tmp_path):
+    opts = ModelBenchOptions(synth_art, tmp_path / "out", tokens=4, baseline_tokens=1, weights_fraction=0.8,
+                             in_process=True, process_baseline_bytes=BASELINE)
+    res = run_model_bench(opts)
+    rows = {r["name"]: r for r in res["configs"]}
+    assert list(rows) == list(CONFIG_NAMES)
+    assert all(r["ok"] for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
+    assert res["memory"]["cgroup"] is False and "in this process" in res["memory"]["cgroup_reason"]
+    row_bytes = 2 * 256 * 2  # fp16 bundle of d_model 256
+    for name in ("+predictor", "+windowing", "+bundling", "+reordering"):
+        r = rows[name]
+        # without gap reads, exactly the bytes the trace requires (no re-reads, no padding)
+        if r["max_gap"] == 0:
+            assert r["per_token"]["bytes_read"] == pytest.approx(r["required_bytes_per_token"], rel=1e-9), name
+        else:
+            assert r["per_token"]["bytes_read"] >= r["required_bytes_per_token"]
+        assert r["per_token"]["truncated"] == 0
+    assert rows["+windowing"]["per_token"]["reads"] == 2 * rows["+windowing"]["per_token"]["neurons_loaded"]
+    assert rows["+predictor"]["per_token"]["cache_hits"] == 0
+    # naive reads the whole FFN each token; hybrid a part of it
+    ffn_per_token = res["memory"]["ffn_bytes"] - 4096  # the file's header
+    assert rows["naive"]["per_token"]["bytes_read"] == pytest.approx(ffn_per_token, rel=0.01)
+    assert 0 < rows["hybrid"]["per_token"]["bytes_read"] < rows["naive"]["per_token"]["bytes_read"]
+    assert res["trace"]["kind"] == "synthetic" and res["trace"]["measured"]["density"] > 0.05
+    out = tmp_path / "out"
+    table = (out / "table.md").read_text()
+    for name in CONFIG_NAMES:
+        assert f"| {name} |" in table
+    assert "synthetic" in table and "Targets" in table
+    assert json.loads((out / "results.json").read_text())["targets"]["full_config"] == "+overlap"
+    assert (out / "latency.png").stat().st_size > 0
+    assert row_bytes * rows["+bundling"]["per_token"]["neurons_loaded"] == pytest.approx(
+        rows["+bundling"]["per_token"]["bytes_read"], rel=1e-9) or rows["+bundling"]["max_gap"] > 0
+
+
+def test_bench_model_cgroup_fallback(synth_art, tmp_path, monkeypatch):
+    """Without a v1 memory controller the benchmark says so and relies on the runtime's budget."""
+    import flashio.bench.model as bm
+
+    monkeypatch.setattr(bm, "memory_cgroup_support", lambda: (False, "no cgroup v1 memory controller here"))
+    calls = []
+    monkeypatch.setattr(bm, "_run_worker", lambda spec, work, name, limit, timeout: calls.append(limit) or
+                        bm._run_here(spec))
+    res = run_model_bench(ModelBenchOptions(synth_art, tmp_path / "o", configs=("+bundling",), tokens=2,
+                                            weights_fraction=0.9, process_baseline_bytes=BASELINE))
+    assert calls == [None]  # the child gets no cgroup, only the runtime's dram_budget
+    row = res["configs"][0]
+    assert row["ok"], row.get("error")
+    assert res["memory"]["cgroup"] is False and row.get("cgroup") is None
+    assert "NO cgroup: no cgroup v1 memory controller here" in (tmp_path / "o" / "table.md").read_text()
+
+
+@pytest.mark.skipif(not memory_cgroup_support()[0], reason=memory_cgroup_support()[1])
+def test_bench_model_under_a_real_cgroup(synth_art, tmp_path):
+    res = run_model_bench(ModelBenchOptions(synth_art, tmp_path / "o", configs=("+overlap",), tokens=2,
+                                            weights_fraction=0.9))
+    row = res["configs"][0]
+    assert row["ok"], row.get("error")
+    cg = row["cgroup"]
+    assert cg["limit_bytes"] == res["memory"]["limit_bytes"] and 0 < cg["max_usage_bytes"] <= cg["limit_bytes"]
+
+
+def test_cgroup_support_probe_and_errors(tmp_path):
+    ok, why = memory_cgroup_support(tmp_path)
+    assert not ok and "no cgroup v1 memory controller" in why
+    with pytest.raises(FlashError, match="cannot create a memory cgroup"):
+        MemoryCgroup("x", 1 << 30, root=tmp_path)
+
+
+def test_bench_options_are_checked(synth_art, tmp_path):
+    with pytest.raises(FlashError, match="unknown configuration"):
+        ModelBenchOptions(synth_art, tmp_path, configs=("turbo",))
+    with pytest.raises(FlashError, match="raise --dram-limit"):
+        run_model_bench(ModelBenchOptions(synth_art, tmp_path / "x", configs=("+bundling",), dram_limit=1 << 20,
+                                          in_process=True, process_baseline_bytes=BASELINE))
+
+
+def test_cli_help_lists_bench_and_synth(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "device" in text and "model" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "synth" in capsys.readouterr().out
