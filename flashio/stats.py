@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepStats:
     tokens: int = 0  # tokens processed in this step (1 while generating)
     bytes_read: int = 0  # bytes read from the FFN file
