@@ -227,6 +227,7 @@ class FlashModel:
             raise FlashError("this FlashModel is already running a call in another thread; a FlashModel "
                              "is single-session (one KV cache, one window cache): open one per thread")
         try:
+            self.reader.check_unchanged()
             yield
         finally:
             self._lock.release()

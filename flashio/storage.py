@@ -191,7 +191,9 @@ class BundleReader:
         except OSError as e:
             raise FlashReadError(f"cannot open {self._path!r}: {e.strerror}") from e
         try:
-            self._validate_extents(os.fstat(self._fd).st_size)
+            opened = os.fstat(self._fd)
+            self._identity = (opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+            self._validate_extents(opened.st_size)
             self._block = logical_block_size(self._fd)
             if direct:
                 self._fd_direct = self._open_direct()
@@ -242,6 +244,19 @@ class BundleReader:
     def direct(self) -> bool:
         """True when reads go through O_DIRECT (False when asked not to or refused)."""
         return self._fd_direct >= 0
+
+    def check_unchanged(self) -> None:
+        """Raise FlashReadError when the file this reader opened was deleted or replaced since
+        (the open descriptor would keep reading the old, unlinked inode without noticing)."""
+        try:
+            now = os.stat(self._path)
+        except FileNotFoundError:
+            raise FlashReadError(f"{self._path} was deleted while the model was open; reopen the artifact") from None
+        _, ino, size, _ = self._identity
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != self._identity:
+            raise FlashReadError(f"{self._path} was replaced or modified while the model was open "
+                                 f"(inode {ino} -> {now.st_ino}, {size} -> {now.st_size} bytes); "
+                                 "reopen the artifact")
 
     @property
     def extents(self) -> tuple[LayerExtent, ...]:

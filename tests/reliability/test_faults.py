@@ -90,3 +90,24 @@ def test_read_errors_during_generation_are_not_swallowed(sparse_art, monkeypatch
     with flashio.open(sparse_art, mode="sparse", window=1) as fresh:
         assert fresh.generate([2, 9, 11], max_new_tokens=5, stop_at_eos=False).token_ids == again
 
+
+
+@pytest.mark.parametrize("change", ["delete", "replace", "rewrite"])
+def test_artifact_deleted_or_replaced_while_open(sparse_art, change):
+    import os
+    import shutil
+
+    ffn = sparse_art / "ffn.safetensors"
+    with flashio.open(sparse_art, mode="naive") as model:
+        model.generate([2, 5], max_new_tokens=2, stop_at_eos=False)
+        if change == "delete":
+            ffn.unlink()
+        elif change == "replace":  # a new file renamed over the old one (what writers do)
+            shutil.copyfile(ffn, sparse_art / "new")
+            os.replace(sparse_art / "new", ffn)
+        else:
+            with open(ffn, "r+b") as f:
+                f.seek(0, 2)
+                f.write(b"x")
+        with pytest.raises(FlashReadError, match=r"deleted|replaced"):
+            model.generate([2, 5], max_new_tokens=2, stop_at_eos=False)
