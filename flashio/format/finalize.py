@@ -18,7 +18,7 @@ from typing import Any
 from flashio.errors import FlashError
 from flashio.format.manifest import MANIFEST, FileEntry, check_relative_name
 from flashio.format.reader import Artifact
-from flashio.format.writer import _fsync_dir, sha256_file
+from flashio.format.writer import move_into_place, sha256_file
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -59,15 +59,7 @@ def finalize_artifact(src: str | Path, out_dir: str | Path, *, lineage: dict[str
         (tmp / MANIFEST).write_text(new.dumps())
         with open(tmp / MANIFEST, "rb") as fh:
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-        _fsync_dir(out_dir.parent)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

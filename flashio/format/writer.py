@@ -236,20 +236,26 @@ def write_artifact(
             if p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if out_dir.exists():  # overwrite: move the old one aside first, delete it after the swap
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-        _fsync_dir(out_dir.parent)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("wrote artifact %s (%d layers, %s)", out_dir, n_layers, dtype)
     return out_dir
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished, fsynced directory `tmp` to `out_dir` (replacing an old one: moved
+    aside first, deleted after the swap), then fsync the parent so the rename is durable."""
+    _fsync_dir(tmp)
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+    _fsync_dir(out_dir.parent)
 
 
 def _source_dtype(source: ModelSource) -> str:
