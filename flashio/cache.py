@@ -67,6 +67,18 @@ class WindowCache:
         neurons if the capacity demands it, and reserves rows for the missing ones. The caller
         fills `matrix[start:start + len(missing)]` with their bundles.
         """
+        expired, missing = self._advance(active)
+        moved = self._remove(expired)
+        start = self.n_used
+        m = len(missing)
+        self.neuron_at[start : start + m] = missing
+        self.slot_of[missing] = np.arange(start, start + m)
+        self.n_used += m
+        return CacheUpdate(missing, start, len(active) - m, len(expired), moved)
+
+    def _advance(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record step `active`; return (neurons leaving the cache, neurons to load): those whose
+        last activity left the window, plus the least recently active ones if the capacity demands."""
         if len(active) > self.capacity:
             raise ValueError(f"{len(active)} active neurons exceed the cache capacity {self.capacity}")
         s = self.step
@@ -80,20 +92,13 @@ class WindowCache:
         missing = active[self.slot_of[active] < 0]
         overflow = self.n_used - len(expired) + len(missing) - self.capacity
         if overflow > 0:  # the window does not fit: drop the least recently active neurons too
-            used = self.neuron_at[: self.n_used]
             keep = np.ones(self.n_used, dtype=bool)
             keep[self.slot_of[expired]] = False
             keep[self.slot_of[active[self.slot_of[active] >= 0]]] = False
-            candidates = used[keep]
+            candidates = self.neuron_at[: self.n_used][keep]
             oldest = candidates[np.argpartition(self.last_active[candidates], overflow - 1)[:overflow]]
             expired = np.concatenate([expired, oldest])
-        moved = self._remove(expired)
-        start = self.n_used
-        m = len(missing)
-        self.neuron_at[start : start + m] = missing
-        self.slot_of[missing] = np.arange(start, start + m)
-        self.n_used += m
-        return CacheUpdate(missing, start, len(active) - m, len(expired), moved)
+        return expired, missing
 
     def _remove(self, neurons: np.ndarray) -> int:
         """Free the rows of `neurons`, filling holes with the last used rows. Returns rows moved."""

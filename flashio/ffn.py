@@ -260,25 +260,7 @@ class FillingWindowCache(WindowCache):
 
     def update_fill(self, active: np.ndarray) -> FillUpdate:
         """As WindowCache.update (same window and capacity rules), with new rows in freed slots."""
-        if len(active) > self.capacity:
-            raise ValueError(f"{len(active)} active neurons exceed the cache capacity {self.capacity}")
-        s = self.step
-        self.step += 1
-        self.last_active[active] = s
-        self.history.append(active)
-        expired = np.empty(0, dtype=np.int64)
-        if len(self.history) > self.window:
-            old = self.history.popleft()
-            expired = old[(self.last_active[old] == s - self.window) & (self.slot_of[old] >= 0)]
-        missing = active[self.slot_of[active] < 0]
-        overflow = self.n_used - len(expired) + len(missing) - self.capacity
-        if overflow > 0:  # the window does not fit: drop the least recently active neurons too
-            keep = np.ones(self.n_used, dtype=bool)
-            keep[self.slot_of[expired]] = False
-            keep[self.slot_of[active[self.slot_of[active] >= 0]]] = False
-            candidates = self.neuron_at[: self.n_used][keep]
-            oldest = candidates[np.argpartition(self.last_active[candidates], overflow - 1)[:overflow]]
-            expired = np.concatenate([expired, oldest])
+        expired, missing = self._advance(active)
         freed = np.sort(self.slot_of[expired])
         self.slot_of[expired] = -1
         self.neuron_at[freed] = -1
