@@ -19,6 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--window", type=int, default=5, help="tokens a neuron stays cached (default 5)")
     p.add_argument("--dram-budget", default=None, help="e.g. 2GiB: resident + caches must fit")
     p.add_argument("--threads", type=int, default=None, help="flash reader threads (default 16)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of weights in memory and of the matmuls (default: the artifact's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -52,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     record = getattr(args, "record_trace", None) is not None
     with flashio.open(args.artifact, mode=args.mode, window=args.window, dram_budget=args.dram_budget,
-                      threads=args.threads, registry=args.registry, record_trace=record) as model:
+                      threads=args.threads, registry=args.registry, record_trace=record,
+                      device=args.device, compute_dtype=args.compute_dtype) as model:
         out = sys.stdout
         if not args.json:
             out.write(args.prompt)
@@ -71,9 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.json:
             n = max(len(gen.decode), 1)
             print(json.dumps({"text": gen.text, "tokens": len(ids), "tokens_per_s": gen.tokens_per_s(),
-                              "per_token": gen.decode_total.per_token(n), "mode": args.mode}, indent=1))
+                              "per_token": gen.decode_total.per_token(n), "mode": args.mode,
+                              "device": str(model.device)}, indent=1))
         else:
-            print(f"\n[{args.mode}] {gen.summary()}", file=sys.stderr)
+            print(f"\n[{args.mode}, {model.device}] {gen.summary()}", file=sys.stderr)
         if record:
             trace = model.trace()
             path = trace.save(args.record_trace)

@@ -1,27 +1,36 @@
 """Devices: where the model runs, and how flash bytes reach the window caches there.
 
     dev = resolve_device("cuda")            # one clear error when CUDA is absent
-    path = transfer_path(dev, max_rows=capacity, row_width=bundle_width, dtype=torch.float16)
-    host, slot = path.staging(m)            # the reader writes m bundles here (O_DIRECT)
-    path.upload(slot, host, cache.matrix[start:start + m])   # async, on the copy stream
-    path.before_compute()                   # the compute stream waits for the uploads (events)
+    path = transfer_path(dev, staging_bytes=capacity * row_bytes, index_capacity=3 * capacity)
+    host, slot = path.staging(m, cache_rows)  # the reader writes m bundles here (O_DIRECT)
+    path.upload(slot, host, cache_rows)       # async, on the copy stream
+    path.before_compute()                     # the compute stream waits for the uploads (events)
+    src, dst = path.indices(movers, holes)    # row ids where the matrix lives, no allocation
+    times = path.finish_step()                # device time of the step's copies and cache moves
 
-On the CPU the cache rows are themselves the read destination (no staging, no copy). On CUDA,
-reads land in pinned, page-aligned host buffers (an anonymous mmap registered with
-cudaHostRegister, so O_DIRECT works on it), double-buffered so that the next layer's reads can
-fill one buffer while the other is still being copied; a dedicated stream carries the
-host-to-device copies and CUDA events order the compute stream after them — no global
-synchronisation, no allocation per token.
+This is the one interface the engines use, whatever the device. On the CPU (`HostTransfer`) the
+cache rows are themselves the read destination: no staging, no copy, numpy ids viewed as tensors.
+On CUDA (`CudaTransfer`), reads land in pinned, page-aligned host buffers (an anonymous mmap
+registered with cudaHostRegister, so O_DIRECT works on it), double-buffered so that the next
+layer's reads can fill one buffer while the other is still being copied; a dedicated stream
+carries the host-to-device copies and CUDA events order the compute stream after them: no
+global synchronisation inside a step, no device allocation per token (index ids travel through
+a preallocated pinned ring to a preallocated device buffer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from flashio.arena import AlignedArena
+from flashio.arena import PAGE_BYTES, AlignedArena, round_up
+from flashio.cache import host_indices
 from flashio.errors import FlashError
 
 log = logging.getLogger(__name__)
@@ -46,24 +55,78 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
+@dataclass(frozen=True)
+class DeviceTimes:
+    """Device-side time of one step's work that the host cannot time itself (asynchronous)."""
+
+    upload_s: float = 0.0  # host-to-device copies of flash reads (copy stream)
+    mem_s: float = 0.0  # cache management kernels: row moves, dtype conversion (compute stream)
+
+
 class TransferPath(Protocol):
-    def staging(self, m: int, dest: torch.Tensor) -> tuple[torch.Tensor, int]: ...
-    def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None: ...
-    def before_compute(self) -> None: ...
+    device: torch.device
+    # True: reads land in the destination rows themselves (host memory: the CPU); the engines
+    # then keep O_DIRECT-aligned host buffers. False: reads land in a staging buffer and are
+    # uploaded; the engines keep device buffers (zeroed) and convert dtypes on the device.
+    in_place: bool
+
+    def staging(self, m: int, dest: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A host tensor shaped like `dest` (m rows) for the reader to fill, and its slot."""
+        ...
+
+    def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
+        """Start moving what the reader put in `host` to `dest`."""
+        ...
+
+    def before_compute(self) -> None:
+        """Order the compute after every upload started so far."""
+        ...
+
+    def indices(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """int64 row ids as tensors on the device (valid until the same call comes round again)."""
+        ...
+
+    def span(self) -> contextlib.AbstractContextManager[None]:
+        """Times the device work of cache management launched inside it."""
+        ...
+
+    def finish_step(self) -> DeviceTimes:
+        """Wait for the step's device work; return its device-side times."""
+        ...
+
+    def host_bytes(self) -> int:
+        """Host memory the path holds (pinned staging), outside the device budget."""
+        ...
+
     def close(self) -> None: ...
 
 
 class HostTransfer:
-    """CPU: the reader fills the cache rows directly."""
+    """CPU: the reader fills the cache rows directly; nothing is asynchronous."""
+
+    device = torch.device("cpu")
+    in_place = True
 
     def staging(self, m: int, dest: torch.Tensor) -> tuple[torch.Tensor, int]:
         return dest, -1
 
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
-        assert host.data_ptr() == dest.data_ptr()
+        assert host.data_ptr() == dest.data_ptr(), "the CPU path reads straight into the rows"
 
     def before_compute(self) -> None:
         pass
+
+    def indices(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return host_indices(*arrays)
+
+    def span(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def finish_step(self) -> DeviceTimes:
+        return DeviceTimes()
+
+    def host_bytes(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass
@@ -84,52 +147,131 @@ def unpin(arena: AlignedArena) -> None:
 
 
 class CudaTransfer:
-    """Pinned double-buffered staging + a copy stream + events."""
+    """Pinned double-buffered staging + a copy stream + events; a pinned ring for row ids."""
 
-    def __init__(self, device: torch.device, *, max_rows: int, row_width: int, dtype: torch.dtype,
-                 buffers: int = 2):
+    in_place = False
+
+    def __init__(self, device: torch.device, *, staging_bytes: int, index_capacity: int,
+                 buffers: int = 2, index_slots: int = 4):
         self.device = device
-        row_bytes = row_width * dtype.itemsize
-        self.arena = AlignedArena(max(buffers * max_rows * row_bytes, 1))
+        self.slot_bytes = round_up(max(staging_bytes, 1), PAGE_BYTES)
+        self.arena = AlignedArena(buffers * self.slot_bytes)
         pin(self.arena)
-        self.bufs = [self.arena.tensor(dtype, (max_rows, row_width), offset_bytes=k * max_rows * row_bytes)
-                     for k in range(buffers)]
-        self.events = [torch.cuda.Event() for _ in range(buffers)]  # reused: recorded per upload
-        self.in_use = [False] * buffers
+        self._bufs = [self.arena.tensor(torch.uint8, (self.slot_bytes,), offset_bytes=k * self.slot_bytes)
+                      for k in range(buffers)]
+        self._done = [torch.cuda.Event() for _ in range(buffers)]  # reused: recorded per upload
+        self._in_use = [False] * buffers
+        self._next = 0
+        self._pending: list[int] = []
         self.stream = torch.cuda.Stream(device)
-        self.next = 0
-        self.pending: list[int] = []
+        # row ids: one pinned host row and one device row per slot, both preallocated
+        self.index_capacity = max(index_capacity, 1)
+        self._ids_host = torch.empty(index_slots, self.index_capacity, dtype=torch.int64, pin_memory=True)
+        self._ids_np = [row.numpy() for row in self._ids_host]
+        self._ids_dev = torch.empty(index_slots, self.index_capacity, dtype=torch.int64, device=device)
+        self._ids_done = [torch.cuda.Event() for _ in range(index_slots)]
+        self._ids_used = [False] * index_slots
+        self._ids_next = 0
+        # timing events, reused step after step
+        self._timers: list[torch.cuda.Event] = []
+        self._n_timers = 0
+        self._upload_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._mem_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _timer_pair(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        while len(self._timers) < self._n_timers + 2:
+            self._timers.append(torch.cuda.Event(enable_timing=True))
+        pair = self._timers[self._n_timers], self._timers[self._n_timers + 1]
+        self._n_timers += 2
+        return pair
 
     def staging(self, m: int, dest: torch.Tensor) -> tuple[torch.Tensor, int]:
-        slot = self.next
-        self.next = (slot + 1) % len(self.bufs)
-        if self.in_use[slot]:
-            self.events[slot].synchronize()  # its previous copy must be done before we overwrite it
-        return self.bufs[slot][:m], slot
+        nbytes = dest.numel() * dest.element_size()
+        if nbytes > self.slot_bytes:
+            raise FlashError(f"{m} rows ({nbytes} bytes) exceed the {self.slot_bytes}-byte staging buffer")
+        slot = self._next
+        self._next = (slot + 1) % len(self._bufs)
+        if self._in_use[slot]:
+            self._done[slot].synchronize()  # its previous copy must be done before we overwrite it
+        return self._bufs[slot][:nbytes].view(dest.dtype).view(dest.shape), slot
 
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
-        # the copy must not start before the compute stream is done with what it overwrites
+        # the copy must not start before the compute stream is done with the rows it overwrites
+        # (the window cache's row moves read the tail rows that new bundles land on)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        start, end = self._timer_pair()
         with torch.cuda.stream(self.stream):
+            start.record(self.stream)
             dest.copy_(host, non_blocking=True)
-            self.events[slot].record(self.stream)
-        self.in_use[slot] = True
-        self.pending.append(slot)
+            end.record(self.stream)
+            self._done[slot].record(self.stream)
+        self._upload_spans.append((start, end))
+        self._in_use[slot] = True
+        self._pending.append(slot)
 
     def before_compute(self) -> None:
         current = torch.cuda.current_stream(self.device)
-        for slot in self.pending:
-            current.wait_event(self.events[slot])
-        self.pending.clear()
+        for slot in self._pending:
+            current.wait_event(self._done[slot])
+        self._pending.clear()
+
+    def indices(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+        total = sum(len(a) for a in arrays)
+        if total > self.index_capacity:
+            raise FlashError(f"{total} row ids exceed the {self.index_capacity}-entry index buffer")
+        k = self._ids_next
+        self._ids_next = (k + 1) % len(self._ids_np)
+        if self._ids_used[k]:
+            self._ids_done[k].synchronize()  # the host row is free once its last copy ran
+        host, out, offsets = self._ids_np[k], [], []
+        pos = 0
+        for a in arrays:
+            host[pos : pos + len(a)] = a
+            offsets.append((pos, len(a)))
+            pos += len(a)
+        dev = self._ids_dev[k]
+        if pos:  # on the compute stream: the kernels that use the ids come after it
+            dev[:pos].copy_(self._ids_host[k, :pos], non_blocking=True)
+        self._ids_done[k].record()
+        self._ids_used[k] = True
+        for p, n in offsets:
+            out.append(dev[p : p + n])
+        return tuple(out)
+
+    @contextlib.contextmanager
+    def span(self) -> Iterator[None]:
+        start, end = self._timer_pair()
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self._mem_spans.append((start, end))
+
+    def finish_step(self) -> DeviceTimes:
+        torch.cuda.synchronize(self.device)  # the step's work is done: its events are final
+        up = sum(a.elapsed_time(b) for a, b in self._upload_spans)
+        mem = sum(a.elapsed_time(b) for a, b in self._mem_spans)
+        self._upload_spans.clear()
+        self._mem_spans.clear()
+        self._n_timers = 0
+        return DeviceTimes(upload_s=up / 1e3, mem_s=mem / 1e3)
+
+    def host_bytes(self) -> int:
+        return self.arena.nbytes + self._ids_host.numel() * 8
 
     def close(self) -> None:
+        if self.arena.closed:
+            return
         torch.cuda.synchronize(self.device)
         unpin(self.arena)
-        self.bufs.clear()
+        self._bufs.clear()
         self.arena.close()
 
 
-def transfer_path(device: torch.device, *, max_rows: int, row_width: int, dtype: torch.dtype) -> TransferPath:
+def transfer_path(device: torch.device, *, staging_bytes: int, index_capacity: int) -> TransferPath:
+    """The transfer path for `device`: staging for reads of up to staging_bytes at once, and
+    up to index_capacity row ids per `indices` call."""
     if device.type == "cuda":
-        return CudaTransfer(device, max_rows=max_rows, row_width=row_width, dtype=dtype)
+        return CudaTransfer(device, staging_bytes=staging_bytes, index_capacity=index_capacity)
     return HostTransfer()

@@ -51,8 +51,11 @@ class PredictorWeights:
         """The same predictor with output rows in stored order: row j predicts source neuron order[j]."""
         return PredictorWeights(self.A, self.B[order], self.bias[order], self.threshold)
 
-    def to(self, dtype: torch.dtype) -> PredictorWeights:
-        return PredictorWeights(self.A.to(dtype), self.B.to(dtype), self.bias.to(dtype), self.threshold)
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None, *,
+           copy: bool = False) -> PredictorWeights:
+        """In `dtype` on `device` (default: where it is); copy=True always gives private tensors."""
+        A, B, bias = (t.to(device=device, dtype=dtype, copy=copy) for t in (self.A, self.B, self.bias))
+        return PredictorWeights(A, B, bias, self.threshold)
 
 
 class LowRankPredictor(nn.Module):

@@ -7,7 +7,7 @@
         print(model.generate("import os", max_new_tokens=16).summary())
 
 Per step and layer: attention with resident weights and a KV cache, then the mode's FFN engine
-(see flashio.ffn). Every step records bytes read and the I/O / memory / compute split.
+(see flashio.engines and flashio.sparse). Every step records bytes read and the I/O / memory / compute split.
 A FlashModel is single-session: it owns one KV cache and one set of window caches, so concurrent
 calls from several threads are refused with a clear error; open the artifact once per session.
 """
@@ -15,9 +15,8 @@ calls from several threads are refused with a clear error; open the artifact onc
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -27,33 +26,19 @@ from pathlib import Path
 
 import torch
 
+from flashio.budget import MemoryBudget
 from flashio.costmodel import CostModel, DeviceProfile, profile_from_env
-from flashio.errors import BudgetError, ChecksumError, FlashError, FormatError, TokenizerError
-from flashio.ffn import (
-    ActiveSource,
-    DenseEngine,
-    MmapEngine,
-    NaiveEngine,
-    OracleEngine,
-    SparseEngine,
-    SparseOptions,
-    convert_rows,
-    one_thread,
-)
+from flashio.device import TransferPath, resolve_device, transfer_path
+from flashio.engines import ActiveSource, DenseEngine, MmapEngine, NaiveEngine, SparseOptions
+from flashio.errors import FlashError, TokenizerError
 from flashio.format import Artifact
-from flashio.format.ffnfile import read_safetensors_header
 from flashio.format.writer import TORCH_DTYPES
 from flashio.models.base import KVCache
 from flashio.predictor import PredictorWeights
-from flashio.sizes import format_size, parse_size
+from flashio.sizes import parse_size
+from flashio.sparse import OracleEngine, SparseEngine
 from flashio.stats import StatsRecorder, StepStats
-from flashio.storage import (
-    DEFAULT_THREADS,
-    AlignedArena,
-    BundleReader,
-    LayerExtent,
-    evict_from_page_cache,
-)
+from flashio.storage import DEFAULT_THREADS, BundleReader, LayerExtent, evict_from_page_cache
 from flashio.tokenizer import TextCodec
 from flashio.trace import Trace, TraceRecorder
 
@@ -65,9 +50,7 @@ MODES = ("dense", "naive", "sparse", "oracle", "mmap")
 # caches grew by ~5 MB per token, towards ~1 GB outside any DRAM budget. open() bounds them
 # (read when oneDNN first runs) unless the user set them.
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
-# The smallest window cache open() accepts, as a fraction of each layer's neurons: a token's
-# predicted set is typically 2-10% of the FFN (paper, appendix), so less cannot run usefully.
-MIN_CACHE_FRACTION = 0.05
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -117,79 +100,63 @@ class FlashModel:
                  max_context: int | None, direct: bool, plan: ReadPlan,
                  compute_dtype: torch.dtype | None = None, sparse: SparseOptions | None = None,
                  active_source: ActiveSource | None = None, pinned_fraction: float = 0.0,
-                 record_trace: bool = False):
-        self.artifact, self.mode, self.window, self.plan = art, mode, window, plan
+                 record_trace: bool = False, device: torch.device = _CPU,
+                 transfer: TransferPath | None = None):
+        self.artifact, self.mode, self.window, self.plan, self.device = art, mode, window, plan, device
         m = art.manifest
         self.dtype = TORCH_DTYPES[m.dtype]  # storage
         self.compute_dtype = compute_dtype or self.dtype
         self.args = art.args
         max_len = min(self.args.max_positions, max_context or self.args.max_positions)
-        resident = load_resident(art, self.compute_dtype)
+        resident = art.load_resident(dtype=self.compute_dtype)  # private memory, sha256 checked
+        for name in list(resident):  # one tensor at a time: the host copy is freed as it moves
+            resident[name] = resident[name].to(device)
         self.model = art.arch.Model(self.args, resident)
         predictors = art.load_predictors() if mode == "sparse" else None
         if predictors is not None:  # private copies: the file's mapping and page cache are let go
-            predictors = [p.to(self.compute_dtype) if self.compute_dtype != self.dtype else
-                          PredictorWeights(p.A.clone(), p.B.clone(), p.bias.clone(), p.threshold)
-                          for p in predictors]
+            predictors = [p.to(self.compute_dtype, device, copy=True) for p in predictors]
             evict_from_page_cache(art.file(m.predictors_file))
         if mode == "sparse" and predictors is None and active_source is None:
             raise FlashError(f"{art.path}: mode='sparse' needs predictors and this artifact has none "
                              "(packed without the pipeline); use mode='oracle', 'dense' or 'naive', "
                              "give an active_source (a trace replay), or convert it with `flashio convert`")
         extents = [LayerExtent(L.offset_bytes, L.n_neurons, L.bundle_width * m.itemsize) for L in m.ffn_layers]
-        n_neurons = m.ffn_layers[0].n_neurons
-        c_item = self.compute_dtype.itemsize
-        row_bytes = m.ffn_layers[0].bundle_width * c_item  # a cached row, in the compute dtype
-        kv_bytes = 2 * self.args.n_layers * max_len * self.args.n_kv_heads * self.args.head_dim * c_item
-        resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
-        pred_bytes = sum(p.A.numel() + p.B.numel() + p.bias.numel() for p in predictors or []) * c_item
-        fixed = resident_bytes + pred_bytes + kv_bytes
-        if mode == "oracle":
-            fixed += m.n_layers * n_neurons * (row_bytes // len(m.bundle_layout))
-        staged = self.compute_dtype != self.dtype and mode in ("sparse", "oracle")
-        # a cached row in every layer, + one row of the shared move scratch, + one staging row
-        per_row = (m.n_layers + 1) * row_bytes + (extents[0].row_bytes if staged else 0)
-        ffn_bytes = sum(e.n_rows for e in extents) * row_bytes
-        pinned_bytes = sum(round(pinned_fraction * e.n_rows) for e in extents) * row_bytes
-        stream = max(e.n_rows - round(pinned_fraction * e.n_rows) for e in extents) * extents[0].row_bytes
-        capacity = n_neurons
-        if dram_budget is not None:
-            need = {"dense": fixed + ffn_bytes, "naive": fixed + pinned_bytes + stream, "mmap": fixed}
-            min_rows = max(1, math.ceil(MIN_CACHE_FRACTION * n_neurons))
-            need["sparse"] = need["oracle"] = fixed + min_rows * per_row
-            if dram_budget < need[mode]:
-                raise BudgetError(
-                    f"dram_budget {format_size(dram_budget)} is too small for mode {mode!r}: it needs at "
-                    f"least {format_size(need[mode])} (resident {format_size(resident_bytes)}, KV cache for "
-                    f"{max_len} tokens {format_size(kv_bytes)}, predictors {format_size(pred_bytes)}, "
-                    f"FFN {format_size(need[mode] - fixed)}); raise the budget or lower max_context")
-            if mode in ("sparse", "oracle"):
-                capacity = min(n_neurons, (dram_budget - fixed) // per_row)
-        self.capacity = capacity
-        self._resident_bytes, self._pred_bytes = resident_bytes, pred_bytes
+        budget = MemoryBudget.of(art, mode, self.compute_dtype, max_len, resident, predictors, pinned_fraction)
+        self.capacity = budget.capacity(dram_budget)
+        self._resident_bytes, self._pred_bytes = budget.resident_bytes, budget.predictor_bytes
         self.reader = BundleReader(art.file(m.ffn_file), extents, threads=plan.threads,
                                    max_gap=plan.max_gap, direct=direct, cost_model=plan.cost_model)
+        if transfer is None:  # reads of one layer at most: the window's capacity, or a streamed layer
+            rows = self.capacity if mode in ("sparse", "oracle") else budget.stream_rows if mode == "naive" else 0
+            transfer = transfer_path(device, staging_bytes=rows * extents[0].row_bytes,
+                                     index_capacity=2 * self.capacity)
+        self.transfer = transfer
         self.rec = StatsRecorder()
         self.recorder = None
         if record_trace:
-            self.recorder = TraceRecorder(m.n_layers, n_neurons, {
+            self.recorder = TraceRecorder(m.n_layers, m.ffn_layers[0].n_neurons, {
                 "artifact": str(art.path), "mode": mode, "window": window,
                 "ffn_sha256": m.files[m.ffn_file].sha256, "architecture": m.architecture})
         common = (art, self.reader, resident, self.rec, self.dtype)
-        kw = {"compute_dtype": self.compute_dtype, "recorder": self.recorder}
-        if mode == "dense":
-            self.engine = DenseEngine(*common, **kw)
-        elif mode == "naive":
-            self.engine = NaiveEngine(*common, pinned_fraction=pinned_fraction, **kw)
-        elif mode == "mmap":
-            self.engine = MmapEngine(*common, **kw)
-        elif mode == "sparse":
-            self.engine = SparseEngine(*common, predictors=predictors, window=window, capacity=capacity,
-                                       source=active_source, options=sparse, **kw)
-        else:
-            self.engine = OracleEngine(*common, window=window, capacity=capacity, options=sparse, **kw)
-        self.kv = KVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
-                          max_len=max_len, dtype=self.compute_dtype)
+        kw = {"compute_dtype": self.compute_dtype, "recorder": self.recorder, "transfer": transfer}
+        try:
+            if mode == "dense":
+                self.engine = DenseEngine(*common, **kw)
+            elif mode == "naive":
+                self.engine = NaiveEngine(*common, pinned_fraction=pinned_fraction, **kw)
+            elif mode == "mmap":
+                self.engine = MmapEngine(*common, **kw)
+            elif mode == "sparse":
+                self.engine = SparseEngine(*common, predictors=predictors, window=window, capacity=self.capacity,
+                                           source=active_source, options=sparse, **kw)
+            else:
+                self.engine = OracleEngine(*common, window=window, capacity=self.capacity, options=sparse, **kw)
+            self.kv = KVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
+                              max_len=max_len, dtype=self.compute_dtype, device=device)
+        except BaseException:  # e.g. out of device memory: give back the pinned staging and the files
+            transfer.close()
+            self.reader.close()
+            raise
         self.codec = None
         tok = m.tokenizer
         if tok is not None:
@@ -197,6 +164,30 @@ class FlashModel:
                                    eos_token_id=tok.get("eos_token_id"), add_bos=bool(tok.get("add_bos", True)))
         self.stats: list[StepStats] = []
         self._lock = threading.Lock()
+
+    @property
+    def predictor_thresholds(self) -> list[float]:
+        """The sparse engine's per-layer predictor thresholds (probabilities)."""
+        return [p.threshold for p in self._predictors()]
+
+    def set_predictor_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Replace the per-layer predictor thresholds (probabilities in (0, 1)), e.g. to trade
+        accuracy for bytes read; takes effect from the next step."""
+        preds = self._predictors()
+        if len(thresholds) != len(preds):
+            raise FlashError(f"{len(thresholds)} thresholds given for {len(preds)} layers")
+        bad = [t for t in thresholds if not 0.0 < float(t) < 1.0]
+        if bad:
+            raise FlashError(f"predictor thresholds must be probabilities in (0, 1), got {bad[:3]}")
+        for i, t in enumerate(thresholds):
+            preds[i] = dataclasses.replace(preds[i], threshold=float(t))
+
+    def _predictors(self) -> list[PredictorWeights]:
+        preds = getattr(self.engine, "predictors", None)
+        if preds is None:
+            raise FlashError(f"this model runs mode={self.mode!r} without predictors: thresholds apply to "
+                             "mode='sparse' on an artifact with predictors")
+        return preds
 
     def trace(self) -> Trace:
         """The active sets this model computed since it was opened (needs record_trace=True)."""
@@ -213,6 +204,7 @@ class FlashModel:
 
     def close(self) -> None:
         self.engine.close()
+        self.transfer.close()
         self.reader.close()
 
     def __enter__(self) -> FlashModel:
@@ -241,13 +233,19 @@ class FlashModel:
         self.engine.begin_step()
         start = self.kv.length
         self.kv.reserve(start + len(tokens))
-        x = self.model.embed(tokens, start)
+        x = self.model.embed(tokens.to(self.device), start)
         for i in range(self.args.n_layers):
             x = self.model.attention(i, x, self.kv, start)
             y = self.engine(i, self.model.ffn_input(i, x))
             x = self.model.ffn_output(i, x, y)
         logits = self.model.head(x)
         self.kv.advance(len(tokens))
+        # CUDA: wait for the step's kernels (so that its time is real) and add the device time of
+        # the flash rows' copies to I/O and of the cache's row moves to memory management; these
+        # may overlap host work already counted, so compute (the rest) is a lower bound there
+        times = self.transfer.finish_step()
+        self.rec.io_s += times.upload_s
+        self.rec.mem_s += times.mem_s
         self.stats.append(self.rec.finish(len(tokens), time.perf_counter() - t0))
         return logits
 
@@ -266,8 +264,8 @@ class FlashModel:
         return torch.tensor(ids, dtype=torch.long)
 
     def forward(self, input_ids: str | Sequence[int] | torch.Tensor, *, token_by_token: bool = False) -> torch.Tensor:
-        """Logits [T, V] (float32) for a fresh sequence. token_by_token=True feeds one token per
-        step, as generation does, so the window cache and predictor act per token."""
+        """Logits [T, V] (float32, on the model's device) for a fresh sequence. token_by_token=True
+        feeds one token per step, as generation does, so the window cache and predictor act per token."""
         with self._session():
             self.reset()
             ids = self._ids(input_ids)
@@ -292,7 +290,7 @@ class FlashModel:
             text = ""
             logits = self._step(ids)[-1]
             for _ in range(max_new_tokens):
-                tok = _sample(logits.float(), temperature, top_p, gen)
+                tok = _sample(logits.float().cpu(), temperature, top_p, gen)
                 out.append(tok)
                 if self.codec is not None:
                     full = self.codec.decode(out)
@@ -314,8 +312,13 @@ class FlashModel:
         return Generation(text, ids, steps[0].tokens if steps else 0, steps[0] if steps else StepStats(),
                           list(steps[1:]))
 
+    @property
+    def staging_bytes(self) -> int:
+        """Pinned host memory of the CUDA transfer path (0 on the CPU): outside dram_budget."""
+        return self.transfer.host_bytes()
+
     def memory_bytes(self) -> dict[str, int]:
-        """What the runtime holds in DRAM, by part (the budget's terms)."""
+        """What the runtime holds on its device, by part (the budget's terms)."""
         return {"resident": self._resident_bytes, "predictors": self._pred_bytes,
                 "ffn_engine": self.engine.dram_bytes(), "kv_cache": self.kv.nbytes()}
 
@@ -332,7 +335,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 
 
 def open_model(path: str | Path, *, mode: str = "sparse", window: int = 5,
-               dram_budget: int | str | None = None, threads: int | None = None, device: str = "cpu",
+               dram_budget: int | str | None = None, threads: int | None = None,
+               device: str | torch.device = "cpu",
                verify: bool = False, max_context: int | None = None, registry: str | None = None,
                direct: bool = True, compute_dtype: str | torch.dtype | None = None,
                device_profile: str | Path | DeviceProfile | None = None, max_gap: int | None = None,
@@ -343,7 +347,11 @@ def open_model(path: str | Path, *, mode: str = "sparse", window: int = 5,
     mode: 'sparse' (predictors + window cache + flash reads), 'dense', 'naive', 'oracle' or
       'mmap' (the FFN file memory-mapped and paged by the OS, for comparison).
     window: tokens a neuron stays cached after it was last predicted active.
-    dram_budget: bytes (or '2GiB') for resident weights, KV cache, predictors and window caches.
+    dram_budget: bytes (or '2GiB') for resident weights, KV cache, predictors and window caches,
+      in the memory of `device` (see flashio.budget).
+    device: 'cpu' (default) or 'cuda[:N]': where resident weights, KV cache, predictors and
+      window caches live and the model computes; flash reads then pass through pinned host
+      staging and asynchronous copies (flashio.device). One clear error without CUDA.
     threads, max_gap: flash reader threads, and unneeded rows worth reading through when
       coalescing neighbours. Default: chosen by the cost model of `device_profile` (a file from
       `flashio bench device`, or $FLASHIO_DEVICE_PROFILE); without a profile 16 and 0.
@@ -369,10 +377,10 @@ def open_model(path: str | Path, *, mode: str = "sparse", window: int = 5,
         raise FlashError(f"pinned_fraction={pinned_fraction} must be in [0, 1] and is for mode='naive' only")
     if active_source is not None and mode != "sparse":
         raise FlashError(f"active_source drives mode='sparse' only, got mode={mode!r}")
-    if device != "cpu":
-        if not torch.cuda.is_available():
-            raise FlashError(f"device={device!r} requested but CUDA is not available on this machine; use device='cpu'")
-        raise FlashError(f"device={device!r} is not supported yet by this flashio build; use device='cpu'")
+    dev = resolve_device(device)
+    if dev.type != "cpu" and mode == "mmap":
+        raise FlashError("mode='mmap' runs on the CPU only (the OS pages the FFN into host memory); "
+                         "with device='cuda' use mode='sparse', 'naive', 'oracle' or 'dense'")
     for key, value in ONEDNN_CACHE_ENV.items():
         os.environ.setdefault(key, value)
     local = Path(path)
@@ -390,7 +398,7 @@ def open_model(path: str | Path, *, mode: str = "sparse", window: int = 5,
                       direct=direct, plan=plan, compute_dtype=cdt,
                       sparse=SparseOptions(reuse=reuse, bundled=bundled, overlap=overlap),
                       active_source=active_source, pinned_fraction=pinned_fraction,
-                      record_trace=record_trace)
+                      record_trace=record_trace, device=dev)
 
 
 def read_plan(art: Artifact, device_profile: str | Path | DeviceProfile | None, *,
@@ -412,90 +420,6 @@ def read_plan(art: Artifact, device_profile: str | Path | DeviceProfile | None, 
     if threads < 1 or max_gap < 0:
         raise FlashError(f"threads={threads} must be >= 1 and max_gap={max_gap} >= 0")
     return ReadPlan(threads, max_gap, cm)
-
-
-_STAGING_BYTES = 64 << 20  # load_resident's conversion buffer
-_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-
-
-def load_resident(art: Artifact, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The resident weights in private memory, floating tensors in `dtype`; the file's sha256 is
-    checked against the manifest on the way (ChecksumError), in the same single pass.
-
-    Read with plain preads in file order, each tensor's pages dropped from the page cache once
-    copied: the weights then live in DRAM once, as the budget counts them (a memory-mapped file
-    is page cache that the kernel may evict and re-read at any time, and mapped pages are what a
-    memory-limited cgroup reclaims worst). Converted tensors go through one reusable staging
-    arena, so no large temporary is ever freed to the allocator (which keeps freed blocks below
-    its mmap threshold: hundreds of MB at 7B scale).
-    """
-    name_in_art = art.manifest.resident_file
-    path = art.file(name_in_art)
-    out: dict[str, torch.Tensor] = {}
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, AlignedArena(_STAGING_BYTES) as arena:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        infos = read_safetensors_header(f, size, str(path))
-        staging = arena.memoryview
-        pos = 0  # bytes of the file hashed so far
-
-        def skip_to(offset: int) -> None:  # hash what lies between tensors (header, padding)
-            nonlocal pos
-            while pos < offset:
-                k = min(offset - pos, len(staging))
-                _pread_full(fd, staging[:k], pos, path, "(header)")
-                digest.update(staging[:k])
-                pos += k
-
-        for name, info in sorted(infos.items(), key=lambda kv: kv[1].start):
-            if info.dtype not in _ST_TORCH:
-                raise FormatError(f"{path}: tensor {name!r} has dtype {info.dtype}, not a weight dtype")
-            skip_to(info.start)
-            src_dtype = _ST_TORCH[info.dtype]
-            target = dtype if src_dtype.is_floating_point else src_dtype
-            t = torch.empty(info.shape, dtype=target)
-            n = info.end - info.start
-            if n and target == src_dtype:
-                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                _pread_full(fd, view, info.start, path, name)
-                digest.update(view)
-            elif n:  # row chunks: read into staging, convert into place
-                width = info.shape[-1] if info.shape else 1
-                flat = t.view(-1, width)
-                row_bytes = width * src_dtype.itemsize
-                step = max(1, _STAGING_BYTES // row_bytes)
-                scratch = torch.empty(min(128, step), width)
-                for a in range(0, flat.shape[0], step):
-                    k = min(step, flat.shape[0] - a)
-                    chunk = staging[: k * row_bytes]
-                    _pread_full(fd, chunk, info.start + a * row_bytes, path, name)
-                    digest.update(chunk)
-                    src = torch.frombuffer(chunk, dtype=src_dtype).view(k, width)
-                    with one_thread():
-                        convert_rows(flat[a : a + k], src, scratch)
-                    del src
-            pos = info.end
-            if n:
-                os.posix_fadvise(fd, info.start, n, os.POSIX_FADV_DONTNEED)
-            out[name] = t
-        skip_to(size)
-    want = art.manifest.files[name_in_art].sha256
-    if digest.hexdigest() != want:
-        raise ChecksumError(f"{path}: sha256 is {digest.hexdigest()}, the manifest says {want}; "
-                            "the file is corrupt or was modified")
-    return out
-
-
-def _pread_full(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise FormatError(f"{path}: the file ends inside tensor {name!r} (truncated?)")
-        done += got
 
 
 def _resolve_reference(ref: str, registry: str | None) -> Path:

@@ -25,6 +25,9 @@ refused, e.g. by tmpfs).
 the caller can compute while they fly; ``split=2`` reads each row as two separate requests (the
 paper's unbundled layout, for comparison); a ``CostModel`` given to the reader predicts the time
 of every batch from the device profile (``ReadResult.predicted_s``).
+
+Which reads a batch needs (coalescing, cutting, sharing out over threads) is planned in
+``flashio.readplan``; this module owns the file descriptors, the pool and the scratch memory.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from itertools import pairwise, repeat
 
 import numpy as np
 import torch
@@ -45,100 +46,26 @@ import torch
 from flashio.arena import PAGE_BYTES, AlignedArena, byte_view, logical_block_size, round_up
 from flashio.costmodel import CostModel
 from flashio.errors import FlashReadError, FormatError
+from flashio.readplan import (
+    MAX_READ_BYTES,
+    LayerExtent,
+    PendingRead,
+    Piece,
+    ReadResult,
+    check_ids,
+    plan_pieces,
+    plan_range,
+    plan_runs,
+    plan_split_pieces,
+    split_pieces,
+)
 
-__all__ = ["AlignedArena", "BundleReader", "LayerExtent", "PendingRead", "ReadResult",
-           "evict_from_page_cache", "logical_block_size", "plan_runs"]
+__all__ = ["DEFAULT_THREADS", "MAX_READ_BYTES", "AlignedArena", "BundleReader", "LayerExtent", "PendingRead",
+           "ReadResult", "evict_from_page_cache", "logical_block_size", "plan_runs"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 16  # DESIGN.md section 7: 16-32 threads saturate the virtio disk at 16 KiB
-MAX_READ_BYTES = 2 << 20  # one preadv moves at most this: balances threads, bounds scratch size
-
-# A piece of work: one preadv. (file_offset_bytes, nbytes, dest_offset_bytes, segments) where
-# segments is None when the piece maps to out[dest : dest + nbytes] as a whole, else a tuple of
-# (offset_in_piece_bytes, dest_offset_bytes, nbytes) for the needed rows (the rest is gap).
-_Piece = tuple[int, int, int, tuple[tuple[int, int, int], ...] | None]
-
-
-@dataclass(frozen=True)
-class LayerExtent:
-    """Where one layer's ``[n_rows, row_bytes]`` bundle block lies in the file."""
-
-    offset_bytes: int  # absolute byte offset of the layer's [n_rows, row_bytes] block in the file
-    n_rows: int  # neurons in the layer
-    row_bytes: int  # bytes of one bundle (row)
-
-    @property
-    def nbytes(self) -> int:
-        return self.n_rows * self.row_bytes
-
-
-@dataclass(frozen=True)
-class ReadResult:
-    """What one batch cost."""
-
-    bytes_read: int  # bytes transferred from the file (incl. coalescing gaps and alignment padding)
-    reads: int  # syscalls issued (preadv calls)
-    direct: bool  # True when every byte came through O_DIRECT
-    elapsed_s: float  # wall time of the batch (submission to the last byte)
-    predicted_s: float = float("nan")  # the reader's cost model's time for these reads
-
-
-class PendingRead:
-    """Reads started by ``BundleReader.submit_rows``: ``result()`` waits for them.
-
-    The destination tensor must not be used (or freed) before ``result()`` returned.
-    """
-
-    def __init__(self, futures: list, n_reads: int, direct: bool, t0: float, predicted_s: float):
-        self._futures, self._n, self._direct, self._t0 = futures, n_reads, direct, t0
-        self._predicted_s = predicted_s
-        self._result: ReadResult | None = None
-
-    def done(self) -> bool:
-        return all(f.done() for f in self._futures)
-
-    def result(self) -> ReadResult:
-        if self._result is None:
-            wait(self._futures)
-            total = end = 0.0
-            for f in self._futures:
-                got, t_end = f.result()  # re-raises a worker's FlashReadError
-                total += got
-                end = max(end, t_end)
-            self._result = ReadResult(int(total), self._n, self._direct,
-                                      max(end, self._t0) - self._t0, self._predicted_s)
-        return self._result
-
-
-def _check_ids(ids: np.ndarray) -> np.ndarray:
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-        raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
-    ids = ids.astype(np.int64, copy=False)
-    if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
-        raise ValueError("ids must be sorted and unique (np.unique gives that)")
-    return ids
-
-
-def _run_bounds(ids: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised plan_runs: (starts, stops) int64 arrays of [start, stop) row runs."""
-    if max_gap < 0:
-        raise ValueError(f"max_gap must be >= 0 rows, got {max_gap}")
-    if ids.size == 0:
-        return ids[:0], ids[:0]
-    # ids[i] and ids[i+1] share a run when ids[i+1] - ids[i] - 1 (the rows between) <= max_gap
-    breaks = np.flatnonzero(np.diff(ids) > max_gap + 1)
-    starts = np.concatenate((ids[:1], ids[breaks + 1]))
-    stops = np.concatenate((ids[breaks], ids[-1:])) + 1
-    return starts, stops
-
-
-def plan_runs(ids: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
-    """ids: sorted unique int64 row ids. Returns [start, stop) row runs covering all ids, merging two
-    consecutive ids into one run when fewer than or equal to max_gap unneeded rows lie between them."""
-    starts, stops = _run_bounds(_check_ids(ids), max_gap)
-    return list(zip(starts.tolist(), stops.tolist()))
 
 
 def evict_from_page_cache(path: str | os.PathLike) -> None:
@@ -290,7 +217,7 @@ class BundleReader:
     def _rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, split: int, wait_all: bool):
         t0 = time.perf_counter()
         ext = self._extent(layer)
-        ids = _check_ids(ids)
+        ids = check_ids(ids)
         if ids.size and (ids[0] < 0 or ids[-1] >= ext.n_rows):
             raise ValueError(
                 f"layer {layer} has rows [0, {ext.n_rows}), ids span [{ids[0]}, {ids[-1]}]"
@@ -301,7 +228,10 @@ class BundleReader:
         if ids.size == 0:
             r = ReadResult(0, 0, self.direct, time.perf_counter() - t0, 0.0)
             return r if wait_all else PendingRead([], 0, self.direct, t0, 0.0)
-        pieces, nbytes = self._plan(ids, ext) if split == 1 else self._plan_split(ids, ext, split)
+        if split == 1:
+            pieces, nbytes = plan_pieces(ids, ext, max_gap=self.max_gap, iov_max=self._iov_max)
+        else:
+            pieces, nbytes = plan_split_pieces(ids, ext, split)
         return self._execute(pieces, nbytes, out, out_mv, ext.offset_bytes, ext.row_bytes // split,
                              t0, wait_all)
 
@@ -317,14 +247,10 @@ class BundleReader:
         out_mv = byte_view(out, total)
         if total == 0:
             return ReadResult(0, 0, self.direct, time.perf_counter() - t0, 0.0)
-        # chunks of MAX_READ_BYTES, a block multiple so that every chunk but the last is aligned
-        chunk = max(MAX_READ_BYTES // self._block, 1) * self._block
-        starts = list(range(0, total, chunk))
-        sizes = [min(chunk, total - s) for s in starts]
-        pieces = list(zip([base + s for s in starts], sizes, starts, repeat(None)))
-        return self._execute(pieces, np.asarray(sizes), out, out_mv, base, total, t0)
+        pieces, nbytes = plan_range(base, total, self._block)
+        return self._execute(pieces, nbytes, out, out_mv, base, total, t0)
 
-    # -- planning -----------------------------------------------------------------------------
+    # -- layers -------------------------------------------------------------------------------
 
     def _extent(self, layer: int) -> LayerExtent:
         if self._pool is None:
@@ -333,79 +259,23 @@ class BundleReader:
             raise IndexError(f"layer {layer} out of range: the file has {len(self._extents)} layers")
         return self._extents[layer]
 
-    def _plan(self, ids: np.ndarray, ext: LayerExtent) -> tuple[list[_Piece], np.ndarray]:
-        """Coalesced runs, cut into pieces of at most MAX_READ_BYTES (and IOV_MAX iovecs)."""
-        rb = ext.row_bytes
-        max_rows = max(1, min(MAX_READ_BYTES // rb, (self._iov_max - 1) // 2))
-        starts, stops = _run_bounds(ids, self.max_gap)
-        lens = stops - starts
-        if lens.max() > max_rows:  # cut long runs: p-th piece of a run starts p * max_rows in
-            n_pieces = -(-lens // max_rows)
-            first = np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
-            starts_rep = np.repeat(starts, n_pieces)
-            starts, stops = (
-                starts_rep + (np.arange(first.size) - first) * max_rows,
-                np.minimum(starts_rep + (np.arange(first.size) - first + 1) * max_rows,
-                           np.repeat(stops, n_pieces)),
-            )
-        j0 = np.searchsorted(ids, starts)  # index in ids (= row of out) of each piece's first id
-        j1 = np.searchsorted(ids, stops)
-        if self.max_gap >= max_rows:  # a cut may leave a piece that is all gap: skip it
-            keep = j1 > j0
-            starts, stops, j0, j1 = starts[keep], stops[keep], j0[keep], j1[keep]
-        nbytes = (stops - starts) * rb
-        offsets = (ext.offset_bytes + starts * rb).tolist()
-        dests = (j0 * rb).tolist()
-        gapped = np.flatnonzero(j1 - j0 != stops - starts)
-        segments: list[tuple[tuple[int, int, int], ...] | None] = [None] * len(offsets)
-        if gapped.size:
-            # segments: maximal runs of consecutive ids, also cut where a piece starts
-            cut = np.zeros(ids.size, dtype=bool)
-            cut[0] = True
-            cut[1:] = np.diff(ids) != 1
-            cut[j0] = True
-            seg_at = np.flatnonzero(cut)  # seg_at[k]: index in ids of segment k's first id
-            seg_len = np.diff(np.append(seg_at, ids.size))
-            seg_at_l, seg_id, seg_len_l = seg_at.tolist(), ids[seg_at].tolist(), seg_len.tolist()
-            first_seg = np.searchsorted(seg_at, j0[gapped]).tolist()
-            last_seg = np.searchsorted(seg_at, j1[gapped]).tolist()
-            for p, k0, k1 in zip(gapped.tolist(), first_seg, last_seg):
-                start = int(starts[p])
-                segments[p] = tuple(
-                    ((seg_id[k] - start) * rb, seg_at_l[k] * rb, seg_len_l[k] * rb)
-                    for k in range(k0, k1)
-                )
-        return list(zip(offsets, nbytes.tolist(), dests, segments)), nbytes
-
-    @staticmethod
-    def _plan_split(ids: np.ndarray, ext: LayerExtent, split: int) -> tuple[list[_Piece], np.ndarray]:
-        """One piece per row part: every row's part 0, then every row's part 1, ..."""
-        part = ext.row_bytes // split
-        k = np.repeat(np.arange(split, dtype=np.int64), ids.size)  # part index of each piece
-        rows = np.tile(ids, split)
-        j = np.tile(np.arange(ids.size, dtype=np.int64), split)  # row of out
-        offsets = (ext.offset_bytes + rows * ext.row_bytes + k * part).tolist()
-        dests = (j * ext.row_bytes + k * part).tolist()
-        nbytes = np.full(rows.size, part, dtype=np.int64)
-        return list(zip(offsets, nbytes.tolist(), dests, repeat(None))), nbytes
-
     # -- execution ----------------------------------------------------------------------------
 
     def _execute(
-        self, pieces: list[_Piece], nbytes: np.ndarray, out: torch.Tensor, out_mv: memoryview,
+        self, pieces: list[Piece], nbytes: np.ndarray, out: torch.Tensor, out_mv: memoryview,
         base_bytes: int, size_bytes: int, t0: float, wait_all: bool = True,
     ) -> ReadResult | PendingRead:
         """Choose the way to read (module docstring), split pieces over threads, run, time."""
         block = self._block
         aligned = (out.data_ptr() | base_bytes | size_bytes) % block == 0
-        worker: Callable[[int, list[_Piece], memoryview, int], int]
+        worker: Callable[[int, list[Piece], memoryview, int], int]
         if self._fd_direct >= 0 and aligned:
             worker, fd, scratch_bytes = self._read_into, self._fd_direct, int(nbytes.max())
         elif self._fd_direct >= 0:
             worker, fd, scratch_bytes = self._read_staged, self._fd_direct, int(nbytes.max()) + 2 * block
         else:
             worker, fd, scratch_bytes = self._read_into, self._fd, int(nbytes.max())
-        groups = self._split(pieces, nbytes)
+        groups = split_pieces(pieces, nbytes, self._threads)
         predicted = (self.cost_model.read_time_s(nbytes, self._threads)
                      if self.cost_model is not None else float("nan"))
         if not wait_all:  # every share goes to the pool; each reports (bytes, end time)
@@ -418,16 +288,6 @@ class BundleReader:
             wait(futures)  # never leave while a thread may still write into `out`
         total += sum(f.result() for f in futures)  # re-raises a worker's FlashReadError
         return ReadResult(total, len(pieces), fd == self._fd_direct, time.perf_counter() - t0, predicted)
-
-    def _split(self, pieces: list[_Piece], nbytes: np.ndarray) -> list[list[_Piece]]:
-        """At most `threads` contiguous groups of about equal bytes: one task per thread."""
-        k = min(self._threads, len(pieces))
-        if k <= 1:
-            return [pieces]
-        cum = np.cumsum(nbytes)
-        cuts = np.searchsorted(cum, cum[-1] * np.arange(1, k) / k) + 1
-        bounds = [0, *sorted(set(cuts.tolist()) - {0, len(pieces)}), len(pieces)]
-        return [pieces[a:b] for a, b in pairwise(bounds)]
 
     def _scratch(self, nbytes: int) -> memoryview:
         """This thread's scratch buffer (page-aligned, >= nbytes), kept between calls."""
@@ -442,7 +302,7 @@ class BundleReader:
             self._tls.arena = arena = new
         return arena.memoryview
 
-    def _read_into(self, fd: int, work: list[_Piece], out_mv: memoryview, scratch_bytes: int) -> int:
+    def _read_into(self, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
         """preadv straight into out's memory; rows of a run that were not asked for go to scratch."""
         preadv = os.preadv
         scratch = None
@@ -463,7 +323,7 @@ class BundleReader:
             raise self._os_error(e, off, n) from e
         return total
 
-    def _read_staged(self, fd: int, work: list[_Piece], out_mv: memoryview, scratch_bytes: int) -> int:
+    def _read_staged(self, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
         """O_DIRECT of each piece's block-aligned superset into scratch, then copy the rows out."""
         preadv = os.preadv
         block = self._block

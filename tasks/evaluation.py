@@ -14,6 +14,17 @@ sparse), measured density (neurons the sparse FFN used / all neurons, per token 
 bytes read from flash per token. A sweep over predictor thresholds (one per recall target,
 calibrated per layer by the predictors step) gives the sparsity-accuracy curve (JSON + PNG).
 Optional zero-shot multiple-choice tasks are scored dense and sparse (tasks.zeroshot).
+
+What the perplexity is measured on (`Evaluation.heldout`, logged, and in evaluation.json): the
+held-out rows of the calibration step, L tokens each, cut from the concatenated token stream of
+the held-out documents in their seeded shuffled order and spread over documents: one row from each
+of the first M documents when there are M, more per document only when there are fewer (see
+tasks.calibration; with the defaults, 16 x 256 tokens: on `stdlib:heldout`, one 256-token passage
+from each of 16 of its 31 files). Each row is scored on its own, without the text before it: its
+first token is context only, and the other L-1 are scored (summed over all rows, averaged per
+token); a row starts with bos only where a document starts. It is a figure of those rows, not of
+the whole held-out set: the demo model's training report (all 31 held-out files) is another
+measurement; see tasks/demo/README.md.
 """
 
 from __future__ import annotations
@@ -93,6 +104,35 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class HeldoutSample:
+    """The text the main comparison's perplexity is measured on."""
+
+    spec: str  # where the held-out documents came from
+    documents: int  # documents the rows were cut from (each in part: a row is a passage)
+    sequences: int
+    seq_len: int
+
+    @property
+    def targets(self) -> int:
+        """Scored next tokens: all but the first of each row."""
+        return self.sequences * (self.seq_len - 1)
+
+    @classmethod
+    def of(cls, calib: CalibrationData, sequences: int) -> HeldoutSample:
+        spec = calib.heldout_spec or f"{calib.spec} (the documents after the calibration part)"
+        return cls(spec=spec, documents=calib.heldout_documents, sequences=sequences, seq_len=calib.seq_len)
+
+    def few_documents(self) -> bool:
+        """Rows from so few documents that the perplexity describes them, not the held-out set."""
+        return self.documents < min(self.sequences, 8)
+
+    def describe(self) -> str:
+        return (f"{self.sequences} sequences of {self.seq_len} tokens cut from {self.documents} document(s) of "
+                f"{self.spec}, each scored on its own (no context before it, bos only at a document's start): "
+                f"{self.targets} next tokens, all but the first of each sequence, averaged per token")
+
+
+@dataclass(frozen=True)
 class Evaluation:
     main: Comparison
     sweep: tuple[Comparison, ...]
@@ -102,26 +142,15 @@ class Evaluation:
     json_path: Path
     curve_json_path: Path
     curve_png_path: Path | None
+    heldout: HeldoutSample | None = None  # what main's perplexity is measured on
 
 
 def _sum_stats(steps: Sequence[StepStats]) -> StepStats:
     return sum(steps, StepStats())
 
 
-def set_thresholds(model, thresholds: Sequence[float]) -> None:
-    """Replace the opened sparse model's per-layer predictor thresholds (probabilities).
-
-    flashio has no public API for this yet (see the pipeline's notes): the SparseEngine's
-    predictors are frozen PredictorWeights, replaced here one by one.
-    """
-    preds = model.engine.predictors
-    if len(thresholds) != len(preds):
-        raise InputError(f"{len(thresholds)} thresholds for {len(preds)} layers")
-    for i, t in enumerate(thresholds):
-        preds[i] = dataclasses.replace(preds[i], threshold=float(t))
-
-
 def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """NLL of ids[1:] given the logits of ids[:-1]: a row's first token is context only."""
     return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")  # [L-1]
 
 
@@ -164,6 +193,10 @@ def evaluate_artifact(artifact: Path, calib: CalibrationData, predictors: Sequen
     if len(ids) == 0:
         raise InputError("evaluation needs held-out sequences (n_heldout >= 1)")
     preds = sorted(predictors, key=lambda p: p.layer)
+    heldout = HeldoutSample.of(calib, len(ids))
+    if heldout.few_documents():
+        log.warning("the held-out perplexity is measured on %s: it describes that text, not the held-out set as "
+                    "a whole; more held-out sequences spread it over more documents", heldout.describe())
     sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
     steps_total = len(ids) + len(options.sweep_recalls) * len(sweep_ids)
     done = 0
@@ -175,11 +208,11 @@ def evaluate_artifact(artifact: Path, calib: CalibrationData, predictors: Sequen
             progress(done, steps_total)
 
     with torch_threads(options.torch_threads):
-        return _evaluate(artifact, ids, preds, options, out_dir, tick)
+        return _evaluate(artifact, ids, preds, options, out_dir, tick, heldout)
 
 
 def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor], options: EvalOptions,
-              out_dir: Path, tick: Callable[[int], None]) -> Evaluation:
+              out_dir: Path, tick: Callable[[int], None], heldout: HeldoutSample | None = None) -> Evaluation:
     sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
     open_kw = {"window": options.window, "threads": options.threads, "direct": options.direct}
     with flashio.open(artifact, mode="naive", **open_kw) as naive:
@@ -201,13 +234,13 @@ def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor]
                 kept[k] = out
             return out
 
-        chosen = [p.threshold for p in sparse.engine.predictors]
+        chosen = sparse.predictor_thresholds
         main = compare(dense_logits, sparse, ids, label="chosen", recall_target=None, thresholds=chosen,
                        n_neurons_total=total_neurons, progress=tick)
         sweep = []
         for r in options.sweep_recalls:
             th = [p.threshold_for(r) for p in preds]
-            set_thresholds(sparse, th)
+            sparse.set_predictor_thresholds(th)
             sweep.append(compare(dense_logits, sparse, sweep_ids, label=f"recall {r:g}", recall_target=r,
                                  thresholds=th, n_neurons_total=total_neurons, progress=tick))
     zero_shot: list[dict] = []
@@ -223,9 +256,10 @@ def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor]
     png = plot_curve(main, sweep, out_dir / CURVE_PNG)
     ev = Evaluation(main=main, sweep=tuple(sweep), naive_bytes_per_token=naive_bpt, ffn_bytes=ffn_bytes,
                     zero_shot=tuple(zero_shot), json_path=out_dir / "evaluation.json", curve_json_path=curve_json,
-                    curve_png_path=png)
-    ev.json_path.write_text(json.dumps({**dataclasses.asdict(ev), "window": options.window}, indent=1,
-                                       default=str))
+                    curve_png_path=png, heldout=heldout)
+    measured_on = heldout.describe() if heldout else None
+    ev.json_path.write_text(json.dumps({**dataclasses.asdict(ev), "window": options.window,
+                                        "perplexity_measured_on": measured_on}, indent=1, default=str))
     return ev
 
 
@@ -295,9 +329,10 @@ def evaluate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData, 
     ev = run_stage("evaluate", [__name__, "tasks.zeroshot"], compute)
     m = ev.main
     get_run_logger().info("perplexity dense %.3f sparse %.3f (%+.2f%%), top-1 agreement %.4f, density %.3f, "
-                          "%.0f bytes/token (naive %.0f)", m.perplexity_dense, m.perplexity_sparse,
-                          100 * m.perplexity_increase, m.top1_agreement, m.density, m.bytes_per_token,
-                          ev.naive_bytes_per_token)
+                          "%.0f bytes/token (naive %.0f); perplexity on %s", m.perplexity_dense,
+                          m.perplexity_sparse, 100 * m.perplexity_increase, m.top1_agreement, m.density,
+                          m.bytes_per_token, ev.naive_bytes_per_token,
+                          ev.heldout.describe() if ev.heldout else f"{m.tokens} held-out tokens")
     return ev
 
 

@@ -64,6 +64,9 @@ def add_commands(sub) -> None:
                    help="torch.set_num_threads for every configuration (default: torch's; 1 can be "
                         "faster on a small machine that other processes share)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: with CUDA the limit is GPU memory (resident weights, KV "
+                        "and window caches on the GPU; flash reads through pinned staging)")
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("synth", help="write a random-weight artifact with a real model's shapes",
@@ -124,7 +127,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         tokens=args.tokens, baseline_tokens=args.baseline_tokens, window=args.window, trace=args.trace,
         trace_preset=args.trace_preset, dram_limit=parse_size(args.dram_limit) if args.dram_limit else None,
         weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
-        torch_threads=args.torch_threads, compute_dtype=args.compute_dtype, profile=args.profile, seed=args.seed)
+        torch_threads=args.torch_threads, compute_dtype=args.compute_dtype, profile=args.profile, seed=args.seed,
+        device=args.device)
     signal.signal(signal.SIGTERM, _terminate)  # clean up the child and its cgroup on `kill`
     results = run_model_bench(opts, progress=_say)
     print(markdown(results))

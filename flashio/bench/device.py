@@ -68,9 +68,12 @@ def device_name(path: Path) -> str:
         return f"({mm})"
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     info = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
             "torch": torch.__version__, "load_average": os.getloadavg()}
+    if device != "cpu":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -94,7 +97,7 @@ def ensure_test_file(path: Path, size_bytes: int) -> None:
     if free < size_bytes + (1 << 30):
         raise FlashError(f"{path.parent} has {format_size(free)} free; the test file needs "
                          f"{format_size(size_bytes)} + 1 GiB: lower --size or choose another directory")
-    block = np.random.default_rng(0).bytes(64 << 20)
+    block = np.random.default_rng(0).bytes(64 << 20)  # repeated: content is irrelevant, holes are not
     with open(path, "wb") as f:
         left = size_bytes
         while left:

@@ -52,8 +52,9 @@ def _available_bytes() -> int:
 
 def plan_memory(art: Artifact, compute_dtype: str, *, max_context: int, window: int,
                 limit_bytes: int | None = None, weights_fraction: float = 0.5,
-                baseline_bytes: int | None = None) -> dict:
-    """Limit, runtime budget, hybrid's pinned fraction and whether dense fits (all in bytes)."""
+                baseline_bytes: int | None = None, device: str = "cpu") -> dict:
+    """Limit, runtime budget, hybrid's pinned fraction and whether dense fits (all in bytes).
+    device 'cuda[:N]': the limit is GPU memory, and dense fits if the GPU has room for it."""
     m, a = art.manifest, art.args
     s_item, c_item = m.itemsize, TORCH_DTYPES[compute_dtype].itemsize
     resident = m.files[m.resident_file].bytes
@@ -76,7 +77,7 @@ def plan_memory(art: Artifact, compute_dtype: str, *, max_context: int, window: 
     stream = n * rb  # naive's buffer for one layer
     pinned = (budget - resident_c - kv - stream) / max(ffn_c - stream, 1)
     dense_bytes = resident_c + ffn_c + kv + baseline + SLACK_BYTES
-    available = _available_bytes()
+    available = _available_bytes() if device == "cpu" else _free_device_bytes(device)
     return {"model_bytes": model, "resident_bytes": resident, "ffn_bytes": ffn, "predictor_bytes": preds,
             "kv_bytes": kv, "process_baseline_bytes": baseline, "slack_bytes": SLACK_BYTES,
             "staging_bytes": staging, "overhead_bytes": overhead, "limit_bytes": int(limit),
@@ -87,15 +88,22 @@ def plan_memory(art: Artifact, compute_dtype: str, *, max_context: int, window: 
             "dense_fits": dense_bytes + (1 << 30) < available, "window": window}
 
 
-def choose_compute_dtype(art: Artifact, requested: str = "auto") -> dict:
-    """The dtype of weights in DRAM and of the matmuls. 'auto': the storage dtype, except for
-    float16 storage, where the FFN matmul of a cache-sized block is timed in float16 and bfloat16
-    and the faster one is chosen (float32 would double the DRAM)."""
+def _free_device_bytes(device: str) -> int:
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str = "cpu") -> dict:
+    """The dtype of weights in memory and of the matmuls. 'auto': the storage dtype, except for
+    float16 storage on the CPU, where the FFN matmul of a cache-sized block is timed in float16
+    and bfloat16 and the faster one is chosen (float32 would double the DRAM)."""
     m = art.manifest
     if requested != "auto":
         if requested not in TORCH_DTYPES:
             raise FlashError(f"compute dtype {requested!r} is not one of auto, {', '.join(TORCH_DTYPES)}")
         return {"chosen": requested, "reason": "given"}
+    if device != "cpu":
+        return {"chosen": m.dtype, "reason": f"the artifact's dtype ({m.dtype}) on {device}"}
     if m.dtype != "float16":
         return {"chosen": m.dtype, "reason": f"the artifact's dtype ({m.dtype})"}
     L = m.ffn_layers[0]

@@ -32,6 +32,7 @@ from flashio.bench import memplan
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import machine_info
 from flashio.costmodel import CostModel, DeviceProfile
+from flashio.device import resolve_device
 from flashio.errors import FlashError
 from flashio.format import Artifact
 from flashio.sizes import format_size
@@ -97,6 +98,11 @@ class ModelBenchOptions:
     profile: Path | None = None  # device profile for the cost model (None: built-in defaults)
     seed: int = 0
     timeout_s: float = 3600.0
+    device: str = "cpu"  # 'cuda[:N]': resident weights, KV and window caches in GPU memory
+
+    @property
+    def cuda(self) -> bool:
+        return self.device != "cpu"
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.configs if c not in CONFIG_NAMES]
@@ -220,7 +226,8 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
                dram_bytes=int(sum(mem.values())), memory=mem, cgroup=result.get("cgroup"),
                threads=result["threads"], max_gap=result["max_gap"], capacity=result["capacity"],
                open_s=result["open_s"], compute_dtype=result["compute_dtype"],
-               rss_peak_bytes=result["rss_peak_bytes"])
+               rss_peak_bytes=result["rss_peak_bytes"], staging_bytes=result.get("staging_bytes", 0),
+               device_peak_bytes=result.get("device_peak_bytes"))
     if required_rows is not None:
         out["required_bytes_per_token"] = float(required_rows[warmup : warmup + n].sum(axis=1).mean() * row_bytes)
     return out
@@ -236,14 +243,20 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     if opts.torch_threads:
         torch.set_num_threads(opts.torch_threads)
-    compute = memplan.choose_compute_dtype(art, opts.compute_dtype)
+    if opts.cuda:
+        resolve_device(opts.device)  # one clear error without CUDA, before any work
+    compute = memplan.choose_compute_dtype(art, opts.compute_dtype, device=opts.device)
     say(f"compute dtype {compute['chosen']} ({compute['reason']})")
     steps = max(_warmup(c, opts.window) + _measured(c, opts) for c in configs)
+    # on CUDA the limit is GPU memory: the interpreter's host memory is not part of it
     plan = memplan.plan_memory(art, compute["chosen"], max_context=steps + 8, window=opts.window,
                                limit_bytes=opts.dram_limit, weights_fraction=opts.weights_fraction,
-                               baseline_bytes=opts.process_baseline_bytes)
+                               baseline_bytes=0 if opts.cuda else opts.process_baseline_bytes,
+                               device=opts.device)
     if opts.in_process:
         ok, why = False, "configurations run in this process (--in-process)"
+    elif opts.cuda:
+        ok, why = False, "the limit is GPU memory, bounded by the runtime's dram_budget (a host cgroup does not apply)"
     elif opts.use_cgroup:
         ok, why = memory_cgroup_support()
     else:
@@ -275,13 +288,18 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
         rows = {}
         for cfg in configs:
             warm, n_tok = _warmup(cfg, opts.window), _measured(cfg, opts)
-            spec = {"artifact": str(art.path), "mode": cfg.mode, "window": opts.window,
+            spec = {"artifact": str(art.path), "mode": cfg.mode, "window": opts.window, "device": opts.device,
                     "max_context": steps + 8, "compute_dtype": compute["chosen"],
                     "device_profile": str(opts.profile) if opts.profile else None,
                     "threads": tuned_threads if cfg.tuned else DEFAULT_THREADS,
                     "max_gap": tuned_gap if cfg.tuned else 0, "tokens": tokens[: warm + n_tok],
                     "torch_threads": opts.torch_threads}
             limit = plan["limit_bytes"] if ok else None
+            if cfg.mode == "mmap" and opts.cuda:
+                rows[cfg.name] = {"name": cfg.name, "what": cfg.what, "mode": cfg.mode, "ok": False,
+                                  "error": "skipped: mmap runs on the CPU only"}
+                say(f"{cfg.name:12s} {rows[cfg.name]['error']}")
+                continue
             if cfg.mode == "dense":
                 limit = None
                 if not plan["dense_fits"]:
@@ -312,7 +330,8 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
             say(memplan.row_line(rows[cfg.name]))
     from flashio.bench.report import evaluate_targets, write_outputs
 
-    results = {"created_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
+    results = {"created_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": machine_info(opts.device), "device": opts.device,
                "artifact": art.summary(), "options": {k: str(v) if isinstance(v, Path) else v
                                                       for k, v in asdict(opts).items()},
                "trace": traces.description, "memory": plan, "compute_dtype": compute, "cost_model": cost,

@@ -12,6 +12,14 @@ log = logging.getLogger(__name__)
 FULL_CONFIGS = ("+overlap", "+reordering", "+coalescing", "+bundling")  # "all techniques", best first
 COST_MODEL_ROWS = ("+bundling", "+coalescing", "+reordering", "+overlap")
 TARGETS = {"io_vs_cost_model": 1.3, "speedup_vs_naive": 5.0, "memory_fraction": 0.10, "bytes_vs_trace": 1.10}
+# on a GPU (the paper: 20-25x over naive on an RTX 4090): the full configuration 25x faster than
+# naive, and I/O + memory management under half of the token time
+TARGETS_CUDA = {"io_vs_cost_model": 1.3, "speedup_vs_naive": 25.0, "io_and_memory_fraction": 0.5,
+                "bytes_vs_trace": 1.10}
+
+
+def _cuda(results: dict) -> bool:
+    return results.get("device", "cpu") != "cpu"
 
 
 def _ok(results: dict) -> dict[str, dict]:
@@ -21,6 +29,7 @@ def _ok(results: dict) -> dict[str, dict]:
 def evaluate_targets(results: dict) -> dict:
     """The issue's four targets, each with the measured value and a verdict."""
     rows = _ok(results)
+    targets = TARGETS_CUDA if _cuda(results) else TARGETS
     full = next((rows[n] for n in FULL_CONFIGS if n in rows), None)
     out: dict = {"full_config": full["name"] if full else None}
     if full is None:
@@ -30,24 +39,29 @@ def evaluate_targets(results: dict) -> dict:
                for n in COST_MODEL_ROWS if n in rows and rows[n]["per_token"]["io_predicted_ms"] > 0}
     if io_rows:
         worst = max(io_rows.values())
-        out["io_vs_cost_model"] = {"per_config": io_rows, "worst": worst, "target": TARGETS["io_vs_cost_model"],
-                                   "met": worst <= TARGETS["io_vs_cost_model"]}
+        out["io_vs_cost_model"] = {"per_config": io_rows, "worst": worst, "target": targets["io_vs_cost_model"],
+                                   "met": worst <= targets["io_vs_cost_model"]}
     for base in ("naive", "mmap", "hybrid", "dense"):
         if base in rows:
             s = rows[base]["per_token"]["total_ms"] / t
             entry = {"value": s}
             if base == "naive":
-                entry.update(target=TARGETS["speedup_vs_naive"], met=s >= TARGETS["speedup_vs_naive"])
+                entry.update(target=targets["speedup_vs_naive"], met=s >= targets["speedup_vs_naive"])
             out[f"speedup_vs_{base}"] = entry
-    frac = full["per_token"]["mem_ms"] / t
-    out["memory_fraction"] = {"value": frac, "target": TARGETS["memory_fraction"],
-                              "met": frac <= TARGETS["memory_fraction"]}
+    if "memory_fraction" in targets:
+        frac = full["per_token"]["mem_ms"] / t
+        out["memory_fraction"] = {"value": frac, "target": targets["memory_fraction"],
+                                  "met": frac <= targets["memory_fraction"]}
+    if "io_and_memory_fraction" in targets:
+        frac = (full["per_token"]["io_ms"] + full["per_token"]["mem_ms"]) / t
+        out["io_and_memory_fraction"] = {"value": frac, "target": targets["io_and_memory_fraction"],
+                                         "met": frac <= targets["io_and_memory_fraction"]}
     ratios = {n: r["per_token"]["bytes_read"] / r["required_bytes_per_token"]
               for n, r in rows.items() if r.get("required_bytes_per_token")}
     if full["name"] in ratios:
         v = ratios[full["name"]]
-        out["bytes_vs_trace"] = {"value": v, "per_config": ratios, "target": TARGETS["bytes_vs_trace"],
-                                 "met": v <= TARGETS["bytes_vs_trace"]}
+        out["bytes_vs_trace"] = {"value": v, "per_config": ratios, "target": targets["bytes_vs_trace"],
+                                 "met": v <= targets["bytes_vs_trace"]}
     return out
 
 
@@ -59,14 +73,17 @@ def markdown(results: dict) -> str:
     a, mem, tr = results["artifact"], results["memory"], results["trace"]
     rows = _ok(results)
     naive = rows.get("naive")
+    where = "GPU memory" if _cuda(results) else "DRAM"
     lines = [
         f"### {a['architecture']} {a['layers']} layers x d_model {a['dim']} x {a['ffn_neurons']} FFN neurons, "
         f"{a['dtype']} ({_gb(mem['model_bytes'])} GB; FFN {_gb(mem['ffn_bytes'])} GB on flash)",
         "",
         f"- measured {results['created_at']} on {results['machine'].get('cpus')} CPUs "
-        f"({results['machine'].get('cpu', '?')}), {results['cost_model']['device']}; load average "
+        f"({results['machine'].get('cpu', '?')})"
+        + (f", GPU {results['machine'].get('gpu')} ({results['device']})" if _cuda(results) else "")
+        + f", {results['cost_model']['device']}; load average "
         f"{_load(results)} (other processes share the machine)",
-        f"- DRAM limit {_gb(mem['limit_bytes'])} GB ({mem['limit_rule']}; "
+        f"- {where} limit {_gb(mem['limit_bytes'])} GB ({mem['limit_rule']}; "
         + ("cgroup v1 memory limit" if mem["cgroup"] else f"NO cgroup: {mem['cgroup_reason']}; runtime dram_budget only")
         + f"), runtime budget {_gb(mem['budget_bytes'])} GB",
         f"- compute dtype {results['compute_dtype']['chosen']} ({results['compute_dtype']['reason']}); "
@@ -76,7 +93,8 @@ def markdown(results: dict) -> str:
         f"threads, gap reads up to {results['cost_model']['tuned_max_gap']} rows (untuned rows: "
         f"{results['cost_model']['default_threads']} threads, no gap reads)",
         "",
-        "| configuration | DRAM (GB) | flash->DRAM (MB/token) | reads/token | I/O (ms) | memory mgmt (ms) "
+        f"| configuration | {where} (GB) | flash->{'GPU' if _cuda(results) else 'DRAM'} (MB/token) | reads/token "
+        "| I/O (ms) | memory mgmt (ms) "
         "| compute (ms) | total (ms) | speedup vs naive | I/O / cost model | bytes / trace |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -103,9 +121,15 @@ def markdown(results: dict) -> str:
             met = (" met" if v["met"] else " MISSED") if "met" in v else ""
             value = v.get("value", v.get("worst"))
             lines.append(f"- {key}: {value:.3f}{target}{met}")
-    lines += ["", "DRAM: what the runtime holds (resident weights, window caches, KV cache); "
+    lines += ["", f"{where}: what the runtime holds (resident weights, window caches, KV cache); "
               "I/O: time the step waited for reads (+overlap hides part of it; the I/O / cost model "
-              "column compares the reads' wall time with the cost model's prediction for the same reads).", ""]
+              "column compares the reads' wall time with the cost model's prediction for the same reads)."]
+    if _cuda(results):
+        lines += ["On CUDA, I/O also counts the host-to-device copies of the rows read and memory "
+                  "management the device time of the cache's row moves and conversions (CUDA events); "
+                  "both may overlap host work already counted, so they are upper bounds and compute "
+                  "(the rest of the token's wall time) a lower bound."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -153,7 +177,8 @@ def plot(results: dict, path: Path) -> Path | None:
         ax.text(r["per_token"]["total_ms"], k, f" {r['per_token']['total_ms']:.0f} ms", va="center", fontsize=8)
     a = results["artifact"]
     ax.set_xlabel("ms per token")
-    ax.set_title(f"{a['architecture']} {a['dtype']}, DRAM limit {_gb(results['memory']['limit_bytes'])} GB: "
+    where = f"GPU memory ({results['device']})" if _cuda(results) else "DRAM"
+    ax.set_title(f"{a['architecture']} {a['dtype']}, {where} limit {_gb(results['memory']['limit_bytes'])} GB: "
                  "per-token latency", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, axis="x", alpha=0.3)

@@ -43,7 +43,7 @@ def run(spec: dict) -> dict:
         source = TraceReplay(Trace.load(spec["trace"]))
     kwargs = {k: spec[k] for k in ("mode", "window", "dram_budget", "max_context", "compute_dtype",
                                    "device_profile", "threads", "max_gap", "reuse", "bundled",
-                                   "overlap", "pinned_fraction") if k in spec}
+                                   "overlap", "pinned_fraction", "device") if k in spec}
     if spec["mode"] != "sparse":
         for k in ("reuse", "bundled", "overlap"):
             kwargs.pop(k, None)
@@ -61,7 +61,9 @@ def run(spec: dict) -> dict:
         model.forward(spec["tokens"], token_by_token=True)
         run_s = time.perf_counter() - t1
         steps = [asdict(s) for s in model.stats]
-        return {"ok": True, "steps": steps, "open_s": open_s, "run_s": run_s,
+        cuda = model.device.type == "cuda"
+        return {"ok": True, "device": str(model.device), "staging_bytes": model.staging_bytes,
+                "device_peak_bytes": torch.cuda.max_memory_allocated(model.device) if cuda else None, "steps": steps, "open_s": open_s, "run_s": run_s,
                 "capacity": model.capacity, "threads": model.plan.threads, "max_gap": model.plan.max_gap,
                 "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
                 "torch_threads": torch.get_num_threads(),

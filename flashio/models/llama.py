@@ -143,7 +143,7 @@ class Model:
             {k.split(".", 2)[2]: t for k, t in w.items() if k.startswith(f"layers.{i}.")}
             for i in range(args.n_layers)
         ]
-        self.inv_freq = rope_inv_freq(args)  # [Dh/2]
+        self.inv_freq = rope_inv_freq(args).to(self.tok.device)  # [Dh/2]
         self.scale = args.head_dim**-0.5
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ class Model:
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         # x: [H, T, Dh]
-        pos = torch.arange(start, start + x.shape[1], dtype=torch.float32)
+        pos = torch.arange(start, start + x.shape[1], dtype=torch.float32, device=x.device)
         freqs = torch.outer(pos, self.inv_freq)  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -144,7 +144,7 @@ class Model:
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         # tokens: [T] -> [T, D]
-        pos = torch.arange(start, start + tokens.shape[0]) + POSITION_OFFSET
+        pos = torch.arange(start, start + tokens.shape[0], device=self.pos.device) + POSITION_OFFSET
         return self.tok[tokens] + self.pos[pos]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:

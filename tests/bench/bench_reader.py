@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flashio.bench.device import ensure_test_file
 from flashio.storage import AlignedArena, BundleReader, LayerExtent, evict_from_page_cache
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -57,16 +57,8 @@ def ensure_file(path: Path, size_bytes: int) -> None:
         print(f"reusing {path} ({size_bytes / 2**30:.2f} GiB)")
         return
     print(f"writing {path} ({size_bytes / 2**30:.2f} GiB)...", flush=True)
-    block = np.random.default_rng(0).bytes(64 << 20)  # repeated: content is irrelevant, holes are not
     t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = size_bytes
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
-        f.flush()
-        os.fsync(f.fileno())  # dirty pages would survive the eviction below
+    ensure_test_file(path, size_bytes)  # the device profile's writer: checks free space, fsyncs
     print(f"  written in {time.perf_counter() - t0:.1f} s")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import DeviceBenchConfig, measure_device
@@ -124,6 +125,35 @@ def test_bench_options_are_checked(synth_art, tmp_path):
     with pytest.raises(FlashError, match="raise --dram-limit"):
         run_model_bench(ModelBenchOptions(synth_art, tmp_path / "x", configs=("+bundling",), dram_limit=1 << 20,
                                           in_process=True, process_baseline_bytes=BASELINE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_model_on_cuda_without_cuda_is_one_clear_error(synth_art, tmp_path):
+    with pytest.raises(FlashError, match="CUDA is not available"):
+        run_model_bench(ModelBenchOptions(synth_art, tmp_path / "x", configs=("+bundling",), in_process=True,
+                                          process_baseline_bytes=BASELINE, device="cuda"))
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_cuda_targets_and_labels(synth_art, tmp_path):
+    """The GPU table's targets (25x over naive; I/O + memory management under half the token)
+    are computed from the rows like the CPU ones."""
+    from flashio.bench.report import evaluate_targets, markdown
+
+    res = run_model_bench(ModelBenchOptions(synth_art, tmp_path / "out", configs=("naive", "+bundling"), tokens=2,
+                                            baseline_tokens=1, weights_fraction=0.8, in_process=True,
+                                            process_baseline_bytes=BASELINE))
+    assert all(r["ok"] for r in res["configs"]), [r.get("error") for r in res["configs"]]
+    res["device"] = "cuda:0"  # the same rows read as a GPU run's
+    res["machine"]["gpu"] = "a GPU"
+    t = evaluate_targets(res)
+    full, naive = (next(r for r in res["configs"] if r["name"] == n)["per_token"] for n in ("+bundling", "naive"))
+    assert t["speedup_vs_naive"]["target"] == 25.0
+    assert t["speedup_vs_naive"]["value"] == pytest.approx(naive["total_ms"] / full["total_ms"])
+    assert t["io_and_memory_fraction"]["value"] == pytest.approx((full["io_ms"] + full["mem_ms"]) / full["total_ms"])
+    assert "memory_fraction" not in t
+    text = markdown({**res, "targets": t})
+    assert "GPU memory limit" in text and "flash->GPU" in text and "a GPU (cuda:0)" in text
 
 
 def test_cli_help_lists_bench_and_synth(capsys):

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashio
+from flashio.cache import FillingWindowCache
 from flashio.errors import FlashError
-from flashio.ffn import FillingWindowCache
 from flashio.format import write_artifact
 from flashio.storage import AlignedArena, BundleReader, LayerExtent
 

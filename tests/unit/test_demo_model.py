@@ -117,3 +117,22 @@ def test_heldout_perplexity_is_far_below_unigram_baseline(model, heldout_windows
     assert unigram_perplexity > 100, unigram_perplexity
     # Shipped checkpoint, Python 3.11: about 81 against 1122 on these file openings.
     assert model_perplexity < unigram_perplexity / 5, (model_perplexity, unigram_perplexity)
+
+
+def test_training_report_perplexity_is_transformers_loss_on_the_same_ids(model, tokenizer):
+    """`tasks.demo.train.evaluate` (the training report's held-out perplexity) on consecutive
+    windows of seq_len + 1 ids of the held-out token stream equals exp of transformers' loss on
+    the same windows; only the windows' number and length differ from the shipped report's."""
+    import numpy as np
+
+    from tasks.demo.train import TrainConfig, evaluate, tokenize
+
+    texts = [path.read_text(encoding="utf-8") for path in stdlib_text_files("heldout")[:3]]
+    ids = tokenize(tokenizer, texts)  # one stream, bos at each file's start, as in training
+    config = TrainConfig(seq_len=64, eval_sequences=5)
+    result = evaluate(model, ids, config)
+    assert (result["sequences"], result["targets"]) == (5, 5 * 64)
+    windows = torch.from_numpy(np.stack([ids[r * 64 : (r + 1) * 64 + 1] for r in range(5)])).long()
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss.item()
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)

@@ -131,3 +131,21 @@ def test_bad_requests(opt_artifact, llama_artifact):
         flashio.open(opt_artifact, mode="fast")
     with pytest.raises(FlashError, match="not an artifact directory"):
         flashio.open("/nonexistent/path")
+
+
+def test_predictor_thresholds_can_be_read_and_replaced(tiny_opt, tmp_path):
+    art = write_artifact(tiny_opt[1], tmp_path / "thr", predictors=_all_active_predictors(2, 64, 256))
+    with flashio.open(art, mode="sparse") as model:
+        assert model.predictor_thresholds == [0.5, 0.5]
+        model.forward(PROMPT[:3], token_by_token=True)
+        assert all(s.neurons_active == 2 * 256 for s in model.stats)  # logit 20: every neuron
+        model.set_predictor_thresholds([1 - 1e-9, 0.5])  # logit 20.7 > 20: layer 0 predicts none
+        assert model.predictor_thresholds == [1 - 1e-9, 0.5]
+        model.forward(PROMPT[:3], token_by_token=True)
+        assert all(s.neurons_active == 256 for s in model.stats)
+        with pytest.raises(FlashError, match="3 thresholds given for 2 layers"):
+            model.set_predictor_thresholds([0.5, 0.5, 0.5])
+        with pytest.raises(FlashError, match=r"probabilities in \(0, 1\)"):
+            model.set_predictor_thresholds([0.5, 1.0])
+    with flashio.open(art, mode="dense") as model, pytest.raises(FlashError, match="without predictors"):
+        model.set_predictor_thresholds([0.5, 0.5])

@@ -1,19 +1,25 @@
-"""The accuracy gate's decisions and messages, the multiple-choice formats, the report."""
+"""The accuracy gate's decisions and messages, the multiple-choice formats, the report, and the
+perplexity scoring against transformers' own loss on the same token ids."""
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
 from tasks.activations import ActivationStats
+from tasks.calibration import CalibrationData
 from tasks.errors import AccuracyBudgetError, InputError
 from tasks.evaluation import (
     AccuracyBudget,
     Comparison,
     Evaluation,
+    HeldoutSample,
     budget_violations,
+    compare,
     enforce_budget,
 )
 from tasks.predictors import LayerPredictor
@@ -95,3 +101,81 @@ def test_report_summary_and_tables():
     assert layer_rows(report)[1]["predicted density"] == 0.6
     md = render_markdown(report)
     assert "| layer | rank |" in md and "sparsity_accuracy.png" in md
+
+
+class _LogitsOf:
+    """Stands in for the runtime in `compare`: a transformers model's logits of a row, no stats."""
+
+    def __init__(self, model):
+        self.model, self.stats = model, []
+
+    def forward(self, row, token_by_token: bool = False):
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=row[None]).logits[0]
+
+
+@pytest.fixture(scope="module")
+def demo_heldout_rows():
+    """The demo model and held-out rows cut the way the calibration step cuts them: the token
+    stream of whole documents (each starting with bos) in rows of 96, so that only the first row
+    starts with bos, the others start mid-document and one holds a document boundary."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from tasks.calibration import _encoder, _fill
+    from tasks.demo import DEMO_CHECKPOINT_DIR, stdlib_text_files
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_CHECKPOINT_DIR, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO_CHECKPOINT_DIR)
+    tokenizer.model_max_length = 1 << 62
+    sizes = [(p.stat().st_size, p) for p in stdlib_text_files("heldout")]
+    small = [p for size, p in sorted(sizes, key=lambda t: t[0]) if size > 400][:2]  # two short files
+    texts = (p.read_text(encoding="utf-8") for p in small)
+    rows, n_docs, _ = _fill(texts, _encoder(tokenizer), 6, 96)
+    assert rows.shape == (6, 96) and n_docs == 2, (rows.shape, n_docs)
+    ids = torch.from_numpy(rows).long()
+    assert ids[0, 0] == tokenizer.bos_token_id and (ids[1:] == tokenizer.bos_token_id).sum() == 1
+    return model, ids
+
+
+def test_perplexity_is_transformers_loss_on_the_same_ids(demo_heldout_rows):
+    """The pipeline's perplexity (per-token mean NLL of all but each row's first token, rows scored
+    on their own) equals exp of transformers' labels=input_ids loss on the same rows, dense and
+    sparse alike (on these rows a mean of per-row perplexities would give 38.7 instead of 32.3)."""
+    import torch
+
+    model, ids = demo_heldout_rows
+    other = copy.deepcopy(model)  # a "sparse" model that differs: last FFN layer switched off
+    with torch.no_grad():
+        other.model.decoder.layers[-1].fc2.weight.zero_()
+        want_dense = math.exp(model(input_ids=ids, labels=ids).loss.item())
+        want_sparse = math.exp(other(input_ids=ids, labels=ids).loss.item())
+    dense = _LogitsOf(model)
+    c = compare(lambda k: dense.forward(ids[k]), _LogitsOf(other), ids, label="x", recall_target=None,
+                thresholds=(), n_neurons_total=1)
+    assert c.sequences == 6 and c.tokens == 6 * 96
+    assert c.perplexity_dense == pytest.approx(want_dense, rel=1e-5)
+    assert c.perplexity_sparse == pytest.approx(want_sparse, rel=1e-5)
+    assert c.perplexity_sparse != pytest.approx(c.perplexity_dense, rel=1e-3)
+
+
+def calibration_data(*, documents: int, heldout_spec: str | None = "stdlib:heldout") -> CalibrationData:
+    return CalibrationData(path=Path("t.safetensors"), fingerprint="f", spec="stdlib:train", heldout_spec=heldout_spec,
+                           n_sequences=128, n_heldout=16, seq_len=256, seed=0, documents=40,
+                           heldout_documents=documents)
+
+
+def test_heldout_sample_says_what_the_perplexity_is_measured_on():
+    # `flashio convert` with its defaults: 16 x 256 tokens, all from one held-out file.
+    sample = HeldoutSample.of(calibration_data(documents=1), 16)
+    assert sample.targets == 16 * 255
+    text = sample.describe()
+    assert "16 sequences of 256 tokens cut from 1 document(s) of stdlib:heldout" in text
+    assert "4080 next tokens, all but the first of each sequence, averaged per token" in text
+    assert "bos only at a document's start" in text
+    assert sample.few_documents()
+    assert not HeldoutSample.of(calibration_data(documents=31), 16).few_documents()
+    after = HeldoutSample.of(calibration_data(documents=12, heldout_spec=None), 16)
+    assert "of stdlib:train (the documents after the calibration part)" in after.describe()

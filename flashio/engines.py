@@ -1,0 +1,229 @@
+"""FFN engines, one per mode. Each computes a layer's FFN output (without the down bias, which
+the architecture adds) from the FFN input, getting its weights in its own way:
+
+- `DenseEngine`: every bundle in memory (the reference).
+- `NaiveEngine`: each call reads the layer's whole FFN from flash (the paper's baseline); with
+  `pinned_fraction` the first rows of every layer stay in memory ("hybrid") and only the rest is read.
+- `SparseEngine` (flashio.sparse): active set -> window cache -> reads of the missing bundles only.
+- `OracleEngine` (flashio.sparse): as sparse, with the exact active set (for ReLU models equals dense).
+- `MmapEngine`: the FFN file memory-mapped and paged in by the OS (as llama.cpp does); CPU only.
+
+Rows kept across tokens (window cache, pinned rows, dense weights) are held in the compute dtype
+on the model's device, converted once when they arrive (counted as memory management); rows
+streamed for one use are computed in the storage dtype. Flash reads land in host memory given by
+the device's transfer path (flashio.device): on the CPU that is the destination rows themselves,
+on CUDA pinned staging buffers that are then copied to the device asynchronously.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from flashio.device import HostTransfer, TransferPath
+from flashio.ffn import CONVERT_ROWS, convert_rows, ffn_compute, one_thread
+from flashio.format import Artifact
+from flashio.stats import StatsRecorder
+from flashio.storage import AlignedArena, BundleReader, ReadResult
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """How the sparse engine loads what it needs (each option is one of the paper's steps)."""
+
+    reuse: bool = True  # window cache; False: every step loads its whole active set ("+predictor")
+    bundled: bool = True  # False: up and down parts of a neuron read as two requests ("unbundled")
+    overlap: bool = False  # start the reads, compute the cached rows while they fly
+
+
+class ActiveSource(Protocol):
+    """Where the sparse engine gets each layer's active set instead of its predictor."""
+
+    def begin_step(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def active(self, layer: int, h: torch.Tensor) -> np.ndarray: ...  # sorted unique row ids
+
+
+class Engine:
+    """What the engines share: the artifact's layout, the reader, the biases, the transfer path
+    to the model's device and the buffers the engine owns (released by close())."""
+
+    def __init__(self, art: Artifact, reader: BundleReader, resident: dict[str, torch.Tensor],
+                 rec: StatsRecorder, dtype: torch.dtype, *, compute_dtype: torch.dtype | None = None,
+                 recorder=None, transfer: TransferPath | None = None):
+        m = art.manifest
+        self.art, self.reader, self.rec, self.dtype = art, reader, rec, dtype
+        self.compute_dtype = compute_dtype or dtype
+        self.recorder = recorder  # flashio.trace.TraceRecorder or None
+        self.transfer = transfer or HostTransfer()
+        self.device = self.transfer.device
+        self.parts = {name: slice(a, b) for name, a, b in m.bundle_layout}
+        self.layers = m.ffn_layers
+        self.b_up = [resident.get(f"layers.{i}.ffn.up_bias") for i in range(m.n_layers)]
+        self.b_gate = [resident.get(f"layers.{i}.ffn.gate_bias") for i in range(m.n_layers)]
+        self.arenas: list[AlignedArena] = []  # host buffers (CPU)
+        self.owned: list[torch.Tensor] = []  # other buffers: on a CUDA device, or converted rows
+        self._scratch = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=torch.float32)
+        self._chunk = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=self.compute_dtype)
+
+    def _account(self, r: ReadResult, waited_s: float | None = None) -> None:
+        self.rec.bytes_read += r.bytes_read
+        self.rec.reads += r.reads
+        self.rec.io_s += r.elapsed_s if waited_s is None else waited_s
+        self.rec.io_busy_s += r.elapsed_s
+        self.rec.io_pred_s += r.predicted_s
+        if not r.direct:
+            self.rec.buffered_reads += r.reads
+
+    def _arena_tensor(self, rows: int, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        arena = AlignedArena(max(rows * width * dtype.itemsize, 1))
+        self.arenas.append(arena)
+        return arena.tensor(dtype, (rows, width))
+
+    def _buffer(self, rows: int, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows that live as long as the engine, on its device: page-aligned host memory when
+        reads land in place (the reader writes them with O_DIRECT), else device memory filled
+        through the transfer path's staging."""
+        if self.transfer.in_place:
+            return self._arena_tensor(rows, width, dtype)
+        # zeroed: rows past the used ones pad the FFN's matmuls and must be finite
+        t = torch.zeros(rows, width, dtype=dtype or self.dtype, device=self.device)
+        self.owned.append(t)
+        return t
+
+    def _load_rows(self, i: int, start: int, stop: int, *, keep: bool = True) -> torch.Tensor:
+        """Rows [start, stop) of layer i read once onto the device, in the compute dtype
+        (keep=False: a temporary, not a buffer that lives as long as the engine)."""
+        width = self.layers[i].bundle_width
+        n = stop - start
+        if self.transfer.in_place and self.compute_dtype == self.dtype:
+            t = self._arena_tensor(n, width) if keep else torch.empty(n, width, dtype=self.dtype)
+            self.reader.read_layer(i, t, (start, stop))
+            return t
+        out = torch.empty(n, width, dtype=self.compute_dtype, device=self.device)
+        if keep:
+            self.owned.append(out)
+        step = max(1, (64 << 20) // (width * self.dtype.itemsize))  # 64 MiB staging at a time
+        with AlignedArena(min(n, step) * width * self.dtype.itemsize) as arena:
+            for a in range(start, stop, step):
+                b = min(stop, a + step)
+                stage = arena.tensor(self.dtype, (b - a, width))
+                self.reader.read_layer(i, stage, (a, b))
+                if self.transfer.in_place:
+                    with one_thread():
+                        convert_rows(out[a - start : b - start], stage, self._scratch)
+                else:  # a blocking copy (converted on the device): the staging is reused next
+                    out[a - start : b - start].copy_(stage)
+                del stage
+        return out
+
+    def begin_step(self) -> None:
+        if self.recorder is not None:
+            self.recorder.begin_step()
+
+    def reset(self) -> None:
+        pass
+
+    def dram_bytes(self) -> int:
+        """Memory the engine holds on the model's device (host arenas on the CPU)."""
+        return sum(a.nbytes for a in self.arenas) + sum(t.numel() * t.element_size() for t in self.owned)
+
+    def close(self) -> None:
+        for a in self.arenas:
+            a.close()
+        self.arenas.clear()
+        self.owned.clear()
+
+
+class DenseEngine(Engine):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.weights = [self._load_rows(i, 0, L.n_neurons) for i, L in enumerate(self.layers)]
+
+    def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        self.rec.neurons_active += self.layers[i].n_neurons
+        return ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i])
+
+
+class NaiveEngine(Engine):
+    """Reads each layer's FFN every call; `pinned_fraction` of its rows (the first ones) are
+    loaded once and kept in DRAM instead (the paper's "hybrid" row)."""
+
+    def __init__(self, *a, pinned_fraction: float = 0.0, **kw):
+        super().__init__(*a, **kw)
+        self.pinned_rows = [round(pinned_fraction * L.n_neurons) for L in self.layers]
+        self.pinned = [self._load_rows(i, 0, k) if k else None for i, k in enumerate(self.pinned_rows)]
+        rows = max(L.n_neurons - k for L, k in zip(self.layers, self.pinned_rows))
+        self.buf = self._buffer(max(rows, 1), self.layers[0].bundle_width)
+
+    def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        L, k = self.layers[i], self.pinned_rows[i]
+        rows = self.buf[: L.n_neurons - k]
+        if len(rows):
+            host, slot = self.transfer.staging(len(rows), rows)
+            self._account(self.reader.read_layer(i, host, (k, L.n_neurons)))
+            self.transfer.upload(slot, host, rows)
+            self.transfer.before_compute()
+        self.rec.neurons_active += L.n_neurons
+        self.rec.neurons_loaded += L.n_neurons - k
+        b_up = self.b_up[i]
+        b_gate = self.b_gate[i]
+        y = ffn_compute(h, rows, self.parts, None if b_up is None else b_up[k:],
+                        None if b_gate is None else b_gate[k:])
+        if k:
+            y = y + ffn_compute(h, self.pinned[i], self.parts, None if b_up is None else b_up[:k],
+                                None if b_gate is None else b_gate[:k])
+        return y
+
+
+class MmapEngine(Engine):
+    """The whole FFN file memory-mapped; the OS pages weights in on first touch (with its
+    readahead) and out under memory pressure. Reads cannot be timed apart from the compute that
+    faults them in: the step's I/O time is 0 and bytes_read comes from /proc/self/io."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._file = open(self.reader.path, "rb")  # noqa: SIM115 - closed in close()
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.weights = []
+        for L in self.layers:
+            t = torch.frombuffer(self._map, dtype=self.dtype, count=L.n_neurons * L.bundle_width,
+                                 offset=L.offset_bytes)
+            self.weights.append(t.view(L.n_neurons, L.bundle_width))
+
+    def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        before = _proc_read_bytes()
+        y = ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i])
+        self.rec.bytes_read += _proc_read_bytes() - before
+        self.rec.neurons_active += self.layers[i].n_neurons
+        return y
+
+    def dram_bytes(self) -> int:
+        return 0  # page cache, owned by the OS
+
+    def close(self) -> None:
+        self.weights.clear()
+        with contextlib.suppress(BufferError):  # a tensor still views the mapping: unmapped when it dies
+            self._map.close()
+        self._file.close()
+        super().close()
+
+
+def _proc_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (page faults included)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,221 @@
+"""The windowed sparse FFN (LLM in a flash, sections 3.1-3.3) and its oracle.
+
+Per layer and step: the active set (predictor, or an ActiveSource such as a trace replay) ->
+the window cache update (deletion by moving the last rows into freed slots, insertion at the
+end) -> reads of the missing bundles only -> the FFN on the cache's used rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flashio.cache import FillingWindowCache, FillUpdate, WindowCache, rows_view
+from flashio.engines import ActiveSource, Engine, SparseOptions
+from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows, ffn_compute, one_thread
+from flashio.predictor import PredictorWeights
+
+
+class SparseEngine(Engine):
+    """Windowed sparse FFN: only bundles of active neurons, kept for `window` steps.
+
+    The active set is the predictor's, or `source`'s when given; with both, the predictor still
+    runs (its cost is part of every real step) and the source's set is used. When the cache holds
+    the storage dtype, reads land straight in its rows (appended, the paper's layout; on CUDA via
+    the pinned staging and an asynchronous copy). When it holds another dtype, on the CPU reads
+    land in a staging buffer and are converted into the rows freed this step (FillingWindowCache);
+    on CUDA they land in a device buffer and one copy kernel converts them into the appended rows.
+    """
+
+    def __init__(self, *a, predictors: list[PredictorWeights] | None, window: int, capacity: int,
+                 source: ActiveSource | None = None, options: SparseOptions | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.predictors = predictors
+        self.source = source
+        self.options = options = options or SparseOptions()
+        self.split = 1 if options.bundled else len(self.parts)
+        width = self.layers[0].bundle_width
+        self.staging = None  # CPU: reads land here first when the cache holds another dtype
+        self.landing = None  # CUDA: uploads land here first when the cache holds another dtype
+        cache_cls = WindowCache
+        if self.compute_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
+            if self.transfer.in_place:
+                self.staging = self._arena_tensor(capacity, width)
+                cache_cls = FillingWindowCache
+            else:
+                self.landing = self._buffer(capacity, width)
+        self.caches = [cache_cls(self._buffer(capacity, L.bundle_width, self.compute_dtype),
+                                 L.n_neurons, window, indices=self.transfer.indices) for L in self.layers]
+        # one scratch for all layers (they update one at a time), sized for the worst step so
+        # that no cache grows its own (32 private ones were ~0.4 GB at 7B scale); it also holds
+        # converted new rows before they are scattered
+        self.shared = self._buffer(capacity, width, self.compute_dtype)
+        for c in self.caches:
+            c._scratch = self.shared
+
+    def scores(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """[T, N] scores; a neuron is active where its score > 0."""
+        p = self.predictors[i]
+        return p.logits(h) - p.logit_threshold
+
+    def _active(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
+        s = self.scores(i, h) if self.predictors is not None or self.source is None else None
+        if self.source is not None:
+            ids = self.source.active(i, h)
+            if self.recorder is not None:
+                mask = torch.zeros(h.shape[0], self.layers[i].n_neurons, dtype=torch.bool)
+                mask[:, torch.from_numpy(ids)] = True
+                self.recorder.record(i, mask)
+            if len(ids) > cap:  # the source has no scores to rank by: keep the first ones
+                self.rec.truncated += len(ids) - cap
+                ids = ids[:cap]
+            return ids
+        if self.recorder is not None:
+            self.recorder.record(i, (s > 0).cpu())
+        s = s.amax(dim=0)  # [N]: a neuron is needed if any token needs it
+        ids = torch.nonzero(s > 0).flatten()  # on CUDA: the step's one wait for the device per layer
+        if len(ids) > cap:  # keep the most confident ones; report the rest
+            self.rec.truncated += len(ids) - cap
+            ids = torch.topk(s, cap).indices.sort().values
+        return ids.cpu().numpy().astype(np.int64, copy=False)
+
+    def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        cache = self.caches[i]
+        ids_np = self._active(i, h, cache.capacity)
+        t0 = time.perf_counter()
+        if not self.options.reuse:
+            cache.reset()  # no window: the whole active set is loaded again
+        with one_thread(), self.transfer.span():
+            up = cache.update(ids_np) if self.staging is None else cache.update_fill(ids_np)
+        self.rec.mem_s += time.perf_counter() - t0
+        m = len(up.missing)
+        self.rec.neurons_active += len(ids_np)
+        self.rec.neurons_loaded += m
+        self.rec.cache_hits += up.hits
+        self.rec.cache_rows += cache.n_used
+        try:
+            if self.staging is None:
+                return self._appended(i, h, cache, up.start, m, up.missing)
+            return self._staged(i, h, cache, up)
+        except BaseException:
+            cache.reset()  # rows were reserved for bundles that never arrived
+            raise
+
+    def _read(self, i: int, ids: np.ndarray, dest: torch.Tensor):
+        """Start (overlap) or do the reads; returns the pending read or None when done."""
+        if not len(ids):
+            return None
+        if self.options.overlap:
+            return self.reader.submit_rows(i, ids, dest, split=self.split)
+        self._account(self.reader.read_rows(i, ids, dest, split=self.split))
+        return None
+
+    def _wait(self, pending) -> None:
+        t1 = time.perf_counter()
+        r = pending.result()
+        self._account(r, waited_s=time.perf_counter() - t1)
+
+    def _appended(self, i: int, h: torch.Tensor, cache: WindowCache, start: int, m: int,
+                  missing: np.ndarray) -> torch.Tensor:
+        n = cache.n_used
+        (idx,) = self.transfer.indices(cache.neurons)
+        rows = cache.matrix[start : start + m]
+        land = rows if self.landing is None else self.landing[:m]
+        host, slot = self.transfer.staging(m, land) if m else (land, -1)  # CPU: the rows themselves
+        pending = self._read(i, missing, host)
+        if pending is None:
+            self._arrive(slot, host, land, rows)
+            return self._compute(i, h, cache.matrix, 0, n, idx)
+        # overlap: the cached rows are computed while the missing ones are read
+        y = self._compute(i, h, cache.matrix, 0, start, idx[:start])
+        self._wait(pending)
+        self._arrive(slot, host, land, rows)
+        return y + self._compute(i, h, cache.matrix, start, n, idx[start:n])
+
+    def _arrive(self, slot: int, host: torch.Tensor, land: torch.Tensor, rows: torch.Tensor) -> None:
+        """Read rows to their cache rows: uploaded from the staging (CUDA; nothing to do on the
+        CPU) and converted on the device when the cache holds another dtype."""
+        if not len(rows):
+            return
+        self.transfer.upload(slot, host, land)
+        self.transfer.before_compute()
+        if land is not rows:
+            with self.transfer.span():
+                rows.copy_(land)
+
+    def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate) -> torch.Tensor:
+        n, m = cache.n_used, len(up.missing)
+        idx = torch.from_numpy(cache.neurons)
+        stage, fresh, dest = self.staging[:m], self.shared[:m], torch.from_numpy(up.dest)
+        pending = self._read(i, up.missing, stage)
+        if pending is None:
+            self._scatter(cache, stage, None, dest)
+            return self._compute(i, h, cache.matrix, 0, n, idx)
+        # overlap: everything cached is computed while the reads fly, the arriving rows masked
+        # out (their slots still hold what left); then the new rows, from the converted buffer
+        y = self._compute(i, h, cache.matrix, 0, n, idx, zero=dest)
+        self._wait(pending)
+        self._scatter(cache, stage, fresh, dest)
+        return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing))
+
+    def _scatter(self, cache: WindowCache, stage: torch.Tensor, fresh: torch.Tensor | None,
+                 dest: torch.Tensor) -> None:
+        """Convert the staged rows to the compute dtype and put them in their cache rows; also
+        into `fresh` (contiguous) when given, else chunk by chunk through a small buffer."""
+        if not len(dest):
+            return
+        t0 = time.perf_counter()
+        rows, dest_np = rows_view(cache.matrix), dest.numpy()
+        with one_thread():
+            if fresh is not None:
+                convert_rows(fresh, stage, self._scratch)
+                rows[dest_np] = rows_view(fresh)
+            else:  # fused: each chunk converted and scattered while it is in cache
+                chunk = rows_view(self._chunk)
+                for a in range(0, len(dest_np), CONVERT_ROWS):
+                    k = min(CONVERT_ROWS, len(dest_np) - a)
+                    convert_rows(self._chunk[:k], stage[a : a + k], self._scratch)
+                    rows[dest_np[a : a + k]] = chunk[:k]
+        self.rec.mem_s += time.perf_counter() - t0
+
+    def _compute(self, i: int, h: torch.Tensor, matrix: torch.Tensor, lo: int, hi: int, idx: torch.Tensor,
+                 zero: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN over rows [lo, hi) of `matrix` (neurons idx), padded to a BUCKET_ROWS multiple."""
+        if hi <= lo:
+            return torch.zeros_like(h)
+        stop = min(matrix.shape[0], lo + -(-(hi - lo) // BUCKET_ROWS) * BUCKET_ROWS)
+        b_up = None if self.b_up[i] is None else self.b_up[i][idx]
+        b_gate = None if self.b_gate[i] is None else self.b_gate[i][idx]
+        return ffn_compute(h, matrix[lo:stop], self.parts, b_up, b_gate, zero=zero, n_valid=hi - lo)
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        if self.source is not None:
+            self.source.begin_step()
+
+    def reset(self) -> None:
+        for c in self.caches:
+            c.reset()
+        if self.source is not None:
+            self.source.reset()
+
+
+class OracleEngine(SparseEngine):
+    """The exact active set, from up (and gate) projections kept in DRAM: tests the sparse path
+    with a perfect predictor. For ReLU models the output equals dense."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, predictors=None, **kw)
+        key = "gate" if "gate" in self.parts else "up"
+        self.key_w = [self._load_rows(i, 0, L.n_neurons, keep=False)[:, self.parts[key]].clone()  # [N, D]
+                      for i, L in enumerate(self.layers)]
+
+    def scores(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        L = self.layers[i]
+        x = h.to(self.compute_dtype)
+        if "gate" in self.parts:
+            return F.silu(F.linear(x, self.key_w[i], self.b_gate[i])).abs() - L.active_threshold
+        return F.linear(x, self.key_w[i], self.b_up[i])  # ReLU: active where > 0
