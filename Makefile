@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.flashio-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-all test-gpu bench lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ test: lint
 
 test-all: lint
 	$(PY) -m pytest -q
+
+test-gpu: $(STAMP)  # on a machine with CUDA (and a CUDA torch): the tests marked gpu
+	$(PY) -m pytest -q -m gpu -rs
 
 bench: $(STAMP)
 	$(PY) tests/bench/bench_reader.py

@@ -18,6 +18,7 @@ step (used when rows are converted to another dtype on arrival anyway).
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ class WindowCache:
     """Neurons active in the last `window` steps, as compact rows of a preallocated matrix."""
 
     def __init__(self, matrix: torch.Tensor, n_neurons: int, window: int, *,
-                 indices: Indices = host_indices):
+                 indices: Indices = host_indices,
+                 span: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.matrix = matrix  # [capacity, W]
@@ -62,6 +64,7 @@ class WindowCache:
         self.step = 0
         self._scratch = matrix.new_empty((0, matrix.shape[1]))
         self.indices = indices
+        self.span = span  # times the row moves on the device (flashio.device.TransferPath.span)
 
     def reset(self) -> None:
         self.slot_of.fill(-1)
@@ -135,8 +138,9 @@ class WindowCache:
                 self._scratch = self.matrix.new_empty((max(m, 2 * self._scratch.shape[0]), self.matrix.shape[1]))
             buf = self._scratch[:m]
             src, dst = self.indices(movers, holes)  # where the matrix lives (CPU or CUDA)
-            torch.index_select(self.matrix, 0, src, out=buf)
-            self.matrix.index_copy_(0, dst, buf)
+            with self.span():
+                torch.index_select(self.matrix, 0, src, out=buf)
+                self.matrix.index_copy_(0, dst, buf)
             moved_neurons = self.neuron_at[movers]
             self.neuron_at[holes] = moved_neurons
             self.slot_of[moved_neurons] = holes

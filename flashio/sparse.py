@@ -48,7 +48,8 @@ class SparseEngine(Engine):
             else:
                 self.landing = self._buffer(capacity, width)
         self.caches = [cache_cls(self._buffer(capacity, L.bundle_width, self.compute_dtype),
-                                 L.n_neurons, window, indices=self.transfer.indices) for L in self.layers]
+                                 L.n_neurons, window, indices=self.transfer.indices, span=self.transfer.span)
+                       for L in self.layers]
         # one scratch for all layers (they update one at a time), sized for the worst step so
         # that no cache grows its own (32 private ones were ~0.4 GB at 7B scale); it also holds
         # converted new rows before they are scattered
@@ -88,7 +89,7 @@ class SparseEngine(Engine):
         t0 = time.perf_counter()
         if not self.options.reuse:
             cache.reset()  # no window: the whole active set is loaded again
-        with one_thread(), self.transfer.span():
+        with one_thread():
             up = cache.update(ids_np) if self.staging is None else cache.update_fill(ids_np)
         self.rec.mem_s += time.perf_counter() - t0
         m = len(up.missing)
