@@ -155,7 +155,10 @@ class CudaTransfer:
                  buffers: int = 2, index_slots: int = 4):
         self.device = device
         self.slot_bytes = round_up(max(staging_bytes, 1), PAGE_BYTES)
-        self.arena = AlignedArena(buffers * self.slot_bytes)
+        self.index_capacity = max(index_capacity, 1)
+        ids_bytes = index_slots * self.index_capacity * 8
+        # one registered arena: the staging buffers, then the row-id ring
+        self.arena = AlignedArena(buffers * self.slot_bytes + ids_bytes)
         pin(self.arena)
         self._bufs = [self.arena.tensor(torch.uint8, (self.slot_bytes,), offset_bytes=k * self.slot_bytes)
                       for k in range(buffers)]
@@ -165,8 +168,8 @@ class CudaTransfer:
         self._pending: list[int] = []
         self.stream = torch.cuda.Stream(device)
         # row ids: one pinned host row and one device row per slot, both preallocated
-        self.index_capacity = max(index_capacity, 1)
-        self._ids_host = torch.empty(index_slots, self.index_capacity, dtype=torch.int64, pin_memory=True)
+        self._ids_host = self.arena.tensor(torch.int64, (index_slots, self.index_capacity),
+                                           offset_bytes=buffers * self.slot_bytes)
         self._ids_np = [row.numpy() for row in self._ids_host]
         self._ids_dev = torch.empty(index_slots, self.index_capacity, dtype=torch.int64, device=device)
         self._ids_done = [torch.cuda.Event() for _ in range(index_slots)]
@@ -258,7 +261,7 @@ class CudaTransfer:
         return DeviceTimes(upload_s=up / 1e3, mem_s=mem / 1e3)
 
     def host_bytes(self) -> int:
-        return self.arena.nbytes + self._ids_host.numel() * 8
+        return self.arena.nbytes
 
     def close(self) -> None:
         if self.arena.closed:
@@ -266,6 +269,8 @@ class CudaTransfer:
         torch.cuda.synchronize(self.device)
         unpin(self.arena)
         self._bufs.clear()
+        self._ids_np.clear()
+        self._ids_host = None
         self.arena.close()
 
 

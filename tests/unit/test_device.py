@@ -189,6 +189,88 @@ def test_cache_invariants_with_snapshot_indices(window, steps):
             assert cache.slot_of[neuron] == slot and torch.all(cache.matrix[slot] == neuron)
 
 
+class _FakeCuda:
+    """Just enough of torch.cuda's API for CudaTransfer's bookkeeping to run on the CPU: events,
+    streams and host registration are recorded, copies are synchronous. It checks the logic
+    (registration, buffer layout, the id ring, event reuse, timing sums), not CUDA's semantics:
+    the tests marked gpu do that."""
+
+    def __init__(self):
+        self.registered: dict[int, int] = {}
+        self.events: list = []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.timing, self.recorded, self.waits = enable_timing, 0, 0
+                fake.events.append(self)
+
+            def record(self, stream=None):
+                self.recorded += 1
+
+            def synchronize(self):
+                self.waits += 1
+
+            def elapsed_time(self, end):
+                assert self.timing and end.timing and self.recorded and end.recorded
+                return 2.0  # ms
+
+        class Stream:
+            def __init__(self, device=None):
+                self.waited = []
+
+            def wait_stream(self, other):
+                self.waited.append(other)
+
+            def wait_event(self, event):
+                self.waited.append(event)
+
+        class Runtime:
+            def cudaHostRegister(self, ptr, nbytes, flags):
+                fake.registered[ptr] = nbytes
+                return 0
+
+            def cudaHostUnregister(self, ptr):
+                del fake.registered[ptr]
+                return 0
+
+        self.Event, self.Stream, self.runtime = Event, Stream, Runtime()
+        self.current = Stream()
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "cudart", lambda: self.runtime)
+
+
+def test_cuda_transfer_bookkeeping_with_a_fake_runtime(monkeypatch, sparse_artifact, dense_ref):
+    from flashio.device import CudaTransfer
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    art = Artifact(sparse_artifact)
+    row_bytes = art.manifest.ffn_layers[0].bundle_width * art.manifest.itemsize
+    path = CudaTransfer(torch.device("cpu"), staging_bytes=256 * row_bytes, index_capacity=512)
+    (ptr, nbytes), = fake.registered.items()  # one registration: staging buffers + id ring
+    assert ptr % 4096 == 0 and nbytes == path.host_bytes() >= 2 * 256 * row_bytes + 4 * 512 * 8
+    model = FlashModel(art, mode="sparse", window=2, dram_budget=None, max_context=None, direct=True,
+                       plan=read_plan(art, None), transfer=path)
+    with model:
+        got = model.forward(PROMPT, token_by_token=True)
+        for host in [*path._bufs, path._ids_host]:  # everything DMA touches lies in the registered range
+            assert ptr <= host.data_ptr() and host.data_ptr() + host.numel() * host.element_size() <= ptr + nbytes
+        assert path._bufs[1].data_ptr() - path._bufs[0].data_ptr() == path.slot_bytes
+        loads = [s for s in model.stats if s.neurons_loaded]
+        assert loads and all(s.io_ms >= 2.0 * 2 for s in loads)  # 2 fake ms per upload, one per layer
+        assert len({id(e) for e in path._timers}) == len(path._timers) <= 16  # reused, not one per step
+    assert (got - dense_ref).abs().max().item() <= 1e-5
+    assert not fake.registered  # unregistered on close
+    assert fake.current.waited and path.stream.waited  # compute waited on uploads, copies on compute
+
+
 # -- CUDA --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_cuda
