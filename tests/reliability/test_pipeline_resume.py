@@ -69,6 +69,9 @@ def test_killed_conversion_resumes_from_cached_stages(tmp_path):
     for stage in ("calibration", "activations", "merge-activations"):
         assert done_after[stage] == done_before[stage], stage  # reused, not recomputed
     assert len(done_after["predictor"]) == 2  # both layers trained in the end
-    assert "Cached(type=COMPLETED)" in out
+    # reused through Prefect's result cache, or (when the kill came before Prefect had persisted a
+    # stage's result record, seen once on a loaded machine) through the stage's own completed directory
+    assert "Cached(type=COMPLETED)" in out or all(f"{s}: reusing" in out for s in ("calibration", "activations")), \
+        out[-4000:]
     assert "tiny@1" in out
     assert any((tmp_path / "registry").rglob("manifest.json"))
