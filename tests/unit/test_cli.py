@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 
 import pytest
+import torch
 
 from flashio import cli
 from flashio.cli import main
@@ -37,6 +38,10 @@ def test_errors_are_one_line(opt_artifact, capsys):
     assert len(err) == 1 and err[0].startswith("flashio run: error:") and "predictors" in err[0]
     assert main(["run", str(opt_artifact), "--prompt", "x", "--dram-budget", "lots"]) == 2
     assert "cannot read 'lots' as a size" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", str(opt_artifact), "--prompt", "x", "--mode", "dense", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "CUDA is not available on this machine" in err[0]
 
 
 def test_command_from_missing_extra_says_what_to_install(monkeypatch, capsys):
