@@ -17,8 +17,23 @@ Specs (resolved by `resolve_spec`, which fails at once when nothing matches):
 Documents are read through `datasets` in a seeded shuffled order, tokenized with the source
 model's tokenizer (each document as the tokenizer encodes a text, so with its bos; eos appended
 when the tokenizer adds neither), concatenated and cut into sequences. The held-out part comes
-from `heldout_spec` when given, else from the documents after those used for calibration. The
-fingerprint hashes the spec, the options and the token ids.
+from `heldout_spec` when given, else from the documents after those used for calibration.
+
+The two parts are sampled differently:
+- calibration (activation statistics, predictor training): the first N rows of the stream, so
+  from as few documents as N x L tokens need (`_fill`);
+- held-out (the evaluation's perplexity): rows spread over documents (`_fill_spread`). A document
+  of at least L tokens gives rows of its own, cut from its start; shorter ones are concatenated
+  into rows that hold several of them. Each long document and each row of short ones is a group;
+  reading stops once there are N groups (or, once the rows suffice, after 4N documents), and rows
+  are taken round-robin over the groups in reading order, one per group per round, each group's
+  rows in a seeded random order: one passage from each of N documents when there are N, more rows
+  per document only when there are fewer. When even that leaves too few rows, they are cut from
+  the concatenated stream of all the documents read, as for calibration. The evaluation's figure
+  is thus a mean over documents' passages, not over the opening of the first document
+  (`CalibrationData.heldout_documents`: the documents the chosen rows overlap).
+
+The fingerprint hashes the spec, the options and the token ids.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ BUILDERS = {**dict.fromkeys(TEXT_SUFFIXES, "text"), ".jsonl": "json", ".json": "
 SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 SHUFFLE_BUFFER = 1000  # documents; the datasets shuffle buffer for streaming reads
 TOKENS_FILE = "tokens.safetensors"
+HELDOUT_READ_FACTOR = 4  # held-out sampling reads at most this many documents per row once the rows suffice
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,7 @@ class CalibrationData:
     seq_len: int
     seed: int
     documents: int  # documents the calibration part drew from
-    heldout_documents: int
+    heldout_documents: int  # documents the held-out rows overlap (see _fill_spread)
 
 
 def _is_local(spec: str) -> bool:
@@ -226,6 +242,65 @@ def _fill(docs: Iterator[str], encode: Callable[[str], list[int]], n: int, seq_l
     return out, n_docs, n_tokens
 
 
+def _fill_spread(docs: Iterator[str], encode: Callable[[str], list[int]], n: int, seq_len: int, *,
+                 seed: int) -> tuple[np.ndarray, int, int, int]:
+    """`n` rows of `seq_len` spread over documents. A document of at least `seq_len` tokens gives
+    rows of its own, cut from its start (its last partial row is left out); shorter documents are
+    concatenated, in reading order, into rows that hold several of them. Each long document, and
+    each row of short ones, is a group; rows are taken round-robin over the groups in reading order
+    (one per group per round; a group's rows in a seeded random order), so from `n` groups when
+    there are `n`. Reading stops once there are `n` groups, or after HELDOUT_READ_FACTOR x `n`
+    documents once their rows suffice. When the groups hold too few rows (the long documents'
+    partial rows left out), the rows are cut from the concatenated stream of all the documents read,
+    as `_fill` cuts it. Returns (ids [n', seq_len], documents the rows overlap, documents read,
+    tokens read)."""
+    if n == 0:
+        return np.zeros((0, seq_len), np.int32), 0, 0, 0
+    groups: list[list[tuple[np.ndarray, set[int]]]] = []  # rows and the documents each overlaps
+    encoded: list[list[int]] = []
+    short: list[int] = []  # the pending short documents' tokens
+    short_docs: set[int] = set()
+    n_tokens = selectable = 0
+    for text in docs:
+        ids = encode(text)
+        d = len(encoded)
+        encoded.append(ids)
+        n_tokens += len(ids)
+        if len(ids) >= seq_len:
+            k = len(ids) // seq_len
+            arr = np.asarray(ids[: k * seq_len], dtype=np.int32).reshape(k, seq_len)
+            groups.append([(row, {d}) for row in arr])
+            selectable += k
+        else:
+            short.extend(ids)
+            short_docs.add(d)
+            if len(short) >= seq_len:  # one row of short documents; the rest starts the next one
+                groups.append([(np.asarray(short[:seq_len], dtype=np.int32), set(short_docs))])
+                selectable += 1
+                short = short[seq_len:]
+                short_docs = {d} if short else set()
+        if len(groups) >= n or (len(encoded) >= HELDOUT_READ_FACTOR * n and selectable >= n):
+            break
+    if selectable < n:  # too little text to leave anything out: consecutive rows of all of it
+        rows, _, _ = _fill(iter(encoded), lambda ids: ids, n, seq_len)
+        starts = np.cumsum([0, *(len(ids) for ids in encoded[:-1])])  # each document's first token
+        used: set[int] = set()
+        for r in range(len(rows)):  # row r holds the stream's tokens [r * seq_len, (r + 1) * seq_len)
+            first = int(np.searchsorted(starts, r * seq_len, side="right")) - 1
+            last = int(np.searchsorted(starts, (r + 1) * seq_len, side="left")) - 1
+            used.update(range(first, last + 1))
+        return rows, len(used), len(encoded), n_tokens
+    rng = np.random.default_rng(seed)
+    orders = [[g[i] for i in rng.permutation(len(g))] for g in groups]
+    chosen: list[tuple[np.ndarray, set[int]]] = []
+    for k in range(max(len(o) for o in orders)):
+        chosen += [o[k] for o in orders if k < len(o)][: n - len(chosen)]
+        if len(chosen) >= n:
+            break
+    used = set().union(*(docs_of for _, docs_of in chosen))
+    return np.stack([row for row, _ in chosen]), len(used), len(encoded), n_tokens
+
+
 def _encoder(tokenizer) -> Callable[[str], list[int]]:
     probe = tokenizer("a")["input_ids"]
     specials = set(tokenizer.all_special_ids)
@@ -262,11 +337,11 @@ def prepare_calibration(source: SourceModel, spec: CalibrationSpec, *, n_sequenc
             "or the sequence length, or give more text")
     if heldout_spec is not None:
         docs = iter_documents(heldout_spec, seed=seed, text_field=text_field)
-    held, h_docs, h_tok = _fill(docs, encode, n_heldout, seq_len)
+    held, h_docs, h_read, h_tok = _fill_spread(docs, encode, n_heldout, seq_len, seed=seed)
     if len(held) < n_heldout:
         where = heldout_spec.text if heldout_spec else f"{spec.text} (after the calibration part)"
         raise InputError(
-            f"held-out data {where!r} holds {h_tok:,} tokens in {h_docs} documents; {n_heldout} sequences of "
+            f"held-out data {where!r} holds {h_tok:,} tokens in {h_read} documents; {n_heldout} sequences of "
             f"{seq_len} tokens need {n_heldout * seq_len:,}: lower the held-out count or give more text")
     vocab = _model_vocab(source)
     for name, ids in (("calibration", calib), ("held-out", held)):
@@ -281,8 +356,8 @@ def prepare_calibration(source: SourceModel, spec: CalibrationSpec, *, n_sequenc
     path = out_dir / TOKENS_FILE
     save_tensors({"calibration": torch.from_numpy(calib), "heldout": torch.from_numpy(held)}, str(path),
                  metadata={"fingerprint": fingerprint, "spec": spec.text})
-    log.info("calibration: %d x %d tokens from %d documents, held out %d x %d from %d documents",
-             n_sequences, seq_len, n_docs, n_heldout, seq_len, h_docs)
+    log.info("calibration: %d x %d tokens from %d documents, held out %d x %d from %d documents (of %d read)",
+             n_sequences, seq_len, n_docs, n_heldout, seq_len, h_docs, h_read)
     return CalibrationData(path=path, fingerprint=fingerprint, spec=spec.text,
                            heldout_spec=heldout_spec.text if heldout_spec else None, n_sequences=n_sequences,
                            n_heldout=n_heldout, seq_len=seq_len, seed=seed, documents=n_docs,

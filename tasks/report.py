@@ -6,7 +6,8 @@
 
 `report["summary"]` is what `flashio inspect` and `flashio convert` print: true and predicted
 sparsity, predictor recall, perplexity dense vs sparse, top-1 agreement, bytes read per token
-sparse vs naive.
+sparse vs naive, and what the perplexity was measured on (`perplexity_measured_on`,
+`heldout_documents`: the evaluation's `HeldoutSample`, absent from evaluations made before it).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], e
         "reads_per_token_sparse": m.reads_per_token,
         "ffn_bytes": ev.ffn_bytes,
         "eval_tokens": m.tokens,
+        "heldout_spec": ev.heldout.spec if ev.heldout else None,
+        "heldout_documents": ev.heldout.documents if ev.heldout else None,
+        "perplexity_measured_on": ev.heldout.describe() if ev.heldout else None,
+        "heldout_few_documents": ev.heldout.few_documents() if ev.heldout else None,
         "calibration_tokens": stats.tokens,
         "window": window,
         "budget": dataclasses.asdict(budget),
@@ -85,6 +90,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     s = report["summary"]
     b = s["budget"]
     ratio = s["bytes_per_token_naive"] / s["bytes_per_token_sparse"] if s["bytes_per_token_sparse"] else float("inf")
+    held = []
+    if s.get("heldout_documents") is not None:
+        few = " (few: the perplexity describes these documents, not the held-out set)" \
+            if s.get("heldout_few_documents") else ""
+        held = [f"held-out text    {s['eval_tokens']} tokens from {s['heldout_documents']} document(s) of "
+                f"{s['heldout_spec']}{few}"]
     return [
         f"sparsity         true {_pct(s['true_sparsity'])} (calibration), predicted {_pct(s['predicted_sparsity'])} "
         f"(measured in the runtime, window {s['window']})",
@@ -92,6 +103,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"(held-out pairs), precision {s['predictor_precision_mean']:.3f}",
         f"perplexity       dense {s['perplexity_dense']:.3f}, sparse {s['perplexity_sparse']:.3f} "
         f"({100 * s['perplexity_increase']:+.2f}%, budget +{100 * b['max_perplexity_increase']:.2f}%)",
+        *held,
         f"top-1 agreement  {s['top1_agreement']:.4f} (budget >= {b['min_top1_agreement']:.2f}), "
         f"mean KL {s['mean_kl']:.2e}, {s['eval_tokens']} held-out tokens",
         f"bytes per token  sparse {_bytes(s['bytes_per_token_sparse'])}, naive {_bytes(s['bytes_per_token_naive'])} "
@@ -119,7 +131,10 @@ def _md_table(rows: list[dict[str, Any]]) -> str:
 
 def render_markdown(report: dict[str, Any], *, title: str = "flashio conversion report",
                     plot: str | None = "sparsity_accuracy.png") -> str:
-    parts = [f"# {title}\n", "```", *summary_lines(report), "```\n", "## Per layer\n", _md_table(layer_rows(report))]
+    parts = [f"# {title}\n", "```", *summary_lines(report), "```\n"]
+    if measured_on := report["summary"].get("perplexity_measured_on"):
+        parts.append(f"Perplexity measured on {measured_on}.\n")
+    parts += ["## Per layer\n", _md_table(layer_rows(report))]
     sweep = [{"recall target": p["recall_target"], "density": _pct(p["density"]),
               "perplexity": f"{100 * p['perplexity_increase']:+.2f}%", "top-1": round(p["top1_agreement"], 4),
               "KL": f"{p['mean_kl']:.2e}", "bytes/token": _bytes(p["bytes_per_token"])} for p in report["sweep"]]

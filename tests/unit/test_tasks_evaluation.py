@@ -4,6 +4,7 @@ perplexity scoring against transformers' own loss on the same token ids."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -179,3 +180,32 @@ def test_heldout_sample_says_what_the_perplexity_is_measured_on():
     assert not HeldoutSample.of(calibration_data(documents=31), 16).few_documents()
     after = HeldoutSample.of(calibration_data(documents=12, heldout_spec=None), 16)
     assert "of stdlib:train (the documents after the calibration part)" in after.describe()
+
+
+def _report(ev: Evaluation) -> dict:
+    stats = ActivationStats(path=Path("s"), shards=(), tokens=4096, n_layers=2, n_neurons=8,
+                            active_thresholds=(0.0, 0.0), density=(0.1, 0.3), coactivation_tokens=0, sha256="")
+    preds = [LayerPredictor(i, Path("p"), "", 16, 0.2, d, 2 * d, 0.99, 0.6, 0.995, True, 0, 100, ())
+             for i, d in enumerate((0.1, 0.3))]
+    return build_report(stats, preds, ev, budget=AccuracyBudget(), violations=[], window=5)
+
+
+@pytest.mark.parametrize("documents", [16, 1])
+def test_report_says_what_the_perplexity_is_measured_on(documents):
+    sample = HeldoutSample.of(calibration_data(documents=documents), 16)
+    report = _report(dataclasses.replace(evaluation(), heldout=sample))
+    s = report["summary"]
+    assert s["perplexity_measured_on"] == sample.describe() and s["heldout_documents"] == documents
+    assert s["heldout_spec"] == "stdlib:heldout" and s["heldout_few_documents"] is (documents == 1)
+    line = next(line for line in summary_lines(report) if line.startswith("held-out text"))
+    assert f"512 tokens from {documents} document(s) of stdlib:heldout" in line
+    assert ("not the held-out set" in line) is (documents == 1)
+    assert f"Perplexity measured on {sample.describe()}." in render_markdown(report)
+
+
+def test_report_without_a_heldout_sample():
+    """Evaluations cached before HeldoutSample existed have none: the report says nothing of it."""
+    report = _report(evaluation())
+    assert report["summary"]["perplexity_measured_on"] is None
+    assert not any(line.startswith("held-out text") for line in summary_lines(report))
+    assert "Perplexity measured on" not in render_markdown(report)
