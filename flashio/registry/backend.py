@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 # Registry JSON documents (version manifests, aliases, claims) are small; anything larger than
@@ -34,6 +35,25 @@ class ObjectInfo:
     key: str
     size_bytes: int
     modified_s: float  # seconds since the epoch, as reported by the store
+
+
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """A multipart upload that was started and neither completed nor aborted (S3 only)."""
+
+    key: str  # relative to the registry root, like ObjectInfo.key
+    upload_id: str
+    initiated_s: float  # seconds since the epoch, as reported by the store
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    """One part of an incomplete multipart upload, as the store lists it."""
+
+    number: int
+    size_bytes: int
+    etag: str  # without quotes, lower case; the part's MD5 on AWS without SSE-KMS/SSE-C and on most servers
+    modified_s: float
 
 
 class Backend(ABC):
@@ -66,6 +86,31 @@ class Backend(ABC):
         If `source.read` raises, nothing becomes visible at `key` and the error propagates.
         `progress` receives byte counts as they are sent (negative after a retried part).
         """
+
+    def upload_file(self, key: str, path: Path, *, size_bytes: int, sha256: str, label: str,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """Upload the file at `path` to `key`, checking its size and sha256 while it streams.
+
+        Nothing becomes visible at `key` unless the bytes match (IntegrityError otherwise).
+        Returns how many bytes were not sent because an interrupted earlier upload of the same
+        key already holds them (0 here; S3Backend resumes multipart uploads part by part).
+        """
+        from flashio.registry.hashing import VerifyingReader
+
+        with VerifyingReader(path, sha256=sha256, size_bytes=size_bytes, label=label) as src:
+            self.upload(key, src, size_bytes, progress)
+        return 0
+
+    def incomplete_uploads(self, prefix: str) -> Iterator[IncompleteUpload]:
+        """Yield the unfinished multipart uploads under `prefix` (none, for stores without them)."""
+        return iter(())
+
+    def upload_parts(self, upload: IncompleteUpload) -> list[UploadedPart]:
+        """The parts an unfinished multipart upload holds, by part number."""
+        return []
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:  # noqa: B027 - optional, see incomplete_uploads
+        """Abort an unfinished multipart upload and free its parts; a vanished upload is not an error."""
 
     @abstractmethod
     def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:

@@ -62,10 +62,12 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("alias", metavar="ALIAS")
     p.set_defaults(func=_alias)
 
-    p = subparsers.add_parser("gc", parents=[common], help="delete blobs that no version references")
+    p = subparsers.add_parser("gc", parents=[common],
+                              help="delete blobs that no version references, abort abandoned uploads")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     p.add_argument("--grace-hours", type=float, default=24.0,
-                   help="keep unreferenced blobs younger than this (a publish may be under way; default 24)")
+                   help="keep unreferenced blobs younger than this, and unfinished uploads active within it "
+                        "(a publish may be under way; default 24)")
     p.set_defaults(func=_gc)
 
 
@@ -102,7 +104,8 @@ def _publish(args: argparse.Namespace) -> int:
         r = reg.publish(args.artifact_dir, name=args.name, version=args.version, aliases=args.alias,
                         progress=_progress(args))
     if r.created:
-        print(f"published {r.name}@{r.version}: {r.uploaded_blobs} blobs uploaded ({_mib(r.uploaded_bytes)}), "
+        resumed = f", {_mib(r.resumed_bytes)} of it resumed from an interrupted upload" if r.resumed_bytes else ""
+        print(f"published {r.name}@{r.version}: {r.uploaded_blobs} blobs uploaded ({_mib(r.uploaded_bytes)}{resumed}), "
               f"{r.reused_blobs} already there ({_mib(r.reused_bytes)}); aliases: {', '.join(('latest', *r.aliases))}")
     else:
         print(f"{r.name}@{r.version} was already published with this content; aliases set: {', '.join(r.aliases) or 'none'}")
@@ -154,8 +157,13 @@ def _gc(args: argparse.Namespace) -> int:
     for obj in report.deletable:
         print(f"{'would delete' if args.dry_run else 'deleted'}\t{obj.key}\t{obj.size_bytes}\t"
               f"{(now - obj.modified_s) / 3600:.1f}h old")
+    for up in report.abandoned_uploads:
+        print(f"{'would abort' if args.dry_run else 'aborted'}\t{up.key}\tupload {up.upload_id}\t{up.size_bytes}\t"
+              f"{(now - up.last_activity_s) / 3600:.1f}h idle")
     verb = "would free" if args.dry_run else "freed"
     print(f"{len(report.deletable)} unreferenced blobs, {verb} {_mib(report.deletable_bytes)}; "
           f"{len(report.young)} younger than {args.grace_hours:g}h kept; {len(report.stale_claims)} stale claims; "
-          f"{report.referenced_blobs} blobs referenced", file=sys.stderr)
+          f"{report.referenced_blobs} blobs referenced; {len(report.abandoned_uploads)} unfinished uploads idle "
+          f"for longer ({_mib(report.abandoned_upload_bytes)}), {report.active_uploads} more recent kept",
+          file=sys.stderr)
     return 0

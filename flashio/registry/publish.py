@@ -7,6 +7,8 @@ Order matters for crash safety: blobs first (each checked against the artifact m
 and sha256 while it streams, and skipped when the registry already has it), then the version
 manifest, created exactly once (commit.create_once), then aliases. A publish that dies half-way
 leaves only blobs, which the next publish reuses and `gc` eventually removes; no version appears.
+On S3 it may also leave the unfinished multipart upload of a large blob: the next publish
+continues it, sending only the parts it lacks (s3_multipart.py), and `gc` aborts it once idle.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from flashio.registry import layout
 from flashio.registry.backend import Backend
 from flashio.registry.commit import create_once
 from flashio.registry.errors import RefError, TransferError, VersionExistsError
-from flashio.registry.hashing import VerifyingReader
 from flashio.registry.manifest import (
     ArtifactManifest,
     FileEntry,
@@ -41,7 +42,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PublishResult:
-    """What a publish did. `created` is False when the same content was already that version."""
+    """What a publish did. `created` is False when the same content was already that version.
+
+    `uploaded_bytes` counts the blobs this publish stored; `resumed_bytes` the part of them that an
+    interrupted earlier publish had already sent (not sent again), so this publish sent
+    `uploaded_bytes - resumed_bytes`.
+    """
 
     name: str
     version: str
@@ -51,6 +57,7 @@ class PublishResult:
     reused_blobs: int
     reused_bytes: int
     aliases: tuple[str, ...]
+    resumed_bytes: int = 0
 
 
 def default_version() -> str:
@@ -84,14 +91,16 @@ def publish_artifact(registry: Registry, artifact_dir: Path, *, name: str, versi
             registry.set_alias(name, version, alias)
         return PublishResult(name, version, False, 0, 0, 0, 0, aliases)
 
-    uploaded = reused = uploaded_bytes = reused_bytes = 0
+    uploaded = reused = uploaded_bytes = reused_bytes = resumed_bytes = 0
     seen: set[str] = set()
     for entry in sorted(art.files, key=lambda e: (e.size_bytes, e.path)):
         if entry.sha256 in seen:
             continue
         seen.add(entry.sha256)
-        if _upload_blob(backend, entry, artifact_dir / entry.path, progress):
+        resumed = _upload_blob(backend, entry, artifact_dir / entry.path, progress)
+        if resumed is not None:
             uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + entry.size_bytes
+            resumed_bytes += resumed
         else:
             reused, reused_bytes = reused + 1, reused_bytes + entry.size_bytes
     mkey = layout.blob_key(art.sha256)
@@ -114,9 +123,10 @@ def publish_artifact(registry: Registry, artifact_dir: Path, *, name: str, versi
         registry.set_alias(name, version, LATEST)
     for alias in aliases:
         registry.set_alias(name, version, alias)
-    log.info("published %s@%s to %s: %d blobs uploaded (%d bytes), %d reused (%d bytes)",
-             name, version, backend.description, uploaded, uploaded_bytes, reused, reused_bytes)
-    return PublishResult(name, version, created, uploaded, uploaded_bytes, reused, reused_bytes, aliases)
+    log.info("published %s@%s to %s: %d blobs uploaded (%d bytes, %d of them resumed), %d reused (%d bytes)",
+             name, version, backend.description, uploaded, uploaded_bytes, resumed_bytes, reused, reused_bytes)
+    return PublishResult(name, version, created, uploaded, uploaded_bytes, reused, reused_bytes, aliases,
+                         resumed_bytes=resumed_bytes)
 
 
 def _check_same(existing: VersionManifest, art: ArtifactManifest, registry: Registry) -> None:
@@ -129,28 +139,32 @@ def _check_same(existing: VersionManifest, art: ArtifactManifest, registry: Regi
         )
 
 
-def _upload_blob(backend: Backend, entry: FileEntry, path: Path, progress: Progress) -> bool:
-    """Upload one file as blob unless the registry has it already. Returns True if bytes were sent."""
+def _upload_blob(backend: Backend, entry: FileEntry, path: Path, progress: Progress) -> int | None:
+    """Upload one file as blob unless the registry has it already.
+
+    Returns None when nothing was uploaded, else how many of its bytes an interrupted earlier
+    upload had already sent.
+    """
     key = layout.blob_key(entry.sha256)
     info = backend.head(key)
     if info is not None and info.size_bytes == entry.size_bytes:
         log.debug("blob %s (%s) already in the registry", entry.sha256[:16], entry.path)
-        return False
+        return None
     if info is not None:
         log.warning("blob %s has %d bytes in the registry, expected %d: replacing it",
                     entry.sha256[:16], info.size_bytes, entry.size_bytes)
-    with VerifyingReader(path, sha256=entry.sha256, size_bytes=entry.size_bytes, label=entry.path) as src:
-        progress.begin(entry.path, entry.size_bytes)
-        try:
-            backend.upload(key, src, entry.size_bytes, progress.advance)
-        except TransferError as exc:
-            raise type(exc)(
-                f"uploading {entry.path} ({entry.size_bytes} bytes) failed, no version was published: {exc}. "
-                f"Run the same publish again: blobs already uploaded are reused"
-            ) from None
-        finally:
-            progress.end()
-    return True
+    progress.begin(entry.path, entry.size_bytes)
+    try:
+        return backend.upload_file(key, path, size_bytes=entry.size_bytes, sha256=entry.sha256, label=entry.path,
+                                   progress=progress.advance)
+    except TransferError as exc:
+        raise type(exc)(
+            f"uploading {entry.path} ({entry.size_bytes} bytes) failed, no version was published: {exc}. "
+            f"Run the same publish again: blobs already uploaded are reused, and so are the parts of a "
+            f"large blob's interrupted upload"
+        ) from None
+    finally:
+        progress.end()
 
 
 def _repair_missing_blobs(backend: Backend, art: ArtifactManifest, progress: Progress) -> None:

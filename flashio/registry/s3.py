@@ -19,11 +19,19 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from flashio.errors import MissingExtraError, RegistryError
-from flashio.registry.backend import MAX_DOCUMENT_BYTES, Backend, ObjectInfo, Source
+from flashio.registry.backend import (
+    MAX_DOCUMENT_BYTES,
+    Backend,
+    IncompleteUpload,
+    ObjectInfo,
+    Source,
+    UploadedPart,
+)
 from flashio.registry.config import RegistryConfig
 from flashio.registry.errors import NotFoundError, TransferError, UnreachableError
 from flashio.registry.refs import Location
@@ -33,6 +41,7 @@ log = logging.getLogger(__name__)
 _PIECE_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_LIST_PAGE_SIZE = 1000  # entries per ListMultipartUploads / ListParts request (tests make it small)
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 
 
@@ -223,6 +232,65 @@ class S3Backend(Backend):
         subscribers = [ProgressCallbackInvoker(progress)] if progress else None
         with self._errors("upload", key), create_transfer_manager(self._client, cfg) as manager:
             manager.upload(source, self.bucket, self._key(key), subscribers=subscribers).result()
+
+    def upload_file(self, key: str, path: Path, *, size_bytes: int, sha256: str, label: str,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """Below the multipart threshold one PUT; above it a multipart upload that resumes an
+        interrupted one part by part (see s3_multipart.py)."""
+        if size_bytes < self.config.multipart_threshold_bytes:
+            return super().upload_file(key, path, size_bytes=size_bytes, sha256=sha256, label=label, progress=progress)
+        from flashio.registry.s3_multipart import upload_resumable
+
+        return upload_resumable(self, key, Path(path), size_bytes=size_bytes, sha256=sha256, label=label,
+                                progress=progress)
+
+    def incomplete_uploads(self, prefix: str) -> Iterator[IncompleteUpload]:
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._errors("ListMultipartUploads", prefix):
+            try:
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix),
+                                               PaginationConfig={"PageSize": _LIST_PAGE_SIZE}):
+                    for up in page.get("Uploads", []):
+                        if not up["Key"].startswith(self.prefix):
+                            continue
+                        yield IncompleteUpload(key=up["Key"][len(self.prefix):], upload_id=up["UploadId"],
+                                               initiated_s=up["Initiated"].timestamp())
+            except self._exc.ClientError as exc:
+                code, status = self._code(exc)
+                if code == "NoSuchUpload":  # rclone, before any multipart upload in the bucket
+                    return
+                if code == "NotImplemented" or status == 501:
+                    log.info("%s does not list multipart uploads: nothing to resume or abort", self.endpoint)
+                    return
+                raise
+
+    def upload_parts(self, upload: IncompleteUpload) -> list[UploadedPart]:
+        paginator = self._client.get_paginator("list_parts")
+        parts: dict[int, UploadedPart] = {}
+        with self._errors("ListParts", upload.key):
+            try:
+                for page in paginator.paginate(Bucket=self.bucket, Key=self._key(upload.key), UploadId=upload.upload_id,
+                                               PaginationConfig={"PageSize": _LIST_PAGE_SIZE}):
+                    for p in page.get("Parts", []):
+                        n = int(p["PartNumber"])
+                        parts[n] = UploadedPart(number=n, size_bytes=int(p["Size"]),
+                                                etag=str(p.get("ETag", "")).strip().strip('"').lower(),
+                                                modified_s=p["LastModified"].timestamp())
+            except self._exc.ClientError as exc:
+                if self._code(exc)[0] == "NoSuchUpload":
+                    raise NotFoundError(f"upload {upload.upload_id} of {upload.key} no longer exists at "
+                                        f"{self.endpoint}") from None
+                raise
+        return [parts[n] for n in sorted(parts)]
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        with self._errors("AbortMultipartUpload", upload.key):
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(upload.key),
+                                                    UploadId=upload.upload_id)
+            except self._exc.ClientError as exc:
+                if self._code(exc)[0] != "NoSuchUpload":
+                    raise
 
     def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
         if end <= start:

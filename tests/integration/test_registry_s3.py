@@ -350,6 +350,7 @@ def test_file_changed_after_its_manifest_is_never_published(target: Target, tmp_
         digest = json.loads((art / "manifest.json").read_text())["files"]["ffn.safetensors"]["sha256"]
         assert reg.backend.head(f"blobs/sha256/{digest}") is None
         assert reg.versions("m") == []
+        assert list(reg.backend.incomplete_uploads("blobs/")) == []  # a multipart upload is aborted, not left
 
 
 def test_server_killed_mid_multipart_upload_then_publish_resumes(rclone_s3, tmp_path: Path):
@@ -488,3 +489,188 @@ def test_gc_deletes_only_unreferenced_blobs_past_the_grace_period(target: Target
         assert done.deleted and done.referenced_blobs == 3
         assert reg.backend.head(orphan) is None
         assert tree_digests(reg.pull("m@1", cache_dir=tmp_path / "cache")) == tree_digests(art)
+
+
+# -- resumable multipart uploads ---------------------------------------------------------------
+# Both servers list, resume and abort multipart uploads (rclone keeps them in memory only: they do
+# not survive a restart of the server, so these tests interrupt the client, not the server).
+PART_FILES = {"tokenizer.json": 100, "ffn.safetensors": 12 * MiB + 123}  # parts of 5, 5 and 2 MiB + 123
+
+
+class _Crash(Exception):
+    """Raised inside an UploadPart call, as a process that dies there would stop."""
+
+
+@pytest.fixture(params=["rclone", "moto"])
+def s3_target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
+    monkeypatch.setattr("flashio.registry.s3._LIST_PAGE_SIZE", 1)  # every listing takes several pages
+    return _target(request.param, request, tmp_path)
+
+
+def on_call(reg: Registry, operation: str, hook) -> None:
+    """Call hook(params) before each `operation` request of this registry's client (retries excluded)."""
+    reg.backend._client.meta.events.register(f"before-parameter-build.s3.{operation}",
+                                             lambda params, **_: hook(params))
+
+
+def record_calls(reg: Registry, operation: str) -> list[dict]:
+    """The parameters of every `operation` call; a Body is replaced by its length."""
+    calls: list[dict] = []
+
+    def hook(params: dict) -> None:
+        body = params.get("Body")
+        size = len(body) if isinstance(body, bytes) else body.getbuffer().nbytes if body is not None else None
+        calls.append({**params, "Body": size})
+
+    on_call(reg, operation, hook)
+    return calls
+
+
+def crash_at_part(reg: Registry, number: int) -> None:
+    def hook(params: dict) -> None:
+        if params["PartNumber"] == number:
+            raise _Crash(f"part {number}")
+
+    on_call(reg, "UploadPart", hook)
+
+
+class _Recorder(NullProgress):
+    def __init__(self) -> None:
+        self.moved: dict[str, int] = {}
+        self.current = ""
+
+    def begin(self, label: str, total_bytes: int) -> None:
+        self.current = label
+        self.moved[label] = 0
+
+    def advance(self, n_bytes: int) -> None:
+        self.moved[self.current] += n_bytes
+
+
+def unfinished(reg: Registry) -> list:
+    return list(reg.backend.incomplete_uploads("blobs/"))
+
+
+def test_interrupted_multipart_publish_sends_only_the_missing_parts(s3_target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", PART_FILES)
+    size = PART_FILES["ffn.safetensors"]
+    key = "blobs/sha256/" + hashlib.sha256((art / "ffn.safetensors").read_bytes()).hexdigest()
+    with s3_target.open() as reg:
+        crash_at_part(reg, 3)
+        with pytest.raises(_Crash):
+            reg.publish(art, name="m", version="1")
+        assert reg.versions("m") == [] and reg.backend.head(key) is None
+        [left] = unfinished(reg)  # the interrupted upload stays, with the parts sent before the crash
+        assert left.key == key
+        assert [(p.number, p.size_bytes) for p in reg.backend.upload_parts(left)] == [(1, 5 * MiB), (2, 5 * MiB)]
+
+    with s3_target.open() as reg:
+        parts = record_calls(reg, "UploadPart")
+        creates = record_calls(reg, "CreateMultipartUpload")
+        aborts = record_calls(reg, "AbortMultipartUpload")
+        progress = _Recorder()
+        result = reg.publish(art, name="m", version="1", progress=progress)
+        assert result.created and result.resumed_bytes == 10 * MiB
+        assert [(c["PartNumber"], c["Body"]) for c in parts] == [(3, size - 10 * MiB)]  # only the missing part
+        assert creates == [] and aborts == []  # continued the same upload
+        assert progress.moved["ffn.safetensors"] == size  # resumed bytes + bytes sent
+        assert unfinished(reg) == []
+        assert reg.backend.head(key).size_bytes == size
+        local = reg.pull("m@1", cache_dir=tmp_path / "cache")
+    assert tree_digests(local) == tree_digests(art)
+
+
+def test_leftover_uploads_that_do_not_match_are_aborted_and_restarted(s3_target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", PART_FILES)
+    key = "blobs/sha256/" + hashlib.sha256((art / "ffn.safetensors").read_bytes()).hexdigest()
+    other_size = RegistryConfig(**{**CFG.__dict__, "part_size_bytes": 6 * MiB})
+    with s3_target.open(other_size) as reg:  # a publish with another part size, interrupted at part 2
+        crash_at_part(reg, 2)
+        with pytest.raises(_Crash):
+            reg.publish(art, name="m", version="1")
+        [foreign_layout] = unfinished(reg)
+        client, bucket, full_key = reg.backend._client, BUCKET, reg.backend._key(key)
+        # and one with the right part size but other bytes (a file changed since, a damaged part...)
+        wrong = client.create_multipart_upload(Bucket=bucket, Key=full_key)["UploadId"]
+        client.upload_part(Bucket=bucket, Key=full_key, UploadId=wrong, PartNumber=1, Body=os.urandom(5 * MiB))
+        assert {u.upload_id for u in unfinished(reg)} == {foreign_layout.upload_id, wrong}
+
+    with s3_target.open() as reg:
+        parts = record_calls(reg, "UploadPart")
+        creates = record_calls(reg, "CreateMultipartUpload")
+        aborts = record_calls(reg, "AbortMultipartUpload")
+        result = reg.publish(art, name="m", version="1")
+        assert result.created and result.resumed_bytes == 0
+        assert {c["UploadId"] for c in aborts} == {foreign_layout.upload_id, wrong}
+        assert len(creates) == 1 and sorted(c["PartNumber"] for c in parts) == [1, 2, 3]
+        assert unfinished(reg) == []
+        local = reg.pull("m@1", cache_dir=tmp_path / "cache")
+    assert tree_digests(local) == tree_digests(art)
+
+
+def test_upload_of_a_file_that_changed_is_aborted_not_left(s3_target: Target, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", PART_FILES)
+    with s3_target.open() as reg:
+        crash_at_part(reg, 3)
+        with pytest.raises(_Crash):
+            reg.publish(art, name="m", version="1")
+    with open(art / "ffn.safetensors", "r+b") as f:  # now part 1 differs from what was sent
+        f.write(b"\x00changed\x00")
+    with s3_target.open() as reg:
+        aborts = record_calls(reg, "AbortMultipartUpload")
+        with pytest.raises(IntegrityError, match=r"'ffn\.safetensors' .* has sha256 .* rebuild the artifact"):
+            reg.publish(art, name="m", version="1")
+        assert len(aborts) == 2  # the leftover (part 1 no longer matches), then the new upload itself
+        assert unfinished(reg) == [] and reg.versions("m") == []
+
+
+def test_gc_aborts_uploads_idle_past_the_grace_period(rclone_s3, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Only rclone here: moto reports a fixed 2010 start time for every multipart upload."""
+    from flashio.cli import main as cli_main
+
+    uri = f"s3://{BUCKET}/reg"
+    with open_registry(uri, endpoint_url=rclone_s3.endpoint, config=CFG) as reg:
+        client = reg.backend._client
+
+        def start(key: str) -> str:
+            return client.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+
+        def add_part(key: str, upload_id: str) -> None:
+            client.upload_part(Bucket=BUCKET, Key=key, UploadId=upload_id, PartNumber=1, Body=b"x" * MiB)
+
+        idle = start("reg/blobs/sha256/" + "1" * 64)
+        add_part("reg/blobs/sha256/" + "1" * 64, idle)
+        resumed = start("reg/blobs/sha256/" + "2" * 64)  # started as long ago, but a part arrives later
+        outside = start("elsewhere/blobs/sha256/" + "3" * 64)  # not this registry's
+        time.sleep(2.0)
+        add_part("reg/blobs/sha256/" + "2" * 64, resumed)
+        fresh = start("reg/blobs/sha256/" + "4" * 64)
+
+        dry = reg.gc(grace_s=1.5, dry_run=True)
+        assert [(u.upload_id, u.parts, u.size_bytes) for u in dry.abandoned_uploads] == [(idle, 1, MiB)]
+        assert dry.active_uploads == 2 and not dry.deleted
+        assert {u.upload_id for u in unfinished(reg)} == {idle, resumed, fresh}
+        assert cli_main(["gc", "--registry", uri, "--endpoint-url", rclone_s3.endpoint, "--dry-run",
+                         "--grace-hours", str(1.5 / 3600)]) == 0
+        err = capsys.readouterr()
+        assert f"would abort\tblobs/sha256/{'1' * 64}\tupload {idle}" in err.out
+        assert "1 unfinished uploads idle for longer (1.0 MiB), 2 more recent kept" in err.err
+
+        done = reg.gc(grace_s=1.5)
+        assert [u.upload_id for u in done.abandoned_uploads] == [idle] and done.deleted
+        assert {u.upload_id for u in unfinished(reg)} == {resumed, fresh}
+        others = client.list_multipart_uploads(Bucket=BUCKET, Prefix="elsewhere/").get("Uploads", [])
+        assert [u["UploadId"] for u in others] == [outside]
+
+
+def test_completed_object_whose_etag_disagrees_with_its_parts_is_deleted(rclone_s3, tmp_path: Path):
+    art = make_artifact(tmp_path / "art", PART_FILES)
+    key = "blobs/sha256/" + hashlib.sha256((art / "ffn.safetensors").read_bytes()).hexdigest()
+    with open_registry(f"s3://{BUCKET}/reg", endpoint_url=rclone_s3.endpoint, config=CFG) as reg:
+        def garble(parsed: dict, **_) -> None:  # as if the server had assembled other bytes
+            parsed["ETag"] = '"' + "0" * 32 + '-3"'
+
+        reg.backend._client.meta.events.register("after-call.s3.CompleteMultipartUpload", garble)
+        with pytest.raises(IntegrityError, match=r"completed object has ETag 0+-3, its parts imply [0-9a-f]{32}-3"):
+            reg.publish(art, name="m", version="1")
+        assert reg.backend.head(key) is None and reg.versions("m") == []

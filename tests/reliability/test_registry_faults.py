@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -101,3 +104,49 @@ def test_secrets_never_appear_in_errors_logs_or_manifests(rclone_s3, tmp_path: P
         assert fake.encode() not in data and SECRET_KEY.encode() not in data, p
     manifest = json.loads((local / "manifest.json").read_text())
     assert SECRET_KEY not in json.dumps(manifest) and os.environ["AWS_ACCESS_KEY_ID"]
+
+
+_KILLED_PUBLISH = """
+import os, signal, sys
+from flashio.registry import NullProgress, RegistryConfig, open_registry
+
+class KillAfter(NullProgress):  # SIGKILL this process once `limit` bytes of the FFN file were sent
+    def __init__(self, limit):
+        self.limit, self.label, self.sent = limit, "", 0
+    def begin(self, label, total_bytes):
+        self.label, self.sent = label, 0
+    def advance(self, n_bytes):
+        self.sent += n_bytes
+        if self.label == "ffn.safetensors" and self.sent >= self.limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+uri, endpoint, art = sys.argv[1:4]
+cfg = RegistryConfig(part_size_bytes=5 << 20, multipart_threshold_bytes=5 << 20, concurrency=2)
+with open_registry(uri, endpoint_url=endpoint, config=cfg) as reg:
+    reg.publish(art, name="m", version="1", progress=KillAfter(10 << 20))
+"""
+
+
+def test_publisher_killed_mid_blob_resumes_with_the_missing_parts(rclone_s3, tmp_path: Path):
+    """A publishing process SIGKILLed in the middle of a multipart upload (parts in flight cut off):
+    the next publish sends only the parts the server lacks, and the result verifies."""
+    size = 25 * (1 << 20) + 7  # six parts
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": size, "tokenizer.json": 100})
+    uri = f"s3://{BUCKET}/reg"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PUBLISH, uri, rclone_s3.endpoint, str(art)],
+                          env=env, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    with open_registry(uri, endpoint_url=rclone_s3.endpoint, config=FAST) as reg:
+        [left] = list(reg.backend.incomplete_uploads("blobs/"))
+        held = {p.number: p.size_bytes for p in reg.backend.upload_parts(left)}
+        assert len(held) >= 2 and all(n <= 6 for n in held)
+        sent: list[int] = []
+        reg.backend._client.meta.events.register("before-parameter-build.s3.UploadPart",
+                                                 lambda params, **_: sent.append(params["PartNumber"]))
+        result = reg.publish(art, name="m", version="1")
+        assert result.created and result.resumed_bytes == sum(held.values())
+        assert sorted(sent) == sorted(set(range(1, 7)) - set(held))
+        assert list(reg.backend.incomplete_uploads("blobs/")) == []
+        local = reg.pull("m@1", cache_dir=tmp_path / "cache")
+    assert tree_digests(local) == tree_digests(art)
