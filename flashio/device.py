@@ -90,6 +90,10 @@ class TransferPath(Protocol):
         """Times the device work of cache management launched inside it."""
         ...
 
+    def begin_step(self) -> None:
+        """Forget the timings of a step that did not finish (an error); a new step starts."""
+        ...
+
     def finish_step(self) -> DeviceTimes:
         """Wait for the step's device work; return its device-side times."""
         ...
@@ -122,6 +126,9 @@ class HostTransfer:
     def span(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def begin_step(self) -> None:
+        pass
+
     def finish_step(self) -> DeviceTimes:
         return DeviceTimes()
 
@@ -132,10 +139,19 @@ class HostTransfer:
         pass
 
 
-def pin(arena: AlignedArena) -> None:
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, not only the current one
+
+
+def pin(arena: AlignedArena, device: torch.device) -> None:
     """Page-lock an arena for DMA (cudaHostRegister); it stays mmap memory, so O_DIRECT works."""
     ptr = torch.frombuffer(arena.memoryview, dtype=torch.uint8).data_ptr()
-    err = torch.cuda.cudart().cudaHostRegister(ptr, arena.nbytes, 0)
+    with torch.cuda.device(device):
+        err = torch.cuda.cudart().cudaHostRegister(ptr, arena.nbytes, _HOST_REGISTER_PORTABLE)
+        if int(err) != 0:
+            # the failed call left CUDA's "last error" set; the next kernel launch would report it
+            # as its own failure: consume it here with one harmless launch
+            with contextlib.suppress(RuntimeError):
+                torch.zeros(1, device=device).add_(1)
     if int(err) != 0:
         raise FlashError(f"cudaHostRegister of {arena.nbytes} bytes failed (error {int(err)}); "
                          "the locked-memory limit (ulimit -l) may be too low")
@@ -159,7 +175,20 @@ class CudaTransfer:
         ids_bytes = index_slots * self.index_capacity * 8
         # one registered arena: the staging buffers, then the row-id ring
         self.arena = AlignedArena(buffers * self.slot_bytes + ids_bytes)
-        pin(self.arena)
+        try:
+            pin(self.arena, device)
+        except BaseException:
+            self.arena.close()
+            raise
+        try:
+            self._setup(buffers, index_slots)
+        except BaseException:  # e.g. out of device memory: never leave the pages locked
+            unpin(self.arena)
+            self.arena.close()
+            raise
+
+    def _setup(self, buffers: int, index_slots: int) -> None:
+        device = self.device
         self._bufs = [self.arena.tensor(torch.uint8, (self.slot_bytes,), offset_bytes=k * self.slot_bytes)
                       for k in range(buffers)]
         self._done = [torch.cuda.Event() for _ in range(buffers)]  # reused: recorded per upload
@@ -167,6 +196,7 @@ class CudaTransfer:
         self._next = 0
         self._pending: list[int] = []
         self.stream = torch.cuda.Stream(device)
+        self._compute_mark = torch.cuda.Event()  # the copy stream's wait on compute (reused)
         # row ids: one pinned host row and one device row per slot, both preallocated
         self._ids_host = self.arena.tensor(torch.int64, (index_slots, self.index_capacity),
                                            offset_bytes=buffers * self.slot_bytes)
@@ -201,7 +231,8 @@ class CudaTransfer:
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
         # the copy must not start before the compute stream is done with the rows it overwrites
         # (the window cache's row moves read the tail rows that new bundles land on)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._compute_mark.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self._compute_mark)  # a queued wait keeps the state of its enqueue
         start, end = self._timer_pair()
         with torch.cuda.stream(self.stream):
             start.record(self.stream)
@@ -235,7 +266,7 @@ class CudaTransfer:
         dev = self._ids_dev[k]
         if pos:  # on the compute stream: the kernels that use the ids come after it
             dev[:pos].copy_(self._ids_host[k, :pos], non_blocking=True)
-        self._ids_done[k].record()
+        self._ids_done[k].record(torch.cuda.current_stream(self.device))
         self._ids_used[k] = True
         for p, n in offsets:
             out.append(dev[p : p + n])
@@ -244,20 +275,23 @@ class CudaTransfer:
     @contextlib.contextmanager
     def span(self) -> Iterator[None]:
         start, end = self._timer_pair()
-        start.record()
+        start.record(torch.cuda.current_stream(self.device))
         try:
             yield
         finally:
-            end.record()
+            end.record(torch.cuda.current_stream(self.device))
             self._mem_spans.append((start, end))
+
+    def begin_step(self) -> None:
+        self._upload_spans.clear()
+        self._mem_spans.clear()
+        self._n_timers = 0
 
     def finish_step(self) -> DeviceTimes:
         torch.cuda.synchronize(self.device)  # the step's work is done: its events are final
         up = sum(a.elapsed_time(b) for a, b in self._upload_spans)
         mem = sum(a.elapsed_time(b) for a, b in self._mem_spans)
-        self._upload_spans.clear()
-        self._mem_spans.clear()
-        self._n_timers = 0
+        self.begin_step()
         return DeviceTimes(upload_s=up / 1e3, mem_s=mem / 1e3)
 
     def host_bytes(self) -> int:
@@ -266,12 +300,14 @@ class CudaTransfer:
     def close(self) -> None:
         if self.arena.closed:
             return
-        torch.cuda.synchronize(self.device)
-        unpin(self.arena)
-        self._bufs.clear()
-        self._ids_np.clear()
-        self._ids_host = None
-        self.arena.close()
+        try:
+            torch.cuda.synchronize(self.device)  # no copy may still read the pages
+        finally:
+            unpin(self.arena)
+            self._bufs.clear()
+            self._ids_np.clear()
+            self._ids_host = None
+            self.arena.close()
 
 
 def transfer_path(device: torch.device, *, staging_bytes: int, index_capacity: int) -> TransferPath:

@@ -112,16 +112,25 @@ class Engine:
         if keep:
             self.owned.append(out)
         step = max(1, (64 << 20) // (width * self.dtype.itemsize))  # 64 MiB staging at a time
+        # on a device: rows go up in the storage dtype (a blocking copy: the staging is reused
+        # next) and are converted there, not by the CPU
+        landing = None
+        if not self.transfer.in_place and self.compute_dtype != self.dtype:
+            landing = torch.empty(min(n, step), width, dtype=self.dtype, device=self.device)
         with AlignedArena(min(n, step) * width * self.dtype.itemsize) as arena:
             for a in range(start, stop, step):
                 b = min(stop, a + step)
                 stage = arena.tensor(self.dtype, (b - a, width))
                 self.reader.read_layer(i, stage, (a, b))
+                dst = out[a - start : b - start]
                 if self.transfer.in_place:
                     with one_thread():
-                        convert_rows(out[a - start : b - start], stage, self._scratch)
-                else:  # a blocking copy (converted on the device): the staging is reused next
-                    out[a - start : b - start].copy_(stage)
+                        convert_rows(dst, stage, self._scratch)
+                elif landing is None:
+                    dst.copy_(stage)
+                else:
+                    landing[: b - a].copy_(stage)
+                    dst.copy_(landing[: b - a])
                 del stage
         return out
 

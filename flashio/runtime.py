@@ -128,8 +128,12 @@ class FlashModel:
                                    max_gap=plan.max_gap, direct=direct, cost_model=plan.cost_model)
         if transfer is None:  # reads of one layer at most: the window's capacity, or a streamed layer
             rows = self.capacity if mode in ("sparse", "oracle") else budget.stream_rows if mode == "naive" else 0
-            transfer = transfer_path(device, staging_bytes=rows * extents[0].row_bytes,
-                                     index_capacity=2 * self.capacity)
+            try:
+                transfer = transfer_path(device, staging_bytes=rows * extents[0].row_bytes,
+                                         index_capacity=2 * self.capacity)
+            except BaseException:
+                self.reader.close()
+                raise
         self.transfer = transfer
         self.rec = StatsRecorder()
         self.recorder = None
@@ -203,9 +207,11 @@ class FlashModel:
         self.stats = []
 
     def close(self) -> None:
-        self.engine.close()
-        self.transfer.close()
-        self.reader.close()
+        try:
+            self.engine.close()
+            self.transfer.close()
+        finally:
+            self.reader.close()
 
     def __enter__(self) -> FlashModel:
         return self
@@ -220,7 +226,9 @@ class FlashModel:
                              "is single-session (one KV cache, one window cache): open one per thread")
         try:
             self.reader.check_unchanged()
-            yield
+            # CUDA: the model's device is the current one for the call (streams, events, kernels)
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                yield
         finally:
             self._lock.release()
 
@@ -230,6 +238,7 @@ class FlashModel:
         """Run T new tokens (one step) through the model; returns logits [T, V]."""
         t0 = time.perf_counter()
         self.rec.clear()
+        self.transfer.begin_step()
         self.engine.begin_step()
         start = self.kv.length
         self.kv.reserve(start + len(tokens))
@@ -240,12 +249,10 @@ class FlashModel:
             x = self.model.ffn_output(i, x, y)
         logits = self.model.head(x)
         self.kv.advance(len(tokens))
-        # CUDA: wait for the step's kernels (so that its time is real) and add the device time of
-        # the flash rows' copies to I/O and of the cache's row moves to memory management; these
-        # may overlap host work already counted, so compute (the rest) is a lower bound there
+        # CUDA: wait for the step's kernels (so that its total time is real); the device time of
+        # the rows' copies and of the cache's moves is reported beside the host's I/O and memory time
         times = self.transfer.finish_step()
-        self.rec.io_s += times.upload_s
-        self.rec.mem_s += times.mem_s
+        self.rec.upload_s, self.rec.device_mem_s = times.upload_s, times.mem_s
         self.stats.append(self.rec.finish(len(tokens), time.perf_counter() - t0))
         return logits
 

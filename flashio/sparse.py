@@ -77,11 +77,11 @@ class SparseEngine(Engine):
         if self.recorder is not None:
             self.recorder.record(i, (s > 0).cpu())
         s = s.amax(dim=0)  # [N]: a neuron is needed if any token needs it
-        ids = torch.nonzero(s > 0).flatten()  # on CUDA: the step's one wait for the device per layer
+        ids = np.flatnonzero((s > 0).cpu().numpy())  # on CUDA: the layer's one wait for the device
         if len(ids) > cap:  # keep the most confident ones; report the rest
             self.rec.truncated += len(ids) - cap
-            ids = torch.topk(s, cap).indices.sort().values
-        return ids.cpu().numpy().astype(np.int64, copy=False)
+            ids = np.sort(torch.topk(s, cap).indices.cpu().numpy())
+        return ids.astype(np.int64, copy=False)
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cache = self.caches[i]

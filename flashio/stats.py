@@ -23,6 +23,10 @@ class StepStats:
     total_ms: float = 0.0
     io_busy_ms: float = 0.0  # wall time reads were in flight (= io_ms unless reads overlap compute)
     io_predicted_ms: float = 0.0  # the cost model's time for the reads issued (nan: no cost model)
+    # CUDA only, device time measured with events (asynchronous work: it may overlap host time
+    # above, and compute_ms includes whatever of it the host waited for):
+    upload_ms: float = 0.0  # host-to-device copies of the rows read from flash (copy stream)
+    device_mem_ms: float = 0.0  # cache management kernels: row moves, dtype conversions
 
     def __add__(self, other: StepStats) -> StepStats:
         return StepStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -40,6 +44,7 @@ class StatsRecorder:
         "bytes_read",
         "cache_hits",
         "cache_rows",
+        "device_mem_s",
         "io_busy_s",
         "io_pred_s",
         "io_s",
@@ -48,6 +53,7 @@ class StatsRecorder:
         "neurons_loaded",
         "reads",
         "truncated",
+        "upload_s",
     )
 
     def __init__(self) -> None:
@@ -57,6 +63,7 @@ class StatsRecorder:
         self.bytes_read = self.reads = self.neurons_active = self.neurons_loaded = 0
         self.cache_hits = self.cache_rows = self.truncated = self.buffered_reads = 0
         self.io_s = self.mem_s = self.io_busy_s = self.io_pred_s = 0.0
+        self.upload_s = self.device_mem_s = 0.0
 
     def finish(self, tokens: int, total_s: float) -> StepStats:
         return StepStats(
@@ -65,4 +72,5 @@ class StatsRecorder:
             cache_hits=self.cache_hits, cache_rows=self.cache_rows, truncated=self.truncated,
             buffered_reads=self.buffered_reads, io_ms=1e3 * self.io_s, mem_ms=1e3 * self.mem_s,
             compute_ms=1e3 * max(total_s - self.io_s - self.mem_s, 0.0), total_ms=1e3 * total_s,
-            io_busy_ms=1e3 * self.io_busy_s, io_predicted_ms=1e3 * self.io_pred_s)
+            io_busy_ms=1e3 * self.io_busy_s, io_predicted_ms=1e3 * self.io_pred_s,
+            upload_ms=1e3 * self.upload_s, device_mem_ms=1e3 * self.device_mem_s)

@@ -217,7 +217,8 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
     steps = result["steps"][warmup:]
     n = len(steps)
     keys = ("io_ms", "mem_ms", "compute_ms", "total_ms", "io_busy_ms", "io_predicted_ms", "bytes_read",
-            "reads", "neurons_active", "neurons_loaded", "cache_hits", "cache_rows", "truncated")
+            "reads", "neurons_active", "neurons_loaded", "cache_hits", "cache_rows", "truncated",
+            "upload_ms", "device_mem_ms")
     per = {k: float(np.mean([s[k] for s in steps])) for k in keys}
     mem = result["memory"]
     series = {k: [round(s[k], 3) for s in result["steps"]] for k in ("total_ms", "io_ms", "mem_ms", "bytes_read")}

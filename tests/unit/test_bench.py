@@ -151,9 +151,11 @@ def test_cuda_targets_and_labels(synth_art, tmp_path):
     assert t["speedup_vs_naive"]["target"] == 25.0
     assert t["speedup_vs_naive"]["value"] == pytest.approx(naive["total_ms"] / full["total_ms"])
     assert t["io_and_memory_fraction"]["value"] == pytest.approx((full["io_ms"] + full["mem_ms"]) / full["total_ms"])
+    assert full["upload_ms"] == 0.0 and full["device_mem_ms"] == 0.0  # measured on the CPU: no device time
     assert "memory_fraction" not in t
     text = markdown({**res, "targets": t})
     assert "GPU memory limit" in text and "flash->GPU" in text and "a GPU (cuda:0)" in text
+    assert "(+0.0 copy)" in text and "(+0.0 device)" in text
 
 
 def test_cli_help_lists_bench_and_synth(capsys):

@@ -68,6 +68,9 @@ class StagedTransfer:
     def span(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def begin_step(self) -> None:
+        assert not self.pending, "an upload of the previous step was never ordered"
+
     def finish_step(self) -> DeviceTimes:
         assert not self.pending, "an upload was never ordered before the compute"
         return DeviceTimes()
@@ -195,8 +198,9 @@ class _FakeCuda:
     (registration, buffer layout, the id ring, event reuse, timing sums), not CUDA's semantics:
     the tests marked gpu do that."""
 
-    def __init__(self):
+    def __init__(self, register_error: int = 0):
         self.registered: dict[int, int] = {}
+        self.flags: list[int] = []
         self.events: list = []
         fake = self
 
@@ -227,6 +231,9 @@ class _FakeCuda:
 
         class Runtime:
             def cudaHostRegister(self, ptr, nbytes, flags):
+                fake.flags.append(flags)
+                if register_error:
+                    return register_error
                 fake.registered[ptr] = nbytes
                 return 0
 
@@ -244,6 +251,7 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(torch.cuda, "cudart", lambda: self.runtime)
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
 
 def test_cuda_transfer_bookkeeping_with_a_fake_runtime(monkeypatch, sparse_artifact, dense_ref):
@@ -255,6 +263,7 @@ def test_cuda_transfer_bookkeeping_with_a_fake_runtime(monkeypatch, sparse_artif
     row_bytes = art.manifest.ffn_layers[0].bundle_width * art.manifest.itemsize
     path = CudaTransfer(torch.device("cpu"), staging_bytes=256 * row_bytes, index_capacity=512)
     (ptr, nbytes), = fake.registered.items()  # one registration: staging buffers + id ring
+    assert fake.flags == [1]  # cudaHostRegisterPortable: pinned whichever device is current
     assert ptr % 4096 == 0 and nbytes == path.host_bytes() >= 2 * 256 * row_bytes + 4 * 512 * 8
     model = FlashModel(art, mode="sparse", window=2, dram_budget=None, max_context=None, direct=True,
                        plan=read_plan(art, None), transfer=path)
@@ -264,11 +273,21 @@ def test_cuda_transfer_bookkeeping_with_a_fake_runtime(monkeypatch, sparse_artif
             assert ptr <= host.data_ptr() and host.data_ptr() + host.numel() * host.element_size() <= ptr + nbytes
         assert path._bufs[1].data_ptr() - path._bufs[0].data_ptr() == path.slot_bytes
         loads = [s for s in model.stats if s.neurons_loaded]
-        assert loads and all(s.io_ms >= 2.0 * 2 for s in loads)  # 2 fake ms per upload, one per layer
+        assert loads and all(s.upload_ms == 2.0 * 2 for s in loads)  # 2 fake ms per upload, one per layer
+        assert all(s.upload_ms == 0.0 for s in model.stats if not s.neurons_loaded)
         assert len({id(e) for e in path._timers}) == len(path._timers) <= 16  # reused, not one per step
     assert (got - dense_ref).abs().max().item() <= 1e-5
     assert not fake.registered  # unregistered on close
     assert fake.current.waited and path.stream.waited  # compute waited on uploads, copies on compute
+    assert path._n_timers == 0 and not path._upload_spans  # finish_step left nothing for the next step
+
+
+def test_cuda_transfer_registration_failure_is_a_clear_error(monkeypatch):
+    from flashio.device import CudaTransfer
+
+    _FakeCuda(register_error=2).install(monkeypatch)
+    with pytest.raises(FlashError, match=r"cudaHostRegister of \d+ bytes failed \(error 2\).*ulimit -l"):
+        CudaTransfer(torch.device("cpu"), staging_bytes=1 << 20, index_capacity=16)
 
 
 # -- CUDA --------------------------------------------------------------------------------------
