@@ -226,9 +226,7 @@ class FlashModel:
                              "is single-session (one KV cache, one window cache): open one per thread")
         try:
             self.reader.check_unchanged()
-            # CUDA: the model's device is the current one for the call (streams, events, kernels)
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-                yield
+            yield
         finally:
             self._lock.release()
 
@@ -236,6 +234,12 @@ class FlashModel:
     @torch.inference_mode()
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run T new tokens (one step) through the model; returns logits [T, V]."""
+        if self.device.type == "cuda":  # the model's device is the current one during the step
+            with torch.cuda.device(self.device):  # (not across a stream()'s yields: the caller's)
+                return self._run_step(tokens)
+        return self._run_step(tokens)
+
+    def _run_step(self, tokens: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         self.rec.clear()
         self.transfer.begin_step()
