@@ -155,6 +155,22 @@ def test_staged_path_equals_dense(sparse_artifact, dense_ref, mode, kw):
         assert transfer.id_calls > 0
 
 
+@pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
+def test_staged_path_on_a_gated_model(llama_artifact, mode):
+    """Llama (SwiGLU: gate + up + down bundles, grouped-query attention) through the staged path,
+    also computed in bfloat16 (landing buffer + conversion on the device)."""
+    with flashio.open(llama_artifact, mode=mode, window=2) as host_model:
+        want = host_model.forward(PROMPT, token_by_token=True)
+    model, transfer = _staged_model(llama_artifact, mode)
+    with model:
+        assert (model.forward(PROMPT, token_by_token=True) - want).abs().max().item() <= 1e-5
+    assert mode == "dense" or transfer.uploads > 0
+    model, _ = _staged_model(llama_artifact, mode, compute_dtype=torch.bfloat16)
+    with model:
+        low = model.forward(PROMPT, token_by_token=True)
+    assert (low - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
 def test_staged_path_converts_dtype_on_the_device(sparse_artifact):
     """A float32 artifact computed in bfloat16: rows land in the device's landing buffer and one
     copy converts them into the appended cache rows (the CPU path uses FillingWindowCache)."""
