@@ -5,9 +5,13 @@
     with open_registry("s3://bucket/models") as reg:          # or a directory, or file:///path
         reg.publish("out/opt-125m", name="opt-125m", version="1", aliases=["prod"])
     path = resolve_to_local("s3://bucket/models/opt-125m@prod")  # pulled, verified, cached
+    path = resolve_to_local("s3://bucket/models/opt-125m@prod", offline=True)  # cache only
+
+An explicit version already in the cache opens without contacting the registry; an alias whose
+registry is unreachable opens the version it last resolved to, with a warning (offline.py).
 
 Layout, references, transfers and the guarantees are described in the modules: layout.py,
-refs.py, publish.py, commit.py, pull.py, download.py, gc.py. boto3 is needed only for s3:// URIs.
+refs.py, publish.py, commit.py, pull.py, download.py, offline.py, gc.py. boto3 is needed only for s3:// URIs.
 """
 
 from flashio.registry.cache import default_cache_dir

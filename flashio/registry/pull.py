@@ -8,6 +8,11 @@ version returns its directory without transferring anything. Otherwise, under a 
 lock (two processes pulling the same version: one downloads, the other waits and reuses), it
 fetches the missing blobs (download.py), checks the artifact manifest against the version
 manifest, links the files into a staging directory and renames it into place.
+
+Every pull records in the cache which version it got and what alias named it (offline.py), so
+that `resolve_to_local` opens an explicit version already in the cache without any request, and,
+when the registry is unreachable, falls back to the version an alias named when last resolved
+(see its `offline` argument and $FLASHIO_OFFLINE).
 """
 
 from __future__ import annotations
@@ -24,15 +29,30 @@ from typing import TYPE_CHECKING
 from flashio.registry.cache import Cache, default_cache_dir
 from flashio.registry.config import RegistryConfig
 from flashio.registry.download import fetch_blob
-from flashio.registry.errors import IntegrityError, RefError, TransferError, UnsafePathError
+from flashio.registry.errors import (
+    IntegrityError,
+    NotFoundError,
+    RefError,
+    TransferError,
+    UnreachableError,
+    UnsafePathError,
+)
 from flashio.registry.manifest import (
     ARTIFACT_MANIFEST,
     VersionManifest,
     check_relative_path,
     parse_artifact_manifest,
 )
+from flashio.registry.offline import (
+    OFFLINE_ENV,
+    describe_age,
+    find_cached,
+    find_version,
+    offline_setting,
+    record_pull,
+)
 from flashio.registry.progress import NullProgress, Progress
-from flashio.registry.refs import parse_ref, split_ref_uri
+from flashio.registry.refs import LATEST, Ref, parse_ref, split_ref_uri
 
 if TYPE_CHECKING:
     from flashio.registry.registry import Registry, ResolvedVersion
@@ -42,11 +62,26 @@ log = logging.getLogger(__name__)
 REGISTRY_ENV = "FLASHIO_REGISTRY"
 
 
+def open_cache(cache_dir: str | Path | None) -> Cache:
+    return Cache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+
+
 def pull_version(registry: Registry, rv: ResolvedVersion, *, cache_dir: str | Path | None,
-                 progress: Progress | None) -> Path:
-    """Make `rv` available in the cache and return its artifact directory."""
-    cache = Cache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
-    progress = progress or NullProgress()
+                 progress: Progress | None, ref: Ref | None = None) -> Path:
+    """Make `rv` available in the cache and return its artifact directory.
+
+    The cache records (offline.py) that `rv` is there and, when `ref` named it through an alias,
+    that the alias resolved to it now: what lets the version open later without the registry.
+    """
+    cache = open_cache(cache_dir)
+    vdir = _pull_into(cache, registry, rv, progress or NullProgress())
+    tag = (ref.tag or LATEST) if ref is not None else None
+    alias = tag if tag is not None and (tag == LATEST or tag != rv.manifest.version) else None
+    record_pull(cache, registry.backend.description, rv, alias=alias)
+    return vdir
+
+
+def _pull_into(cache: Cache, registry: Registry, rv: ResolvedVersion, progress: Progress) -> Path:
     vm = rv.manifest
     vdir = cache.version_dir(vm.name, vm.version, rv.sha256)
     if (vdir / ARTIFACT_MANIFEST).is_file():
@@ -122,11 +157,20 @@ def _check_artifact_manifest(path: Path, vm: VersionManifest, registry: Registry
 
 def resolve_to_local(ref_or_uri: str, *, registry: str | None = None, cache_dir: str | Path | None = None,
                      endpoint_url: str | None = None, config: RegistryConfig | None = None,
-                     progress: Progress | None = None) -> Path:
+                     progress: Progress | None = None, offline: bool | None = None) -> Path:
     """Pull `ref_or_uri` (or reuse the cache) and return the local artifact directory.
 
     `ref_or_uri` is `<registry>/<name>[@tag]` (e.g. `s3://bucket/prefix/opt@latest`,
     `file:///srv/reg/opt@1`) or, with `registry=` (or $FLASHIO_REGISTRY), a plain `name[@tag]`.
+
+    `offline` (None: from $FLASHIO_OFFLINE, unset means automatic):
+      None  an explicit version already complete in the cache opens without contacting the
+            registry; an alias (or `latest`) is resolved by the registry, and if the registry is
+            unreachable (UnreachableError: connection refused, DNS, timeouts) the version the
+            alias named when last resolved opens from the cache, with a warning naming it and
+            when it was resolved. Authorization errors and missing aliases are never masked.
+      True  never contact the registry: only what the cache holds (NotFoundError otherwise).
+      False always contact the registry; never fall back.
     """
     from flashio.registry.registry import open_registry
 
@@ -141,5 +185,45 @@ def resolve_to_local(ref_or_uri: str, *, registry: str | None = None, cache_dir:
                 f"set ${REGISTRY_ENV}, or write the full URI 's3://bucket/prefix/{ref_or_uri}'"
             )
     parsed = parse_ref(ref)
+    mode = offline_setting(offline)
+    tag = parsed.tag or LATEST
+    cache = open_cache(cache_dir)
     with open_registry(registry, endpoint_url=endpoint_url, config=config) as reg:
-        return reg.pull(parsed, cache_dir=cache_dir, progress=progress)
+        where = reg.backend.description
+        if mode is not False and tag != LATEST:
+            copy = find_version(cache, where, parsed.name, tag)
+            if copy.path is not None:  # versions are immutable: no need to ask the registry
+                log.debug("%s@%s is complete in the cache: %s", parsed.name, tag, copy.path)
+                return copy.path
+        if mode is True:
+            copy = find_cached(cache, where, parsed.name, tag, as_version=tag != LATEST)
+            if copy.path is None:
+                raise NotFoundError(
+                    f"offline (offline=True or ${OFFLINE_ENV}=1), so {where} was not contacted, and "
+                    f"{parsed.name}@{tag} is not usable from the local cache: {copy.problem}; open it once "
+                    f"with the registry reachable (without ${OFFLINE_ENV}=1)"
+                )
+            if copy.resolved_at is not None:
+                log.info("offline: %s@%s -> version %s as resolved at %s, from %s", parsed.name, tag,
+                         copy.version, describe_age(copy.resolved_at), copy.path)
+            return copy.path
+        try:
+            rv = reg.resolve(parsed)
+        except UnreachableError as exc:
+            if mode is False:
+                raise
+            copy = find_cached(cache, where, parsed.name, tag, as_version=tag != LATEST)
+            if copy.path is None:
+                raise UnreachableError(
+                    f"{exc}. Nothing to fall back to: {parsed.name}@{tag} is not usable from the local "
+                    f"cache ({copy.problem})"
+                ) from None
+            if copy.resolved_at is None:  # a version that became complete meanwhile
+                return copy.path
+            log.warning(
+                "registry %s is unreachable (%s); opening %s@%s as version %s, which it named when last "
+                "resolved at %s, from the local cache %s; the alias may have moved since",
+                where, type(exc).__name__, parsed.name, tag, copy.version, describe_age(copy.resolved_at),
+                copy.path)
+            return copy.path
+        return pull_version(reg, rv, cache_dir=cache.root, progress=progress, ref=parsed)

@@ -185,7 +185,8 @@ class Registry:
         """Resolve `ref`, download and verify what the cache lacks, return the local artifact directory."""
         from flashio.registry.pull import pull_version
 
-        return pull_version(self, self.resolve(ref), cache_dir=cache_dir, progress=progress)
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        return pull_version(self, self.resolve(ref), cache_dir=cache_dir, progress=progress, ref=ref)
 
     def gc(self, *, grace_s: float = 24 * 3600.0, dry_run: bool = False) -> GcReport:
         """Delete blobs that no version references and that are older than `grace_s`; see gc.py."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flashio.errors import MissingExtraError
+from flashio.errors import MissingExtraError, RegistryError
 from flashio.registry import (
     IntegrityError,
     NotFoundError,
@@ -22,9 +22,11 @@ from flashio.registry import (
     RegistryConfig,
     TerminalProgress,
     TransferError,
+    UnreachableError,
     VersionExistsError,
     default_cache_dir,
     open_registry,
+    resolve_to_local,
 )
 from flashio.registry.cache import Cache
 from flashio.registry.cli import add_commands
@@ -237,3 +239,78 @@ def test_cli_without_registry_says_how_to_give_one(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("FLASHIO_REGISTRY", raising=False)
     with pytest.raises(RefError, match="pass --registry"):
         run_cli("list")
+
+
+# -- offline use of the cache ----------------------------------------------------------------------
+def test_pull_records_resolutions_and_falls_back_only_when_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture):
+    monkeypatch.delenv("FLASHIO_OFFLINE", raising=False)
+    art = make_artifact(tmp_path / "art", {"ffn.safetensors": 200_000, "x.json": 10})
+    reg_dir, cache = str(tmp_path / "reg"), tmp_path / "cache"
+    with open_registry(reg_dir, config=CFG) as reg:
+        reg.publish(art, name="m", version="1", aliases=["prod"])
+    p1 = resolve_to_local("m@prod", registry=reg_dir, cache_dir=cache)
+    [alias_record] = cache.glob("refs/*/m/aliases/prod.json")
+    doc = json.loads(alias_record.read_text())
+    assert doc["version"] == "1" and doc["registry"] == str(tmp_path / "reg") and doc["resolved_at"].endswith("Z")
+    [version_record] = cache.glob("refs/*/m/versions/1.json")
+    assert p1.name == "1-" + json.loads(version_record.read_text())["manifest_sha256"][:12]
+    assert not list(cache.glob("refs/*/m/aliases/.tmp-*"))
+
+    calls = []
+
+    def unreachable(self, *args, **kwargs):
+        calls.append(args)
+        raise UnreachableError(f"cannot reach {self.description} (test)")
+
+    for method in ("head", "get_bytes", "list", "read_range"):
+        monkeypatch.setattr(LocalBackend, method, unreachable)
+    assert resolve_to_local("m@1", registry=reg_dir, cache_dir=cache) == p1  # explicit version: no request
+    assert calls == []
+    with caplog.at_level("WARNING", logger="flashio.registry"):
+        assert resolve_to_local("m@prod", registry=reg_dir, cache_dir=cache) == p1
+    assert calls and "m@prod as version 1" in caplog.text and "resolved at" in caplog.text
+    with pytest.raises(UnreachableError, match=r"Nothing to fall back to: m@latest .*never resolved"):
+        resolve_to_local("m", registry=reg_dir, cache_dir=cache)
+    with pytest.raises(UnreachableError, match=r"Nothing to fall back to: m@2 .*never pulled"):
+        resolve_to_local("m@2", registry=reg_dir, cache_dir=cache)
+    with pytest.raises(UnreachableError, match="test"):
+        resolve_to_local("m@prod", registry=reg_dir, cache_dir=cache, offline=False)
+    # records belong to one registry: another directory with the same model name has none
+    with pytest.raises(NotFoundError, match="offline"):
+        resolve_to_local("m@prod", registry=str(tmp_path / "other"), cache_dir=cache, offline=True)
+
+    # a tampered cache entry is refused: a file of another size, then a modified manifest.json
+    ffn = p1 / "ffn.safetensors"
+    ffn.unlink()
+    ffn.write_bytes(b"x" * 10)
+    with pytest.raises(NotFoundError, match=r"damaged or incomplete.*has 10 bytes"):
+        resolve_to_local("m@prod", registry=reg_dir, cache_dir=cache, offline=True)
+    ffn.unlink()
+    os.link(cache / "blobs" / "sha256" / json.loads((p1 / "manifest.json").read_text())["files"]
+            ["ffn.safetensors"]["sha256"], ffn)
+    assert resolve_to_local("m@prod", registry=reg_dir, cache_dir=cache, offline=True) == p1
+    manifest = (p1 / "manifest.json").read_text()
+    (p1 / "manifest.json").unlink()
+    (p1 / "manifest.json").write_text(manifest + " ")
+    with pytest.raises(NotFoundError, match=r"its manifest\.json has sha256"):
+        resolve_to_local("m@1", registry=reg_dir, cache_dir=cache, offline=True)
+
+
+def test_offline_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    art = make_artifact(tmp_path / "art", {"w": 1000})
+    reg_dir, cache = str(tmp_path / "reg"), tmp_path / "cache"
+    with open_registry(reg_dir, config=CFG) as reg:
+        reg.publish(art, name="m", version="1")
+        path = reg.pull("m", cache_dir=cache)  # Registry.pull records too (m@latest -> 1)
+        reg.publish(make_artifact(tmp_path / "art2", {"w": 1001}), name="m", version="2")
+    monkeypatch.setenv("FLASHIO_OFFLINE", "1")
+    assert resolve_to_local("m", registry=reg_dir, cache_dir=cache) == path  # latest moved to 2: not asked
+    with pytest.raises(NotFoundError, match=r"FLASHIO_OFFLINE=1.*m@2 is not usable.*never pulled"):
+        resolve_to_local("m@2", registry=reg_dir, cache_dir=cache)
+    assert resolve_to_local("m@2", registry=reg_dir, cache_dir=cache, offline=False).name.startswith("2-")
+    monkeypatch.setenv("FLASHIO_OFFLINE", "0")
+    assert resolve_to_local("m", registry=reg_dir, cache_dir=cache).name.startswith("2-")
+    monkeypatch.setenv("FLASHIO_OFFLINE", "maybe")
+    with pytest.raises(RegistryError, match="FLASHIO_OFFLINE='maybe'"):
+        resolve_to_local("m", registry=reg_dir, cache_dir=cache)

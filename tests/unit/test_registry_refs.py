@@ -88,3 +88,19 @@ def test_config_is_validated():
                             ({"commit_timeout_s": 10, "claim_ttl_s": 30}, "must exceed")]:
         with pytest.raises(RegistryError, match=message):
             RegistryConfig(**kwargs)
+
+
+def test_offline_setting(monkeypatch: pytest.MonkeyPatch):
+    from flashio.registry.offline import offline_setting
+
+    monkeypatch.delenv("FLASHIO_OFFLINE", raising=False)
+    assert offline_setting(None) is None  # automatic: fall back only when the registry is unreachable
+    assert offline_setting(True) is True and offline_setting(False) is False
+    for value, expected in [("1", True), ("true", True), (" YES ", True), ("on", True),
+                            ("", None), ("0", None), ("false", None), ("off", None), ("auto", None)]:
+        monkeypatch.setenv("FLASHIO_OFFLINE", value)
+        assert offline_setting(None) is expected, value
+        assert offline_setting(False) is False  # the argument wins over the environment
+    monkeypatch.setenv("FLASHIO_OFFLINE", "sometimes")
+    with pytest.raises(RegistryError, match=r"FLASHIO_OFFLINE='sometimes': expected 1"):
+        offline_setting(None)
