@@ -74,8 +74,14 @@ class TransferPath(Protocol):
         """A host tensor shaped like `dest` (m rows) for the reader to fill, and its slot."""
         ...
 
+    def fence(self) -> None:
+        """The device work that the next uploads must follow (e.g. row moves out of the rows they
+        overwrite) has been launched; compute launched later may run alongside those uploads."""
+        ...
+
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
-        """Start moving what the reader put in `host` to `dest`."""
+        """Start moving what the reader put in `host` to `dest`, after the last fence (or after
+        everything launched so far, without one)."""
         ...
 
     def before_compute(self) -> None:
@@ -113,6 +119,9 @@ class HostTransfer:
 
     def staging(self, m: int, dest: torch.Tensor) -> tuple[torch.Tensor, int]:
         return dest, -1
+
+    def fence(self) -> None:
+        pass
 
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
         assert host.data_ptr() == dest.data_ptr(), "the CPU path reads straight into the rows"
@@ -197,6 +206,7 @@ class CudaTransfer:
         self._pending: list[int] = []
         self.stream = torch.cuda.Stream(device)
         self._compute_mark = torch.cuda.Event()  # the copy stream's wait on compute (reused)
+        self._fenced = False  # a fence was recorded since the last upload
         # row ids: one pinned host row and one device row per slot, both preallocated
         self._ids_host = self.arena.tensor(torch.int64, (index_slots, self.index_capacity),
                                            offset_bytes=buffers * self.slot_bytes)
@@ -228,11 +238,19 @@ class CudaTransfer:
             self._done[slot].synchronize()  # its previous copy must be done before we overwrite it
         return self._bufs[slot][:nbytes].view(dest.dtype).view(dest.shape), slot
 
+    def fence(self) -> None:
+        self._compute_mark.record(torch.cuda.current_stream(self.device))
+        self._fenced = True
+
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
         # the copy must not start before the compute stream is done with the rows it overwrites
-        # (the window cache's row moves read the tail rows that new bundles land on)
-        self._compute_mark.record(torch.cuda.current_stream(self.device))
+        # (the window cache's row moves read the tail rows that new bundles land on): it waits
+        # for the last fence, so compute launched after the fence (the cached rows' FFN, with
+        # overlap) runs alongside the copy
+        if not self._fenced:
+            self.fence()
         self.stream.wait_event(self._compute_mark)  # a queued wait keeps the state of its enqueue
+        self._fenced = False
         start, end = self._timer_pair()
         with torch.cuda.stream(self.stream):
             start.record(self.stream)

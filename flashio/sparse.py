@@ -91,6 +91,7 @@ class SparseEngine(Engine):
             cache.reset()  # no window: the whole active set is loaded again
         with one_thread():
             up = cache.update(ids_np) if self.staging is None else cache.update_fill(ids_np)
+        self.transfer.fence()  # this layer's uploads follow its row moves, not its compute
         self.rec.mem_s += time.perf_counter() - t0
         m = len(up.missing)
         self.rec.neurons_active += len(ids_np)
@@ -130,7 +131,9 @@ class SparseEngine(Engine):
         if pending is None:
             self._arrive(slot, host, land, rows)
             return self._compute(i, h, cache.matrix, 0, n, idx)
-        # overlap: the cached rows are computed while the missing ones are read
+        # overlap: the cached rows are computed while the missing ones are read (and on CUDA
+        # uploaded: the copy waits only for the row moves). That compute's padding rows may be
+        # rows being written meanwhile: any finite values do, their activations are zeroed
         y = self._compute(i, h, cache.matrix, 0, start, idx[:start])
         self._wait(pending)
         self._arrive(slot, host, land, rows)

@@ -50,6 +50,9 @@ class StagedTransfer:
         host.fill_(float("nan"))  # whatever the reader does not write stays poison
         return host, 0
 
+    def fence(self) -> None:
+        pass
+
     def upload(self, slot: int, host: torch.Tensor, dest: torch.Tensor) -> None:
         assert host.data_ptr() != dest.data_ptr()
         self.pending.append((host, dest))
