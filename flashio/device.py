@@ -171,6 +171,27 @@ def unpin(arena: AlignedArena) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+class _SlotRing:
+    """n reusable pinned host slots, taken in turn; a slot is free again once the copy recorded
+    on its event has run (waited for only if it has not)."""
+
+    def __init__(self, n: int):
+        self.done = [torch.cuda.Event() for _ in range(n)]  # reused: recorded per copy
+        self._used = [False] * n
+        self._next = 0
+
+    def take(self) -> int:
+        k = self._next
+        self._next = (k + 1) % len(self.done)
+        if self._used[k]:
+            self.done[k].synchronize()  # its previous copy must be done before we overwrite it
+        return k
+
+    def record(self, k: int, stream: torch.cuda.Stream) -> None:
+        self.done[k].record(stream)
+        self._used[k] = True
+
+
 class CudaTransfer:
     """Pinned double-buffered staging + a copy stream + events; a pinned ring for row ids."""
 
@@ -200,9 +221,7 @@ class CudaTransfer:
         device = self.device
         self._bufs = [self.arena.tensor(torch.uint8, (self.slot_bytes,), offset_bytes=k * self.slot_bytes)
                       for k in range(buffers)]
-        self._done = [torch.cuda.Event() for _ in range(buffers)]  # reused: recorded per upload
-        self._in_use = [False] * buffers
-        self._next = 0
+        self._slots = _SlotRing(buffers)
         self._pending: list[int] = []
         self.stream = torch.cuda.Stream(device)
         self._compute_mark = torch.cuda.Event()  # the copy stream's wait on compute (reused)
@@ -212,9 +231,7 @@ class CudaTransfer:
                                            offset_bytes=buffers * self.slot_bytes)
         self._ids_np = [row.numpy() for row in self._ids_host]
         self._ids_dev = torch.empty(index_slots, self.index_capacity, dtype=torch.int64, device=device)
-        self._ids_done = [torch.cuda.Event() for _ in range(index_slots)]
-        self._ids_used = [False] * index_slots
-        self._ids_next = 0
+        self._id_slots = _SlotRing(index_slots)
         # timing events, reused step after step
         self._timers: list[torch.cuda.Event] = []
         self._n_timers = 0
@@ -232,10 +249,7 @@ class CudaTransfer:
         nbytes = dest.numel() * dest.element_size()
         if nbytes > self.slot_bytes:
             raise FlashError(f"{m} rows ({nbytes} bytes) exceed the {self.slot_bytes}-byte staging buffer")
-        slot = self._next
-        self._next = (slot + 1) % len(self._bufs)
-        if self._in_use[slot]:
-            self._done[slot].synchronize()  # its previous copy must be done before we overwrite it
+        slot = self._slots.take()
         return self._bufs[slot][:nbytes].view(dest.dtype).view(dest.shape), slot
 
     def fence(self) -> None:
@@ -256,39 +270,31 @@ class CudaTransfer:
             start.record(self.stream)
             dest.copy_(host, non_blocking=True)
             end.record(self.stream)
-            self._done[slot].record(self.stream)
+            self._slots.record(slot, self.stream)
         self._upload_spans.append((start, end))
-        self._in_use[slot] = True
         self._pending.append(slot)
 
     def before_compute(self) -> None:
         current = torch.cuda.current_stream(self.device)
         for slot in self._pending:
-            current.wait_event(self._done[slot])
+            current.wait_event(self._slots.done[slot])
         self._pending.clear()
 
     def indices(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
         total = sum(len(a) for a in arrays)
         if total > self.index_capacity:
             raise FlashError(f"{total} row ids exceed the {self.index_capacity}-entry index buffer")
-        k = self._ids_next
-        self._ids_next = (k + 1) % len(self._ids_np)
-        if self._ids_used[k]:
-            self._ids_done[k].synchronize()  # the host row is free once its last copy ran
-        host, out, offsets = self._ids_np[k], [], []
-        pos = 0
+        k = self._id_slots.take()  # the host row is free once its last copy ran
+        host, spans, pos = self._ids_np[k], [], 0
         for a in arrays:
             host[pos : pos + len(a)] = a
-            offsets.append((pos, len(a)))
+            spans.append((pos, pos + len(a)))
             pos += len(a)
         dev = self._ids_dev[k]
         if pos:  # on the compute stream: the kernels that use the ids come after it
             dev[:pos].copy_(self._ids_host[k, :pos], non_blocking=True)
-        self._ids_done[k].record(torch.cuda.current_stream(self.device))
-        self._ids_used[k] = True
-        for p, n in offsets:
-            out.append(dev[p : p + n])
-        return tuple(out)
+        self._id_slots.record(k, torch.cuda.current_stream(self.device))
+        return tuple(dev[a:b] for a, b in spans)
 
     @contextlib.contextmanager
     def span(self) -> Iterator[None]:
