@@ -8,9 +8,12 @@ Every pipeline @task is cached on a content key: the sha256 of its parameters (p
 with* the content hashes of what they point to, and the options) and of the source code of the
 modules that implement it, so that a changed algorithm never returns a stale result. Two layers
 use the key:
-- the stage directory `<work_dir>/<stage>/<key[:16]>/`: outputs, then the pickled result, then a
+- the stage directory `<work_dir>/<stage>/<key[:16]>/`: outputs, then the result as JSON (+
+  safetensors; see tasks.resultfile: no pickle, only known types are constructed), then a
   completion marker, written last. `run_stage` returns the stored result of a complete directory
-  without recomputing (this survives a fresh PREFECT_HOME);
+  without recomputing (this survives a fresh PREFECT_HOME); a result that cannot be read back
+  (damaged, tampered with) is logged and the stage runs again. A task run with Prefect's
+  `refresh_cache` (`flashio convert --force`) recomputes and rewrites its directory;
 - Prefect's own cache: `stage_cache` answers the key plus the work directory's identity (a random
   id created with it), so a deleted work directory invalidates every cached result; and it
   answers None ("run it") when a stage directory recorded as complete (in the work directory's
@@ -25,17 +28,19 @@ import importlib
 import json
 import logging
 import os
-import pickle
 import shutil
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import StageResultError
+from tasks.resultfile import RESULT_FILE, read_result, write_result
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_complete.json"
-RESULT_FILE = "_result.pickle"  # written by the pipeline itself, read back only from its own work dir
 WORK_ID_FILE = ".flashio-work-id"
 LEDGER_DIR = ".flashio-done"
 KEY_CHARS = 16  # of the hex key in directory names: 64 bits, plenty for one work directory
@@ -124,7 +129,7 @@ def _ledger_entry(directory: Path) -> Path:
 def finish_stage(directory: Path, result: Any = None) -> None:
     """Store a stage's result and mark its directory complete (last, after every output file)."""
     if result is not None:
-        (directory / RESULT_FILE).write_bytes(pickle.dumps(result))
+        write_result(directory, result)
     try:
         summary = canonical(result)
     except TypeError:
@@ -135,23 +140,37 @@ def finish_stage(directory: Path, result: Any = None) -> None:
     entry.touch()
 
 
-def load_stage(directory: Path) -> Any:
-    """The stored result of a complete stage directory, or None."""
+def load_stage(directory: Path, expected: Any = Any) -> Any:
+    """The stored result of a complete stage directory, checked against the type `expected`, or
+    None (not complete, no result, or a result that cannot be read back safely: logged)."""
     if not is_complete(directory) or not (directory / RESULT_FILE).is_file():
         return None
     try:
-        return pickle.loads((directory / RESULT_FILE).read_bytes())
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-        log.warning("%s: stored result unreadable (%s); running the stage again", directory, exc)
+        return read_result(directory, expected)
+    except StageResultError as exc:
+        log.warning("%s; running the stage again", exc)
         return None
 
 
-def run_stage(stage: str, modules: Iterable[str], compute: Callable[[Path], Any]) -> Any:
+def run_stage(stage: str, modules: Iterable[str], compute: Callable[[Path], Any], *,
+              refresh: bool | None = None) -> Any:
     """Inside a @task body: the stored result of this run's stage directory if it is complete,
-    else compute(out_dir) into a fresh directory, stored and marked complete."""
+    else compute(out_dir) into a fresh directory, stored and marked complete. `refresh` (default:
+    the task run's Prefect `refresh_cache`) recomputes even a complete directory. The stored
+    result is read back as the type the task's function declares it returns."""
     out = task_stage_dir(stage, *modules)
-    if (found := load_stage(out)) is not None:
-        log.info("%s: reusing %s", stage, out)
+    return reuse_or_compute(out, compute, expected=task_return_type(),
+                            refresh=task_refresh_cache() if refresh is None else refresh)
+
+
+def reuse_or_compute(out: Path, compute: Callable[[Path], Any], *, expected: Any = Any,
+                     refresh: bool = False) -> Any:
+    """The stored result of the stage directory `out` (of type `expected`) when it is complete
+    and `refresh` is off; else compute(out) into the emptied directory, stored and marked complete."""
+    if refresh:
+        log.info("%s: recomputing %s (cache refresh)", out.parent.name, out)
+    elif (found := load_stage(out, expected)) is not None:
+        log.info("%s: reusing %s", out.parent.name, out)
         return found
     start_stage(out)
     result = compute(out)
@@ -185,3 +204,33 @@ def task_stage_dir(stage: str, *modules: str, work_dir_param: str = "work_dir") 
     params = dict(ctx.parameters)
     key = content_key(stage, params, (*modules, __name__))
     return stage_dir(params[work_dir_param], stage, key)
+
+
+def task_refresh_cache() -> bool:
+    """Inside a @task body: whether this task runs with Prefect's refresh_cache (the task's
+    option, else the PREFECT_TASKS_REFRESH_CACHE setting), as Prefect itself decides it."""
+    from prefect.context import TaskRunContext
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
+
+    ctx = TaskRunContext.get()
+    option = getattr(ctx.task, "refresh_cache", None) if ctx is not None else None
+    return bool(option if option is not None else PREFECT_TASKS_REFRESH_CACHE.value())
+
+
+def task_return_type() -> Any:
+    """Inside a @task body: the type the task's function declares it returns."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    fn = getattr(getattr(ctx, "task", None), "fn", None)
+    return Any if fn is None else declared_return_type(fn)
+
+
+def declared_return_type(fn: Callable) -> Any:
+    """`fn`'s return annotation, resolved (Any when it has none)."""
+    try:
+        return typing.get_type_hints(fn).get("return", Any)
+    except (NameError, TypeError) as exc:
+        raise StageResultError(f"cannot resolve the annotations of {fn.__qualname__} ({exc}): a stage task must "
+                               "declare a return type its module defines, so that its stored result can be "
+                               "checked") from None

@@ -21,3 +21,8 @@ class AccuracyBudgetError(PipelineError):
     def __init__(self, message: str, violations: list[str]):
         super().__init__(message)
         self.violations = violations
+
+
+class StageResultError(PipelineError):
+    """A stored stage result that cannot be read back safely (missing, damaged, tampered with, or
+    of a type that is not a stage result): the stage runs again."""
