@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
+from flashio.dtypes import ITEMSIZE, TORCH_DTYPES
 from flashio.errors import FlashError, FormatError
-from flashio.format.manifest import DTYPES
-from flashio.format.writer import TORCH_DTYPES, ModelSource, write_artifact
+from flashio.format.writer import ModelSource, write_artifact
 from flashio.models import get_architecture
+from flashio.models.base import ConfigDims
 from flashio.predictor import PredictorWeights
 from flashio.sizes import format_size
 
@@ -37,11 +38,15 @@ log = logging.getLogger(__name__)
 
 _DISK_MARGIN_BYTES = 1 << 30  # free space kept beyond the artifact (the writer's temporary files)
 _PREDICTED_DENSITY_Z = 1.2816  # P(N(0, 1) > z) = 0.10: random predictors flag ~10% of neurons
+_O_DIRECT_BLOCK_BYTES = 512  # a bundle should be whole blocks
+_SHAPE_ITEMSIZE = 2  # scaled shapes keep fp16/bf16 bundles whole blocks
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A model's shape as its Hugging Face config states it, plus the paper's predictor ranks."""
+    """A model's shape as its Hugging Face config states it, plus the paper's predictor ranks.
+    The family (`model_type`, a flashio.models architecture) turns it into a config and a list
+    of tensors."""
 
     model_type: str
     dim: int
@@ -51,16 +56,21 @@ class Shape:
     vocab_size: int
     max_positions: int
     predictor_ranks: tuple[tuple[int, int], ...]  # (rank, layers) runs, in layer order
+    n_kv_heads: int | None = None  # grouped-query attention; None: n_heads
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     def scaled(self, scale: float) -> Shape:
         """Widths and layers times `scale`, vocabulary and positions times scale**2 and scale (so
-        that embeddings keep about their share of the weights); head width kept, d_model a
-        multiple of 128 (256 when gated) so that fp16 bundles stay a multiple of 512 bytes, the
-        O_DIRECT block."""
+        that embeddings keep about their share of the weights); head width and heads per
+        key/value head kept, d_model a multiple of 128 chosen so that fp16 bundles (2 or 3 rows
+        of d_model) stay a multiple of 512 bytes, the O_DIRECT block."""
         if scale == 1.0:
             return self
         if not 0 < scale <= 1:
@@ -69,8 +79,16 @@ class Shape:
         def r128(x: float, k: int = 128) -> int:
             return max(k, round(x / k) * k)
 
-        # gated bundles hold 3 rows of dim: 256-multiples keep 3 * dim * 2 bytes a 512-multiple
-        dim = r128(self.dim * scale, 256 if self.model_type == "llama" else 128)
+        rows = len(get_architecture(self.model_type).FFN.parts)
+        step = 128
+        while (rows * step * _SHAPE_ITEMSIZE) % _O_DIRECT_BLOCK_BYTES:
+            step += 128
+        dim = r128(self.dim * scale, step)
+        heads = dim // self.head_dim
+        group = self.n_heads // self.kv_heads
+        kv_heads = None if self.n_kv_heads is None else max(1, heads // group)
+        while kv_heads is not None and heads % kv_heads:
+            kv_heads -= 1
         layers = max(2, round(self.n_layers * scale))
         ranks, left = [], layers
         for rank, n in self.predictor_ranks:
@@ -80,42 +98,24 @@ class Shape:
                 left -= k
         if left:
             ranks[-1] = (ranks[-1][0], ranks[-1][1] + left)
-        return Shape(self.model_type, dim, r128(self.ffn_dim * scale), layers, dim // self.head_dim,
+        return Shape(self.model_type, dim, r128(self.ffn_dim * scale), layers, heads,
                      max(256, round(self.vocab_size * scale**2)), max(128, round(self.max_positions * scale)),
-                     tuple(ranks))
+                     tuple(ranks), kv_heads)
 
     def ranks(self) -> list[int]:
         return [r for r, n in self.predictor_ranks for _ in range(n)]
 
-    def hf_config(self, dtype: str) -> dict:
-        c = {"model_type": self.model_type, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-             "num_attention_heads": self.n_heads, "vocab_size": self.vocab_size,
-             "max_position_embeddings": self.max_positions, "torch_dtype": dtype}
-        if self.model_type == "opt":
-            c.update(ffn_dim=self.ffn_dim, word_embed_proj_dim=self.dim, do_layer_norm_before=True,
-                     activation_function="relu", enable_bias=True, bos_token_id=2, eos_token_id=2,
-                     pad_token_id=1, tie_word_embeddings=True)
-        else:
-            c.update(intermediate_size=self.ffn_dim, num_key_value_heads=self.n_heads, hidden_act="silu",
-                     rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
-                     tie_word_embeddings=False)
-        return c
+    def dims(self) -> ConfigDims:
+        return ConfigDims(vocab_size=self.vocab_size, dim=self.dim, ffn_dim=self.ffn_dim, n_layers=self.n_layers,
+                          n_heads=self.n_heads, n_kv_heads=self.kv_heads, max_positions=self.max_positions)
 
-    def hf_shape(self, key: str) -> tuple[int, ...]:
-        """The shape of a Hugging Face tensor name of this model."""
-        d, n, v = self.dim, self.ffn_dim, self.vocab_size
-        leaf = key.rsplit(".", 2)
-        name = ".".join(leaf[-2:])
-        table = {"embed_tokens.weight": (v, d), "embed_positions.weight": (self.max_positions + 2, d),
-                 "lm_head.weight": (v, d), "fc1.weight": (n, d), "fc1.bias": (n,), "fc2.weight": (d, n),
-                 "up_proj.weight": (n, d), "gate_proj.weight": (n, d), "down_proj.weight": (d, n)}
-        if name in table:
-            return table[name]
-        if key.endswith(("_proj.weight",)) and "self_attn" in key:
-            return (d, d)
-        if key.endswith((".bias", "norm.weight", "layernorm.weight", "layer_norm.weight")):
-            return (d,)
-        raise FormatError(f"synthetic {self.model_type} checkpoint has no tensor {key!r}")
+    def hf_config(self, dtype: str) -> dict:
+        return {**get_architecture(self.model_type).hf_config(self.dims()), "torch_dtype": dtype}
+
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of a Hugging Face checkpoint of this shape: name -> shape."""
+        arch = get_architecture(self.model_type)
+        return arch.checkpoint_shapes(arch.ModelArgs.from_hf(self.hf_config("float16")))
 
 
 SHAPES: dict[str, Shape] = {
@@ -129,22 +129,30 @@ SHAPES: dict[str, Shape] = {
 
 class SyntheticCheckpoint:
     """Answers an architecture's `read_checkpoint` with seeded random tensors (HFCheckpoint's
-    interface: config, has, get, prefix_for, tokenizer_files, file_paths)."""
+    interface: config, has, get, prefix_for, tokenizer_files, file_paths), over the tensor names
+    and shapes the family declares (`checkpoint_shapes`)."""
 
     def __init__(self, shape: Shape, dtype: str, seed: int):
         self.shape, self.dtype, self.seed = shape, TORCH_DTYPES[dtype], seed
         self.config = shape.hf_config(dtype)
-        self.prefix = "model.decoder." if shape.model_type == "opt" else "model."
+        self.arch = get_architecture(shape.model_type)
+        self.args = self.arch.ModelArgs.from_hf(self.config)
+        self.shapes = self.arch.checkpoint_shapes(self.args)
 
     def has(self, key: str) -> bool:
-        return key.startswith(self.prefix) or key == "lm_head.weight"
+        return key in self.shapes
 
     def prefix_for(self, candidates: tuple[str, ...], probe: str) -> str:
-        return self.prefix
+        for p in candidates:
+            if p + probe in self.shapes:
+                return p
+        raise FormatError(f"synthetic {self.shape.model_type} checkpoint has no {probe!r} under any of {candidates}")
 
     def get(self, key: str) -> torch.Tensor:
-        shape = self.shape.hf_shape(key)
-        if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+        if key not in self.shapes:
+            raise FormatError(f"synthetic {self.shape.model_type} checkpoint has no tensor {key!r}")
+        shape = self.shapes[key]
+        if key.endswith("norm.weight"):
             return torch.ones(shape, dtype=self.dtype)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
         fan_in = shape[-1]
@@ -176,14 +184,12 @@ def random_predictors(shape: Shape, seed: int) -> list[PredictorWeights]:
 
 
 def artifact_bytes(shape: Shape, dtype: str, predictors: bool = True) -> int:
-    """About how many bytes the artifact takes on disk."""
-    d, n, v, L = shape.dim, shape.ffn_dim, shape.vocab_size, shape.n_layers
-    parts = 2 if shape.model_type == "opt" else 3
-    ffn = L * n * parts * d
-    attn = L * (4 * d * d + 6 * d)
-    emb = v * d * (1 if shape.model_type == "opt" else 2) + (shape.max_positions + 2) * d
+    """About how many bytes the artifact takes on disk: the checkpoint's tensors, the predictors
+    and the int64 neuron orders."""
+    d, n = shape.dim, shape.ffn_dim
+    weights = sum(math.prod(s) for s in shape.checkpoint_shapes().values())
     pred = sum(r * (d + n) + n for r in shape.ranks()) if predictors else 0
-    return (ffn + attn + emb + pred + L * n) * DTYPES[dtype] + L * n * 8  # + int64 neuron orders
+    return (weights + pred) * ITEMSIZE[dtype] + shape.n_layers * n * 8
 
 
 def write_synthetic(shape: str | Shape, out_dir: str | Path, *, scale: float = 1.0, seed: int = 0,
@@ -211,9 +217,7 @@ def write_synthetic(shape: str | Shape, out_dir: str | Path, *, scale: float = 1
                          "of margin: free space, choose another --out, or use --scale")
     log.info("writing synthetic %s (scale %s, %s, ~%s) to %s", name, scale, dtype, format_size(need), out_dir)
     ckpt = SyntheticCheckpoint(shape, dtype, seed)
-    arch = get_architecture(shape.model_type)
-    args = arch.ModelArgs.from_hf(ckpt.config)
-    resident, ffn = arch.read_checkpoint(ckpt, args)
+    resident, ffn = ckpt.arch.read_checkpoint(ckpt, ckpt.args)
     lineage = {"source": {"id": f"synthetic/{name}", "model_type": shape.model_type},
                "synthetic": {"shape": name, "scale": scale, "seed": seed, "dims": {
                    "dim": shape.dim, "ffn_dim": shape.ffn_dim, "n_layers": shape.n_layers,

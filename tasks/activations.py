@@ -7,10 +7,11 @@
 The source model runs through transformers (hub id or local directory, dtype option) with a
 forward hook on the FFN's first projection, which sees exactly what the flashio runtime feeds the
 predictor: its input is the FFN input (the normalised hidden state), its output decides which
-neurons are active:
-- OPT (ReLU): hook on fc1; active = fc1 output > 0 (exact sparsity).
-- Llama (SwiGLU): hook on gate_proj; active = |silu(gate_proj(x))| > the layer's threshold,
-  calibrated beforehand by `calibrate_gate_thresholds` to a target density (CATS-style).
+neurons are active. Which module that is, and the activation, the family declares
+(`flashio.models.<family>.FFN`, a FFNSpec); active = |act(output)| > the layer's threshold:
+- ReLU families (OPT): hook on fc1, threshold 0, i.e. fc1 output > 0 (exact sparsity).
+- Gated SiLU families (Llama, Mistral): hook on gate_proj; the threshold is calibrated beforehand
+  by `calibrate_gate_thresholds` to a target density (CATS-style).
 
 Per layer and neuron a shard records the activation count, the summed activation magnitude and,
 on every `coactivation_stride`-th position, co-activation counts; counts are integers, so the
@@ -29,6 +30,7 @@ import argparse
 import functools
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,38 +39,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from prefect import get_run_logger, task
 from safetensors import safe_open
 
-from flashio.format import sha256_file
+from flashio.dtypes import TORCH_DTYPES
+from flashio.hashing import sha256_file
+from flashio.models import get_architecture
+from flashio.models.base import FFNSpec
 from tasks.caching import run_stage, stage_cache
-from tasks.calibration import CalibrationData, load_tokens
+from tasks.calibration import CalibrationData, load_tokens, prepare_calibration, resolve_spec
+from tasks.demo import DEMO_CHECKPOINT_DIR
 from tasks.errors import InputError
 from tasks.progress import StageProgress
-from tasks.source import SourceModel
+from tasks.source import SourceModel, inspect_source
 from tasks.tensorfiles import save_tensors
 from tasks.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS_FILE = "stats.safetensors"
 PAIRS_FILE = "pairs.safetensors"
 # Values sampled per layer to place a gated layer's threshold (a quantile; 2M keeps it < 1 s).
 GATE_SAMPLE_VALUES = 2_000_000
-
-
-def _opt_ffn(model) -> list[torch.nn.Module]:
-    return [layer.fc1 for layer in model.model.decoder.layers]
-
-
-def _llama_ffn(model) -> list[torch.nn.Module]:
-    return [layer.mlp.gate_proj for layer in model.model.layers]
-
-
-# model_type -> (the module per layer whose input is the FFN input and whose output decides activity, gated)
-FAMILIES: dict[str, tuple[Callable, bool]] = {"opt": (_opt_ffn, False), "llama": (_llama_ffn, True)}
 
 
 @dataclass(frozen=True)
@@ -81,8 +73,8 @@ class ActivationOptions:
     torch_threads: int | None = None  # None: torch's default (see tasks.threads)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES or self.pairs_dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r} / {self.pairs_dtype!r}")
+        if self.dtype not in TORCH_DTYPES or self.pairs_dtype not in TORCH_DTYPES:
+            raise InputError(f"dtype must be one of {sorted(TORCH_DTYPES)}; got {self.dtype!r} / {self.pairs_dtype!r}")
         if self.batch_sequences < 1 or self.coactivation_stride < 0 or self.pair_stride < 1:
             raise InputError("batch_sequences >= 1, coactivation_stride >= 0 and pair_stride >= 1 are required")
 
@@ -114,12 +106,20 @@ class ActivationStats:
     sha256: str
 
 
-def family(model_type: str) -> tuple[Callable, bool]:
+def ffn_spec(source: SourceModel) -> FFNSpec:
+    """The source family's FFN declaration (inspect_source already checked the family exists)."""
+    return get_architecture(source.model_type).FFN
+
+
+def hooked_modules(model, source: SourceModel) -> list[torch.nn.Module]:
+    """Per layer, the transformers module the family declares as its FFN's first projection."""
+    paths = ffn_spec(source).hook_paths(source.n_layers)
     try:
-        return FAMILIES[model_type]
-    except KeyError:
-        raise InputError(f"the pipeline cannot hook FFNs of model_type {model_type!r}; it knows "
-                         f"{', '.join(sorted(FAMILIES))}") from None
+        return [model.get_submodule(p) for p in paths]
+    except AttributeError as exc:
+        raise InputError(f"{source.ref}: the {source.model_type} declaration hooks {paths[0]!r}, which this "
+                         f"transformers model ({type(model).__name__}) lacks ({exc}); fix FFN.hook_path in "
+                         f"flashio/models for this transformers version") from None
 
 
 def shard_ranges(n_sequences: int, shard_sequences: int) -> list[tuple[int, int]]:
@@ -137,16 +137,16 @@ def load_model(path: str, dtype: str, fingerprint: str = ""):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
     return model.eval()
 
 
 class _Collector:
     """Per-layer accumulators filled by the FFN hooks of one batch after another."""
 
-    def __init__(self, n_layers: int, n: int, *, gated: bool, thresholds: Sequence[float],
+    def __init__(self, n_layers: int, n: int, *, ffn: FFNSpec, thresholds: Sequence[float],
                  options: ActivationOptions, keep_pairs: bool = True):
-        self.n, self.gated, self.thresholds, self.opt = n, gated, list(thresholds), options
+        self.n, self.ffn, self.thresholds, self.opt = n, ffn, list(thresholds), options
         self.count = [torch.zeros(n, dtype=torch.int64) for _ in range(n_layers)]
         self.abs_sum = [torch.zeros(n, dtype=torch.float64) for _ in range(n_layers)]
         s = options.coactivation_stride
@@ -172,12 +172,8 @@ class _Collector:
             # Some models flatten [B, L, D] to [B*L, D] around the FFN (OPT does): work on rows.
             x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [B*L, D] FFN input
             out = output.reshape(-1, self.n)  # [B*L, N] pre-activation (fc1) or gate projection
-            if self.gated:
-                mag = F.silu(out).abs()
-                active = mag > self.thresholds[i]
-            else:
-                mag = out.clamp_min(0)
-                active = out > 0
+            mag = self.ffn.magnitude(out)  # |act(out)|: relu(out) for ReLU, |silu(gate)| when gated
+            active = mag > self.thresholds[i]  # ReLU: threshold 0, i.e. out > 0
             af = active.float()  # [B*L, N]; float sums are exact below 2^24 rows per batch
             self.count[i] += af.sum(dim=0).long()  # (summing a bool tensor is ~3x slower)
             self.abs_sum[i] += mag.sum(dim=0).double()
@@ -186,7 +182,7 @@ class _Collector:
                 self.coact[i] += (m.T @ m).long()  # exact: counts < 2^24 per batch
             if self.keep_pairs:
                 rows = self.pair_rows
-                self.xs[i].append(x[rows].to(DTYPES[self.opt.pairs_dtype]))
+                self.xs[i].append(x[rows].to(TORCH_DTYPES[self.opt.pairs_dtype]))
                 self.masks[i].append(np.packbits(active[rows].numpy(), axis=1))
 
         return fn
@@ -194,10 +190,9 @@ class _Collector:
 
 def _run(source: SourceModel, ids: torch.Tensor, collector: _Collector | None, options: ActivationOptions,
          progress: Callable[[int, int], None] | None = None) -> None:
-    ffn_of, _ = family(source.model_type)
     model = load_model(str(source.path), options.dtype, source.fingerprint)
     with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
-        handles = [m.register_forward_hook(collector.hook(i)) for i, m in enumerate(ffn_of(model))] \
+        handles = [m.register_forward_hook(collector.hook(i)) for i, m in enumerate(hooked_modules(model, source))] \
             if collector is not None else []
         try:
             for b in range(0, len(ids), options.batch_sequences):
@@ -216,8 +211,8 @@ def calibrate_gate_thresholds(source: SourceModel, calib: CalibrationData, *, de
                               n_sequences: int, options: ActivationOptions, seed: int = 0) -> tuple[float, ...]:
     """Per gated layer, the |silu(gate)| value exceeded by a fraction `density` of (token, neuron)
     pairs on the first `n_sequences` calibration sequences. ReLU models: 0 for every layer."""
-    ffn_of, gated = family(source.model_type)
-    if not gated:
+    ffn = ffn_spec(source)
+    if ffn.exactly_sparse:
         return (0.0,) * source.n_layers
     if not 0.0 < density < 1.0:
         raise InputError(f"gated density target must be in (0, 1); got {density}")
@@ -228,7 +223,7 @@ def calibrate_gate_thresholds(source: SourceModel, calib: CalibrationData, *, de
 
     def hook(i: int):
         def fn(_module, _inputs, output) -> None:
-            v = F.silu(output).abs().flatten().float()
+            v = ffn.magnitude(output).flatten().float()
             if v.numel() > per_batch:
                 v = v[torch.randint(v.numel(), (per_batch,), generator=gen)]
             samples[i].append(v)
@@ -237,7 +232,7 @@ def calibrate_gate_thresholds(source: SourceModel, calib: CalibrationData, *, de
 
     model = load_model(str(source.path), options.dtype, source.fingerprint)
     with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
-        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(ffn_of(model))]
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(hooked_modules(model, source))]
         try:
             for b in range(0, len(ids), options.batch_sequences):
                 model.base_model(input_ids=ids[b : b + options.batch_sequences], use_cache=False)
@@ -251,12 +246,11 @@ def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop:
                   thresholds: Sequence[float], options: ActivationOptions, *, out_dir: Path, index: int = 0,
                   progress: Callable[[int, int], None] | None = None) -> ShardResult:
     """Statistics and pairs of calibration sequences [start, stop), written under `out_dir`."""
-    _, gated = family(source.model_type)
     ids = load_tokens(calib, "calibration")
     if not 0 <= start < stop <= len(ids):
         raise InputError(f"shard [{start}, {stop}) is outside the {len(ids)} calibration sequences")
     ids = ids[start:stop]
-    col = _Collector(source.n_layers, source.ffn_dim, gated=gated, thresholds=thresholds,
+    col = _Collector(source.n_layers, source.ffn_dim, ffn=ffn_spec(source), thresholds=thresholds,
                      options=options)
     _run(source, ids, col, options, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -374,7 +368,6 @@ def measure_overhead(source: SourceModel, calib: CalibrationData, options: Activ
                      *, repeats: int = 3) -> dict:
     """Seconds for a plain forward pass (full model and decoder only) vs collection, same tokens;
     best of `repeats` (the machine is shared)."""
-    _, gated = family(source.model_type)
     ids = load_tokens(calib, "calibration")
     model = load_model(str(source.path), options.dtype, source.fingerprint)
     thresholds = (0.0,) * source.n_layers
@@ -388,7 +381,7 @@ def measure_overhead(source: SourceModel, calib: CalibrationData, options: Activ
         _run(source, ids, None, options)
 
     def collect() -> None:
-        col = _Collector(source.n_layers, source.ffn_dim, gated=gated, thresholds=thresholds,
+        col = _Collector(source.n_layers, source.ffn_dim, ffn=ffn_spec(source), thresholds=thresholds,
                          options=options)
         _run(source, ids, col, options)
 
@@ -408,12 +401,6 @@ def measure_overhead(source: SourceModel, calib: CalibrationData, options: Activ
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tempfile
-
-    from tasks.calibration import prepare_calibration, resolve_spec
-    from tasks.demo import DEMO_CHECKPOINT_DIR
-    from tasks.source import inspect_source
-
     ap = argparse.ArgumentParser(description="Measure activation collection against a plain forward pass.")
     ap.add_argument("--measure", action="store_true", help="(the only mode)")
     ap.add_argument("model", nargs="?", default=str(DEMO_CHECKPOINT_DIR))

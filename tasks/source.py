@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import FormatError, UnsupportedArchitectureError
-from flashio.format import sha256_file
+from flashio.hashing import sha256_file
 from flashio.models import get_architecture
 from tasks.errors import InputError
 
@@ -110,9 +110,6 @@ def inspect_source(model: str, *, revision: str | None = None, hash_files: bool 
         raise InputError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}...): calibration text "
                          "is tokenized with the model's own tokenizer; save it next to the weights "
                          "(tokenizer.save_pretrained)")
-    from tasks.activations import family
-
-    family(model_type)  # the pipeline must also know where to hook this family's FFN
     names = sorted({p.name for p in ckpt.file_paths()} | set(tokenizer))
     files = tuple((n, sha256_file(path / n)) for n in names) if hash_files else ()
     fingerprint = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files).encode()).hexdigest() if files else ""
@@ -120,7 +117,7 @@ def inspect_source(model: str, *, revision: str | None = None, hash_files: bool 
     log.info("source %s: %s, %d layers, d_model %d, %d FFN neurons", model, model_type, args.n_layers,
              args.dim, args.ffn_dim)
     return SourceModel(ref=model, path=path, revision=resolved_revision, model_type=model_type,
-                       n_layers=args.n_layers, dim=args.dim, ffn_dim=args.ffn_dim, gated=bool(arch.GATED),
+                       n_layers=args.n_layers, dim=args.dim, ffn_dim=args.ffn_dim, gated=arch.FFN.gated,
                        max_positions=args.max_positions, config_dtype=dtype, files=files,
                        fingerprint=fingerprint)
 

@@ -4,6 +4,9 @@
     tok = build_tokenizer(files, tmp / "tok")
     opt_dir = build_tiny_model("opt", tmp / "opt", tok)
     llama_dir = build_tiny_model("llama", tmp / "llama", tok)
+    mistral_dir = build_tiny_model("mistral", tmp / "mistral", tok, config={"sliding_window": 8})
+
+Any family of flashio.models works: its `hf_config` gives the transformers config.
 
 The models are random but not degenerate: weights are drawn with a larger spread than
 transformers' default initialisation (std 0.02), so that their next-token distributions are
@@ -15,6 +18,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
+
+from flashio.models import get_architecture
+from flashio.models.base import ConfigDims
 
 WORDS = ("def", "return", "self", "value", "for", "in", "if", "else", "import", "class", "None", "True",
          "range", "len", "print", "items", "key", "data", "result", "index", "list", "dict", "=", "(", ")",
@@ -70,41 +77,37 @@ def build_tokenizer(files: list[Path], out_dir: Path, *, vocab_size: int = 256):
 def build_tiny_model(family: str, out_dir: Path, tokenizer, *, hidden: int = 64, ffn: int = 256,
                      layers: int = 2, heads: int = 4, kv_heads: int = 2, max_positions: int = 128,
                      init_std: float = 0.08, relu_shift: float = 1.0, seed: int = 0,
-                     dtype: str = "float32", fit_files: list[Path] | None = None, fit_steps: int = 0) -> Path:
-    """A random OPT (ReLU) or Llama (SwiGLU, grouped-query) checkpoint plus its tokenizer,
-    written with save_pretrained (safetensors) into `out_dir`.
+                     dtype: str = "float32", fit_files: list[Path] | None = None, fit_steps: int = 0,
+                     config: dict[str, Any] | None = None) -> Path:
+    """A random checkpoint of `family` (a flashio.models model_type: OPT with ReLU, Llama with
+    SwiGLU and grouped-query attention, ...) plus its tokenizer, written with save_pretrained
+    (safetensors) into `out_dir`. `config` overrides keys of the family's Hugging Face config
+    (e.g. {"sliding_window": 8}).
 
-    relu_shift: OPT's fc1 biases are lowered by this many standard deviations of the
-    pre-activation, so that about P(z > relu_shift) of the neurons fire (16% for 1.0) as in a
-    trained ReLU model, instead of the half of a random one.
+    relu_shift: in ReLU families, the biases of the FFN's first projection (OPT's fc1) are
+    lowered by this many standard deviations of the pre-activation, so that about
+    P(z > relu_shift) of the neurons fire (16% for 1.0) as in a trained ReLU model, instead of
+    the half of a random one.
     fit_steps: when > 0, the random model is then fitted for that many steps to `fit_files`
     (next-token loss), so that its predictions are peaked like a real model's: a purely random
     model's top-2 logits are nearly tied and any perturbation flips its arg-max."""
     import torch
     import transformers
 
+    arch = get_architecture(family)
     torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    if family == "opt":
-        cfg = transformers.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
-                                     num_attention_heads=heads, max_position_embeddings=max_positions,
-                                     word_embed_proj_dim=hidden, init_std=init_std, dropout=0.0, **ids)
-        model = transformers.OPTForCausalLM(cfg)
-    elif family == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                       num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-                                       initializer_range=init_std, tie_word_embeddings=False, **ids)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        raise ValueError(f"unknown family {family!r}: 'opt' or 'llama'")
+    dims = ConfigDims(vocab_size=len(tokenizer), dim=hidden, ffn_dim=ffn, n_layers=layers, n_heads=heads,
+                      n_kv_heads=kv_heads, max_positions=max_positions)
+    c = {**arch.hf_config(dims, init_std=init_std), "bos_token_id": tokenizer.bos_token_id,
+         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **(config or {})}
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**c))
+    # ReLU FFNs: the first projection's bias sets how many neurons fire
+    shifted = {f"{p}.bias" for p in arch.FFN.hook_paths(layers)} if arch.FFN.exactly_sparse else set()
     with torch.no_grad():  # biases and norms random too, so no neuron is trivially symmetric
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, init_std)
-            if family == "opt" and name.endswith("fc1.bias"):
+            if name in shifted:
                 p.sub_(relu_shift * init_std * hidden**0.5)  # pre-activation std ~ init_std * sqrt(D)
     if fit_steps:
         _fit(model, tokenizer, fit_files or [], fit_steps, seq_len=min(64, max_positions), seed=seed)

@@ -1,5 +1,6 @@
-"""Pieces shared by the architectures: the FFN weights a checkpoint yields, the KV cache and
-attention.
+"""Pieces shared by the architectures: what a family declares about its FFN (FFNSpec), the
+dimensions its configs are built from (ConfigDims), the FFN weights a checkpoint yields, the KV
+cache and attention.
 
 Shapes: T tokens in this step, P tokens already in the KV cache, D model width, H heads,
 Hk key/value heads, Dh head width, N FFN neurons.
@@ -13,6 +14,72 @@ import torch
 import torch.nn.functional as F
 
 from flashio.errors import FlashError
+
+# activation name (as the manifest records it) -> function
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+FFN_PARTS = (("up", "down"), ("up", "gate", "down"))
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """A family's FFN as the writer, the runtime and the pipeline see it.
+
+    parts: the per-neuron rows of a bundle, in stored order ("gate" present: a gated FFN,
+        act(gate . x) * (up . x)).
+    activation: applied to the first projection (up, or gate when gated); "relu" makes the FFN
+        exactly sparse (an inactive neuron's output is exactly 0).
+    hook_path: attribute path, in the transformers CausalLM of the family, of the module whose
+        input is the FFN input and whose output goes through `activation` to decide which
+        neurons are active; `{i}` is the layer. A path instead of a function keeps
+        transformers out of flashio (DESIGN.md section 1).
+    """
+
+    parts: tuple[str, ...]
+    activation: str
+    hook_path: str
+
+    def __post_init__(self) -> None:
+        if self.parts not in FFN_PARTS:
+            raise FlashError(f"FFN parts {self.parts} are not one of {FFN_PARTS}")
+        if self.activation not in ACTIVATIONS:
+            raise FlashError(f"FFN activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if "{i}" not in self.hook_path:
+            raise FlashError(f"FFN hook path {self.hook_path!r} has no '{{i}}' for the layer index")
+
+    @property
+    def gated(self) -> bool:
+        return "gate" in self.parts
+
+    @property
+    def exactly_sparse(self) -> bool:
+        """Whether "active" is exact (output > 0) or needs a calibrated threshold."""
+        return self.activation == "relu"
+
+    def hook_paths(self, n_layers: int) -> list[str]:
+        return [self.hook_path.format(i=i) for i in range(n_layers)]
+
+    def magnitude(self, first: torch.Tensor) -> torch.Tensor:
+        """|act(first)| of the hooked projection's output: a neuron is active where this exceeds
+        the layer's threshold (0 for ReLU, where it equals output > 0)."""
+        return ACTIVATIONS[self.activation](first).abs()
+
+
+@dataclass(frozen=True)
+class ConfigDims:
+    """The dimensions a family's `hf_config` builds a Hugging Face config from (synthetic shapes,
+    tiny test models). Families without grouped-query attention ignore n_kv_heads."""
+
+    vocab_size: int
+    dim: int
+    ffn_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise FlashError(f"dims {self}: dim must be a multiple of n_heads")
 
 
 @dataclass(frozen=True)
@@ -82,26 +149,34 @@ class KVCache:
         self.length = 0
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float,
+           window: int | None = None) -> torch.Tensor:
     """Causal attention of T new queries over P+T keys.
 
     q: [H, T, Dh]; k, v: [Hk, P+T, Dh] (grouped-query when Hk < H: query head h reads key/value
     head h // (H / Hk), as transformers' repeat_kv). Returns [T, H*Dh].
+    window: sliding-window attention (Mistral): the query at position p reads only the keys at
+    positions p - window + 1 .. p (transformers' `kv_idx > q_idx - sliding_window`); keys older
+    than the first query's window are not even multiplied.
 
     Written with two matmuls instead of scaled_dot_product_attention: at batch 1 and one query,
     torch's CPU SDPA costs 5-30x more than the arithmetic (measured: 3.9 ms vs 0.12 ms at 4 heads
     over 200 keys) and it would copy the strided KV cache views.
     """
     h, t, dh = q.shape
+    first = max(0, start + 1 - window) if window is not None else 0  # oldest key any query reads
+    k, v = k[:, first:], v[:, first:]
     hk, s_len, _ = k.shape
     g = h // hk
     qg = q.reshape(hk, g * t, dh)  # heads of one group are adjacent: [Hk, G*T, Dh]
     scores = torch.bmm(qg, k.transpose(1, 2)) * scale  # [Hk, G*T, S]
-    if t > 1:
+    if t > 1:  # one query (decoding) reads every key it was given
         q_pos = torch.arange(start, start + t, device=q.device)[:, None]
-        k_pos = torch.arange(0, s_len, device=q.device)[None, :]
-        future = (k_pos > q_pos).repeat(g, 1)  # [G*T, S]
-        scores = scores.masked_fill(future, float("-inf"))
+        k_pos = torch.arange(first, first + s_len, device=q.device)[None, :]
+        hidden = k_pos > q_pos  # [T, S] the future
+        if window is not None:
+            hidden |= k_pos <= q_pos - window  # outside the window
+        scores = scores.masked_fill(hidden.repeat(g, 1), float("-inf"))  # [G*T, S]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.bmm(probs, v)  # [Hk, G*T, Dh]
     return out.reshape(h, t, dh).transpose(0, 1).reshape(t, h * dh)

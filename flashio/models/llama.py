@@ -13,10 +13,10 @@ import torch
 
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import UnsupportedArchitectureError
-from flashio.models.base import FFNWeights, KVCache, attend, linear
+from flashio.models.base import ConfigDims, FFNSpec, FFNWeights, KVCache, attend, linear
 
-ACTIVATION = "silu"
-GATED = True
+MODEL_TYPES = ("llama",)
+FFN = FFNSpec(parts=("up", "gate", "down"), activation="silu", hook_path="model.layers.{i}.mlp.gate_proj")
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,11 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, c: dict) -> ModelArgs:
+        family = c.get("model_type", "llama")
         act = c.get("hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedArchitectureError(f"Llama with hidden_act={act!r} is not supported (expected 'silu')")
+            raise UnsupportedArchitectureError(
+                f"{family} with hidden_act={act!r} is not supported (expected 'silu')")
         # transformers >= 5 nests rope settings in rope_parameters; older configs use rope_theta/rope_scaling
         rope = dict(c.get("rope_parameters") or {})
         rope.update({k: v for k, v in (c.get("rope_scaling") or {}).items() if v is not None})
@@ -52,7 +54,7 @@ class ModelArgs:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise UnsupportedArchitectureError(
-                f"Llama rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
+                f"{family} rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
         heads = c["num_attention_heads"]
         return cls(
             vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
@@ -67,6 +69,16 @@ class ModelArgs:
             attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
+
+
+def hf_config(dims: ConfigDims, *, init_std: float = 0.02) -> dict:
+    """A Hugging Face config of these dimensions (transformers' LlamaConfig defaults otherwise)."""
+    return {"model_type": "llama", "vocab_size": dims.vocab_size, "hidden_size": dims.dim,
+            "intermediate_size": dims.ffn_dim, "num_hidden_layers": dims.n_layers,
+            "num_attention_heads": dims.n_heads, "num_key_value_heads": dims.n_kv_heads,
+            "max_position_embeddings": dims.max_positions, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "initializer_range": init_std, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False}
 
 
 _LAYER_KEYS = {
@@ -108,6 +120,28 @@ def read_checkpoint(ckpt: HFCheckpoint, args: ModelArgs):
         )
 
     return resident, ffn
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Hugging Face checkpoint of `args` (save_pretrained): name -> shape."""
+    d, n, q, kv = args.dim, args.ffn_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    out = {"model.embed_tokens.weight": (args.vocab_size, d), "model.norm.weight": (d,)}
+    if not args.tie_embeddings:
+        out["lm_head.weight"] = (args.vocab_size, d)
+    attn = {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q)}
+    mlp = {"gate": (n, d), "up": (n, d), "down": (d, n)}
+    for i in range(args.n_layers):
+        lp = f"model.layers.{i}."
+        out[lp + "input_layernorm.weight"] = out[lp + "post_attention_layernorm.weight"] = (d,)
+        for x, shape in attn.items():
+            out[f"{lp}self_attn.{x}_proj.weight"] = shape
+            if args.attention_bias:
+                out[f"{lp}self_attn.{x}_proj.bias"] = shape[:1]
+        for x, shape in mlp.items():
+            out[f"{lp}mlp.{x}_proj.weight"] = shape
+            if args.mlp_bias:
+                out[f"{lp}mlp.{x}_proj.bias"] = shape[:1]
+    return out
 
 
 def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
@@ -172,8 +206,12 @@ class Model:
         q = self._rope(q.transpose(0, 1), start)
         k = self._rope(k.transpose(0, 1), start)
         k_all, v_all = kv.update(i, k, v.transpose(0, 1))
-        o = attend(q, k_all, v_all, start, self.scale)  # [T, H*Dh]
+        o = self._attend(q, k_all, v_all, start)  # [T, H*Dh]
         return x + linear(o, lw["attn.o.weight"], lw.get("attn.o.bias"))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal attention over every cached position (variants narrow it: Mistral's window)."""
+        return attend(q, k, v, start, self.scale)
 
     def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self._rms(x, self.layers[i]["ffn_norm.weight"])

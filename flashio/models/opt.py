@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import UnsupportedArchitectureError
-from flashio.models.base import FFNWeights, KVCache, attend, linear
+from flashio.models.base import ConfigDims, FFNSpec, FFNWeights, KVCache, attend, linear
 
-ACTIVATION = "relu"
-GATED = False
+MODEL_TYPES = ("opt",)
+FFN = FFNSpec(parts=("up", "down"), activation="relu", hook_path="model.decoder.layers.{i}.fc1")
 # HF OPT learned position embeddings are offset by 2 (a fairseq legacy).
 POSITION_OFFSET = 2
 
@@ -65,6 +65,17 @@ class ModelArgs:
             bias=bool(c.get("enable_bias", True)),
             tie_embeddings=bool(c.get("tie_word_embeddings", True)),
         )
+
+
+def hf_config(dims: ConfigDims, *, init_std: float = 0.02) -> dict:
+    """A Hugging Face config of these dimensions (transformers' OPTConfig defaults otherwise,
+    dropout off); OPT has no grouped-query attention: n_kv_heads is not used."""
+    return {"model_type": "opt", "vocab_size": dims.vocab_size, "hidden_size": dims.dim, "ffn_dim": dims.ffn_dim,
+            "num_hidden_layers": dims.n_layers, "num_attention_heads": dims.n_heads,
+            "max_position_embeddings": dims.max_positions, "word_embed_proj_dim": dims.dim,
+            "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
+            "init_std": init_std, "dropout": 0.0, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
+            "tie_word_embeddings": True}
 
 
 # flashio name -> HF name (after the 'model.decoder.' / 'decoder.' prefix); per layer under 'layers.{i}.'
@@ -121,6 +132,28 @@ def read_checkpoint(ckpt: HFCheckpoint, args: ModelArgs):
         )
 
     return resident, ffn
+
+
+def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Hugging Face checkpoint of `args` (save_pretrained): name -> shape."""
+    d, n, p = args.dim, args.ffn_dim, "model.decoder."
+    out = {p + "embed_tokens.weight": (args.vocab_size, d),
+           p + "embed_positions.weight": (args.max_positions + POSITION_OFFSET, d)}
+    if args.final_norm and args.norm_affine:
+        out.update({p + v: (d,) for v in _NORM_KEYS.values()})
+    if not args.tie_embeddings:
+        out["lm_head.weight"] = (args.vocab_size, d)
+    names = {**_LAYER_WEIGHTS, **_LAYER_BIASES}
+    for i in range(args.n_layers):
+        for k, v in names.items():
+            if ("norm" in k and not args.norm_affine) or (k.endswith(".bias") and "norm" not in k and not args.bias):
+                continue
+            out[f"{p}layers.{i}.{v}"] = (d,) if "norm" in k or k.endswith(".bias") else (d, d)
+        lp = f"{p}layers.{i}."
+        out.update({lp + "fc1.weight": (n, d), lp + "fc2.weight": (d, n)})
+        if args.bias:
+            out.update({lp + "fc1.bias": (n,), lp + "fc2.bias": (d,)})
+    return out
 
 
 class Model:
