@@ -1,8 +1,8 @@
 """Low-rank activation predictors (Deja Vu style, as in LLM in a flash section 3.1).
 
 Per layer, `logits = (x @ A.T) @ B.T + bias` with A: [r, D] and B: [N, r]; neuron n is predicted
-active when sigmoid(logits[n]) > threshold. The pipeline trains `LowRankPredictor` (a torch module);
-the runtime only needs `PredictorWeights.predict`.
+active when sigmoid(logits[n]) > threshold, i.e. logits[n] > `logit_threshold`. The runtime only
+runs these weights; the pipeline trains them (tasks.predictors).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -43,10 +42,6 @@ class PredictorWeights:
         # x: [T, D] -> [T, N]
         return torch.addmm(self.bias, x @ self.A.T, self.B.T)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Boolean [T, N]: which neurons each token is predicted to need."""
-        return self.logits(x) > self.logit_threshold
-
     def permuted(self, order: torch.Tensor) -> PredictorWeights:
         """The same predictor with output rows in stored order: row j predicts source neuron order[j]."""
         return PredictorWeights(self.A, self.B[order], self.bias[order], self.threshold)
@@ -57,18 +52,3 @@ class PredictorWeights:
         A, B, bias = (t.to(device=device, dtype=dtype, copy=copy) for t in (self.A, self.B, self.bias))
         return PredictorWeights(A, B, bias, self.threshold)
 
-
-class LowRankPredictor(nn.Module):
-    """Trainable form of a predictor: x -> down (no bias) -> up (+ bias) -> logits."""
-
-    def __init__(self, dim: int, n_neurons: int, rank: int):
-        super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, n_neurons, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def export(self, threshold: float) -> PredictorWeights:
-        return PredictorWeights(self.down.weight.detach().clone(), self.up.weight.detach().clone(),
-                                self.up.bias.detach().clone(), threshold)

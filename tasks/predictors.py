@@ -6,7 +6,7 @@
     lp.recall, lp.predicted_density, lp.threshold                 # measured on held-out pairs
     weights = load_layer_predictor(lp)                            # flashio.predictor.PredictorWeights
 
-Training (after Deja Vu / LLM in a flash 3.1): `flashio.predictor.LowRankPredictor` on the FFN
+Training (after Deja Vu / LLM in a flash 3.1): `LowRankPredictor` (a torch module) on the FFN
 input, binary cross-entropy with a per-neuron positive weight (negatives/positives, capped)
 because positives are rare, Adam with a linearly decaying rate. Inputs are standardised while
 training and the standardisation is folded back into A and the bias, so the exported predictor
@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from prefect import get_run_logger, task
 from safetensors.torch import load_file
+from torch import nn
 
-from flashio.format import sha256_file
-from flashio.predictor import LowRankPredictor, PredictorWeights
+from flashio.hashing import sha256_file
+from flashio.predictor import PredictorWeights
 from tasks.activations import ActivationStats, ShardResult, load_pairs
 from tasks.caching import run_stage, stage_cache
 from tasks.errors import InputError
@@ -119,6 +120,23 @@ class LayerPredictor:
             if math.isclose(r, recall):
                 return t
         raise KeyError(f"layer {self.layer} has no sweep point for recall {recall}")
+
+
+class LowRankPredictor(nn.Module):
+    """Trainable form of a predictor: x -> down (no bias) -> up (+ bias) -> logits; exported as
+    the runtime's PredictorWeights (A = down, B = up)."""
+
+    def __init__(self, dim: int, n_neurons: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, n_neurons, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))  # [T, D] -> [T, N]
+
+    def export(self, threshold: float) -> PredictorWeights:
+        return PredictorWeights(self.down.weight.detach().clone(), self.up.weight.detach().clone(),
+                                self.up.bias.detach().clone(), threshold)
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
