@@ -16,8 +16,7 @@ from flashio.errors import (
     TokenizerError,
     UnsupportedArchitectureError,
 )
-
-__version__ = "0.1.0"
+from flashio.version import __version__
 
 __all__ = [
     "BudgetError",

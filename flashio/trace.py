@@ -285,9 +285,6 @@ class TraceReplay:
         del h  # the trace decides; the engine still ran the predictor on h when it has one
         return self.trace.active(self._step, layer)
 
-    def with_start(self, start: int) -> TraceReplay:
-        return TraceReplay(self.trace, start=start)
-
 
 def describe(params: TraceParams, window: int) -> dict[str, Any]:
     return {**asdict(params), "window": window, "expected": params.expected(window)}

@@ -12,12 +12,11 @@ import json
 import struct
 from dataclasses import dataclass
 
+from flashio.dtypes import SAFETENSORS_ITEMSIZE
 from flashio.errors import FormatError
 
 ALIGN = 4096
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def layout_ffn_file(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: d
             pad = ALIGN - rel % ALIGN
             entries[f"_pad.{i}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [rel, rel + pad]}
             rel += pad
-        n = ST_ITEMSIZE[dtype]
+        n = SAFETENSORS_ITEMSIZE[dtype]
         for s in shape:
             n *= s
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [rel, rel + n]}
@@ -88,7 +87,7 @@ def read_safetensors_header(f, file_size: int, name: str) -> dict[str, TensorInf
         if not isinstance(e, dict):
             raise FormatError(f"{name}: entry {key!r} is not an object")
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
             raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape)):
@@ -98,7 +97,7 @@ def read_safetensors_header(f, file_size: int, name: str) -> dict[str, TensorInf
                 or not 0 <= offs[0] <= offs[1] <= data_size):
             raise FormatError(f"{name}: tensor {key!r} has data_offsets {offs!r} outside the data "
                               f"buffer of {data_size} bytes (file truncated?)")
-        nbytes = ST_ITEMSIZE[dtype]
+        nbytes = SAFETENSORS_ITEMSIZE[dtype]
         for s in shape:
             nbytes *= s
         if offs[1] - offs[0] != nbytes:

@@ -18,7 +18,8 @@ from typing import Any
 from flashio.errors import FlashError
 from flashio.format.manifest import MANIFEST, FileEntry, check_relative_name
 from flashio.format.reader import Artifact
-from flashio.format.writer import move_into_place, sha256_file
+from flashio.format.writer import move_into_place
+from flashio.hashing import sha256_file
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -46,13 +47,13 @@ def finalize_artifact(src: str | Path, out_dir: str | Path, *, lineage: dict[str
         for name in m.files:
             _link_or_copy(art.file(name), tmp / name)
         for rel, path in (report_files or {}).items():
-            check_relative_name(rel, "report file")
+            check_relative_name(rel, "report file", where="finalize_artifact")
             if rel == MANIFEST or (rel in m.files and not rel.startswith("report/")):
                 raise FlashError(f"report file {rel!r} would replace a weight or manifest file")
             (tmp / rel).unlink(missing_ok=True)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / rel)
-            files[rel] = FileEntry((tmp / rel).stat().st_size, sha256_file(tmp / rel))
+            files[rel] = FileEntry(rel, (tmp / rel).stat().st_size, sha256_file(tmp / rel))
         new = dataclasses.replace(m, lineage={**m.lineage, **(lineage or {})},
                                   report=report if report is not None else m.report,
                                   files=dict(sorted(files.items())))

@@ -1,7 +1,16 @@
-"""The artifact manifest (format version 1): its dataclasses and its validating parser.
+"""The artifact manifest (format version 1): its dataclasses and its one validating parser.
 
 `manifest.json` is the only place where the artifact's contracts live: file names, dtypes, the
 per-layer FFN layout (offsets into ffn.safetensors), predictor settings, checksums and lineage.
+Everything that reads one goes through this module:
+
+    m = parse_manifest(raw)                       # the whole manifest, for the runtime
+    table = parse_manifest_files(raw)             # format_version, file table and lineage only:
+                                                  # what tools that move artifacts (the registry) need
+    check_files_on_disk(directory, table.files)   # each listed file inside, present, of its size
+
+One rule for file names (check_relative_name): a relative POSIX path without empty, '.' or '..'
+segments, backslashes, colons or NUL, so that it means the same file on every system.
 """
 
 from __future__ import annotations
@@ -9,9 +18,13 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from flashio.dtypes import ITEMSIZE
 from flashio.errors import FormatError
 
 FORMAT_VERSION = 1
@@ -20,15 +33,28 @@ RESIDENT = "resident.safetensors"
 FFN = "ffn.safetensors"
 PREDICTORS = "predictors.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20  # a 7B model's manifest is a few KiB; refuse absurd ones early
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
-SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+class UnsafeNameError(FormatError):
+    """A file name in a manifest could leave the artifact directory or collide with another file."""
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    bytes: int
+    """One file of the artifact: its relative POSIX path, size and sha256 (hex)."""
+
+    path: str
+    size_bytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class ManifestFiles:
+    """What every reader of an artifact relies on: its files and lineage (format_version checked)."""
+
+    files: dict[str, FileEntry]  # path -> entry, sorted by path; manifest.json itself not included
+    lineage: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -69,38 +95,137 @@ class Manifest:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype]
+        return ITEMSIZE[self.dtype]
 
     @property
     def n_layers(self) -> int:
         return len(self.ffn_layers)
 
-    def segment(self, part: str) -> slice:
-        for name, start, end in self.bundle_layout:
-            if name == part:
-                return slice(start, end)
-        raise KeyError(part)
-
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["bundle_layout"] = [list(s) for s in self.bundle_layout]
+        d["files"] = {name: {"bytes": e.size_bytes, "sha256": e.sha256} for name, e in self.files.items()}
         return {"format_version": d.pop("format_version"), **d}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n"
 
 
-def check_relative_name(name: Any, what: str) -> str:
-    """A file name inside the artifact: relative, POSIX, no '..', no empty parts."""
+def check_relative_name(name: Any, what: str, *, where: str = MANIFEST) -> str:
+    """`name` if it is a file name inside the artifact (see the module docstring), else UnsafeNameError."""
     if not isinstance(name, str) or not name:
-        raise FormatError(f"manifest.json: {what} must be a non-empty file name, got {name!r}")
-    norm = posixpath.normpath(name)
-    if (name.startswith(("/", "\\")) or "\\" in name or ":" in name or norm.startswith("..")
-            or ".." in name.split("/") or norm != name or "\x00" in name):
-        raise FormatError(
-            f"manifest.json: {what} {name!r} leaves the artifact directory or is not a plain "
-            "relative path; expected a name like 'ffn.safetensors' or 'report/summary.json'")
+        raise UnsafeNameError(f"{where}: {what} must be a non-empty file name, got {name!r}")
+    if ("\x00" in name or "\\" in name or ":" in name or name.startswith("/")
+            or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise UnsafeNameError(
+            f"{where}: {what} {name!r} would leave the artifact directory or is not a plain relative "
+            "POSIX path (absolute, an empty, '.' or '..' segment, a backslash, a colon or NUL); expected "
+            "a name like 'ffn.safetensors' or 'report/summary.json'")
     return name
+
+
+def parse_file_entry(path: str, entry: Any, *, where: str = MANIFEST) -> FileEntry:
+    """One `{"bytes": n, "sha256": hex}` object of a file table (the caller checks `path`)."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: files[{path!r}] = {entry!r} must be an object with 'bytes' and 'sha256'")
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FormatError(f"{where}: files[{path!r}].bytes = {size!r}, expected a non-negative integer")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise FormatError(f"{where}: files[{path!r}].sha256 = {digest!r}, expected 64 lowercase hex digits")
+    return FileEntry(path, size, digest)
+
+
+def parse_file_table(table: Any, *, where: str = MANIFEST) -> dict[str, FileEntry]:
+    """A `files` object (path -> {bytes, sha256}) as path -> FileEntry, sorted by path.
+
+    Every path follows check_relative_name; the table may not list manifest.json itself, nor a file
+    that is also the directory of another ('report' and 'report/x.json'): UnsafeNameError.
+    """
+    if not isinstance(table, dict) or not table:
+        raise FormatError(f"{where}: files = {str(table)[:80]!r} must be a non-empty object of "
+                          "path -> {bytes, sha256}")
+    files: dict[str, FileEntry] = {}
+    for path in sorted(table):
+        check_relative_name(path, "file name", where=where)
+        if path == MANIFEST:
+            raise UnsafeNameError(f"{where}: the file table lists {MANIFEST!r} itself; the manifest cannot "
+                                  "record its own size and sha256: remove that entry")
+        files[path] = parse_file_entry(path, table[path], where=where)
+    for path in files:
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in files:
+                raise UnsafeNameError(f"{where}: {parent!r} is both a file and the directory of {path!r}")
+            parent = posixpath.dirname(parent)
+    return files
+
+
+def _load_document(text: bytes | str, where: str) -> dict[str, Any]:
+    """manifest.json's JSON object, once its size and format_version are acceptable."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where} is {len(text)} bytes, more than the {MAX_MANIFEST_BYTES} allowed: "
+                          "not an artifact manifest")
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{where} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    version = d.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise FormatError(f"{where}: format_version {version!r} is not supported (this flashio reads version "
+                          f"{FORMAT_VERSION}); rebuild the artifact with this flashio, or use a matching release")
+    return d
+
+
+def _lineage(d: dict[str, Any], where: str) -> dict[str, Any]:
+    lineage = d.get("lineage")
+    if lineage is None:
+        return {}
+    if not isinstance(lineage, dict):
+        raise FormatError(f"{where}: lineage must be an object, got {type(lineage).__name__}")
+    return lineage
+
+
+def parse_manifest_files(text: bytes | str, *, where: str = MANIFEST) -> ManifestFiles:
+    """The format version, file table and lineage of manifest.json, validated; the rest is not read.
+
+    For tools that store or move artifacts without running them (the registry): what they need
+    is checked by exactly the code that parse_manifest runs first.
+    """
+    d = _load_document(text, where)
+    return ManifestFiles(parse_file_table(d.get("files"), where=where), _lineage(d, where))
+
+
+def read_manifest_bytes(directory: str | Path) -> bytes:
+    """The bytes of `directory`/manifest.json; FormatError when it is missing or absurdly large."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FormatError(f"{directory} is not a flashio artifact: {MANIFEST} is missing (an incomplete copy, "
+                          "or not the artifact's directory)")
+    if (size := path.stat().st_size) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{path} is {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed: "
+                          "not an artifact manifest")
+    return path.read_bytes()
+
+
+def check_files_on_disk(directory: str | Path, files: Mapping[str, FileEntry]) -> None:
+    """Each listed file resolves inside `directory` (UnsafeNameError otherwise: a link that leaves
+    it), is a regular file and has its recorded size. Contents are not hashed (see Artifact.verify)."""
+    directory = Path(directory)
+    root = directory.resolve()
+    for path, entry in files.items():
+        file = directory / path
+        if not (resolved := file.resolve()).is_relative_to(root):
+            raise UnsafeNameError(f"{directory / MANIFEST}: file {path!r} is a link that resolves outside the "
+                                  f"artifact directory ({resolved}); replace it with the file itself")
+        if not file.is_file():
+            raise FormatError(f"{directory / MANIFEST} lists {path!r}, but {file} is not a file (missing); "
+                              "copy the whole artifact again or rebuild it")
+        if (size := file.stat().st_size) != entry.size_bytes:
+            raise FormatError(f"{file} has {size} bytes on disk, but {MANIFEST} records {entry.size_bytes} "
+                              "(a truncated or replaced file); copy the artifact again or rebuild it")
 
 
 def _get(d: dict, key: str, typ: type | tuple, where: str) -> Any:
@@ -130,21 +255,11 @@ def _finite(d: dict, key: str, where: str) -> float:
 
 def parse_manifest(text: bytes | str) -> Manifest:
     """Parse and validate manifest.json; every problem raises FormatError naming the field."""
-    if len(text) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"manifest.json is {len(text)} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
-    try:
-        d = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise FormatError(f"manifest.json is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(d, dict):
-        raise FormatError(f"manifest.json: expected a JSON object, got {type(d).__name__}")
-    version = d.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"manifest.json: format_version {version!r} is not supported "
-                          f"(this flashio reads version {FORMAT_VERSION}); use a matching flashio release")
+    d = _load_document(text, MANIFEST)
+    files = parse_file_table(d.get("files"))
     dtype = _get(d, "dtype", str, "manifest")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"manifest.json: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"manifest.json: dtype {dtype!r} is not one of {sorted(ITEMSIZE)}")
     layout_raw = _get(d, "bundle_layout", list, "manifest")
     layout = []
     for seg in layout_raw:
@@ -153,15 +268,6 @@ def parse_manifest(text: bytes | str) -> Manifest:
                 or seg[1] >= seg[2]):
             raise FormatError(f"manifest.json: bad bundle_layout segment {seg!r} (expected [part, start, end])")
         layout.append((seg[0], seg[1], seg[2]))
-    files = {}
-    for name, entry in _get(d, "files", dict, "manifest").items():
-        check_relative_name(name, "files key")
-        if not isinstance(entry, dict):
-            raise FormatError(f"manifest.json: files[{name!r}] must be an object")
-        sha = _get(entry, "sha256", str, f"files[{name!r}]")
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise FormatError(f"manifest.json: files[{name!r}].sha256 {sha!r} is not a hex sha256")
-        files[name] = FileEntry(_nonneg_int(entry, "bytes", f"files[{name!r}]"), sha)
     layers = []
     for i, L in enumerate(_get(d, "ffn_layers", list, "manifest")):
         w = f"ffn_layers[{i}]"
@@ -172,9 +278,9 @@ def parse_manifest(text: bytes | str) -> Manifest:
             bundle_width=_nonneg_int(L, "bundle_width", w), offset_bytes=_nonneg_int(L, "offset_bytes", w),
             length_bytes=_nonneg_int(L, "length_bytes", w), order_tensor=_get(L, "order_tensor", str, w),
             active_threshold=_finite(L, "active_threshold", w))
-        if layer.n_neurons == 0 or layer.length_bytes != layer.n_neurons * layer.bundle_width * DTYPES[dtype]:
+        if layer.n_neurons == 0 or layer.length_bytes != layer.n_neurons * layer.bundle_width * ITEMSIZE[dtype]:
             raise FormatError(f"manifest.json: {w}.length_bytes = {layer.length_bytes} but n_neurons x "
-                              f"bundle_width x itemsize = {layer.n_neurons * layer.bundle_width * DTYPES[dtype]}")
+                              f"bundle_width x itemsize = {layer.n_neurons * layer.bundle_width * ITEMSIZE[dtype]}")
         if layout and layout[-1][2] != layer.bundle_width:
             raise FormatError(f"manifest.json: {w}.bundle_width = {layer.bundle_width} but bundle_layout "
                               f"ends at {layout[-1][2]}")
@@ -207,7 +313,7 @@ def parse_manifest(text: bytes | str) -> Manifest:
         activation=_get(d, "activation", str, "manifest"), gated=_get(d, "gated", bool, "manifest"),
         bundle_layout=tuple(layout), ffn_layers=tuple(layers), files=files,
         predictor_layers=tuple(preds) if preds is not None else None, tokenizer=tok,
-        lineage=d.get("lineage") or {}, report=d.get("report"),
+        lineage=_lineage(d, MANIFEST), report=d.get("report"),
         ffn_file=check_relative_name(d.get("ffn_file", FFN), "ffn_file"),
         resident_file=check_relative_name(d.get("resident_file", RESIDENT), "resident_file"),
         predictors_file=check_relative_name(pred_file, "predictors_file") if pred_file else None,

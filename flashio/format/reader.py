@@ -20,11 +20,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from flashio.dtypes import SAFETENSORS_CODES
 from flashio.errors import ChecksumError, FormatError
 from flashio.format.ffnfile import read_safetensors_header
-from flashio.format.manifest import MANIFEST, SAFETENSORS_DTYPES, Manifest, parse_manifest
+from flashio.format.manifest import (
+    MANIFEST,
+    Manifest,
+    check_files_on_disk,
+    parse_manifest,
+    read_manifest_bytes,
+)
 from flashio.format.resident import read_resident
-from flashio.format.writer import sha256_file
+from flashio.hashing import sha256_file
 from flashio.models import get_architecture
 from flashio.predictor import PredictorWeights
 
@@ -54,27 +61,15 @@ class Artifact:
     def __init__(self, path: str | Path, *, verify: bool = False):
         self.path = Path(path)
         mpath = self.path / MANIFEST
-        if not mpath.is_file():
-            raise FormatError(f"{self.path}: no {MANIFEST}; not a flashio artifact (or an incomplete one)")
-        self.manifest: Manifest = parse_manifest(mpath.read_bytes())
+        self.manifest: Manifest = parse_manifest(read_manifest_bytes(self.path))
         m = self.manifest
         self.arch = get_architecture(m.architecture)
         self.args = model_args(self.arch, m.model_config, str(mpath))
         if m.n_layers != self.args.n_layers:
             raise FormatError(f"{mpath}: {m.n_layers} FFN layers but the model config has {self.args.n_layers}")
-        if m.gated != self.arch.GATED:
-            raise FormatError(f"{mpath}: gated={m.gated} but {m.architecture} FFNs are gated={self.arch.GATED}")
-        root = self.path.resolve()
-        for name, entry in m.files.items():
-            p = (self.path / name).resolve()
-            if not p.is_relative_to(root):
-                raise FormatError(f"{mpath}: file {name!r} resolves outside the artifact ({p})")
-            if not p.is_file():
-                raise FormatError(f"{self.path}: file {name!r} listed in the manifest is missing")
-            size = p.stat().st_size
-            if size != entry.bytes:
-                raise FormatError(f"{self.path / name}: {size} bytes on disk, the manifest says "
-                                  f"{entry.bytes} (truncated or replaced file)")
+        if m.gated != self.arch.FFN.gated:
+            raise FormatError(f"{mpath}: gated={m.gated} but {m.architecture} FFNs are gated={self.arch.FFN.gated}")
+        check_files_on_disk(self.path, m.files)
         self._check_ffn_header()
         if verify:
             self.verify()
@@ -86,8 +81,8 @@ class Artifact:
         m = self.manifest
         path = self.file(m.ffn_file)
         with open(path, "rb") as f:
-            infos = read_safetensors_header(f, m.files[m.ffn_file].bytes, str(path))
-        want_dtype = SAFETENSORS_DTYPES[m.dtype]
+            infos = read_safetensors_header(f, m.files[m.ffn_file].size_bytes, str(path))
+        want_dtype = SAFETENSORS_CODES[m.dtype]
         for i, L in enumerate(m.ffn_layers):
             info = infos.get(L.tensor)
             if info is None:
@@ -105,7 +100,7 @@ class Artifact:
         for name in names if names is not None else files:
             got = sha256_file(self.file(name))
             if progress:
-                progress(name, files[name].bytes)
+                progress(name, files[name].size_bytes)
             if got != files[name].sha256:
                 raise ChecksumError(f"{self.file(name)}: sha256 is {got}, the manifest says "
                                     f"{files[name].sha256}; the file is corrupt or was modified")
@@ -154,7 +149,7 @@ class Artifact:
             "layers": m.n_layers, "dim": self.args.dim, "ffn_neurons": m.ffn_layers[0].n_neurons,
             "bundle_bytes": m.ffn_layers[0].bundle_width * m.itemsize,
             "ffn_bytes": sum(L.length_bytes for L in m.ffn_layers),
-            "resident_bytes": m.files[m.resident_file].bytes,
+            "resident_bytes": m.files[m.resident_file].size_bytes,
             "predictors": None if m.predictor_layers is None else [p.rank for p in m.predictor_layers],
             "tokenizer": m.tokenizer is not None,
             "files": len(m.files),

@@ -11,6 +11,7 @@ disk never leaves a directory that looks complete.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from flashio.checkpoint import HFCheckpoint
+from flashio.dtypes import SAFETENSORS_CODES, TORCH_DTYPES
 from flashio.errors import FlashError, FormatError
 from flashio.format.ffnfile import layout_ffn_file
 from flashio.format.manifest import (
@@ -33,19 +35,19 @@ from flashio.format.manifest import (
     MANIFEST,
     PREDICTORS,
     RESIDENT,
-    SAFETENSORS_DTYPES,
     FFNLayer,
     FileEntry,
     Manifest,
     PredictorLayer,
+    check_relative_name,
 )
+from flashio.hashing import sha256_file
 from flashio.models import get_architecture
 from flashio.models.base import FFNWeights
 from flashio.predictor import PredictorWeights
+from flashio.version import __version__
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -59,14 +61,6 @@ class ModelSource:
     ffn: Callable[[int], FFNWeights]
     tokenizer_files: list[Path] = field(default_factory=list)
     lineage: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def source_from_checkpoint(path: str | Path, *, hash_files: bool = True) -> ModelSource:
@@ -89,8 +83,6 @@ def _tokenizer_entry(source: ModelSource) -> dict[str, Any] | None:
         return None
     tcfg: dict[str, Any] = {}
     if "tokenizer_config.json" in names:
-        import json
-
         tcfg = json.loads(names["tokenizer_config.json"].read_text())
     c = source.config
     return {"file": "tokenizer.json", "bos_token_id": c.get("bos_token_id"),
@@ -146,10 +138,16 @@ def write_artifact(
         raise FlashError(f"dtype {dtype!r} is not supported; choose one of {sorted(TORCH_DTYPES)}")
     tdtype = TORCH_DTYPES[dtype]
     n_layers, d, n = source.n_layers, args.dim, args.ffn_dim
+    for rel in report_files or {}:  # names the reader would refuse are refused before anything is written
+        check_relative_name(rel, "report file", where="write_artifact")
+        if rel in (MANIFEST, FFN, RESIDENT, PREDICTORS):
+            raise FlashError(f"report file {rel!r} would replace a weight or manifest file; put reports under 'report/'")
+    for p in source.tokenizer_files:
+        check_relative_name(p.name, "tokenizer file", where="write_artifact")
     for name, seq in (("orders", orders), ("predictors", predictors), ("active_thresholds", active_thresholds)):
         if seq is not None and len(seq) != n_layers:
             raise FlashError(f"{name} has {len(seq)} entries for a model of {n_layers} layers")
-    parts = ["up", "gate", "down"] if arch.GATED else ["up", "down"]
+    parts = list(arch.FFN.parts)
     layout = tuple((p, k * d, (k + 1) * d) for k, p in enumerate(parts))
     width = len(parts) * d
 
@@ -158,7 +156,7 @@ def write_artifact(
     tmp.mkdir()
     try:
         header, placed, total = layout_ffn_file(
-            [(f"layers.{i}.bundles", SAFETENSORS_DTYPES[dtype], (n, width)) for i in range(n_layers)],
+            [(f"layers.{i}.bundles", SAFETENSORS_CODES[dtype], (n, width)) for i in range(n_layers)],
             {"format": "pt", "flashio": "ffn-bundles-v1"})
         resident = {k: v.to(tdtype).contiguous() for k, v in source.resident.items()}
         ffn_layers, preds_out = [], {}
@@ -205,7 +203,7 @@ def write_artifact(
             assert f.tell() == total, (f.tell(), total)
             f.flush()
             os.fsync(f.fileno())
-        files = {FFN: FileEntry(total, h.hexdigest())}
+        files = {FFN: FileEntry(FFN, total, h.hexdigest())}
         save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
         if predictors is not None:
             save_file(preds_out, str(tmp / PREDICTORS), metadata={"format": "pt"})
@@ -218,14 +216,12 @@ def write_artifact(
         for p in sorted(tmp.rglob("*")):
             rel = p.relative_to(tmp).as_posix()
             if p.is_file() and rel not in files:
-                files[rel] = FileEntry(p.stat().st_size, sha256_file(p))
-        from flashio import __version__
-
+                files[rel] = FileEntry(rel, p.stat().st_size, sha256_file(p))
         full_lineage = {**source.lineage, **(lineage or {}), "flashio_version": __version__,
                         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         manifest = Manifest(
             architecture=source.model_type, model_config=source.config, dtype=dtype,
-            activation=arch.ACTIVATION, gated=arch.GATED, bundle_layout=layout,
+            activation=arch.FFN.activation, gated=arch.FFN.gated, bundle_layout=layout,
             ffn_layers=tuple(ffn_layers), files=dict(sorted(files.items())),
             predictor_layers=tuple(PredictorLayer(p.rank, p.threshold) for p in predictors)
             if predictors is not None else None,

@@ -11,7 +11,7 @@ An explicit version already in the cache opens without contacting the registry; 
 registry is unreachable opens the version it last resolved to, with a warning (offline.py).
 
 Layout, references, transfers and the guarantees are described in the modules: layout.py,
-refs.py, publish.py, commit.py, pull.py, download.py, offline.py, gc.py. boto3 is needed only for s3:// URIs.
+refs.py, publish.py, commit.py, pull.py, download.py, resolver.py, offline.py, gc.py. boto3 is needed only for s3:// URIs.
 """
 
 from flashio.registry.cache import default_cache_dir
@@ -29,9 +29,9 @@ from flashio.registry.errors import (
 from flashio.registry.gc import GcReport
 from flashio.registry.progress import NullProgress, Progress, TerminalProgress
 from flashio.registry.publish import PublishResult
-from flashio.registry.pull import resolve_to_local
 from flashio.registry.refs import Ref, parse_ref
 from flashio.registry.registry import Registry, ResolvedVersion, open_registry
+from flashio.registry.resolver import resolve_to_local
 
 __all__ = [
     "BadArtifactError",

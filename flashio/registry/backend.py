@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from flashio.registry.hashing import VerifyingReader
+
 # Registry JSON documents (version manifests, aliases, claims) are small; anything larger than
 # this under such a key is not one of ours.
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
@@ -95,8 +97,6 @@ class Backend(ABC):
         Returns how many bytes were not sent because an interrupted earlier upload of the same
         key already holds them (0 here; S3Backend resumes multipart uploads part by part).
         """
-        from flashio.registry.hashing import VerifyingReader
-
         with VerifyingReader(path, sha256=sha256, size_bytes=size_bytes, label=label) as src:
             self.upload(key, src, size_bytes, progress)
         return 0

@@ -22,9 +22,9 @@ from typing import Any
 from flashio.registry.config import MiB, RegistryConfig
 from flashio.registry.errors import RefError
 from flashio.registry.progress import NullProgress, Progress, TerminalProgress
-from flashio.registry.pull import REGISTRY_ENV
 from flashio.registry.refs import parse_ref
 from flashio.registry.registry import Registry, open_registry
+from flashio.registry.resolver import REGISTRY_ENV
 
 
 def add_commands(subparsers: Any) -> None:

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from flashio.format.manifest import FileEntry
+from flashio.hashing import READ_BYTES
 from flashio.registry import layout
 from flashio.registry.backend import Backend
 from flashio.registry.cache import Cache
 from flashio.registry.config import RegistryConfig
 from flashio.registry.errors import IntegrityError, NotFoundError, TransferError, UnreachableError
-from flashio.registry.hashing import READ_BYTES
-from flashio.registry.manifest import FileEntry
 from flashio.registry.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
-"""Streaming sha256: verify a file while it is being uploaded, or hash one file in 1 MiB reads.
+"""Streaming sha256: verify a file while it is being uploaded (hashing a whole file at rest is
+flashio.hashing.sha256_file).
 
     with VerifyingReader(path, sha256=expected, size_bytes=n, label="ffn.safetensors") as src:
         backend.upload(key, src, n)   # src.read() raises IntegrityError on the last byte if wrong
-    digest = sha256_file(path)
 """
 
 from __future__ import annotations
@@ -12,19 +12,6 @@ from pathlib import Path
 from types import TracebackType
 
 from flashio.registry.errors import IntegrityError
-
-READ_BYTES = 1024 * 1024
-
-
-def sha256_file(path: Path, *, read_bytes: int = READ_BYTES) -> str:
-    """Return the hex sha256 of a file, reading it `read_bytes` at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(read_bytes)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 class VerifyingReader:

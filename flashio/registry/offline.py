@@ -19,7 +19,7 @@ version manifest records, and every file that manifest lists, with its recorded 
 it entered the cache and is read-only there; the runtime checks the sha256 of resident and
 predictor files when it loads them, and of everything with `verify=True`.
 
-The rules `resolve_to_local` applies (pull.py) are in :func:`offline_setting`'s docstring.
+The rules `resolve_to_local` applies (resolver.py) are in :func:`offline_setting`'s docstring.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from flashio.errors import RegistryError
 from flashio.registry.cache import Cache
 from flashio.registry.errors import BadArtifactError, RefError
-from flashio.registry.manifest import read_artifact_manifest
+from flashio.registry.manifest import TIME_FORMAT, read_artifact_manifest, utc_now
 from flashio.registry.refs import check_token
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 OFFLINE_ENV = "FLASHIO_OFFLINE"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TRUE = ("1", "true", "yes", "on")
 _AUTO = ("", "0", "false", "no", "off", "auto")
 
@@ -77,14 +76,10 @@ def offline_setting(offline: bool | None) -> bool | None:
     )
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).strftime(_TIME_FORMAT)
-
-
 def describe_age(stamp: str) -> str:
     """`stamp` with how long ago it was, for messages: '2024-06-01T10:00:00.000000Z (3h 5m ago)'."""
     try:
-        then = datetime.strptime(stamp, _TIME_FORMAT).replace(tzinfo=UTC)
+        then = datetime.strptime(stamp, TIME_FORMAT).replace(tzinfo=UTC)
     except (TypeError, ValueError):
         return repr(stamp)
     seconds = max(0, int((datetime.now(UTC) - then).total_seconds()))

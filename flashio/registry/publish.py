@@ -20,19 +20,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import flashio
+from flashio.format.manifest import FileEntry
 from flashio.registry import layout
 from flashio.registry.backend import Backend
 from flashio.registry.commit import create_once
 from flashio.registry.errors import RefError, TransferError, VersionExistsError
 from flashio.registry.manifest import (
     ArtifactManifest,
-    FileEntry,
     VersionManifest,
     read_artifact_manifest,
+    utc_now,
 )
 from flashio.registry.progress import NullProgress, Progress
 from flashio.registry.refs import LATEST, check_token
+from flashio.version import __version__
 
 if TYPE_CHECKING:
     from flashio.registry.registry import Registry
@@ -69,8 +70,6 @@ def publish_artifact(registry: Registry, artifact_dir: Path, *, name: str, versi
                      aliases: tuple[str, ...], lineage: Mapping[str, Any] | None,
                      progress: Progress | None) -> PublishResult:
     """Upload `artifact_dir` as name@version (see the module docstring for the order of writes)."""
-    from flashio.registry.registry import utc_now
-
     check_token(name, "model name")
     version = check_token(version or default_version(), "version")
     if version == LATEST:
@@ -111,7 +110,7 @@ def publish_artifact(registry: Registry, artifact_dir: Path, *, name: str, versi
         reused, reused_bytes = reused + 1, reused_bytes + len(art.raw)
 
     vm = VersionManifest.from_artifact(art, name=name, version=version, created_at=utc_now(),
-                                       flashio_version=flashio.__version__, extra_lineage=lineage)
+                                       flashio_version=__version__, extra_lineage=lineage)
     created, found = create_once(backend, layout.version_key(name, version), vm.to_json(),
                                  claims_prefix=layout.claims_prefix(name, version), config=registry.config)
     if not created:

@@ -1,18 +1,17 @@
-"""Pulling a version into the local cache, and `resolve_to_local` behind `flashio.open(ref)`.
+"""Pulling a resolved version into the local cache (`Registry.pull`; `resolve_to_local` in
+resolver.py decides when a pull is needed at all).
 
-    path = resolve_to_local("s3://bucket/models/opt-125m@latest")
-    path = resolve_to_local("opt-125m@prod", registry="/srv/registry", cache_dir="/tmp/c")
+    path = pull_version(registry, registry.resolve("opt-125m@prod"), cache_dir=None, progress=None)
 
-A pull resolves the reference (one or two small GETs), and if the cache already holds that
-version returns its directory without transferring anything. Otherwise, under a per-version file
+If the cache already holds that version, its directory is returned without transferring
+anything. Otherwise, under a per-version file
 lock (two processes pulling the same version: one downloads, the other waits and reuses), it
 fetches the missing blobs (download.py), checks the artifact manifest against the version
 manifest, links the files into a staging directory and renames it into place.
 
 Every pull records in the cache which version it got and what alias named it (offline.py), so
 that `resolve_to_local` opens an explicit version already in the cache without any request, and,
-when the registry is unreachable, falls back to the version an alias named when last resolved
-(see its `offline` argument and $FLASHIO_OFFLINE).
+when the registry is unreachable, falls back to the version an alias named when last resolved.
 """
 
 from __future__ import annotations
@@ -26,40 +25,19 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flashio.format.manifest import MANIFEST, check_relative_name
 from flashio.registry.cache import Cache, default_cache_dir
-from flashio.registry.config import RegistryConfig
 from flashio.registry.download import fetch_blob
-from flashio.registry.errors import (
-    IntegrityError,
-    NotFoundError,
-    RefError,
-    TransferError,
-    UnreachableError,
-    UnsafePathError,
-)
-from flashio.registry.manifest import (
-    ARTIFACT_MANIFEST,
-    VersionManifest,
-    check_relative_path,
-    parse_artifact_manifest,
-)
-from flashio.registry.offline import (
-    OFFLINE_ENV,
-    describe_age,
-    find_cached,
-    find_version,
-    offline_setting,
-    record_pull,
-)
+from flashio.registry.errors import IntegrityError, TransferError, UnsafePathError
+from flashio.registry.manifest import VersionManifest, parse_artifact_manifest, registry_errors
+from flashio.registry.offline import record_pull
 from flashio.registry.progress import NullProgress, Progress
-from flashio.registry.refs import LATEST, Ref, parse_ref, split_ref_uri
+from flashio.registry.refs import LATEST, Ref
 
 if TYPE_CHECKING:
     from flashio.registry.registry import Registry, ResolvedVersion
 
 log = logging.getLogger(__name__)
-
-REGISTRY_ENV = "FLASHIO_REGISTRY"
 
 
 def open_cache(cache_dir: str | Path | None) -> Cache:
@@ -84,12 +62,12 @@ def pull_version(registry: Registry, rv: ResolvedVersion, *, cache_dir: str | Pa
 def _pull_into(cache: Cache, registry: Registry, rv: ResolvedVersion, progress: Progress) -> Path:
     vm = rv.manifest
     vdir = cache.version_dir(vm.name, vm.version, rv.sha256)
-    if (vdir / ARTIFACT_MANIFEST).is_file():
+    if (vdir / MANIFEST).is_file():
         log.debug("%s@%s is in the cache: %s", vm.name, vm.version, vdir)
         return vdir
     config = registry.config
     with cache.lock(f"version-{rv.sha256}", timeout_s=config.lock_timeout_s):
-        if (vdir / ARTIFACT_MANIFEST).is_file():
+        if (vdir / MANIFEST).is_file():
             return vdir
         blobs = {}
         for entry in vm.all_files:
@@ -129,8 +107,8 @@ def _remove_abandoned_staging(models_dir: Path, *, age_s: float = 3600.0) -> Non
 
 def _inside(root: Path, rel: str) -> Path:
     """root/rel, refusing any name that would land outside root."""
-    if rel != ARTIFACT_MANIFEST:
-        check_relative_path(rel, where="version manifest")
+    with registry_errors():
+        check_relative_name(rel, "file name", where="version manifest")
     dest = root.joinpath(*rel.split("/"))
     if not dest.resolve().is_relative_to(root.resolve()):
         raise UnsafePathError(f"version manifest: file name {rel!r} leaves the version directory")
@@ -153,77 +131,3 @@ def _check_artifact_manifest(path: Path, vm: VersionManifest, registry: Registry
             f"version manifest list different files; the registry is damaged: publish the artifact again "
             f"under a new version"
         )
-
-
-def resolve_to_local(ref_or_uri: str, *, registry: str | None = None, cache_dir: str | Path | None = None,
-                     endpoint_url: str | None = None, config: RegistryConfig | None = None,
-                     progress: Progress | None = None, offline: bool | None = None) -> Path:
-    """Pull `ref_or_uri` (or reuse the cache) and return the local artifact directory.
-
-    `ref_or_uri` is `<registry>/<name>[@tag]` (e.g. `s3://bucket/prefix/opt@latest`,
-    `file:///srv/reg/opt@1`) or, with `registry=` (or $FLASHIO_REGISTRY), a plain `name[@tag]`.
-
-    `offline` (None: from $FLASHIO_OFFLINE, unset means automatic):
-      None  an explicit version already complete in the cache opens without contacting the
-            registry; an alias (or `latest`) is resolved by the registry, and if the registry is
-            unreachable (UnreachableError: connection refused, DNS, timeouts) the version the
-            alias named when last resolved opens from the cache, with a warning naming it and
-            when it was resolved. Authorization errors and missing aliases are never masked.
-      True  never contact the registry: only what the cache holds (NotFoundError otherwise).
-      False always contact the registry; never fall back.
-    """
-    from flashio.registry.registry import open_registry
-
-    if registry is None and "/" in ref_or_uri:
-        registry, ref = split_ref_uri(ref_or_uri)
-    else:
-        ref = ref_or_uri
-        registry = registry or os.environ.get(REGISTRY_ENV)
-        if not registry:
-            raise RefError(
-                f"{ref_or_uri!r} names no registry: pass registry='s3://bucket/prefix' (or a directory), "
-                f"set ${REGISTRY_ENV}, or write the full URI 's3://bucket/prefix/{ref_or_uri}'"
-            )
-    parsed = parse_ref(ref)
-    mode = offline_setting(offline)
-    tag = parsed.tag or LATEST
-    cache = open_cache(cache_dir)
-    with open_registry(registry, endpoint_url=endpoint_url, config=config) as reg:
-        where = reg.backend.description
-        if mode is not False and tag != LATEST:
-            copy = find_version(cache, where, parsed.name, tag)
-            if copy.path is not None:  # versions are immutable: no need to ask the registry
-                log.debug("%s@%s is complete in the cache: %s", parsed.name, tag, copy.path)
-                return copy.path
-        if mode is True:
-            copy = find_cached(cache, where, parsed.name, tag, as_version=tag != LATEST)
-            if copy.path is None:
-                raise NotFoundError(
-                    f"offline (offline=True or ${OFFLINE_ENV}=1), so {where} was not contacted, and "
-                    f"{parsed.name}@{tag} is not usable from the local cache: {copy.problem}; open it once "
-                    f"with the registry reachable (without ${OFFLINE_ENV}=1)"
-                )
-            if copy.resolved_at is not None:
-                log.info("offline: %s@%s -> version %s as resolved at %s, from %s", parsed.name, tag,
-                         copy.version, describe_age(copy.resolved_at), copy.path)
-            return copy.path
-        try:
-            rv = reg.resolve(parsed)
-        except UnreachableError as exc:
-            if mode is False:
-                raise
-            copy = find_cached(cache, where, parsed.name, tag, as_version=tag != LATEST)
-            if copy.path is None:
-                raise UnreachableError(
-                    f"{exc}. Nothing to fall back to: {parsed.name}@{tag} is not usable from the local "
-                    f"cache ({copy.problem})"
-                ) from None
-            if copy.resolved_at is None:  # a version that became complete meanwhile
-                return copy.path
-            log.warning(
-                "registry %s is unreachable (%s); opening %s@%s as version %s, which it named when last "
-                "resolved at %s, from the local cache %s; the alias may have moved since",
-                where, type(exc).__name__, parsed.name, tag, copy.version, describe_age(copy.resolved_at),
-                copy.path)
-            return copy.path
-        return pull_version(reg, rv, cache_dir=cache.root, progress=progress, ref=parsed)

@@ -19,22 +19,22 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flashio.registry import layout
 from flashio.registry.backend import Backend
 from flashio.registry.config import RegistryConfig
 from flashio.registry.errors import BadArtifactError, NotFoundError, RefError
-from flashio.registry.manifest import VersionManifest
+from flashio.registry.gc import GcReport, collect_garbage
+from flashio.registry.local import LocalBackend
+from flashio.registry.manifest import VersionManifest, utc_now
 from flashio.registry.progress import Progress
+from flashio.registry.publish import PublishResult, publish_artifact
+from flashio.registry.pull import pull_version
 from flashio.registry.refs import LATEST, Ref, check_token, parse_location, parse_ref
-
-if TYPE_CHECKING:
-    from flashio.registry.gc import GcReport
-    from flashio.registry.publish import PublishResult
+from flashio.registry.s3 import S3Backend
 
 log = logging.getLogger(__name__)
 
@@ -176,27 +176,17 @@ class Registry:
                 aliases: Iterable[str] = (), lineage: Mapping[str, Any] | None = None,
                 progress: Progress | None = None) -> PublishResult:
         """Upload an artifact directory as name@version; see publish.publish_artifact."""
-        from flashio.registry.publish import publish_artifact
-
         return publish_artifact(self, Path(artifact_dir), name=name, version=version, aliases=tuple(aliases),
                                 lineage=lineage, progress=progress)
 
     def pull(self, ref: str | Ref, *, cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
         """Resolve `ref`, download and verify what the cache lacks, return the local artifact directory."""
-        from flashio.registry.pull import pull_version
-
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         return pull_version(self, self.resolve(ref), cache_dir=cache_dir, progress=progress, ref=ref)
 
     def gc(self, *, grace_s: float = 24 * 3600.0, dry_run: bool = False) -> GcReport:
         """Delete blobs that no version references and that are older than `grace_s`; see gc.py."""
-        from flashio.registry.gc import collect_garbage
-
         return collect_garbage(self, grace_s=grace_s, dry_run=dry_run)
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def open_registry(uri: str, *, endpoint_url: str | None = None, config: RegistryConfig | None = None,
@@ -204,13 +194,9 @@ def open_registry(uri: str, *, endpoint_url: str | None = None, config: Registry
     """Open a registry: a directory, `file:///path` or `s3://bucket/prefix` (boto3 needed for S3)."""
     location = parse_location(uri)
     config = config or RegistryConfig()
-    if location.scheme == "s3":
-        from flashio.registry.s3 import S3Backend
-
+    if location.scheme == "s3":  # boto3 is imported here, by S3Backend, and only here
         backend: Backend = S3Backend(location, config, endpoint_url=endpoint_url, profile=profile)
     else:
-        from flashio.registry.local import LocalBackend
-
         assert location.path is not None
         backend = LocalBackend(location.path)
     return Registry(backend, uri=str(location), config=config)

@@ -35,6 +35,7 @@ from flashio.registry.backend import (
 from flashio.registry.config import RegistryConfig
 from flashio.registry.errors import NotFoundError, TransferError, UnreachableError
 from flashio.registry.refs import Location
+from flashio.registry.s3_multipart import upload_resumable
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +240,6 @@ class S3Backend(Backend):
         interrupted one part by part (see s3_multipart.py)."""
         if size_bytes < self.config.multipart_threshold_bytes:
             return super().upload_file(key, path, size_bytes=size_bytes, sha256=sha256, label=label, progress=progress)
-        from flashio.registry.s3_multipart import upload_resumable
-
         return upload_resumable(self, key, Path(path), size_bytes=size_bytes, sha256=sha256, label=label,
                                 progress=progress)
 

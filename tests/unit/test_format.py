@@ -11,7 +11,7 @@ from safetensors import safe_open
 import flashio
 from flashio.cli import main
 from flashio.errors import ChecksumError, FlashError, FormatError, UnsupportedArchitectureError
-from flashio.format import Artifact, parse_manifest, write_artifact
+from flashio.format import Artifact, UnsafeNameError, parse_manifest, write_artifact
 from tests.conftest import make_opt
 
 
@@ -45,7 +45,7 @@ def test_layout_is_aligned_and_readable_by_safetensors(opt_artifact, tiny_opt):
 def test_truncated_ffn_file(art):
     with open(art / "ffn.safetensors", "r+b") as f:
         f.truncate(10000)
-    with pytest.raises(FormatError, match=r"ffn.safetensors.*10000 bytes on disk.*manifest says"):
+    with pytest.raises(FormatError, match=r"ffn.safetensors has 10000 bytes on disk, but manifest.json records"):
         Artifact(art)
 
 
@@ -80,13 +80,49 @@ def test_unknown_format_version(art, capsys):
     assert "format_version 99" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../x", "..\\x"])
+# the one rule for file names (flashio.format.check_relative_name), also what the registry applies
+UNSAFE_NAMES = ["../x", "/etc/passwd", "a/../../x", "..\\x", "a//b", "./a", "a/", "C:/x", "a:b", "a\x00b"]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
 def test_manifest_naming_a_file_outside(art, name):
     def edit(m):
         m["files"][name] = {"bytes": 1, "sha256": "0" * 64}
     _edit_manifest(art, edit)
-    with pytest.raises(FormatError, match="leaves the artifact directory"):
+    with pytest.raises(UnsafeNameError, match="would leave the artifact directory"):
         Artifact(art)
+
+
+@pytest.mark.parametrize("field", ["ffn_file", "resident_file", "tokenizer"])
+def test_every_file_name_field_follows_the_one_rule(art, field):
+    def edit(m):
+        if field == "tokenizer":
+            m["tokenizer"]["file"] = "C:/tokenizer.json"
+        else:
+            m[field] = "C:/" + m[field]
+    _edit_manifest(art, edit)
+    with pytest.raises(UnsafeNameError, match=r"'C:/.*' would leave the artifact directory"):
+        Artifact(art)
+
+
+def test_manifest_listing_a_file_and_its_directory_or_itself(art):
+    for table in ({"report": {"bytes": 1, "sha256": "0" * 64}, "report/x.json": {"bytes": 1, "sha256": "0" * 64}},
+                  {"manifest.json": {"bytes": 1, "sha256": "0" * 64}}):
+        _edit_manifest(art, lambda m, table=table: m["files"].update(table))
+        with pytest.raises(UnsafeNameError, match=r"both a file and the directory|lists 'manifest\.json' itself"):
+            Artifact(art)
+        _edit_manifest(art, lambda m, table=table: [m["files"].pop(k) for k in table])
+
+
+def test_writer_refuses_names_the_reader_would_refuse(tiny_opt, tmp_path):
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG fake")
+    for name in ("report/a:b.png", "../plot.png"):
+        with pytest.raises(UnsafeNameError, match="would leave the artifact directory"):
+            write_artifact(tiny_opt[1], tmp_path / "out", report_files={name: png})
+    assert list(tmp_path.iterdir()) == [png]  # refused before anything was written
+    art = write_artifact(tiny_opt[1], tmp_path / "out", report_files={"report/plot.png": png})
+    assert Artifact(art, verify=True).manifest.files["report/plot.png"].size_bytes == png.stat().st_size
 
 
 def test_symlink_leaving_the_artifact(art, tmp_path):

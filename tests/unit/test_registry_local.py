@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +25,7 @@ from flashio.registry import (
     TransferError,
     UnreachableError,
     VersionExistsError,
+    commit,
     default_cache_dir,
     open_registry,
     resolve_to_local,
@@ -111,17 +113,34 @@ def test_create_once_threads_exactly_one_wins(tmp_path: Path):
 FAST = RegistryConfig(commit_timeout_s=5.0, claim_ttl_s=0.5)
 
 
-def test_create_once_outwaits_a_crashed_publishers_claim(tmp_path: Path):
-    backend = LocalBackend(tmp_path)
+class CountingBackend(LocalBackend):
+    """A local backend that counts the claim listings create_once makes (one per look at its rivals)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.lists = 0
+
+    def list(self, prefix: str):
+        self.lists += 1
+        return super().list(prefix)
+
+
+def test_create_once_outwaits_a_crashed_publishers_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    backend = CountingBackend(tmp_path)
     backend.put_bytes("claims/crashed", b"{}")
     t0 = time.monotonic()
     created, _ = create_once(backend, "k", b"mine", claims_prefix="claims/", config=FAST)
     assert created and FAST.claim_ttl_s <= time.monotonic() - t0 < FAST.commit_timeout_s
-    old = time.time() - 3600  # a claim from an hour ago is ignored at once
+    assert backend.lists > 1  # it looked again and again until the young claim expired
+    # a claim from an hour ago is ignored at once: one look at the claims, no pause, no retry
+    # (counted, not timed: a wall-clock bound flakes on a busy machine)
+    old = time.time() - 3600
     os.utime(tmp_path / "claims" / "crashed", (old, old))
-    t0 = time.monotonic()
-    assert create_once(backend, "k2", b"mine", claims_prefix="claims/", config=FAST)[0]
-    assert time.monotonic() - t0 < 0.3
+    pauses: list[float] = []
+    monkeypatch.setattr(commit, "time", SimpleNamespace(monotonic=time.monotonic, sleep=pauses.append))
+    backend.lists = 0
+    assert create_once(backend, "k2", b"mine", claims_prefix="claims/", config=FAST) == (True, b"mine")
+    assert backend.lists == 1 and pauses == []
 
 
 def test_create_once_gives_up_while_a_live_claim_persists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -1,4 +1,4 @@
-"""Artifact and version manifests, and the streaming sha256 check used by uploads."""
+"""Artifact and version manifests as the registry reads them, and the streaming sha256 check used by uploads."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from flashio.errors import ChecksumError, FormatError
+from flashio.format import Artifact, check_relative_name, parse_manifest_files
+from flashio.hashing import sha256_file
 from flashio.registry import IntegrityError, UnsafePathError
 from flashio.registry.errors import BadArtifactError
-from flashio.registry.hashing import VerifyingReader, sha256_file
-from flashio.registry.manifest import VersionManifest, check_relative_path, read_artifact_manifest
+from flashio.registry.hashing import VerifyingReader
+from flashio.registry.manifest import VersionManifest, read_artifact_manifest
 
 
 def make_artifact(root: Path, files: dict[str, bytes], **extra: object) -> Path:
@@ -48,19 +50,52 @@ def test_reads_a_valid_artifact(tmp_path: Path):
     assert vm.lineage == {"source_model": "facebook/opt-125m", "pipeline_config": {"k": 1}}
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b", "C:/x", "", "manifest.json"])
-def test_unsafe_names_are_refused(name: str):
-    with pytest.raises(UnsafePathError):
-        check_relative_path(name, where="test")
+REFUSED = r"would leave the artifact directory|must be a non-empty file name"
+UNSAFE_NAMES = ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a/", "a\\b", "C:/x", "a:b", "", "a\x00b"]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
+def test_unsafe_names_are_refused_by_the_registry_and_the_format_alike(tmp_path: Path, name: str):
+    """One rule (flashio.format's): the registry refuses to publish exactly what Artifact refuses to open."""
+    with pytest.raises(FormatError, match=REFUSED):
+        check_relative_name(name, "file name")
+    art = make_artifact(tmp_path, {"ffn.safetensors": b"12345"})
+    doc = json.loads((art / "manifest.json").read_text())
+    doc["files"][name] = {"bytes": 1, "sha256": "0" * 64}
+    (art / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(UnsafePathError, match=REFUSED):
+        read_artifact_manifest(art)
+    with pytest.raises(FormatError, match=REFUSED):
+        Artifact(art)
+
+
+@pytest.mark.parametrize("name", ["ffn.safetensors", "report/summary.json", "tokenizer_config.json", "a.b/c-d_e"])
+def test_plain_relative_names_are_accepted(name: str):
+    assert check_relative_name(name, "file name") == name
+
+
+def test_a_file_table_listing_the_manifest_itself_is_refused(tmp_path: Path):
+    art = make_artifact(tmp_path, {"ffn.safetensors": b"12345"})
+    rewrite(art, files={"manifest.json": {"bytes": 1, "sha256": "0" * 64}})
+    with pytest.raises(UnsafePathError, match=r"lists 'manifest\.json' itself"):
+        read_artifact_manifest(art)
+
+
+def test_the_registry_reads_the_file_table_the_format_parses(tmp_path: Path):
+    art = make_artifact(tmp_path, {"b.bin": b"2", "a/x.json": b"1"}, lineage={"k": 1})
+    raw = (art / "manifest.json").read_bytes()
+    table = parse_manifest_files(raw)
+    assert read_artifact_manifest(art).files == tuple(table.files.values())
+    assert [e.path for e in table.files.values()] == ["a/x.json", "b.bin"] and table.lineage == {"k": 1}
 
 
 def test_bad_artifacts_say_what_is_wrong(tmp_path: Path):
     art = make_artifact(tmp_path / "a", {"ffn.safetensors": b"12345"})
     rewrite(art, format_version=2)
-    with pytest.raises(BadArtifactError, match="format_version=2, this flashio reads 1"):
+    with pytest.raises(BadArtifactError, match=r"format_version 2 is not supported \(this flashio reads version 1\)"):
         read_artifact_manifest(art)
     rewrite(art, format_version=1, files={"ffn.safetensors": {"bytes": 6, "sha256": "0" * 64}})
-    with pytest.raises(BadArtifactError, match=r"has 5 bytes, but manifest\.json records 6"):
+    with pytest.raises(BadArtifactError, match=r"has 5 bytes on disk, but manifest\.json records 6"):
         read_artifact_manifest(art)
     rewrite(art, files={"missing.bin": {"bytes": 1, "sha256": "0" * 64}})
     with pytest.raises(BadArtifactError, match=r"'missing\.bin', but .* is not a file"):
@@ -83,7 +118,7 @@ def test_symlink_leaving_the_artifact_is_refused(tmp_path: Path):
     art = make_artifact(tmp_path / "a", {"ffn.safetensors": b"12345"})
     (art / "ffn.safetensors").unlink()
     os.symlink(tmp_path / "secret", art / "ffn.safetensors")
-    with pytest.raises(UnsafePathError, match="link that leaves"):
+    with pytest.raises(UnsafePathError, match="link that resolves outside the artifact directory"):
         read_artifact_manifest(art)
 
 
