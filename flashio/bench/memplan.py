@@ -57,9 +57,9 @@ def plan_memory(art: Artifact, compute_dtype: str, *, max_context: int, window: 
     device 'cuda[:N]': the limit is GPU memory, and dense fits if the GPU has room for it."""
     m, a = art.manifest, art.args
     s_item, c_item = m.itemsize, TORCH_DTYPES[compute_dtype].itemsize
-    resident = m.files[m.resident_file].bytes
-    ffn = m.files[m.ffn_file].bytes
-    preds = m.files[m.predictors_file].bytes if m.predictors_file else 0
+    resident = m.files[m.resident_file].size_bytes
+    ffn = m.files[m.ffn_file].size_bytes
+    preds = m.files[m.predictors_file].size_bytes if m.predictors_file else 0
     n, rb = m.ffn_layers[0].n_neurons, m.ffn_layers[0].bundle_width * s_item
     model = resident + ffn
     resident_c, ffn_c, preds_c = (x * c_item // s_item for x in (resident, ffn, preds))
