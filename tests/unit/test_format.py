@@ -135,7 +135,7 @@ def test_symlink_leaving_the_artifact(art, tmp_path):
 
 def test_unsupported_architecture(art, tmp_path, capsys):
     _edit_manifest(art, lambda m: m.update(architecture="gpt2"))
-    with pytest.raises(UnsupportedArchitectureError, match="supported: llama, opt"):
+    with pytest.raises(UnsupportedArchitectureError, match="supported: llama, mistral, opt"):
         Artifact(art)
     ckpt = tmp_path / "ckpt"
     make_opt(ckpt, with_tokenizer=False)
