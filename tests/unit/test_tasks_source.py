@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from flashio.errors import UnsupportedArchitectureError  # noqa: E402
+from flashio.models import architectures  # noqa: E402
 from tasks.errors import InputError  # noqa: E402
 from tasks.source import inspect_source  # noqa: E402
 
@@ -54,7 +55,9 @@ def test_hub_id_offline_says_so():
 
 def test_unsupported_architecture(tmp_path):
     path = checkpoint(tmp_path / "gpt2", {"model_type": "gpt2", "vocab_size": 16})
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported by flashio; supported: llama, opt"):
+    supported = ", ".join(sorted(architectures()))  # every family module of flashio.models
+    assert {"llama", "mistral", "opt"} <= set(architectures())
+    with pytest.raises(UnsupportedArchitectureError, match=f"'gpt2' is not supported by flashio; supported: {supported}"):
         inspect_source(str(path))
 
 
