@@ -137,10 +137,15 @@ class WindowCache:
             if self._scratch.shape[0] < m:  # grows rarely: amortised, not per step
                 self._scratch = self.matrix.new_empty((max(m, 2 * self._scratch.shape[0]), self.matrix.shape[1]))
             buf = self._scratch[:m]
-            src, dst = self.indices(movers, holes)  # where the matrix lives (CPU or CUDA)
-            with self.span():
-                torch.index_select(self.matrix, 0, src, out=buf)
-                self.matrix.index_copy_(0, dst, buf)
+            if self.matrix.device.type == "cpu":  # numpy: on this thread only, and ~3x faster
+                rows, moved = rows_view(self.matrix), rows_view(buf)
+                np.take(rows, movers, axis=0, out=moved)
+                rows[holes] = moved
+            else:
+                src, dst = self.indices(movers, holes)  # where the matrix lives
+                with self.span():
+                    torch.index_select(self.matrix, 0, src, out=buf)
+                    self.matrix.index_copy_(0, dst, buf)
             moved_neurons = self.neuron_at[movers]
             self.neuron_at[holes] = moved_neurons
             self.slot_of[moved_neurons] = holes

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from importlib import metadata
@@ -21,6 +22,13 @@ from importlib import metadata
 from flashio.errors import FlashError, MissingExtraError
 
 log = logging.getLogger(__name__)
+
+# oneDNN, behind torch's bf16 CPU matmuls, caches a primitive (~1 MB) per matmul shape in two
+# caches of 1024 entries; the attention's shapes change with every token, so at 7B scale the
+# caches grew by ~5 MB per token, towards ~1 GB outside any DRAM budget. The command bounds them
+# (read when oneDNN first runs) unless the user set them; applications that import flashio set
+# them themselves (README, "Using flashio in an application"): the library changes no environment.
+ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 
 # Modules inside flashio that contribute subcommands: each has `add_commands(subparsers)`.
 _RUNTIME_COMMAND_MODULES = (
@@ -78,6 +86,8 @@ def _add_unavailable(sub, name: str, exc: ImportError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for key, value in ONEDNN_CACHE_ENV.items():  # this process is the command's: before any matmul
+        os.environ.setdefault(key, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from flashio.sizes import format_size
+
+if TYPE_CHECKING:  # imported on use: `flashio --help` does not load torch
+    from flashio.config import FlashConfig
 
 
 def add_commands(sub) -> None:
@@ -19,6 +23,9 @@ def add_commands(sub) -> None:
     p.add_argument("--window", type=int, default=5, help="tokens a neuron stays cached (default 5)")
     p.add_argument("--dram-budget", default=None, help="e.g. 2GiB: resident + caches must fit")
     p.add_argument("--threads", type=int, default=None, help="flash reader threads (default 16)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch's compute threads for this process (default: torch's, one per core; "
+                        "1 can be faster on a small machine that other processes share)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of weights in memory and of the matmuls (default: the artifact's)")
@@ -50,13 +57,21 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_pack)
 
 
+def run_config(args: argparse.Namespace) -> FlashConfig:
+    """The FlashConfig that `flashio run`'s options describe."""
+    from flashio.config import FlashConfig
+
+    return FlashConfig(mode=args.mode, window=args.window, dram_budget=args.dram_budget, threads=args.threads,
+                       device=args.device, compute_dtype=args.compute_dtype,
+                       record_trace=getattr(args, "record_trace", None) is not None,
+                       torch_threads=getattr(args, "torch_threads", None))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import flashio
 
-    record = getattr(args, "record_trace", None) is not None
-    with flashio.open(args.artifact, mode=args.mode, window=args.window, dram_budget=args.dram_budget,
-                      threads=args.threads, registry=args.registry, record_trace=record,
-                      device=args.device, compute_dtype=args.compute_dtype) as model:
+    config = run_config(args)
+    with flashio.open(args.artifact, config, registry=args.registry) as model:
         out = sys.stdout
         if not args.json:
             out.write(args.prompt)
@@ -79,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "device": str(model.device)}, indent=1))
         else:
             print(f"\n[{args.mode}, {model.device}] {gen.summary()}", file=sys.stderr)
-        if record:
+        if config.record_trace:
             trace = model.trace()
             path = trace.save(args.record_trace)
             print(f"trace: {trace.steps} tokens x {trace.n_layers} layers -> {path}", file=sys.stderr)

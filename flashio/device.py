@@ -36,16 +36,23 @@ from flashio.errors import FlashError
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N' as a torch.device, or a FlashError saying why not."""
+def parse_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' as a torch.device (without checking that it is present), or a
+    FlashError saying why not."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise FlashError(f"device {device!r} is not a device name ({exc}); use 'cpu' or 'cuda[:N]'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise FlashError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' as a present torch.device, or a FlashError saying why not."""
+    dev = parse_device(device)
     if dev.type == "cpu":
         return dev
-    if dev.type != "cuda":
-        raise FlashError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
     if not torch.cuda.is_available():
         raise FlashError(f"device={str(device)!r} requested but CUDA is not available on this machine "
                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device='cpu'")

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from flashio.config import FlashConfig
 from flashio.device import HostTransfer, TransferPath
-from flashio.ffn import CONVERT_ROWS, convert_rows, ffn_compute, one_thread
-from flashio.format import Artifact
+from flashio.dtypes import torch_dtype
+from flashio.ffn import CONVERT_ROWS, convert_rows, ffn_compute
+from flashio.format import Artifact, Manifest
+from flashio.predictor import PredictorWeights
 from flashio.stats import StatsRecorder
 from flashio.storage import AlignedArena, BundleReader, ReadResult
+from flashio.trace import TraceRecorder
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class SparseOptions:
     reuse: bool = True  # window cache; False: every step loads its whole active set ("+predictor")
     bundled: bool = True  # False: up and down parts of a neuron read as two requests ("unbundled")
     overlap: bool = False  # start the reads, compute the cached rows while they fly
+
+    @classmethod
+    def of(cls, config: FlashConfig) -> SparseOptions:
+        return cls(reuse=config.reuse, bundled=config.bundled, overlap=config.overlap)
 
 
 class ActiveSource(Protocol):
@@ -51,23 +59,72 @@ class ActiveSource(Protocol):
     def active(self, layer: int, h: torch.Tensor) -> np.ndarray: ...  # sorted unique row ids
 
 
+@dataclass(frozen=True)
+class EngineContext:
+    """What every engine is built from: the artifact, its reader, the resident tensors (for the
+    FFN biases), the step's statistics, the dtype of the rows it keeps, the trace recorder and
+    the transfer path to the model's device."""
+
+    art: Artifact
+    reader: BundleReader
+    resident: dict[str, torch.Tensor]
+    rec: StatsRecorder
+    compute_dtype: torch.dtype
+    recorder: TraceRecorder | None = None
+    transfer: TransferPath = field(default_factory=HostTransfer)
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """What an engine holds on the model's device, in bytes: the terms of flashio.budget."""
+
+    fixed_bytes: int = 0  # whatever the budget: dense's FFN, naive's pinned rows and streamed layer...
+    row_bytes: int = 0  # per window-cache row: that row in every layer (+ shared scratch rows)
+    staging_row_bytes: int = 0  # per window-cache row: where a read row lands before its dtype conversion
+    min_rows: int = 0  # the smallest window cache the engine runs with
+    stream_rows: int = 0  # rows of one layer read per call (the transfer path's staging), windowless engines
+
+    @property
+    def per_row_bytes(self) -> int:
+        return self.row_bytes + self.staging_row_bytes
+
+    def transfer_rows(self, capacity: int) -> int:
+        """Rows of one layer read at once, at most: the window's capacity, or a streamed layer."""
+        return capacity if self.row_bytes else self.stream_rows
+
+
 class Engine:
     """What the engines share: the artifact's layout, the reader, the biases, the transfer path
-    to the model's device and the buffers the engine owns (released by close())."""
+    to the model's device and the buffers the engine owns (released by close()).
 
-    def __init__(self, art: Artifact, reader: BundleReader, resident: dict[str, torch.Tensor],
-                 rec: StatsRecorder, dtype: torch.dtype, *, compute_dtype: torch.dtype | None = None,
-                 recorder=None, transfer: TransferPath | None = None):
-        m = art.manifest
-        self.art, self.reader, self.rec, self.dtype = art, reader, rec, dtype
-        self.compute_dtype = compute_dtype or dtype
-        self.recorder = recorder  # flashio.trace.TraceRecorder or None
-        self.transfer = transfer or HostTransfer()
+    Each engine class states what it needs (`memory`, `needs_predictors`) and how it is built
+    from a FlashConfig (`create`), so that the runtime picks it from a table (flashio.modes)."""
+
+    needs_predictors = False  # the artifact's predictors are loaded for this engine
+
+    @classmethod
+    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
+        """What the engine holds for `manifest` in `compute_dtype` (see EngineMemory)."""
+        return EngineMemory()
+
+    @classmethod
+    def create(cls, ctx: EngineContext, config: FlashConfig, *, capacity: int,
+               predictors: list[PredictorWeights] | None, source: ActiveSource | None) -> Engine:
+        """The engine for `config`, with a window cache of `capacity` rows per layer where it has one."""
+        return cls(ctx)
+
+    def __init__(self, ctx: EngineContext):
+        m = ctx.art.manifest
+        self.art, self.reader, self.rec = ctx.art, ctx.reader, ctx.rec
+        self.dtype = torch_dtype(m.dtype)  # storage
+        self.compute_dtype = ctx.compute_dtype
+        self.recorder = ctx.recorder
+        self.transfer = ctx.transfer
         self.device = self.transfer.device
         self.parts = {name: slice(a, b) for name, a, b in m.bundle_layout}
         self.layers = m.ffn_layers
-        self.b_up = [resident.get(f"layers.{i}.ffn.up_bias") for i in range(m.n_layers)]
-        self.b_gate = [resident.get(f"layers.{i}.ffn.gate_bias") for i in range(m.n_layers)]
+        self.b_up = [ctx.resident.get(f"layers.{i}.ffn.up_bias") for i in range(m.n_layers)]
+        self.b_gate = [ctx.resident.get(f"layers.{i}.ffn.gate_bias") for i in range(m.n_layers)]
         self.arenas: list[AlignedArena] = []  # host buffers (CPU)
         self.owned: list[torch.Tensor] = []  # other buffers: on a CUDA device, or converted rows
         self._scratch = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=torch.float32)
@@ -124,8 +181,7 @@ class Engine:
                 self.reader.read_layer(i, stage, (a, b))
                 dst = out[a - start : b - start]
                 if self.transfer.in_place:
-                    with one_thread():
-                        convert_rows(dst, stage, self._scratch)
+                    convert_rows(dst, stage, self._scratch)
                 elif landing is None:
                     dst.copy_(stage)
                 else:
@@ -153,8 +209,15 @@ class Engine:
 
 
 class DenseEngine(Engine):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    """Every bundle in memory, in the compute dtype."""
+
+    @classmethod
+    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
+        row_bytes = manifest.ffn_layers[0].bundle_width * compute_dtype.itemsize
+        return EngineMemory(fixed_bytes=sum(L.n_neurons for L in manifest.ffn_layers) * row_bytes)
+
+    def __init__(self, ctx: EngineContext):
+        super().__init__(ctx)
         self.weights = [self._load_rows(i, 0, L.n_neurons) for i, L in enumerate(self.layers)]
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -166,8 +229,23 @@ class NaiveEngine(Engine):
     """Reads each layer's FFN every call; `pinned_fraction` of its rows (the first ones) are
     loaded once and kept in DRAM instead (the paper's "hybrid" row)."""
 
-    def __init__(self, *a, pinned_fraction: float = 0.0, **kw):
-        super().__init__(*a, **kw)
+    @classmethod
+    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
+        layers = manifest.ffn_layers
+        pinned = [round(pinned_fraction * L.n_neurons) for L in layers]
+        stream_rows = max(L.n_neurons - k for L, k in zip(layers, pinned))
+        width = layers[0].bundle_width
+        return EngineMemory(fixed_bytes=sum(pinned) * width * compute_dtype.itemsize  # pinned: compute dtype
+                            + stream_rows * width * manifest.itemsize,  # one streamed layer: storage dtype
+                            stream_rows=stream_rows)
+
+    @classmethod
+    def create(cls, ctx: EngineContext, config: FlashConfig, *, capacity: int,
+               predictors: list[PredictorWeights] | None, source: ActiveSource | None) -> Engine:
+        return cls(ctx, pinned_fraction=config.pinned_fraction)
+
+    def __init__(self, ctx: EngineContext, *, pinned_fraction: float = 0.0):
+        super().__init__(ctx)
         self.pinned_rows = [round(pinned_fraction * L.n_neurons) for L in self.layers]
         self.pinned = [self._load_rows(i, 0, k) if k else None for i, k in enumerate(self.pinned_rows)]
         rows = max(L.n_neurons - k for L, k in zip(self.layers, self.pinned_rows))
@@ -198,8 +276,8 @@ class MmapEngine(Engine):
     readahead) and out under memory pressure. Reads cannot be timed apart from the compute that
     faults them in: the step's I/O time is 0 and bytes_read comes from /proc/self/io."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, ctx: EngineContext):
+        super().__init__(ctx)
         self._file = open(self.reader.path, "rb")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
         self.weights = []

@@ -6,6 +6,9 @@
             print(tok.text, end="", flush=True)
         print(model.generate("import os", max_new_tokens=16).summary())
 
+    cfg = flashio.FlashConfig(mode="sparse", window=5, dram_budget="512MiB")  # the same, as one value
+    with flashio.open("artifacts/demo", cfg, window=3) as model: ...          # keywords override fields
+
 Per step and layer: attention with resident weights and a KV cache, then the mode's FFN engine
 (see flashio.engines and flashio.sparse). Every step records bytes read and the I/O / memory / compute split.
 A FlashModel is single-session: it owns one KV cache and one set of window caches, so concurrent
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,31 +29,22 @@ from pathlib import Path
 import torch
 
 from flashio.budget import MemoryBudget
+from flashio.config import FlashConfig, Mode
 from flashio.costmodel import CostModel, DeviceProfile, profile_from_env
 from flashio.device import TransferPath, resolve_device, transfer_path
-from flashio.engines import ActiveSource, DenseEngine, MmapEngine, NaiveEngine, SparseOptions
+from flashio.dtypes import torch_dtype
+from flashio.engines import ActiveSource, EngineContext
 from flashio.errors import FlashError, TokenizerError
 from flashio.format import Artifact
-from flashio.format.writer import TORCH_DTYPES
 from flashio.models.base import KVCache
+from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
-from flashio.sizes import parse_size
-from flashio.sparse import OracleEngine, SparseEngine
 from flashio.stats import StatsRecorder, StepStats
 from flashio.storage import DEFAULT_THREADS, BundleReader, LayerExtent, evict_from_page_cache
 from flashio.tokenizer import TextCodec
 from flashio.trace import Trace, TraceRecorder
 
 log = logging.getLogger(__name__)
-
-MODES = ("dense", "naive", "sparse", "oracle", "mmap")
-# oneDNN, behind torch's bf16 CPU matmuls, caches a primitive (~1 MB) per matmul shape in two
-# caches of 1024 entries; the attention's shapes change with every token, so at 7B scale the
-# caches grew by ~5 MB per token, towards ~1 GB outside any DRAM budget. open() bounds them
-# (read when oneDNN first runs) unless the user set them.
-ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
-_CPU = torch.device("cpu")
-
 
 @dataclass(frozen=True)
 class GeneratedToken:
@@ -94,40 +87,50 @@ class ReadPlan:
 
 
 class FlashModel:
-    """An opened artifact. Create with `flashio.open`."""
+    """An opened artifact. Create with `flashio.open`.
 
-    def __init__(self, art: Artifact, *, mode: str, window: int, dram_budget: int | None,
-                 max_context: int | None, direct: bool, plan: ReadPlan,
-                 compute_dtype: torch.dtype | None = None, sparse: SparseOptions | None = None,
-                 active_source: ActiveSource | None = None, pinned_fraction: float = 0.0,
-                 record_trace: bool = False, device: torch.device = _CPU,
-                 transfer: TransferPath | None = None):
-        self.artifact, self.mode, self.window, self.plan, self.device = art, mode, window, plan, device
+    FlashModel(art, config) opens `art` as `config` says; `active_source` drives the sparse
+    engine's active sets (e.g. a flashio.trace.TraceReplay), `transfer` replaces the device's
+    transfer path (tests). config.torch_threads, when set, is applied here, once: torch's thread
+    count is process-wide."""
+
+    def __init__(self, art: Artifact, config: FlashConfig, *,
+                 active_source: ActiveSource | None = None, transfer: TransferPath | None = None):
+        if active_source is not None and config.mode != Mode.SPARSE:
+            raise FlashError(f"active_source drives mode='sparse' only, got mode={config.mode.value!r}")
+        device = resolve_device(config.device)
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
+        self.artifact, self.config, self.device = art, config, device
+        self.mode, self.window = config.mode, config.window
+        self.plan = read_plan(art, config.device_profile, threads=config.threads, max_gap=config.max_gap)
         m = art.manifest
-        self.dtype = TORCH_DTYPES[m.dtype]  # storage
-        self.compute_dtype = compute_dtype or self.dtype
+        self.dtype = torch_dtype(m.dtype)  # storage
+        self.compute_dtype = torch_dtype(config.compute_dtype) if config.compute_dtype else self.dtype
         self.args = art.args
-        max_len = min(self.args.max_positions, max_context or self.args.max_positions)
+        max_len = min(self.args.max_positions, config.max_context or self.args.max_positions)
+        engine_cls = engine_class(config.mode)
         resident = art.load_resident(dtype=self.compute_dtype)  # private memory, sha256 checked
         for name in list(resident):  # one tensor at a time: the host copy is freed as it moves
             resident[name] = resident[name].to(device)
         self.model = art.arch.Model(self.args, resident)
-        predictors = art.load_predictors() if mode == "sparse" else None
+        predictors = art.load_predictors() if engine_cls.needs_predictors else None
         if predictors is not None:  # private copies: the file's mapping and page cache are let go
             predictors = [p.to(self.compute_dtype, device, copy=True) for p in predictors]
             evict_from_page_cache(art.file(m.predictors_file))
-        if mode == "sparse" and predictors is None and active_source is None:
+        if engine_cls.needs_predictors and predictors is None and active_source is None:
             raise FlashError(f"{art.path}: mode='sparse' needs predictors and this artifact has none "
                              "(packed without the pipeline); use mode='oracle', 'dense' or 'naive', "
                              "give an active_source (a trace replay), or convert it with `flashio convert`")
         extents = [LayerExtent(L.offset_bytes, L.n_neurons, L.bundle_width * m.itemsize) for L in m.ffn_layers]
-        budget = MemoryBudget.of(art, mode, self.compute_dtype, max_len, resident, predictors, pinned_fraction)
-        self.capacity = budget.capacity(dram_budget)
+        budget = MemoryBudget.of(art, config.mode, self.compute_dtype, max_len, resident, predictors,
+                                 config.pinned_fraction)
+        self.capacity = budget.capacity(config.dram_budget)
         self._resident_bytes, self._pred_bytes = budget.resident_bytes, budget.predictor_bytes
-        self.reader = BundleReader(art.file(m.ffn_file), extents, threads=plan.threads,
-                                   max_gap=plan.max_gap, direct=direct, cost_model=plan.cost_model)
+        self.reader = BundleReader(art.file(m.ffn_file), extents, threads=self.plan.threads,
+                                   max_gap=self.plan.max_gap, direct=config.direct, cost_model=self.plan.cost_model)
         if transfer is None:  # reads of one layer at most: the window's capacity, or a streamed layer
-            rows = self.capacity if mode in ("sparse", "oracle") else budget.stream_rows if mode == "naive" else 0
+            rows = budget.engine.transfer_rows(self.capacity)
             try:
                 transfer = transfer_path(device, staging_bytes=rows * extents[0].row_bytes,
                                          index_capacity=2 * self.capacity)
@@ -137,24 +140,14 @@ class FlashModel:
         self.transfer = transfer
         self.rec = StatsRecorder()
         self.recorder = None
-        if record_trace:
+        if config.record_trace:
             self.recorder = TraceRecorder(m.n_layers, m.ffn_layers[0].n_neurons, {
-                "artifact": str(art.path), "mode": mode, "window": window,
+                "artifact": str(art.path), "mode": config.mode.value, "window": config.window,
                 "ffn_sha256": m.files[m.ffn_file].sha256, "architecture": m.architecture})
-        common = (art, self.reader, resident, self.rec, self.dtype)
-        kw = {"compute_dtype": self.compute_dtype, "recorder": self.recorder, "transfer": transfer}
+        ctx = EngineContext(art, self.reader, resident, self.rec, self.compute_dtype, self.recorder, transfer)
         try:
-            if mode == "dense":
-                self.engine = DenseEngine(*common, **kw)
-            elif mode == "naive":
-                self.engine = NaiveEngine(*common, pinned_fraction=pinned_fraction, **kw)
-            elif mode == "mmap":
-                self.engine = MmapEngine(*common, **kw)
-            elif mode == "sparse":
-                self.engine = SparseEngine(*common, predictors=predictors, window=window, capacity=self.capacity,
-                                           source=active_source, options=sparse, **kw)
-            else:
-                self.engine = OracleEngine(*common, window=window, capacity=self.capacity, options=sparse, **kw)
+            self.engine = engine_cls.create(ctx, config, capacity=self.capacity, predictors=predictors,
+                                            source=active_source)
             self.kv = KVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
                               max_len=max_len, dtype=self.compute_dtype, device=device)
         except BaseException:  # e.g. out of device memory: give back the pinned staging and the files
@@ -189,7 +182,7 @@ class FlashModel:
     def _predictors(self) -> list[PredictorWeights]:
         preds = getattr(self.engine, "predictors", None)
         if preds is None:
-            raise FlashError(f"this model runs mode={self.mode!r} without predictors: thresholds apply to "
+            raise FlashError(f"this model runs mode={self.mode.value!r} without predictors: thresholds apply to "
                              "mode='sparse' on an artifact with predictors")
         return preds
 
@@ -345,71 +338,35 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def open_model(path: str | Path, *, mode: str = "sparse", window: int = 5,
-               dram_budget: int | str | None = None, threads: int | None = None,
-               device: str | torch.device = "cpu",
-               verify: bool = False, max_context: int | None = None, registry: str | None = None,
-               direct: bool = True, compute_dtype: str | torch.dtype | None = None,
-               device_profile: str | Path | DeviceProfile | None = None, max_gap: int | None = None,
-               active_source: ActiveSource | None = None, reuse: bool = True, bundled: bool = True,
-               overlap: bool = False, pinned_fraction: float = 0.0, record_trace: bool = False) -> FlashModel:
+def open_model(path: str | Path, config: FlashConfig | None = None, *, registry: str | None = None,
+               active_source: ActiveSource | None = None, **overrides) -> FlashModel:
     """Open an artifact directory (or a registry reference) for inference.
 
-    mode: 'sparse' (predictors + window cache + flash reads), 'dense', 'naive', 'oracle' or
-      'mmap' (the FFN file memory-mapped and paged by the OS, for comparison).
-    window: tokens a neuron stays cached after it was last predicted active.
-    dram_budget: bytes (or '2GiB') for resident weights, KV cache, predictors and window caches,
-      in the memory of `device` (see flashio.budget).
-    device: 'cpu' (default) or 'cuda[:N]': where resident weights, KV cache, predictors and
-      window caches live and the model computes; flash reads then pass through pinned host
-      staging and asynchronous copies (flashio.device). One clear error without CUDA.
-    threads, max_gap: flash reader threads, and unneeded rows worth reading through when
-      coalescing neighbours. Default: chosen by the cost model of `device_profile` (a file from
-      `flashio bench device`, or $FLASHIO_DEVICE_PROFILE); without a profile 16 and 0.
-    compute_dtype: dtype of weights in DRAM and of the matmuls (default: the artifact's); e.g.
-      'bfloat16' for a float16 artifact on CPUs whose fp16 matmuls are slow. Rows are converted
-      once when they arrive (memory management time).
+    config: a FlashConfig (default: FlashConfig()); `overrides` are FlashConfig fields that
+      replace its values, e.g. open_model(path, mode="dense", window=3). See FlashConfig for
+      every option; an unknown keyword raises a FlashError naming the valid ones.
+    registry: the registry URI that a 'name@version' reference is resolved against (a full URI
+      such as s3://bucket/prefix/name@latest needs none).
     active_source: where the sparse engine gets active sets instead of its predictor (e.g.
       flashio.trace.TraceReplay); the predictor, when present, still runs for its cost.
-    reuse: False disables the window (every step loads its whole active set).
-    bundled: False reads each neuron's up and down parts as separate requests (the paper's
-      unbundled baseline). overlap: compute the cached rows while the missing ones are read.
-    pinned_fraction: naive mode only: this fraction of every layer's rows stays in DRAM ("hybrid").
-    record_trace: keep every step's active sets; `model.trace()` returns them.
-    Sets ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY to 64 unless already set (see
-    ONEDNN_CACHE_ENV): torch's oneDNN caches otherwise grow with every token.
-    verify: check every file's sha256 first. max_context: KV cache length (default: the model's).
+
+    Nothing process-wide is changed unless config.torch_threads is set (torch's thread count).
+    torch's oneDNN (bf16 CPU matmuls) caches grow with every token unless the environment bounds
+    them before torch's first matmul: the `flashio` command sets ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    and LRU_CACHE_CAPACITY to 64 (see flashio.cli); applications should do the same (README).
     """
-    if mode not in MODES:
-        raise FlashError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if window < 1:
-        raise FlashError(f"window must be at least 1 token, got {window}")
-    if not 0.0 <= pinned_fraction <= 1.0 or (pinned_fraction and mode != "naive"):
-        raise FlashError(f"pinned_fraction={pinned_fraction} must be in [0, 1] and is for mode='naive' only")
-    if active_source is not None and mode != "sparse":
-        raise FlashError(f"active_source drives mode='sparse' only, got mode={mode!r}")
-    dev = resolve_device(device)
-    if dev.type != "cpu" and mode == "mmap":
-        raise FlashError("mode='mmap' runs on the CPU only (the OS pages the FFN into host memory); "
-                         "with device='cuda' use mode='sparse', 'naive', 'oracle' or 'dense'")
-    for key, value in ONEDNN_CACHE_ENV.items():
-        os.environ.setdefault(key, value)
+    if config is not None and not isinstance(config, FlashConfig):
+        raise FlashError(f"config must be a FlashConfig, got {type(config).__name__}; pass options as keywords "
+                         "(mode='dense') or build one with flashio.FlashConfig(...)")
+    config = config or FlashConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    resolve_device(config.device)  # one clear error without CUDA, before resolving a reference
     local = Path(path)
     if not local.is_dir():
         local = _resolve_reference(str(path), registry)
-    art = Artifact(local, verify=verify)
-    budget = parse_size(dram_budget) if dram_budget is not None else None
-    plan = read_plan(art, device_profile, threads=threads, max_gap=max_gap)
-    cdt = None
-    if compute_dtype is not None:
-        cdt = compute_dtype if isinstance(compute_dtype, torch.dtype) else TORCH_DTYPES.get(str(compute_dtype))
-        if cdt is None:
-            raise FlashError(f"compute_dtype {compute_dtype!r} is not one of {sorted(TORCH_DTYPES)}")
-    return FlashModel(art, mode=mode, window=window, dram_budget=budget, max_context=max_context,
-                      direct=direct, plan=plan, compute_dtype=cdt,
-                      sparse=SparseOptions(reuse=reuse, bundled=bundled, overlap=overlap),
-                      active_source=active_source, pinned_fraction=pinned_fraction,
-                      record_trace=record_trace, device=dev)
+    art = Artifact(local, verify=config.verify)
+    return FlashModel(art, config, active_source=active_source)
 
 
 def read_plan(art: Artifact, device_profile: str | Path | DeviceProfile | None, *,
@@ -428,8 +385,6 @@ def read_plan(art: Artifact, device_profile: str | Path | DeviceProfile | None, 
         threads = cm.best_threads(row_bytes) if profile is not None else DEFAULT_THREADS
     if max_gap is None:
         max_gap = cm.best_max_gap(row_bytes, threads) if profile is not None else 0
-    if threads < 1 or max_gap < 0:
-        raise FlashError(f"threads={threads} must be >= 1 and max_gap={max_gap} >= 0")
     return ReadPlan(threads, max_gap, cm)
 
 

@@ -7,6 +7,8 @@ end) -> reads of the missing bundles only -> the FFN on the cache's used rows.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 
 import numpy as np
@@ -14,9 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from flashio.cache import FillingWindowCache, FillUpdate, WindowCache, rows_view
-from flashio.engines import ActiveSource, Engine, SparseOptions
-from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows, ffn_compute, one_thread
+from flashio.config import FlashConfig
+from flashio.dtypes import torch_dtype
+from flashio.engines import ActiveSource, Engine, EngineContext, EngineMemory, SparseOptions
+from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows, ffn_compute
+from flashio.format import Manifest
 from flashio.predictor import PredictorWeights
+
+# The smallest window cache the windowed engines run with, as a fraction of each layer's neurons:
+# a token's predicted set is typically 2-10% of the FFN (paper, appendix), so less cannot run usefully.
+MIN_CACHE_FRACTION = 0.05
 
 
 class SparseEngine(Engine):
@@ -30,9 +39,28 @@ class SparseEngine(Engine):
     on CUDA they land in a device buffer and one copy kernel converts them into the appended rows.
     """
 
-    def __init__(self, *a, predictors: list[PredictorWeights] | None, window: int, capacity: int,
-                 source: ActiveSource | None = None, options: SparseOptions | None = None, **kw):
-        super().__init__(*a, **kw)
+    needs_predictors = True
+
+    @classmethod
+    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
+        """Per cached row: that row in every layer and in the shared scratch (compute dtype), plus,
+        when the cache holds another dtype than storage, the row's landing place before conversion
+        (the CPU's staging or CUDA's landing buffer, storage dtype)."""
+        width, n = manifest.ffn_layers[0].bundle_width, manifest.ffn_layers[0].n_neurons
+        staged = compute_dtype != torch_dtype(manifest.dtype)
+        return EngineMemory(row_bytes=(manifest.n_layers + 1) * width * compute_dtype.itemsize,
+                            staging_row_bytes=width * manifest.itemsize if staged else 0,
+                            min_rows=max(1, math.ceil(MIN_CACHE_FRACTION * n)))
+
+    @classmethod
+    def create(cls, ctx: EngineContext, config: FlashConfig, *, capacity: int,
+               predictors: list[PredictorWeights] | None, source: ActiveSource | None) -> Engine:
+        return cls(ctx, predictors=predictors, window=config.window, capacity=capacity, source=source,
+                   options=SparseOptions.of(config))
+
+    def __init__(self, ctx: EngineContext, *, predictors: list[PredictorWeights] | None, window: int,
+                 capacity: int, source: ActiveSource | None = None, options: SparseOptions | None = None):
+        super().__init__(ctx)
         self.predictors = predictors
         self.source = source
         self.options = options = options or SparseOptions()
@@ -89,8 +117,7 @@ class SparseEngine(Engine):
         t0 = time.perf_counter()
         if not self.options.reuse:
             cache.reset()  # no window: the whole active set is loaded again
-        with one_thread():
-            up = cache.update(ids_np) if self.staging is None else cache.update_fill(ids_np)
+        up = cache.update(ids_np) if self.staging is None else cache.update_fill(ids_np)
         self.transfer.fence()  # this layer's uploads follow its row moves, not its compute
         self.rec.mem_s += time.perf_counter() - t0
         m = len(up.missing)
@@ -173,16 +200,15 @@ class SparseEngine(Engine):
             return
         t0 = time.perf_counter()
         rows, dest_np = rows_view(cache.matrix), dest.numpy()
-        with one_thread():
-            if fresh is not None:
-                convert_rows(fresh, stage, self._scratch)
-                rows[dest_np] = rows_view(fresh)
-            else:  # fused: each chunk converted and scattered while it is in cache
-                chunk = rows_view(self._chunk)
-                for a in range(0, len(dest_np), CONVERT_ROWS):
-                    k = min(CONVERT_ROWS, len(dest_np) - a)
-                    convert_rows(self._chunk[:k], stage[a : a + k], self._scratch)
-                    rows[dest_np[a : a + k]] = chunk[:k]
+        if fresh is not None:
+            convert_rows(fresh, stage, self._scratch)
+            rows[dest_np] = rows_view(fresh)
+        else:  # fused: each chunk converted and scattered while it is in cache
+            chunk = rows_view(self._chunk)
+            for a in range(0, len(dest_np), CONVERT_ROWS):
+                k = min(CONVERT_ROWS, len(dest_np) - a)
+                convert_rows(self._chunk[:k], stage[a : a + k], self._scratch)
+                rows[dest_np[a : a + k]] = chunk[:k]
         self.rec.mem_s += time.perf_counter() - t0
 
     def _compute(self, i: int, h: torch.Tensor, matrix: torch.Tensor, lo: int, hi: int, idx: torch.Tensor,
@@ -211,8 +237,22 @@ class OracleEngine(SparseEngine):
     """The exact active set, from up (and gate) projections kept in DRAM: tests the sparse path
     with a perfect predictor. For ReLU models the output equals dense."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, predictors=None, **kw)
+    needs_predictors = False
+
+    @classmethod
+    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
+        """The sparse engine's, plus the exact activation's weights (the up or gate part of every row)."""
+        base = super().memory(manifest, compute_dtype)
+        key_bytes = manifest.ffn_layers[0].bundle_width * compute_dtype.itemsize // len(manifest.bundle_layout)
+        return dataclasses.replace(base, fixed_bytes=manifest.n_layers * manifest.ffn_layers[0].n_neurons * key_bytes)
+
+    @classmethod
+    def create(cls, ctx: EngineContext, config: FlashConfig, *, capacity: int,
+               predictors: list[PredictorWeights] | None, source: ActiveSource | None) -> Engine:
+        return cls(ctx, window=config.window, capacity=capacity, options=SparseOptions.of(config))
+
+    def __init__(self, ctx: EngineContext, *, window: int, capacity: int, options: SparseOptions | None = None):
+        super().__init__(ctx, predictors=None, window=window, capacity=capacity, options=options)
         key = "gate" if "gate" in self.parts else "up"
         self.key_w = [self._load_rows(i, 0, L.n_neurons, keep=False)[:, self.parts[key]].clone()  # [N, D]
                       for i, L in enumerate(self.layers)]

@@ -18,14 +18,12 @@ from pathlib import Path
 import torch
 
 from flashio.arena import AlignedArena
+from flashio.dtypes import SAFETENSORS_TORCH
 from flashio.errors import ChecksumError, FormatError
-from flashio.ffn import CONVERT_ROWS, convert_rows, one_thread
+from flashio.ffn import CONVERT_ROWS, convert_rows
 from flashio.format.ffnfile import read_safetensors_header
 
 _STAGING_BYTES = 64 << 20  # the conversion buffer
-_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
 
 
 def read_resident(path: Path, dtype: torch.dtype | None, want_sha256: str | None) -> dict[str, torch.Tensor]:
@@ -49,10 +47,10 @@ def read_resident(path: Path, dtype: torch.dtype | None, want_sha256: str | None
                 pos += k
 
         for name, info in sorted(infos.items(), key=lambda kv: kv[1].start):
-            if info.dtype not in _ST_TORCH:
+            if info.dtype not in SAFETENSORS_TORCH:
                 raise FormatError(f"{path}: tensor {name!r} has dtype {info.dtype}, not a weight dtype")
             skip_to(info.start)
-            src_dtype = _ST_TORCH[info.dtype]
+            src_dtype = SAFETENSORS_TORCH[info.dtype]
             target = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
             t = torch.empty(info.shape, dtype=target)
             n = info.end - info.start
@@ -72,8 +70,7 @@ def read_resident(path: Path, dtype: torch.dtype | None, want_sha256: str | None
                     _pread_full(fd, chunk, info.start + a * row_bytes, path, name)
                     digest.update(chunk)
                     src = torch.frombuffer(chunk, dtype=src_dtype).view(k, width)
-                    with one_thread():
-                        convert_rows(flat[a : a + k], src, scratch)
+                    convert_rows(flat[a : a + k], src, scratch)
                     del src
             pos = info.end
             if n:

@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 import flashio
 from flashio.arena import AlignedArena
 from flashio.cache import WindowCache
+from flashio.config import FlashConfig
 from flashio.device import DeviceTimes, HostTransfer, resolve_device, transfer_path
-from flashio.engines import SparseOptions
 from flashio.errors import FlashError
 from flashio.format import Artifact, write_artifact
 from flashio.predictor import PredictorWeights
-from flashio.runtime import FlashModel, read_plan
+from flashio.runtime import FlashModel
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PROMPT = [2, 17, 101, 55, 9, 240, 33, 78, 12, 5]
@@ -97,13 +97,11 @@ def sparse_artifact(tiny_opt, tmp_path_factory):
                           orders=[rng.permutation(256) for _ in range(2)], predictors=_all_active(2, 64, 256))
 
 
-def _staged_model(path, mode: str, *, compute_dtype=None, window: int = 2, **kw) -> tuple[FlashModel, StagedTransfer]:
+def _staged_model(path, mode: str, *, window: int = 2, **kw) -> tuple[FlashModel, StagedTransfer]:
     art = Artifact(path)
     width = art.manifest.ffn_layers[0].bundle_width * art.manifest.itemsize
     transfer = StagedTransfer(256 * width)
-    model = FlashModel(art, mode=mode, window=window, dram_budget=None, max_context=None, direct=True,
-                       plan=read_plan(art, None), compute_dtype=compute_dtype, transfer=transfer,
-                       sparse=kw.pop("sparse", None), **kw)
+    model = FlashModel(art, FlashConfig(mode=mode, window=window, **kw), transfer=transfer)
     return model, transfer
 
 
@@ -143,8 +141,8 @@ def test_host_path_reads_straight_into_the_cache_rows():
 
 @pytest.mark.parametrize(("mode", "kw"), [
     ("dense", {}), ("naive", {}), ("naive", {"pinned_fraction": 0.3}), ("oracle", {}),
-    ("oracle", {"sparse": SparseOptions(overlap=True)}), ("oracle", {"sparse": SparseOptions(bundled=False)}),
-    ("sparse", {}), ("sparse", {"sparse": SparseOptions(reuse=False)}),
+    ("oracle", {"overlap": True}), ("oracle", {"bundled": False}),
+    ("sparse", {}), ("sparse", {"reuse": False}),
 ])
 def test_staged_path_equals_dense(sparse_artifact, dense_ref, mode, kw):
     model, transfer = _staged_model(sparse_artifact, mode, **kw)
@@ -284,8 +282,7 @@ def test_cuda_transfer_bookkeeping_with_a_fake_runtime(monkeypatch, sparse_artif
     (ptr, nbytes), = fake.registered.items()  # one registration: staging buffers + id ring
     assert fake.flags == [1]  # cudaHostRegisterPortable: pinned whichever device is current
     assert ptr % 4096 == 0 and nbytes == path.host_bytes() >= 2 * 256 * row_bytes + 4 * 512 * 8
-    model = FlashModel(art, mode="sparse", window=2, dram_budget=None, max_context=None, direct=True,
-                       plan=read_plan(art, None), transfer=path)
+    model = FlashModel(art, FlashConfig(mode="sparse", window=2), transfer=path)
     with model:
         got = model.forward(PROMPT, token_by_token=True)
         for host in [*path._bufs, path._ids_host]:  # everything DMA touches lies in the registered range
