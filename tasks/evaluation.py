@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from prefect import get_run_logger, task
 
 import flashio
+from flashio.config import FlashConfig
 from flashio.stats import StepStats
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
@@ -81,6 +82,10 @@ class EvalOptions:
     threads: int | None = 1
     direct: bool = False
     torch_threads: int | None = 1  # while the runtime steps token by token (see tasks.threads)
+
+    def flash_config(self) -> FlashConfig:
+        """How the evaluation opens the artifact (each mode overrides `mode`)."""
+        return FlashConfig(window=self.window, threads=self.threads, direct=self.direct)
 
 
 @dataclass(frozen=True)
@@ -214,13 +219,13 @@ def evaluate_artifact(artifact: Path, calib: CalibrationData, predictors: Sequen
 def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor], options: EvalOptions,
               out_dir: Path, tick: Callable[[int], None], heldout: HeldoutSample | None = None) -> Evaluation:
     sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
-    open_kw = {"window": options.window, "threads": options.threads, "direct": options.direct}
-    with flashio.open(artifact, mode="naive", **open_kw) as naive:
+    config = options.flash_config()
+    with flashio.open(artifact, config, mode="naive") as naive:
         row = ids[0][: max(1, options.naive_tokens)]
         naive.forward(row, token_by_token=True)
         naive_bpt = _sum_stats(naive.stats).bytes_read / len(row)
-    with flashio.open(artifact, mode="dense", **open_kw) as dense, \
-            flashio.open(artifact, mode="sparse", **open_kw) as sparse:
+    with flashio.open(artifact, config, mode="dense") as dense, \
+            flashio.open(artifact, config, mode="sparse") as sparse:
         m = dense.artifact.manifest
         total_neurons = sum(L.n_neurons for L in m.ffn_layers)
         ffn_bytes = sum(L.length_bytes for L in m.ffn_layers)
@@ -247,7 +252,7 @@ def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor]
     if options.zero_shot:
         from tasks.zeroshot import evaluate_zero_shot
 
-        zero_shot = evaluate_zero_shot(artifact, options.zero_shot, limit=options.zero_shot_limit, **open_kw)
+        zero_shot = evaluate_zero_shot(artifact, options.zero_shot, limit=options.zero_shot_limit, config=config)
     out_dir.mkdir(parents=True, exist_ok=True)
     curve = {"dense_perplexity_on_sweep": sweep[0].perplexity_dense if sweep else main.perplexity_dense,
              "points": [dataclasses.asdict(c) for c in sweep], "chosen": dataclasses.asdict(main)}

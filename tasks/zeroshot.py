@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import flashio
+from flashio.config import FlashConfig
 from tasks.calibration import iter_rows, resolve_spec
 from tasks.errors import InputError
 
@@ -100,11 +101,13 @@ def score_choices(model, example: Example, *, token_by_token: bool) -> tuple[lis
     return lls, lens
 
 
-def evaluate_zero_shot(artifact: Path, specs: Sequence[str], *, limit: int = 100, window: int = 5,
-                       threads: int | None = None, direct: bool = True) -> list[dict]:
+def evaluate_zero_shot(artifact: Path, specs: Sequence[str], *, limit: int = 100,
+                       config: FlashConfig | None = None) -> list[dict]:
+    """Accuracy of dense and sparse on each task; `config` says how the artifact is opened (its
+    mode is set to each in turn; default: FlashConfig())."""
     out = []
-    kw = {"window": window, "threads": threads, "direct": direct}
-    with flashio.open(artifact, mode="dense", **kw) as dense, flashio.open(artifact, mode="sparse", **kw) as sparse:
+    config = config or FlashConfig()
+    with flashio.open(artifact, config, mode="dense") as dense, flashio.open(artifact, config, mode="sparse") as sparse:
         if dense.codec is None:
             raise InputError(f"{artifact} has no tokenizer: zero-shot tasks need text")
         for spec in specs:

@@ -6,6 +6,8 @@ interpreter with torch loaded (measured in a child process), the KV cache of the
 predictors, the staging rows of a dtype conversion and a slack for allocator and thread stacks.
 The runtime's own `dram_budget` is the limit minus the interpreter and the slack, so that what
 the runtime counts (resident + predictors + KV + caches) is what the cgroup has room for.
+Every term the runtime holds comes from flashio.budget.MemoryBudget (the formula `dram_budget`
+is checked against), estimated from the artifact's file sizes.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from pathlib import Path
 
 import torch
 
+from flashio.budget import MemoryBudget
+from flashio.config import Mode
+from flashio.dtypes import TORCH_DTYPES
 from flashio.errors import FlashError
 from flashio.ffn import ffn_compute
 from flashio.format import Artifact
-from flashio.format.writer import TORCH_DTYPES
 from flashio.sizes import format_size
 
 SLACK_BYTES = 256 << 20  # allocator caches, thread stacks, activations, reader scratch
-_CONVERSION_HEADROOM = 0.30  # staging rows: at most this fraction of one layer arrives at once
 _BASELINE_PROBE = (
     "import torch, numpy, flashio.runtime, flashio.bench.worker\n"
     "torch.ones(64, 64) @ torch.ones(64, 64)\n"
@@ -55,35 +58,42 @@ def plan_memory(art: Artifact, compute_dtype: str, *, max_context: int, window: 
                 baseline_bytes: int | None = None, device: str = "cpu") -> dict:
     """Limit, runtime budget, hybrid's pinned fraction and whether dense fits (all in bytes).
     device 'cuda[:N]': the limit is GPU memory, and dense fits if the GPU has room for it."""
-    m, a = art.manifest, art.args
-    s_item, c_item = m.itemsize, TORCH_DTYPES[compute_dtype].itemsize
+    m = art.manifest
+    cdt = TORCH_DTYPES[compute_dtype]
     resident = m.files[m.resident_file].size_bytes
     ffn = m.files[m.ffn_file].size_bytes
     preds = m.files[m.predictors_file].size_bytes if m.predictors_file else 0
-    n, rb = m.ffn_layers[0].n_neurons, m.ffn_layers[0].bundle_width * s_item
     model = resident + ffn
-    resident_c, ffn_c, preds_c = (x * c_item // s_item for x in (resident, ffn, preds))
-    kv = 2 * a.n_layers * max_context * a.n_kv_heads * a.head_dim * c_item
-    staging = int(_CONVERSION_HEADROOM * n * rb) if compute_dtype != m.dtype else 0
+    sparse = MemoryBudget.estimate(art, Mode.SPARSE, cdt, max_context)
+    dense = MemoryBudget.estimate(art, Mode.DENSE, cdt, max_context)
+    naive = [MemoryBudget.estimate(art, Mode.NAIVE, cdt, max_context, pinned_fraction=f) for f in (0.0, 1.0)]
+    # the window cache rows that the weights' share pays for, and where those rows land before
+    # their dtype conversion (the sparse engine's staging: not weights, so part of the overhead)
+    cache_rows = min(sparse.n_neurons, max(0, int(weights_fraction * model) - sparse.resident_bytes)
+                     // sparse.engine.row_bytes)
+    staging = cache_rows * sparse.engine.staging_row_bytes
     baseline = process_baseline_bytes() if baseline_bytes is None else baseline_bytes
-    overhead = baseline + SLACK_BYTES + kv + preds_c + staging
+    overhead = baseline + SLACK_BYTES + sparse.kv_bytes + sparse.predictor_bytes + staging
     limit = limit_bytes if limit_bytes is not None else int(weights_fraction * model) + overhead
     budget = limit - baseline - SLACK_BYTES
-    floor = resident_c + kv + preds_c + staging + int(0.05 * ffn_c)  # the runtime's minimum (5% cache)
+    floor = sparse.minimum_bytes()  # the runtime's own minimum (resident, KV, predictors, smallest cache)
     if budget < floor:
         raise FlashError(f"a DRAM limit of {format_size(limit)} leaves {format_size(budget)} for the runtime, "
                          f"less than the {format_size(floor)} it needs (resident weights, KV cache, predictors "
                          "and a 5% window cache): raise --dram-limit or --dram-fraction")
-    stream = n * rb  # naive's buffer for one layer
-    pinned = (budget - resident_c - kv - stream) / max(ffn_c - stream, 1)
-    dense_bytes = resident_c + ffn_c + kv + baseline + SLACK_BYTES
+    # hybrid: naive's need grows linearly with the pinned fraction, from one streamed layer to the whole FFN
+    low, high = (b.minimum_bytes() for b in naive)
+    pinned = (budget - low) / max(high - low, 1)
+    dense_bytes = dense.minimum_bytes() + baseline + SLACK_BYTES
     available = _available_bytes() if device == "cpu" else _free_device_bytes(device)
+    capacity = sparse.capacity(budget)
     return {"model_bytes": model, "resident_bytes": resident, "ffn_bytes": ffn, "predictor_bytes": preds,
-            "kv_bytes": kv, "process_baseline_bytes": baseline, "slack_bytes": SLACK_BYTES,
+            "kv_bytes": sparse.kv_bytes, "process_baseline_bytes": baseline, "slack_bytes": SLACK_BYTES,
             "staging_bytes": staging, "overhead_bytes": overhead, "limit_bytes": int(limit),
             "limit_rule": "given" if limit_bytes is not None else f"{weights_fraction:g} x model + fixed overhead",
-            "budget_bytes": int(budget), "window_cache_fraction": (budget - resident_c - kv - preds_c - staging)
-            / max(ffn_c, 1), "hybrid_pinned_fraction": round(min(max(0.98 * pinned, 0.0), 1.0), 4),
+            "budget_bytes": int(budget), "window_cache_rows": capacity,
+            "window_cache_fraction": capacity / sparse.n_neurons,
+            "hybrid_pinned_fraction": round(min(max(0.98 * pinned, 0.0), 1.0), 4),
             "dense_bytes": dense_bytes, "available_bytes": available,
             "dense_fits": dense_bytes + (1 << 30) < available, "window": window}
 

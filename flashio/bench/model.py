@@ -14,6 +14,7 @@ row sees the same active sets and the ratios are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ import torch
 from flashio.bench import memplan
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import machine_info
+from flashio.cli import ONEDNN_CACHE_ENV
+from flashio.config import FlashConfig
 from flashio.costmodel import CostModel, DeviceProfile
 from flashio.device import resolve_device
 from flashio.errors import FlashError
@@ -93,7 +96,7 @@ class ModelBenchOptions:
     use_cgroup: bool = True  # False: only the runtime's dram_budget limits memory
     in_process: bool = False  # run configurations in this process (quick looks, tests): no cgroup
     process_baseline_bytes: int | None = None  # interpreter + torch RSS (None: measured in a child)
-    torch_threads: int | None = None  # torch.set_num_threads in every configuration (None: torch's default)
+    torch_threads: int | None = None  # torch's threads in every configuration (None: torch's default)
     compute_dtype: str = "auto"
     profile: Path | None = None  # device profile for the cost model (None: built-in defaults)
     seed: int = 0
@@ -173,8 +176,10 @@ def _run_worker(spec: dict, work: Path, name: str, limit: int | None, timeout_s:
             cg = MemoryCgroup(f"flashio-bench-{name.strip('+')}", limit)
             spec = {**spec, "cgroup": str(cg.path)}
         spec_path.write_text(json.dumps(spec))
+        # the child runs as `flashio` would: oneDNN's caches bounded unless this environment says otherwise
         proc = subprocess.Popen([sys.executable, "-m", "flashio.bench.worker", str(spec_path), str(out_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**ONEDNN_CACHE_ENV, **os.environ})
         try:
             _, stderr = proc.communicate(timeout=timeout_s)
         except BaseException:  # timeout, Ctrl-C, SIGTERM: never leave the child running
@@ -234,16 +239,34 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
     return out
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's thread count at n while the benchmark works in this process (the compute dtype's
+    timing, --in-process configurations), then restored: it is process-wide."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | None = None) -> dict:
-    """Run every configuration; write results.json, table.md and latency.png to opts.out_dir."""
+    """Run every configuration; write results.json, table.md and latency.png to opts.out_dir.
+    opts.torch_threads applies to the configurations and to this process while it runs (restored)."""
+    with _torch_threads(opts.torch_threads):
+        return _run_model_bench(opts, progress)
+
+
+def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | None) -> dict:
     say = progress or (lambda msg: log.info("%s", msg))
     load_start = os.getloadavg()
     art = Artifact(opts.artifact)
     m = art.manifest
     configs = [c for c in CONFIGS if c.name in opts.configs]
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    if opts.torch_threads:
-        torch.set_num_threads(opts.torch_threads)
     if opts.cuda:
         resolve_device(opts.device)  # one clear error without CUDA, before any work
     compute = memplan.choose_compute_dtype(art, opts.compute_dtype, device=opts.device)
@@ -289,18 +312,18 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
         rows = {}
         for cfg in configs:
             warm, n_tok = _warmup(cfg, opts.window), _measured(cfg, opts)
-            spec = {"artifact": str(art.path), "mode": cfg.mode, "window": opts.window, "device": opts.device,
-                    "max_context": steps + 8, "compute_dtype": compute["chosen"],
-                    "device_profile": str(opts.profile) if opts.profile else None,
-                    "threads": tuned_threads if cfg.tuned else DEFAULT_THREADS,
-                    "max_gap": tuned_gap if cfg.tuned else 0, "tokens": tokens[: warm + n_tok],
-                    "torch_threads": opts.torch_threads}
-            limit = plan["limit_bytes"] if ok else None
             if cfg.mode == "mmap" and opts.cuda:
                 rows[cfg.name] = {"name": cfg.name, "what": cfg.what, "mode": cfg.mode, "ok": False,
                                   "error": "skipped: mmap runs on the CPU only"}
                 say(f"{cfg.name:12s} {rows[cfg.name]['error']}")
                 continue
+            config = FlashConfig(mode=cfg.mode, window=opts.window, device=opts.device, max_context=steps + 8,
+                                 compute_dtype=compute["chosen"],
+                                 device_profile=str(opts.profile) if opts.profile else None,
+                                 threads=tuned_threads if cfg.tuned else DEFAULT_THREADS,
+                                 max_gap=tuned_gap if cfg.tuned else 0, torch_threads=opts.torch_threads)
+            spec = {"artifact": str(art.path), "tokens": tokens[: warm + n_tok]}
+            limit = plan["limit_bytes"] if ok else None
             if cfg.mode == "dense":
                 limit = None
                 if not plan["dense_fits"]:
@@ -310,12 +333,13 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
                     say(f"{cfg.name:12s} {rows[cfg.name]['error']}")
                     continue
             else:
-                spec["dram_budget"] = plan["budget_bytes"]
+                config = config.replace(dram_budget=plan["budget_bytes"])
             if cfg.pinned:
-                spec["pinned_fraction"] = plan["hybrid_pinned_fraction"]
+                config = config.replace(pinned_fraction=plan["hybrid_pinned_fraction"])
             if cfg.sparse:
-                spec.update(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap,
-                            trace=str(traces.ordered if cfg.ordered else traces.unordered))
+                config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap)
+                spec["trace"] = str(traces.ordered if cfg.ordered else traces.unordered)
+            spec["config"] = config.to_dict()
             for f in files:
                 evict_from_page_cache(f)
             t0 = time.perf_counter()

@@ -2,8 +2,9 @@
 
     python -m flashio.bench.worker SPEC.json RESULT.json
 
-SPEC names the artifact, the open_model options, the trace to replay, the token ids to feed and
-the cgroup to join. The process joins the cgroup before importing torch, so everything it ever
+SPEC names the artifact, the FlashConfig to open it with (as `FlashConfig.to_dict()`; its
+torch_threads, when set, is applied at open, in this process only), the trace to replay, the
+token ids to feed and the cgroup to join. The process joins the cgroup before importing torch, so everything it ever
 allocates is charged to the limit; it then opens the model, feeds the tokens one step per token
 (`forward(..., token_by_token=True)`), and writes every step's statistics to RESULT.json.
 Only the standard library is imported before the cgroup is joined.
@@ -31,24 +32,17 @@ def _rss_bytes() -> int:
 def run(spec: dict) -> dict:
     import torch  # after the cgroup join: its memory is charged there
 
-    if spec.get("torch_threads"):
-        torch.set_num_threads(int(spec["torch_threads"]))
-
+    from flashio.config import FlashConfig
     from flashio.runtime import open_model
     from flashio.storage import evict_from_page_cache
     from flashio.trace import Trace, TraceReplay
 
+    config = FlashConfig.from_dict(spec["config"])
     source = None
     if spec.get("trace"):
         source = TraceReplay(Trace.load(spec["trace"]))
-    kwargs = {k: spec[k] for k in ("mode", "window", "dram_budget", "max_context", "compute_dtype",
-                                   "device_profile", "threads", "max_gap", "reuse", "bundled",
-                                   "overlap", "pinned_fraction", "device") if k in spec}
-    if spec["mode"] != "sparse":
-        for k in ("reuse", "bundled", "overlap"):
-            kwargs.pop(k, None)
     t0 = time.perf_counter()
-    with open_model(spec["artifact"], active_source=source, **kwargs) as model:
+    with open_model(spec["artifact"], config, active_source=source) as model:
         open_s = time.perf_counter() - t0
         # the resident weights were read through the page cache: drop those pages so that the
         # limit is spent on what the configuration itself keeps
