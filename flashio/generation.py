@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tokenizers import Tokenizer
@@ -237,8 +237,9 @@ def eos_ids(*sources: int | Iterable[int] | None) -> frozenset[int]:
     return frozenset(out)
 
 
-@dataclass(frozen=True)
-class StreamedToken:
+class StreamedToken(NamedTuple):
+    """One generated token: a named tuple, so that `token_id, text, finish_reason = t` works too."""
+
     token_id: int
     text: str  # the text this token adds (stop strings and eos removed; "" inside a multi-byte character)
     finish_reason: str | None  # None, then "stop" (eos or a stop string) or "length" on the last token
