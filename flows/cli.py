@@ -6,6 +6,7 @@
     flashio convert ./my-llama --calibration 'data/*.jsonl' --recall 0.995 --allow-accuracy-loss
     flashio convert facebook/opt-125m --runner dask --workers 4          # a local Dask cluster
     flashio convert facebook/opt-125m --runner dask --dask-address tcp://scheduler:8786
+    flashio convert ./my-llama --force                                    # recompute every stage
 
 Contributed to the `flashio` CLI through the `flashio.commands` entry point group
 (`convert = "flows.cli:add_convert_command"`). Importing this module imports only argparse and
@@ -99,6 +100,10 @@ def add_convert_command(sub) -> None:
     g.add_argument("--skip-published", action="store_true",
                    help="convert only if the registry holds no version with this conversion's lineage (source "
                         "files, calibration data, options, package version); decided after the cheap stages")
+    g.add_argument("--force", action="store_true",
+                   help="recompute every stage even when the work directory or Prefect's cache holds its result "
+                        "(after an environment change the content keys cannot see; the new results replace "
+                        "the cached ones)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_convert)
 
@@ -137,6 +142,8 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["dask"] = False
     if args.skip_published:
         fields["skip_published"] = True
+    if args.force:
+        fields["force"] = True
     budget = dict(fields.get("budget") or {})
     for flag, key in (("max_ppl_increase", "max_perplexity_increase"), ("min_top1", "min_top1_agreement")):
         if getattr(args, flag) is not None:

@@ -21,7 +21,7 @@ WORK_DIR_ENV = "FLASHIO_WORK_DIR"
 # Fields that decide how and where a conversion runs and is published, not what it produces:
 # left out of the lineage (and so of the idempotence key of scheduled runs).
 EXECUTION_FIELDS = frozenset({"work_dir", "workers", "torch_threads", "dask", "dask_address", "skip_published",
-                              "registry", "registry_endpoint", "name", "version", "aliases", "prompt",
+                              "force", "registry", "registry_endpoint", "name", "version", "aliases", "prompt",
                               "max_new_tokens"})
 
 
@@ -65,7 +65,8 @@ class ConvertConfig(BaseModel):
     heldout: str | None = Field(None, description="evaluation text (default: stdlib:heldout for stdlib "
                                                   "calibration, else the documents after the calibration part)")
     text_field: str | None = None
-    samples: int = Field(128, ge=2, description="calibration sequences")
+    samples: int = Field(128, ge=2, description="calibration sequences (at least 2: one is held out to "
+                                                "calibrate predictor thresholds)")
     seq_len: int = Field(256, ge=2, description="tokens per sequence")
     heldout_samples: int = Field(16, ge=1, description="held-out evaluation sequences")
     seed: int = 0
@@ -117,11 +118,11 @@ class ConvertConfig(BaseModel):
     skip_published: bool = Field(False, description="convert only when the registry holds no version with this "
                                                     "conversion's lineage key (source files, calibration, "
                                                     "pipeline config, package version)")
+    force: bool = Field(False, description="recompute every stage, ignoring (and overwriting) cached results: "
+                                           "the stage directories in work_dir and Prefect's result cache")
 
     @model_validator(mode="after")
     def _check(self) -> ConvertConfig:
-        if self.samples < 2:
-            raise ValueError("samples must be >= 2: one sequence is held out to calibrate predictor thresholds")
         if any(not 0.0 < r < 1.0 for r in self.sweep):
             raise ValueError(f"sweep recall targets must be in (0, 1): {self.sweep}")
         if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:

@@ -17,6 +17,10 @@ concurrency limit `flashio-convert-<name>` (created with one slot; see flows/loc
 second one waits. The published lineage carries a `lineage_key` (source revision and file hashes,
 calibration fingerprint, pipeline config, package version), known after the cheap stages: with
 `skip_published` a conversion whose key the registry already holds stops there (scheduled runs).
+
+With `force` (`flashio convert --force`) every cached stage runs again: its task runs with
+Prefect's `refresh_cache`, which makes Prefect ignore and overwrite its cached result and makes
+`tasks.caching.run_stage` recompute and rewrite the stage directory instead of reusing it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import Task, flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -108,10 +112,16 @@ def convert(config: ConvertConfig) -> ConvertResult:
         return _convert(config, name)
 
 
+def refreshed(stage_task: Task, force: bool) -> Task:
+    """`stage_task`, set to recompute and overwrite its cached result when `force` is on."""
+    return stage_task.with_options(refresh_cache=True) if force else stage_task
+
+
 def _convert(config: ConvertConfig, name: str) -> ConvertResult:
     """The flow's body, run while holding the model's conversion slot."""
     log = get_run_logger()
     work = config.work_dir.expanduser().resolve()
+    force = config.force  # every task cached on a content key runs through refreshed(task, force)
     with StageProgress("convert", len(STAGES), unit="stage") as stages:
         src = inspect_source_task(config.model, config.revision)
         spec = resolve_spec_task(config.calibration)
@@ -119,8 +129,8 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         held = resolve_spec_task(held_text) if held_text else None
         stages.advance()
 
-        calib = calibration_task(src, spec, held, config.samples, config.seq_len, config.heldout_samples,
-                                 config.seed, config.text_field, work)
+        calib = refreshed(calibration_task, force)(src, spec, held, config.samples, config.seq_len,
+                                                   config.heldout_samples, config.seed, config.text_field, work)
         stages.advance()
         key = lineage_key(src, calib, config)
         if config.skip_published and (found := find_published_task(
@@ -129,19 +139,19 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                  artifact_dir="", report={}, lineage_key=key, skipped=True)
 
         act = config.activation_options(src.ffn_dim)
-        thresholds = gate_thresholds_task(src, calib, config.gated_density, min(config.samples, 16), act, work) \
-            if src.gated else (0.0,) * src.n_layers
+        thresholds = refreshed(gate_thresholds_task, force)(
+            src, calib, config.gated_density, min(config.samples, 16), act, work) if src.gated else (0.0,) * src.n_layers
         ranges = shard_ranges(config.samples, config.shard_samples)
-        shards = activations_task.map(
+        shards = refreshed(activations_task, force).map(
             unmapped(src), unmapped(calib), list(range(len(ranges))), [a for a, _ in ranges],
             [b for _, b in ranges], unmapped(len(ranges)), unmapped(thresholds), unmapped(act),
             unmapped(work)).result()  # .result() raises the first failed shard's error
-        stats = merge_task(shards, work)
+        stats = refreshed(merge_task, force)(shards, work)
         stages.advance()
 
         popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim)
-        predictors = predictor_task.map(unmapped(stats), list(range(src.n_layers)), unmapped(popts),
-                                        unmapped(work)).result()
+        predictors = refreshed(predictor_task, force).map(unmapped(stats), list(range(src.n_layers)),
+                                                          unmapped(popts), unmapped(work)).result()
         stages.advance()
 
         lineage = {"calibration": {"spec": calib.spec, "heldout_spec": calib.heldout_spec,
@@ -153,18 +163,19 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                    LINEAGE_KEY: key}
         # The candidate that is evaluated carries only content lineage, so that changing what does not
         # change its bytes (budget, sweep, window...) reuses it and its evaluation from the cache.
-        candidate = bundle_task(src, stats, predictors, config.order, config.dtype,
-                                {"calibration": lineage["calibration"]}, None, None, work)
+        candidate = refreshed(bundle_task, force)(src, stats, predictors, config.order, config.dtype,
+                                                  {"calibration": lineage["calibration"]}, None, None, work)
         stages.advance()
 
-        ev = evaluate_task(candidate.manifest_sha256, candidate.path, calib, predictors, config.eval_options(), work)
+        ev = refreshed(evaluate_task, force)(candidate.manifest_sha256, candidate.path, calib, predictors,
+                                             config.eval_options(), work)
         budget = config.accuracy_budget()
         violations = gate_task(ev, budget, config.budget.allow_loss)  # raises: the flow stops, nothing published
         stages.advance()
 
         report, report_files = report_task(stats, predictors, ev, budget, violations, config.window,
                                            lineage["calibration"], work)
-        final = finalize_task(candidate, lineage, report, report_files, work)
+        final = refreshed(finalize_task, force)(candidate, lineage, report, report_files, work)
         stages.advance()
 
         published = publish_task(final.path, config.registry, name, config.version, list(config.aliases),

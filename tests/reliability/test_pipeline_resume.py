@@ -1,5 +1,6 @@
 """A conversion killed mid-way (SIGKILL during predictor training) resumes from the cached
-results of the stages that finished: nothing before the kill is computed twice."""
+results of the stages that finished: nothing before the kill is computed twice. A repeated
+conversion reuses every stage; `--force` recomputes every one."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from tasks.testing import build_tiny_model, build_tokenizer, write_corpus
 pytestmark = pytest.mark.integration
 
 
-def _convert(model: Path, text: Path, tmp: Path, home: str) -> subprocess.Popen:
+def _convert(model: Path, text: Path, tmp: Path, home: str, *extra: str, version: str = "1") -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": home, "FLASHIO_WORK_DIR": str(tmp / "work"),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           # the temporary server of each run takes 9-17 s to start, more on a loaded machine (20 s default)
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     cmd = [sys.executable, "-m", "flashio.cli", "-v", "convert", str(model), "--calibration", str(text),
            "--samples", "24", "--seq-len", "64", "--heldout-samples", "4", "--registry", str(tmp / "registry"),
-           "--name", "tiny", "--version", "1", "--allow-accuracy-loss", "--no-sample"]
+           "--name", "tiny", "--version", version, "--allow-accuracy-loss", "--no-sample", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -75,3 +78,37 @@ def test_killed_conversion_resumes_from_cached_stages(tmp_path):
         out[-4000:]
     assert "tiny@1" in out
     assert any((tmp_path / "registry").rglob("manifest.json"))
+
+
+def test_repeated_conversion_reuses_every_stage_and_force_recomputes_them(tmp_path):
+    files = write_corpus(tmp_path / "text", n_files=4)
+    tok = build_tokenizer(files, tmp_path / "tok")
+    model = build_tiny_model("opt", tmp_path / "opt", tok)
+    home = str(tmp_path / "prefect-home")
+
+    def convert(version: str, *extra: str) -> str:
+        proc = _convert(model, tmp_path / "text", tmp_path, home, "--samples", "8", "--seq-len", "32", *extra,
+                        version=version)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        assert f"tiny@{version}" in out
+        return out
+
+    convert("1")
+    first = _completed(tmp_path / "work")
+    assert {"calibration", "activations", "merge-activations", "predictor", "bundle", "evaluate",
+            "finalize"} <= set(first), first
+    convert("2")
+    assert _completed(tmp_path / "work") == first  # every stage reused: not one completion marker rewritten
+
+    out = convert("3", "--force")
+    forced = _completed(tmp_path / "work")
+    newest_before = max(m for dirs in first.values() for m in dirs.values())
+    assert all(max(forced[stage].values()) > newest_before for stage in first), forced  # every stage ran again
+    # The stages before the bundle have the same inputs: the same directories, each rewritten. The
+    # bundle's manifest records when it was written, so the stages after it get new keys.
+    for stage in ("calibration", "activations", "merge-activations", "predictor", "bundle"):
+        assert forced[stage].keys() == first[stage].keys(), stage
+        assert all(forced[stage][key] > first[stage][key] for key in first[stage]), stage
+    assert "Cached(type=COMPLETED)" not in out
+    assert not list((tmp_path / "work").rglob("*.pickle"))  # results are JSON (+ safetensors)

@@ -45,6 +45,23 @@ def test_flags_map_to_fields(tmp_path):
     assert "work_dir" not in config.lineage() and config.lineage()["recall"] == 0.995
 
 
+def test_force_recomputes_without_changing_the_lineage():
+    forced = build_config(config_fields(parse("m", "--force", "--no-sample")))
+    plain = build_config(config_fields(parse("m", "--no-sample")))
+    assert forced.force and not plain.force
+    assert forced.lineage() == plain.lineage()  # same artifact content: --force only refreshes the caches
+
+
+def test_refreshed_tasks_ignore_their_cache():
+    pytest.importorskip("prefect")
+    from flows.convert import refreshed
+    from tasks.calibration import calibration_task
+
+    assert refreshed(calibration_task, False) is calibration_task
+    forced = refreshed(calibration_task, True)
+    assert forced.refresh_cache is True and forced.cache_key_fn is calibration_task.cache_key_fn
+
+
 def test_invalid_options_are_input_errors():
     with pytest.raises(InputError, match="recall"):
         build_config(config_fields(parse("m", "--recall", "1.5")))
