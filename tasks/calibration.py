@@ -50,6 +50,7 @@ import torch
 from prefect import get_run_logger, task
 from safetensors.torch import load_file
 
+from flashio.hashing import sha256_file
 from tasks.caching import run_stage, sha256_json, stage_cache
 from tasks.errors import InputError
 from tasks.source import SourceModel
@@ -112,7 +113,7 @@ def _file_digest(files: tuple[Path, ...]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(f)))  # the same digest as before, read in chunks
     return h.hexdigest()
 
 
