@@ -18,6 +18,11 @@ use the key:
   id created with it), so a deleted work directory invalidates every cached result; and it
   answers None ("run it") when a stage directory recorded as complete (in the work directory's
   ledger) is missing or damaged. A cached result never points at missing files.
+
+The work directory may be shared (a Kubernetes volume): nothing read from it runs code. Prefect's
+own result records are another matter: Prefect reads each record with the serializer the record
+names (pickle by default), so its result storage (PREFECT_HOME/storage of the process that runs
+the task) must stay private to that process and never be put on the shared work volume.
 """
 
 from __future__ import annotations
