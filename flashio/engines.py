@@ -122,6 +122,7 @@ class Engine:
         self.transfer = ctx.transfer
         self.device = self.transfer.device
         self.parts = {name: slice(a, b) for name, a, b in m.bundle_layout}
+        self.activation = m.activation  # of the gate (gated) or up part: ffn_compute's
         self.layers = m.ffn_layers
         self.b_up = [ctx.resident.get(f"layers.{i}.ffn.up_bias") for i in range(m.n_layers)]
         self.b_gate = [ctx.resident.get(f"layers.{i}.ffn.gate_bias") for i in range(m.n_layers)]
@@ -222,7 +223,8 @@ class DenseEngine(Engine):
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         self.rec.neurons_active += self.layers[i].n_neurons
-        return ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i])
+        return ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i],
+                           activation=self.activation)
 
 
 class NaiveEngine(Engine):
@@ -264,10 +266,10 @@ class NaiveEngine(Engine):
         b_up = self.b_up[i]
         b_gate = self.b_gate[i]
         y = ffn_compute(h, rows, self.parts, None if b_up is None else b_up[k:],
-                        None if b_gate is None else b_gate[k:])
+                        None if b_gate is None else b_gate[k:], activation=self.activation)
         if k:
             y = y + ffn_compute(h, self.pinned[i], self.parts, None if b_up is None else b_up[:k],
-                                None if b_gate is None else b_gate[:k])
+                                None if b_gate is None else b_gate[:k], activation=self.activation)
         return y
 
 
@@ -288,7 +290,8 @@ class MmapEngine(Engine):
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         before = _proc_read_bytes()
-        y = ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i])
+        y = ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i],
+                        activation=self.activation)
         self.rec.bytes_read += _proc_read_bytes() - before
         self.rec.neurons_active += self.layers[i].n_neurons
         return y

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashio.models.base import ACTIVATIONS
+
 CONVERT_ROWS = 128  # rows per chunk of a dtype conversion: few ops, an fp32 scratch of a few MB
 # torch runs an element-wise op (a copy, a conversion) on the calling thread alone when it has fewer
 # elements than its parallel grain (at::internal::GRAIN_SIZE = 32768), on all its threads above.
@@ -22,11 +24,15 @@ BUCKET_ROWS = 256
 
 def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
                 b_up: torch.Tensor | None, b_gate: torch.Tensor | None,
-                zero: torch.Tensor | None = None, n_valid: int | None = None) -> torch.Tensor:
+                zero: torch.Tensor | None = None, n_valid: int | None = None,
+                activation: str | None = None) -> torch.Tensor:
     """h: [T, D], rows: [R, W] bundles -> [T, D] in h's dtype: the sum over the first n_valid
     rows (default all; biases have n_valid entries), except the rows listed in `zero`. Rows past
-    n_valid only pad the matmuls to a fixed shape; their contents are ignored (but must be finite)."""
+    n_valid only pad the matmuls to a fixed shape; their contents are ignored (but must be finite).
+    activation: the manifest's (a name of flashio.models.base.ACTIVATIONS, e.g. Gemma's
+    "gelu_pytorch_tanh"); None: SiLU for gated rows, ReLU otherwise."""
     n = rows.shape[0] if n_valid is None else n_valid
+    act_fn = ACTIVATIONS[activation] if activation else (F.silu if "gate" in parts else F.relu)
     x = h.to(rows.dtype)
     pre = F.linear(x, rows[:, parts["up"]])  # [T, R]
     if b_up is not None:  # streamed rows keep the storage dtype: cast the bias to theirs
@@ -35,9 +41,9 @@ def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
         gate = F.linear(x, rows[:, parts["gate"]])
         if b_gate is not None:
             gate[:, :n] += b_gate.to(rows.dtype)
-        act = F.silu(gate) * pre
+        act = act_fn(gate) * pre
     else:
-        act = F.relu(pre)
+        act = act_fn(pre)
     if n < rows.shape[0]:
         act[:, n:] = 0
     if zero is not None and len(zero):

@@ -21,6 +21,7 @@ from flashio.dtypes import torch_dtype
 from flashio.engines import ActiveSource, Engine, EngineContext, EngineMemory, SparseOptions
 from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows, ffn_compute
 from flashio.format import Manifest
+from flashio.models.base import ACTIVATIONS
 from flashio.predictor import PredictorWeights
 
 # The smallest window cache the windowed engines run with, as a fraction of each layer's neurons:
@@ -219,7 +220,8 @@ class SparseEngine(Engine):
         stop = min(matrix.shape[0], lo + -(-(hi - lo) // BUCKET_ROWS) * BUCKET_ROWS)
         b_up = None if self.b_up[i] is None else self.b_up[i][idx]
         b_gate = None if self.b_gate[i] is None else self.b_gate[i][idx]
-        return ffn_compute(h, matrix[lo:stop], self.parts, b_up, b_gate, zero=zero, n_valid=hi - lo)
+        return ffn_compute(h, matrix[lo:stop], self.parts, b_up, b_gate, zero=zero, n_valid=hi - lo,
+                           activation=self.activation)
 
     def begin_step(self) -> None:
         super().begin_step()
@@ -261,5 +263,6 @@ class OracleEngine(SparseEngine):
         L = self.layers[i]
         x = h.to(self.compute_dtype)
         if "gate" in self.parts:
-            return F.silu(F.linear(x, self.key_w[i], self.b_gate[i])).abs() - L.active_threshold
+            gate = F.linear(x, self.key_w[i], self.b_gate[i])
+            return ACTIVATIONS[self.activation](gate).abs() - L.active_threshold
         return F.linear(x, self.key_w[i], self.b_up[i])  # ReLU: active where > 0

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from flashio.errors import FlashError
 
-# activation name (as the manifest records it) -> function
-ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+# activation name (as the manifest records it; transformers' ACT2FN names) -> function
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 FFN_PARTS = (("up", "down"), ("up", "gate", "down"))
 
 
