@@ -18,8 +18,11 @@ import torch
 from safetensors import safe_open
 
 from flashio.errors import FormatError
+from flashio.model_card import licence_files
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# what the runtime reads besides the weights: text in and out, the chat template, generation defaults
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 
 class HFCheckpoint:
@@ -88,6 +91,10 @@ class HFCheckpoint:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def licence_files(self) -> list[Path]:
+        """The source's LICENSE / NOTICE / USE_POLICY files (they travel with every copy)."""
+        return licence_files(self.path)
 
     def file_paths(self) -> list[Path]:
         return [self.path / "config.json", *self._files]

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flashio.budget import MemoryBudget
+from flashio.chat_template import ChatTemplate
 from flashio.config import FlashConfig, Mode
 from flashio.costmodel import CostModel, DeviceProfile, profile_from_env
 from flashio.device import TransferPath, resolve_device, transfer_path
@@ -36,6 +39,7 @@ from flashio.dtypes import torch_dtype
 from flashio.engines import ActiveSource, EngineContext
 from flashio.errors import FlashError, TokenizerError
 from flashio.format import Artifact
+from flashio.generation import GenerationConfig, eos_ids, stream_tokens
 from flashio.models.base import KVCache
 from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
@@ -46,11 +50,14 @@ from flashio.trace import Trace, TraceRecorder
 
 log = logging.getLogger(__name__)
 
+GENERATION_CONFIG = "generation_config.json"  # the source's, copied into the artifact
+
 @dataclass(frozen=True)
 class GeneratedToken:
     token_id: int
     text: str  # the text this token added
     stats: StepStats  # of the step that produced it (the first one includes the prompt)
+    finish_reason: str | None = None  # on the last token: "stop" (eos or a stop string) or "length"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class Generation:
     prompt_tokens: int
     prefill: StepStats
     decode: list[StepStats] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length"; None when nothing was generated
 
     @property
     def decode_total(self) -> StepStats:
@@ -159,6 +167,11 @@ class FlashModel:
         if tok is not None:
             self.codec = TextCodec(art.tokenizer_path(), bos_token_id=tok.get("bos_token_id"),
                                    eos_token_id=tok.get("eos_token_id"), add_bos=bool(tok.get("add_bos", True)))
+        # generation defaults: the source's generation_config.json; eos: every id any source names
+        gen_file = art.path / GENERATION_CONFIG
+        defaults = GenerationConfig.from_generation_config(gen_file if gen_file.is_file() else None)
+        eos = eos_ids(defaults.eos_token_ids, self.codec.eos if self.codec else None, m.model_config.get("eos_token_id"))
+        self.generation_defaults = defaults.updated(eos_token_ids=eos)
         self.stats: list[StepStats] = []
         self._lock = threading.Lock()
 
@@ -185,6 +198,12 @@ class FlashModel:
             raise FlashError(f"this model runs mode={self.mode.value!r} without predictors: thresholds apply to "
                              "mode='sparse' on an artifact with predictors")
         return preds
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """The artifact's chat template (chat_template.jinja or tokenizer_config.json), None when it
+        has none; loaded on first use, so a broken template fails chat, not `run`."""
+        return ChatTemplate.from_directory(self.artifact.path)
 
     def trace(self) -> Trace:
         """The active sets this model computed since it was opened (needs record_trace=True)."""
@@ -278,43 +297,42 @@ class FlashModel:
             return self._step(ids).float()
 
     # -- generation -----------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 64, *,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               stop_at_eos: bool = True) -> Iterator[GeneratedToken]:
-        """Yield generated tokens one by one, each with the statistics of its step."""
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise FlashError(f"bad sampling options: max_new_tokens={max_new_tokens} (>= 0), "
-                             f"temperature={temperature} (>= 0), top_p={top_p} (in (0, 1])")
+    def generation_config(self, max_new_tokens: int | None = None, config: GenerationConfig | None = None, *,
+                          stop_at_eos: bool = True, **options: Any) -> GenerationConfig:
+        """`config` (default: the artifact's generation_config.json defaults, eos ids included)
+        with `options` (GenerationConfig fields; None values ignored) and max_new_tokens replaced.
+        stop_at_eos=False: no eos ends the output."""
+        cfg = (config or self.generation_defaults).updated(max_new_tokens=max_new_tokens, **options)
+        return cfg if stop_at_eos else cfg.updated(eos_token_ids=frozenset())
+
+    def stream(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int | None = None,
+               config: GenerationConfig | None = None, *, stop_at_eos: bool = True,
+               **options: Any) -> Iterator[GeneratedToken]:
+        """Yield generated tokens one by one, each with the text it adds and its step's statistics.
+
+        Options are GenerationConfig fields (temperature, top_p, top_k, min_p, repetition_penalty,
+        stop, seed, max_new_tokens, eos_token_ids) over `config`, by default the artifact's
+        generation_config.json; temperature 0 is greedy. Text is prompt text (tokenized with the
+        tokenizer's special tokens) or token ids, e.g. a rendered chat template's."""
+        cfg = self.generation_config(max_new_tokens, config, stop_at_eos=stop_at_eos, **options)
         with self._session():
             self.reset()
-            ids = self._ids(prompt)
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            eos = self.codec.eos if self.codec else self.artifact.manifest.model_config.get("eos_token_id")
-            out: list[int] = []
-            text = ""
-            logits = self._step(ids)[-1]
-            for _ in range(max_new_tokens):
-                tok = _sample(logits.float().cpu(), temperature, top_p, gen)
-                out.append(tok)
-                if self.codec is not None:
-                    full = self.codec.decode(out)
-                    piece, text = full[len(text):], full
-                else:
-                    piece = ""
-                yield GeneratedToken(tok, piece, self.stats[-1])
-                if stop_at_eos and tok == eos:
-                    break
-                if len(out) == max_new_tokens or self.kv.length >= self.kv.max_len:
-                    break
-                logits = self._step(torch.tensor([tok]))[-1]
+            ids = self._ids(prompt).tolist()
+            tokenizer = self.codec.tok if self.codec is not None else None
+            for t in stream_tokens(self._next_logits, ids, cfg, tokenizer=tokenizer, max_total_tokens=self.kv.max_len):
+                yield GeneratedToken(t.token_id, t.text, self.stats[-1], t.finish_reason)
 
-    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 64, **kw) -> Generation:
-        toks = list(self.stream(prompt, max_new_tokens, **kw))
-        ids = [t.token_id for t in toks]
-        text = self.codec.decode(ids) if self.codec else ""
+    def _next_logits(self, new_ids: list[int]) -> torch.Tensor:
+        return self._step(torch.tensor(new_ids, dtype=torch.long))[-1].float().cpu()  # [V]
+
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int | None = None,
+                 config: GenerationConfig | None = None, **options: Any) -> Generation:
+        """The whole generation at once (see stream for the options)."""
+        toks = list(self.stream(prompt, max_new_tokens, config, **options))
         steps = self.stats
-        return Generation(text, ids, steps[0].tokens if steps else 0, steps[0] if steps else StepStats(),
-                          list(steps[1:]))
+        return Generation("".join(t.text for t in toks), [t.token_id for t in toks], steps[0].tokens if steps else 0,
+                          steps[0] if steps else StepStats(), list(steps[1:]),
+                          toks[-1].finish_reason if toks else None)
 
     @property
     def staging_bytes(self) -> int:
@@ -325,17 +343,6 @@ class FlashModel:
         """What the runtime holds on its device, by part (the budget's terms)."""
         return {"resident": self._resident_bytes, "predictors": self._pred_bytes,
                 "ffn_engine": self.engine.dram_bytes(), "kv_cache": self.kv.nbytes()}
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sp, 0) - sp < top_p  # smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def open_model(path: str | Path, config: FlashConfig | None = None, *, registry: str | None = None,

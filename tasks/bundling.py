@@ -114,7 +114,7 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     path = write_artifact(model_source, out_dir / ARTIFACT_DIR, dtype=dtype, orders=orders, predictors=preds,
                           active_thresholds=list(stats.active_thresholds),
                           lineage={"source": source.lineage(), **(lineage or {}), "neuron_order": order},
-                          report=report, report_files=report_files, progress=progress)
+                          report=report, report_files=report_files, name=source.name, progress=progress)
     return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"), order=order, dtype=dtype)
 
 

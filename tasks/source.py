@@ -22,15 +22,18 @@ from prefect import get_run_logger, task
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import FormatError, UnsupportedArchitectureError
 from flashio.hashing import sha256_file
+from flashio.model_card import source_license
 from flashio.models import get_architecture
 from tasks.errors import InputError
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt")
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 # What a conversion needs from a hub repository (no pickles, no other frameworks' weights).
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt"]
+# README.md for the licence in its front matter; LICENSE/NOTICE/USE_POLICY travel with the artifact.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt", "*.jinja", "README.md",
+                "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "license*", "notice*"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ class SourceModel:
     gated: bool
     max_positions: int
     config_dtype: str  # the checkpoint's own dtype (config.json), e.g. "float16"
-    files: tuple[tuple[str, str], ...]  # (file name, sha256) of config, weights and tokenizer
+    files: tuple[tuple[str, str], ...]  # (file name, sha256) of config, weights, tokenizer and licence files
     fingerprint: str  # sha256 over `files`
+    license: str | None = None  # the source README's `license:` (front matter), for the model card
 
     @property
     def name(self) -> str:
@@ -57,7 +61,8 @@ class SourceModel:
 
     def lineage(self) -> dict:
         return {"id": self.ref, "path": str(self.path), "revision": self.revision,
-                "model_type": self.model_type, "files": dict(self.files), "fingerprint": self.fingerprint}
+                "model_type": self.model_type, "files": dict(self.files), "fingerprint": self.fingerprint,
+                "license": self.license}
 
 
 def _looks_like_path(model: str) -> bool:
@@ -106,11 +111,12 @@ def inspect_source(model: str, *, revision: str | None = None, hash_files: bool 
     except KeyError as exc:
         raise InputError(f"{path / 'config.json'}: missing key {exc.args[0]!r} for a {model_type} model") from None
     tokenizer = [n for n in TOKENIZER_FILES if (path / n).is_file()]
-    if not tokenizer:
+    if not set(tokenizer) - {"chat_template.jinja", "generation_config.json"}:
         raise InputError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}...): calibration text "
                          "is tokenized with the model's own tokenizer; save it next to the weights "
                          "(tokenizer.save_pretrained)")
-    names = sorted({p.name for p in ckpt.file_paths()} | set(tokenizer))
+    licences = {p.name for p in ckpt.licence_files()}
+    names = sorted({p.name for p in ckpt.file_paths()} | set(tokenizer) | licences)
     files = tuple((n, sha256_file(path / n)) for n in names) if hash_files else ()
     fingerprint = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files).encode()).hexdigest() if files else ""
     dtype = str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "float32").replace("torch.", "")
@@ -119,7 +125,7 @@ def inspect_source(model: str, *, revision: str | None = None, hash_files: bool 
     return SourceModel(ref=model, path=path, revision=resolved_revision, model_type=model_type,
                        n_layers=args.n_layers, dim=args.dim, ffn_dim=args.ffn_dim, gated=arch.FFN.gated,
                        max_positions=args.max_positions, config_dtype=dtype, files=files,
-                       fingerprint=fingerprint)
+                       fingerprint=fingerprint, license=source_license(path))
 
 
 @task(name="inspect-source", retries=0)

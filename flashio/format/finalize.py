@@ -18,8 +18,9 @@ from typing import Any
 from flashio.errors import FlashError
 from flashio.format.manifest import MANIFEST, FileEntry, check_relative_name
 from flashio.format.reader import Artifact
-from flashio.format.writer import move_into_place
+from flashio.format.writer import MODEL_CARD, model_card, move_into_place
 from flashio.hashing import sha256_file
+from flashio.model_card import LICENCE_NAMES
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -54,9 +55,14 @@ def finalize_artifact(src: str | Path, out_dir: str | Path, *, lineage: dict[str
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, tmp / rel)
             files[rel] = FileEntry(rel, (tmp / rel).stat().st_size, sha256_file(tmp / rel))
-        new = dataclasses.replace(m, lineage={**m.lineage, **(lineage or {})},
-                                  report=report if report is not None else m.report,
-                                  files=dict(sorted(files.items())))
+        new_lineage, new_report = {**m.lineage, **(lineage or {})}, report if report is not None else m.report
+        if MODEL_CARD in m.files:  # the card shows the report and lineage: rendered again (not through the link)
+            (tmp / MODEL_CARD).unlink()
+            licences = [n for n in m.files if "/" not in n and LICENCE_NAMES.match(n)]
+            (tmp / MODEL_CARD).write_text(model_card(new_lineage.get("artifact_name", out_dir.name), m.architecture,
+                                                     new_lineage, new_report, licences), encoding="utf-8")
+            files[MODEL_CARD] = FileEntry(MODEL_CARD, (tmp / MODEL_CARD).stat().st_size, sha256_file(tmp / MODEL_CARD))
+        new = dataclasses.replace(m, lineage=new_lineage, report=new_report, files=dict(sorted(files.items())))
         (tmp / MANIFEST).write_text(new.dumps())
         with open(tmp / MANIFEST, "rb") as fh:
             os.fsync(fh.fileno())

@@ -33,8 +33,12 @@ from flashio.format.ffnfile import layout_ffn_file
 from flashio.format.manifest import (
     FFN,
     MANIFEST,
+    FORMAT_VERSION,
+    GATE_RESIDENT_VERSION,
+    LAYOUTS,
     PREDICTORS,
     RESIDENT,
+    SELECTIONS,
     FFNLayer,
     FileEntry,
     Manifest,
@@ -42,12 +46,15 @@ from flashio.format.manifest import (
     check_relative_name,
 )
 from flashio.hashing import sha256_file
+from flashio.model_card import render_model_card, source_license
 from flashio.models import get_architecture
 from flashio.models.base import FFNWeights
 from flashio.predictor import PredictorWeights
 from flashio.version import __version__
 
 log = logging.getLogger(__name__)
+
+MODEL_CARD = "README.md"  # Hugging Face's model card: front matter, the report's figures, how to run it
 
 
 @dataclass
@@ -60,7 +67,8 @@ class ModelSource:
     resident: dict[str, torch.Tensor]  # flashio names (see the architecture's table)
     ffn: Callable[[int], FFNWeights]
     tokenizer_files: list[Path] = field(default_factory=list)
-    lineage: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)  # lineage["source"]["license"]: for the model card
+    licence_files: list[Path] = field(default_factory=list)  # LICENSE / NOTICE...: copied as they are
 
 
 def source_from_checkpoint(path: str | Path, *, hash_files: bool = True) -> ModelSource:
@@ -70,11 +78,23 @@ def source_from_checkpoint(path: str | Path, *, hash_files: bool = True) -> Mode
     args = arch.ModelArgs.from_hf(ckpt.config)
     resident, ffn = arch.read_checkpoint(ckpt, args)
     lineage: dict[str, Any] = {"source": {"path": str(Path(path).resolve()),
-                                          "model_type": ckpt.config["model_type"]}}
+                                          "model_type": ckpt.config["model_type"],
+                                          "license": source_license(ckpt.path)}}
     if hash_files:
         lineage["source"]["files"] = {p.name: sha256_file(p) for p in ckpt.file_paths()}
     return ModelSource(ckpt.config["model_type"], ckpt.config, args.n_layers, resident, ffn,
-                       ckpt.tokenizer_files(), lineage)
+                       ckpt.tokenizer_files(), lineage, ckpt.licence_files())
+
+
+def model_card(name: str, model_type: str, lineage: dict[str, Any], report: dict[str, Any] | None,
+               licence_file_names: Sequence[str]) -> str:
+    """The artifact's README.md from what its manifest records: the source (a hub id only when it
+    came from the hub: a local directory names no base model), its licence, the report's summary."""
+    src = lineage.get("source") or {}
+    base_model = src.get("id") if src.get("revision") else None
+    summary = report.get("summary", report) if report else None
+    return render_model_card(name=name, base_model=base_model, license=src.get("license"), family=model_type,
+                             report=summary, licence_file_names=licence_file_names)
 
 
 def _tokenizer_entry(source: ModelSource) -> dict[str, Any] | None:
@@ -97,6 +117,23 @@ def _check_order(order: Any, n: int, layer: int) -> torch.Tensor:
     return o
 
 
+def _check_gate_options(model_type: str, gated: bool, gate_resident: bool, densities: Sequence[float | None] | None,
+                        selection: str | None, predictors: Sequence[PredictorWeights] | None) -> None:
+    """The exact-gate options, refused before anything is written when the artifact could not hold them."""
+    if gate_resident and not gated:
+        raise FlashError(f"gate_resident: {model_type} FFNs have no gate (not gated); pack without it")
+    bad = [x for x in densities or [] if x is not None and not 0.0 < float(x) <= 1.0]
+    if bad:
+        raise FlashError(f"densities must be fractions in (0, 1] (or None), got {bad[:3]}")
+    if selection is not None:
+        if selection not in SELECTIONS:
+            raise FlashError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+        if selection != "predictor" and not gate_resident:
+            raise FlashError(f"selection {selection!r} computes the gate from resident rows: pass gate_resident=True")
+        if "predictor" in selection and predictors is None:
+            raise FlashError(f"selection {selection!r} needs predictors")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -113,9 +150,13 @@ def write_artifact(
     orders: Sequence[Any] | None = None,
     predictors: Sequence[PredictorWeights] | None = None,
     active_thresholds: Sequence[float] | None = None,
+    gate_resident: bool = False,
+    densities: Sequence[float | None] | None = None,
+    selection: str | None = None,
     lineage: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
     report_files: dict[str, Path] | None = None,
+    name: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
@@ -124,7 +165,16 @@ def write_artifact(
     orders[i]: stored row j of layer i holds source neuron orders[i][j] (default: identity).
     predictors[i]: layer i's predictor in *source* neuron order; the writer permutes its rows.
     active_thresholds[i]: what counts as active for layer i (default 0: ReLU output > 0).
+    gate_resident: gated FFNs only: the gate rows go to the resident file (`layers.{i}.ffn.gate`,
+      [n_neurons, d_model] in stored order) and the bundles hold up + down (format version 2), for
+      the exact-gate selection (flashio.exact).
+    densities[i]: the fraction of layer i's neurons an exact selection keeps per token (None: its
+      active_threshold decides).
+    selection: mode='sparse''s default selection, one of flashio.format.manifest.SELECTIONS
+      (None: 'gate' for gate_resident, else 'predictor').
+    name: what the model card (README.md) calls the artifact (default: the directory's name).
     progress(done_layers, n_layers) is called after each layer.
+    The source's licence files are copied beside the weights and named in the card.
     """
     if not isinstance(source, ModelSource):
         source = source_from_checkpoint(source)
@@ -140,14 +190,20 @@ def write_artifact(
     n_layers, d, n = source.n_layers, args.dim, args.ffn_dim
     for rel in report_files or {}:  # names the reader would refuse are refused before anything is written
         check_relative_name(rel, "report file", where="write_artifact")
-        if rel in (MANIFEST, FFN, RESIDENT, PREDICTORS):
+        if rel in (MANIFEST, FFN, RESIDENT, PREDICTORS, MODEL_CARD):
             raise FlashError(f"report file {rel!r} would replace a weight or manifest file; put reports under 'report/'")
     for p in source.tokenizer_files:
         check_relative_name(p.name, "tokenizer file", where="write_artifact")
-    for name, seq in (("orders", orders), ("predictors", predictors), ("active_thresholds", active_thresholds)):
+    for p in source.licence_files:
+        check_relative_name(p.name, "licence file", where="write_artifact")
+        if p.name in (MANIFEST, FFN, RESIDENT, PREDICTORS, MODEL_CARD) or p.name in {t.name for t in source.tokenizer_files}:
+            raise FlashError(f"licence file {p.name!r} would replace another file of the artifact; rename it")
+    for what, seq in (("orders", orders), ("predictors", predictors), ("active_thresholds", active_thresholds),
+                      ("densities", densities)):
         if seq is not None and len(seq) != n_layers:
-            raise FlashError(f"{name} has {len(seq)} entries for a model of {n_layers} layers")
-    parts = list(arch.FFN.parts)
+            raise FlashError(f"{what} has {len(seq)} entries for a model of {n_layers} layers")
+    _check_gate_options(source.model_type, arch.FFN.gated, gate_resident, densities, selection, predictors)
+    parts = list(LAYOUTS[(arch.FFN.gated, gate_resident)])
     layout = tuple((p, k * d, (k + 1) * d) for k, p in enumerate(parts))
     width = len(parts) * d
 
@@ -181,6 +237,8 @@ def write_artifact(
                 f.write(memoryview(raw))
                 h.update(memoryview(raw))
                 resident[f"layers.{i}.ffn.order"] = order
+                if gate_resident:
+                    resident[f"layers.{i}.ffn.gate"] = w.gate.to(tdtype)[order].contiguous()  # [N, D]
                 for key, b in (("up_bias", w.up_bias), ("gate_bias", w.gate_bias)):
                     if b is not None:
                         resident[f"layers.{i}.ffn.{key}"] = b.to(tdtype)[order].contiguous()
@@ -188,7 +246,10 @@ def write_artifact(
                     resident[f"layers.{i}.ffn.down_bias"] = w.down_bias.to(tdtype).contiguous()
                 thr = float(active_thresholds[i]) if active_thresholds is not None else 0.0
                 ffn_layers.append(FFNLayer(f"layers.{i}.bundles", n, width, info.start,
-                                           info.end - info.start, f"layers.{i}.ffn.order", thr))
+                                           info.end - info.start, f"layers.{i}.ffn.order", thr,
+                                           gate_tensor=f"layers.{i}.ffn.gate" if gate_resident else None,
+                                           density=None if densities is None or densities[i] is None
+                                           else float(densities[i])))
                 if predictors is not None:
                     p = predictors[i]
                     if p.n_neurons != n or p.A.shape[1] != d:
@@ -210,15 +271,21 @@ def write_artifact(
         tok = _tokenizer_entry(source)
         for p in source.tokenizer_files:
             shutil.copyfile(p, tmp / p.name)
+        for p in source.licence_files:
+            shutil.copyfile(p, tmp / p.name)
         for rel, src in (report_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
+        full_lineage = {**source.lineage, **(lineage or {}), "flashio_version": __version__,
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        full_lineage.setdefault("artifact_name", name or out_dir.name)
+        card = model_card(full_lineage["artifact_name"], source.model_type, full_lineage, report,
+                          [p.name for p in source.licence_files])
+        (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
         for p in sorted(tmp.rglob("*")):
             rel = p.relative_to(tmp).as_posix()
             if p.is_file() and rel not in files:
                 files[rel] = FileEntry(rel, p.stat().st_size, sha256_file(p))
-        full_lineage = {**source.lineage, **(lineage or {}), "flashio_version": __version__,
-                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         manifest = Manifest(
             architecture=source.model_type, model_config=source.config, dtype=dtype,
             activation=arch.FFN.activation, gated=arch.FFN.gated, bundle_layout=layout,
@@ -226,7 +293,9 @@ def write_artifact(
             predictor_layers=tuple(PredictorLayer(p.rank, p.threshold) for p in predictors)
             if predictors is not None else None,
             tokenizer=tok, lineage=full_lineage, report=report,
-            predictors_file=PREDICTORS if predictors is not None else None)
+            predictors_file=PREDICTORS if predictors is not None else None,
+            format_version=GATE_RESIDENT_VERSION if gate_resident else FORMAT_VERSION,
+            gate_resident=gate_resident, selection=selection)
         (tmp / MANIFEST).write_text(manifest.dumps())
         for p in tmp.rglob("*"):
             if p.is_file():
