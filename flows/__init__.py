@@ -6,6 +6,6 @@
   `flashio.commands`); it imports nothing heavy until it runs.
 - `flows.scheduled`: keep a conversion plan's models converted (skips what is published)
 - `flows.plan`: the conversion plan (YAML), validated
-- `flows.serve`: `flashio serve`, the flows served with their schedules on one machine
+- `flows.schedule`: `flashio schedule`, the flows served with their schedules on one machine
 - `flows.locks`: one conversion per model at a time (a Prefect global concurrency limit)
 """

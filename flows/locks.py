@@ -4,7 +4,7 @@
         ...
 
 The limit `flashio-convert-<name>` lives on the Prefect server, so it holds across processes,
-machines, workers and `flashio serve`: a scheduled run that fires while a manual conversion of
+machines, workers and `flashio schedule`: a scheduled run that fires while a manual conversion of
 the same model is still running waits for it (and then, with `skip_published`, usually finds the
 artifact already published). It is created with one slot the first time a model is converted;
 an operator may change it (`prefect gcl update flashio-convert-<name> --limit 0` pauses that

@@ -8,7 +8,7 @@
 registry: s3://flashio-models/models   # where every model is published (a model may override it)
 work_dir: /var/lib/flashio/work        # stage outputs: keep it between runs (interrupted runs resume)
 runner: threads                        # or dask (a local cluster of `workers`, or dask_address)
-schedule: {cron: "0 3 * * *", timezone: UTC}   # for `flashio serve` (infra/prefect.yaml has its own)
+schedule: {cron: "0 3 * * *", timezone: UTC}   # for `flashio schedule` (infra/prefect.yaml has its own)
 defaults: {samples: 512, seq_len: 256}         # ConvertConfig options of every model
 models:
   - name: opt-125m                      # the registry name

@@ -2,7 +2,7 @@
 
     from flows.scheduled import convert_plan
     convert_plan("infra/plan.example.yaml")                  # once, here
-    flashio serve --plan infra/plan.example.yaml             # on the plan's cron schedule
+    flashio schedule --plan infra/plan.example.yaml             # on the plan's cron schedule
     prefect deploy --all --prefect-file infra/prefect.yaml   # on a work pool (see the README)
 
 Each enabled model of the plan runs the `convert` flow as a subflow, one after the other, with

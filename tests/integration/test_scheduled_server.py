@@ -1,7 +1,7 @@
 """The deployments against a real Prefect server: `prefect server start` on 127.0.0.1 (SQLite, a
 free port), started and stopped here.
 
-- `flashio serve --plan PLAN` (a subprocess) registers the scheduled flow with the plan's cron
+- `flashio schedule --plan PLAN` (a subprocess) registers the scheduled flow with the plan's cron
   schedule; a run triggered through the API is executed by that process and publishes the tiny
   model; a second triggered run completes without converting anything (the registry already
   holds the lineage).
@@ -175,7 +175,7 @@ def test_served_plan_runs_on_trigger_and_skips_the_second_time(prefect_server, t
                      "sweep": [0.9, 0.99], "sweep_samples": 2},
         "models": [{"name": "tiny-opt", "source": str(tiny["opt"]), "calibration": str(tiny["text"])}]}))
     log = tmp_path / "serve.log"
-    serve = start([sys.executable, "-m", "flashio.cli", "serve", "--plan", str(plan)],
+    serve = start([sys.executable, "-m", "flashio.cli", "schedule", "--plan", str(plan)],
                   env=prefect_server.env("serve-home"), log=log)
     try:
         def deployment():

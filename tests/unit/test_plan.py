@@ -1,5 +1,5 @@
 """Conversion plans (flows/plan.py), the idempotence key (flows.convert.lineage_key), the
-deployments `flashio serve` builds and the `--runner` / `--skip-published` flags: no Prefect
+deployments `flashio schedule` builds and the `--runner` / `--skip-published` flags: no Prefect
 server, no tensors."""
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_runner_flag():
 
 
 def test_serve_builds_the_plan_and_convert_deployments(tmp_path):
-    from flows.serve import build_deployments
+    from flows.schedule import build_deployments
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"schedule": {"cron": "15 2 * * 1", "timezone": "Europe/Paris"},
@@ -192,11 +192,11 @@ def test_serve_builds_the_plan_and_convert_deployments(tmp_path):
     assert [d.name for d in build_deployments(None)] == ["served"]  # no plan: the convert flow only
 
 
-def test_serve_is_a_flashio_command(capsys):
+def test_schedule_is_a_flashio_command(capsys):
     from flashio.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--help"])
+        main(["schedule", "--help"])
     assert exit_.value.code == 0 and "--plan" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["convert", "--help"])

@@ -1,8 +1,8 @@
-"""`flashio serve`: run the conversion flows on this machine, on their schedules, no work pool.
+"""`flashio schedule`: run the conversion flows on this machine, on their schedules, no work pool.
 
     prefect server start &                                   # or a server elsewhere:
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    flashio serve --plan infra/plan.example.yaml             # the plan on its cron schedule
+    flashio schedule --plan infra/plan.example.yaml             # the plan on its cron schedule
     prefect deployment run flashio-convert-plan/served       # a run now (or from the UI)
     prefect deployment run flashio-convert/served --param config='{"model": "facebook/opt-125m"}'
 
@@ -17,7 +17,7 @@ same model never run at once anywhere (flows/locks.py). For a cluster, deploy in
 to a work pool instead and start workers (README, "Deployment").
 
 Contributed to the `flashio` CLI through the `flashio.commands` entry point group
-(`serve = "flows.serve:add_serve_command"`); Prefect loads when the command runs.
+(`schedule = "flows.schedule:add_schedule_command"`); Prefect loads when the command runs.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ TAGS = ["flashio"]
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
-def add_serve_command(sub) -> None:
+def add_schedule_command(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve the conversion flows (scheduled plan + on-demand convert) on this machine",
+        "schedule", help="serve the conversion flows (scheduled plan + on-demand convert) on this machine",
         description="Register the conversion deployments with the Prefect server (PREFECT_API_URL) and run "
                     "their flow runs here on their schedules, without a work pool, until interrupted.")
     p.add_argument("--plan", help="conversion plan (YAML, see infra/plan.example.yaml): served on its schedule")
@@ -47,7 +47,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--no-schedule", action="store_true", help="serve the plan without a schedule (runs by hand)")
     p.add_argument("--name", default=PLAN_DEPLOYMENT, help=f"the plan deployment's name (default {PLAN_DEPLOYMENT})")
     p.add_argument("--limit", type=int, default=1, help="flow runs executing at once (default 1)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_schedule)
 
 
 def plan_schedule(plan, *, cron: str | None, timezone: str | None, no_schedule: bool):
@@ -65,7 +65,7 @@ def plan_schedule(plan, *, cron: str | None, timezone: str | None, no_schedule: 
 
 def build_deployments(plan_path: str | None, *, cron: str | None = None, timezone: str | None = None,
                       no_schedule: bool = False, name: str = PLAN_DEPLOYMENT) -> list:
-    """The RunnerDeployments `flashio serve` serves (module entry points: the flow runs import
+    """The RunnerDeployments `flashio schedule` serves (module entry points: the flow runs import
     `flows.*` from the installed package, whatever the working directory)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
@@ -88,7 +88,7 @@ def build_deployments(plan_path: str | None, *, cron: str | None = None, timezon
     return deployments
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_schedule(args: argparse.Namespace) -> int:
     from tasks.errors import InputError
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
