@@ -3,8 +3,10 @@
     flashio run ARTIFACT --prompt "def main():" --max-new-tokens 32
     flashio inspect ARTIFACT --verify
     flashio pack CHECKPOINT_DIR OUT_DIR --dtype float16
+    flashio chat ARTIFACT --system "Be brief."
+    flashio serve ARTIFACT --port 8000          # OpenAI-compatible (the serve extra)
 
-Runtime subcommands live in flashio. Pipeline subcommands (convert, serve...) are contributed by
+Runtime subcommands live in flashio. Pipeline subcommands (convert, schedule...) are contributed by
 the `flows` package through the `flashio.commands` entry-point group; each entry point is a
 function `add_command(subparsers)` that must not import the pipeline's heavy dependencies at
 import time, so that `flashio --help` works on a runtime-only install.
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_commands(sub)
     for ep in _entry_points():
+        if ep.name in sub.choices:  # stale metadata of an older install (e.g. the Prefect `serve`, now `schedule`)
+            log.debug("entry point %s (%s) skipped: a built-in command has that name", ep.name, ep.value)
+            continue
         try:
             add_command: Callable = ep.load()
         except ImportError as exc:

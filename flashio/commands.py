@@ -1,9 +1,12 @@
-"""Runtime subcommands: run, inspect, pack. Each is a library call plus a thin handler."""
+"""Runtime subcommands: run, inspect, pack (and chat, serve: flashio.chat, flashio.server.command).
+Each is a library call plus a thin handler."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -13,12 +16,9 @@ if TYPE_CHECKING:  # imported on use: `flashio --help` does not load torch
     from flashio.config import FlashConfig
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("run", help="generate text with an artifact",
-                       description="Generate text from an artifact, printing it as it comes, then a summary line.")
+def add_open_options(p: argparse.ArgumentParser) -> None:
+    """How the artifact is opened (FlashConfig): shared by run, chat and serve."""
     p.add_argument("artifact", help="artifact directory or registry reference (with --registry)")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--mode", default="sparse", choices=["sparse", "dense", "naive", "oracle"])
     p.add_argument("--window", type=int, default=5, help="tokens a neuron stays cached (default 5)")
     p.add_argument("--dram-budget", default=None, help="e.g. 2GiB: resident + caches must fit")
@@ -29,14 +29,72 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of weights in memory and of the matmuls (default: the artifact's)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--registry", default=None, help="registry URI for name@version references")
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """Generation options; each one left out takes the artifact's generation_config.json value."""
+    g = p.add_argument_group("generation (default: the artifact's generation_config.json, else greedy)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default 256)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 penalises repeats (1 = off)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the output at this text (repeatable; not included)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler (repeatable samples)")
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    """The generation options given on the command line (GenerationConfig fields)."""
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "stop", None):
+        out["stop"] = tuple(args.stop)
+    return out
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("run", help="generate text with an artifact",
+                       description="Generate text from an artifact, printing it as it comes, then a summary line.")
+    add_open_options(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a line")
     p.add_argument("--record-trace", metavar="FILE", default=None,
                    help="save every token's active neurons per layer (a trace for `flashio bench model`)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="chat with an artifact (its chat template)",
+                       description="An interactive chat through the artifact's chat template: the history is "
+                                   "kept within the context window (oldest turns dropped first); /reset forgets "
+                                   "it, /exit (or Ctrl-D) ends. Each reply ends with a stats line on stderr. "
+                                   "When stdin is not a terminal, all of it is one message: the reply is printed "
+                                   "and the command ends.")
+    add_open_options(p)
+    p.add_argument("--system", default=None, help="system prompt (kept through /reset)")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="a jinja2 chat template to use instead of the artifact's (e.g. for a base model)")
+    add_generation_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API",
+                       description="Serve /v1/models, /v1/completions and /v1/chat/completions (streaming and "
+                                   "not) for one artifact, one request at a time behind a bounded queue. "
+                                   "Needs the serve extra: pip install 'flashio[serve]'. Generation options "
+                                   "given here replace the artifact's defaults; requests override them.")
+    add_open_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                     "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("FLASHIO_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $FLASHIO_API_KEY, else none)")
+    p.add_argument("--max-waiting", type=int, default=8,
+                   help="requests that may wait for the model; past that, 429 with Retry-After (default 8)")
+    p.add_argument("--model-id", default=None, help="the model name the API lists (default: the artifact's)")
+    add_generation_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="print an artifact's manifest summary",
                        description="Validate an artifact (manifest, names, sizes, offsets) and summarise it.")
@@ -76,20 +134,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.json:
             out.write(args.prompt)
             out.flush()
-        ids = []
-        for tok in model.stream(args.prompt, args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed):
+        ids, pieces, finish = [], [], None
+        for tok in model.stream(args.prompt, **generation_options(args)):
             ids.append(tok.token_id)
+            pieces.append(tok.text)
+            finish = tok.finish_reason
             if not args.json:
                 out.write(tok.text)
                 out.flush()
         from flashio.runtime import Generation
 
         steps = model.stats
-        gen = Generation(model.codec.decode(ids) if model.codec else "", ids, steps[0].tokens, steps[0], steps[1:])
+        gen = Generation("".join(pieces), ids, steps[0].tokens, steps[0], steps[1:], finish)
         if args.json:
             n = max(len(gen.decode), 1)
-            print(json.dumps({"text": gen.text, "tokens": len(ids), "tokens_per_s": gen.tokens_per_s(),
+            print(json.dumps({"text": gen.text, "tokens": len(ids), "finish_reason": finish, "tokens_per_s": gen.tokens_per_s(),
                               "per_token": gen.decode_total.per_token(n), "mode": args.mode,
                               "device": str(model.device)}, indent=1))
         else:
@@ -98,6 +157,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             trace = model.trace()
             path = trace.save(args.record_trace)
             print(f"trace: {trace.steps} tokens x {trace.n_layers} layers -> {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import flashio
+    from flashio.chat import chat, load_template
+
+    template = load_template(args.chat_template) if args.chat_template else None
+    with flashio.open(args.artifact, run_config(args), registry=args.registry) as model:
+        return chat(model, system=args.system, template=template, options=generation_options(args),
+                    stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flashio.errors import MissingExtraError
+
+    for module in ("starlette", "uvicorn"):  # before the model loads: a one-line error naming the extra
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            raise MissingExtraError("`flashio serve`", "serve", module) from None
+    import flashio
+    from flashio.server import serve
+    from flashio.server.session import FlashSession
+
+    with flashio.open(args.artifact, run_config(args), registry=args.registry) as model:
+        session = FlashSession(model, model_id=args.model_id, options=generation_options(args))
+        print(f"flashio serve: {session.model_id} ({args.mode}, {model.device}, context {session.context_tokens} "
+              f"tokens) on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
+              file=sys.stderr, flush=True)
+        serve(session, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+              log_level="warning" if args.verbose == 0 else "info")
     return 0
 
 
