@@ -232,10 +232,13 @@ def task_return_type() -> Any:
 
 
 def declared_return_type(fn: Callable) -> Any:
-    """`fn`'s return annotation, resolved (Any when it has none)."""
+    """`fn`'s return annotation, resolved (Any when it has none) in the namespace of the module
+    that defines it: a function shipped to a Dask worker by value carries only the globals its
+    code uses, not the names its (string) annotations mention."""
     try:
-        return typing.get_type_hints(fn).get("return", Any)
-    except (NameError, TypeError) as exc:
+        module = importlib.import_module(fn.__module__)
+        return typing.get_type_hints(fn, globalns=vars(module)).get("return", Any)
+    except (NameError, TypeError, ImportError) as exc:
         raise StageResultError(f"cannot resolve the annotations of {fn.__qualname__} ({exc}): a stage task must "
                                "declare a return type its module defines, so that its stored result can be "
                                "checked") from None
