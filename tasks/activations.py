@@ -12,6 +12,10 @@ neurons are active. Which module that is, and the activation, the family declare
 - ReLU families (OPT): hook on fc1, threshold 0, i.e. fc1 output > 0 (exact sparsity).
 - Gated SiLU families (Llama, Mistral): hook on gate_proj; the threshold is calibrated beforehand
   by `calibrate_gate_thresholds` to a target density (CATS-style).
+Gated families can also be labelled by each neuron's contribution |act(gate)·up| (the down
+projection's input h, read by a pre-hook on the Linear of the hooked module's parent that maps
+N -> D: no recomputation): with `ActivationOptions.label_densities`, the pairs also hold, per
+token, the top round(d N) neurons by |h| at the layer's density d (`layers.{i}.contrib_mask`).
 
 Per layer and neuron a shard records the activation count, the summed activation magnitude and,
 on every `coactivation_stride`-th position, co-activation counts; counts are integers, so the
@@ -71,8 +75,12 @@ class ActivationOptions:
     pair_stride: int = 1  # keep predictor pairs of every k-th position
     pairs_dtype: str = "float16"
     torch_threads: int | None = None  # None: torch's default (see tasks.threads)
+    # gated FFNs: per layer, the density of the contribution labels (top-k by |act(gate)·up|); () = none
+    label_densities: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(not 0.0 < d <= 1.0 for d in self.label_densities):
+            raise InputError(f"label densities must be in (0, 1]; got {self.label_densities}")
         if self.dtype not in TORCH_DTYPES or self.pairs_dtype not in TORCH_DTYPES:
             raise InputError(f"dtype must be one of {sorted(TORCH_DTYPES)}; got {self.dtype!r} / {self.pairs_dtype!r}")
         if self.batch_sequences < 1 or self.coactivation_stride < 0 or self.pair_stride < 1:
@@ -122,6 +130,28 @@ def hooked_modules(model, source: SourceModel) -> list[torch.nn.Module]:
                          f"flashio/models for this transformers version") from None
 
 
+def down_modules(model, source: SourceModel) -> list[torch.nn.Linear]:
+    """Per layer, the FFN's down projection: the Linear beside the hooked module (same parent)
+    that maps the N neurons back to the model width D; its input is act(gate)·up (gated) or
+    act(up). Families name it differently (down_proj, fc2): found by shape, not by name."""
+    out = []
+    for path, hooked in zip(ffn_spec(source).hook_paths(source.n_layers), hooked_modules(model, source)):
+        parent = model.get_submodule(path.rsplit(".", 1)[0])
+        downs = [m for m in parent.children() if isinstance(m, torch.nn.Linear) and m is not hooked
+                 and m.in_features == source.ffn_dim and m.out_features == source.dim]
+        if len(downs) != 1:
+            raise InputError(f"{source.ref}: found {len(downs)} Linear modules mapping {source.ffn_dim} -> "
+                             f"{source.dim} beside {path!r} (expected the one down projection); this "
+                             f"transformers model ({type(model).__name__}) is laid out differently")
+        out.append(downs[0])
+    return out
+
+
+def model_lock() -> threading.Lock:
+    """The lock every forward pass of the shared source model holds (hooks are per model)."""
+    return _MODEL_LOCK
+
+
 def shard_ranges(n_sequences: int, shard_sequences: int) -> list[tuple[int, int]]:
     step = max(1, shard_sequences)
     return [(s, min(s + step, n_sequences)) for s in range(0, n_sequences, step)]
@@ -154,6 +184,10 @@ class _Collector:
         self.keep_pairs = keep_pairs
         self.xs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.masks: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+        self.label_densities = tuple(options.label_densities) if ffn.gated else ()
+        if self.label_densities and len(self.label_densities) != n_layers:
+            raise InputError(f"{len(self.label_densities)} label densities for {n_layers} layers")
+        self.contrib: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
         self.tokens = self.coact_tokens = 0
 
     def begin_batch(self, batch: torch.Tensor) -> None:
@@ -187,6 +221,17 @@ class _Collector:
 
         return fn
 
+    def down_hook(self, i: int):
+        """Pre-hook on the down projection: contribution labels of the pair rows."""
+        def fn(_module, inputs) -> None:
+            if self.keep_pairs:
+                h = inputs[0].reshape(-1, self.n)[self.pair_rows]  # [T, N] act(gate)·up
+                k = min(self.n, max(1, round(self.label_densities[i] * self.n)))
+                top = torch.zeros(h.shape, dtype=torch.bool).scatter_(-1, torch.topk(h.abs(), k).indices, True)
+                self.contrib[i].append(np.packbits(top.numpy(), axis=1))
+
+        return fn
+
 
 def _run(source: SourceModel, ids: torch.Tensor, collector: _Collector | None, options: ActivationOptions,
          progress: Callable[[int, int], None] | None = None) -> None:
@@ -194,6 +239,9 @@ def _run(source: SourceModel, ids: torch.Tensor, collector: _Collector | None, o
     with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
         handles = [m.register_forward_hook(collector.hook(i)) for i, m in enumerate(hooked_modules(model, source))] \
             if collector is not None else []
+        if collector is not None and collector.label_densities:
+            handles += [d.register_forward_pre_hook(collector.down_hook(i))
+                        for i, d in enumerate(down_modules(model, source))]
         try:
             for b in range(0, len(ids), options.batch_sequences):
                 batch = ids[b : b + options.batch_sequences]
@@ -270,6 +318,8 @@ def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop:
     for i in range(source.n_layers):
         pairs[f"layers.{i}.x"] = torch.cat(col.xs[i])
         pairs[f"layers.{i}.mask"] = torch.from_numpy(np.concatenate(col.masks[i]))
+        if col.contrib[i]:
+            pairs[f"layers.{i}.contrib_mask"] = torch.from_numpy(np.concatenate(col.contrib[i]))
     save_tensors(pairs, str(out_dir / PAIRS_FILE), metadata={"n_neurons": str(source.ffn_dim)})
     return ShardResult(index=index, start=start, stop=stop, stats_path=out_dir / STATS_FILE,
                        pairs_path=out_dir / PAIRS_FILE, tokens=col.tokens,
@@ -310,14 +360,25 @@ def merge_shards(shards: Sequence[ShardResult], *, out_dir: Path) -> ActivationS
                            coactivation_tokens=coact_tokens, sha256=sha256_file(path))
 
 
-def load_pairs(shards: Sequence[ShardResult], layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's pairs from every shard: x [T, D] float32, active [T, N] bool, seq_ids [T]."""
+LABELS = {"active": "mask", "contribution": "contrib_mask"}
+
+
+def load_pairs(shards: Sequence[ShardResult], layer: int, labels: str = "active",
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's pairs from every shard: x [T, D] float32, labels [T, N] bool, seq_ids [T].
+    labels: "active" (|act| above the layer's threshold) or "contribution" (top-k by |act(gate)·up|)."""
+    if labels not in LABELS:
+        raise InputError(f"predictor labels {labels!r} are not one of {', '.join(LABELS)}")
     xs, masks, seqs = [], [], []
     for s in sorted(shards, key=lambda s: s.start):
         with safe_open(str(s.pairs_path), framework="pt") as f:
             n = int(f.metadata()["n_neurons"])
+            key = f"layers.{layer}.{LABELS[labels]}"
+            if key not in f.keys():  # noqa: SIM118
+                raise InputError(f"the activation shard {s.pairs_path} has no {labels} labels; collect them with "
+                                 "ActivationOptions.label_densities (gated FFNs only)")
             xs.append(f.get_tensor(f"layers.{layer}.x").float())
-            packed = f.get_tensor(f"layers.{layer}.mask").numpy()
+            packed = f.get_tensor(key).numpy()
             masks.append(torch.from_numpy(np.unpackbits(packed, axis=1, count=n).astype(bool)))
             seqs.append(f.get_tensor("seq_ids"))
     return torch.cat(xs), torch.cat(masks), torch.cat(seqs)

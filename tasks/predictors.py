@@ -20,6 +20,12 @@ The last `validation_fraction` of the calibration sequences are held out from tr
   rank is then doubled (up to `max_rank`, at most `max_escalations` times) and it is retrained.
 - recall, precision, true and predicted density are reported, plus thresholds for a sweep of
   recall targets (the evaluation's sparsity-accuracy curve).
+
+What a predictor learns (`labels`): "active", the activations step's active sets (|act| above the
+layer's threshold: exact for ReLU, the gate's magnitude for gated FFNs), or, for gated FFNs,
+"contribution": per token the top neurons by |act(gate)·up| at the layer's label density. On
+small gated models the gate's magnitude alone is a poor label (issue 16's measurements: top-1
+0.79 vs 0.92 at half the neurons on Gemma 3 270M); contribution is what the output depends on.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch import nn
 
 from flashio.hashing import sha256_file
 from flashio.predictor import PredictorWeights
-from tasks.activations import ActivationStats, ShardResult, load_pairs
+from tasks.activations import LABELS, ActivationStats, ShardResult, load_pairs
 from tasks.caching import run_stage, stage_cache
 from tasks.errors import InputError
 from tasks.progress import StageProgress
@@ -84,6 +90,7 @@ class PredictorOptions:
     sweep_recalls: tuple[float, ...] = DEFAULT_SWEEP
     seed: int = 0
     torch_threads: int | None = 1  # small matrices: one thread is fastest (see tasks.threads)
+    labels: str = "active"  # or "contribution" (gated FFNs; see tasks.activations.LABELS)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.recall_target < 1.0:
@@ -94,6 +101,8 @@ class PredictorOptions:
             raise InputError("max_escalations >= 0, epochs >= 1, batch_tokens >= 1 and density_ratio > 0 are required")
         if not 0.0 < self.validation_fraction < 1.0:
             raise InputError(f"validation_fraction must be in (0, 1); got {self.validation_fraction}")
+        if self.labels not in LABELS:
+            raise InputError(f"predictor labels {self.labels!r} are not one of {', '.join(LABELS)}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class LayerPredictor:
     escalations: int
     validation_tokens: int
     sweep: tuple[tuple[float, float, float], ...]  # (recall target, threshold, predicted density)
+    labels: str = "active"  # what it was trained on (PredictorOptions.labels)
 
     def threshold_for(self, recall: float) -> float:
         for r, t, _ in self.sweep:
@@ -238,7 +248,7 @@ def train_layer_predictor(shards: Sequence[ShardResult], layer: int, options: Pr
 
 def _train_layer(shards: Sequence[ShardResult], layer: int, options: PredictorOptions, out_dir: Path,
                  progress: Callable[[int, int], None] | None) -> LayerPredictor:
-    x, y, seq_ids = load_pairs(shards, layer)
+    x, y, seq_ids = load_pairs(shards, layer, options.labels)
     val = split_validation(seq_ids, options.validation_fraction)
     x_tr, y_tr, x_val, y_val = x[~val], y[~val], x[val], y[val]
     true_density = float(y_val.float().mean())
@@ -278,7 +288,7 @@ def _train_layer(shards: Sequence[ShardResult], layer: int, options: PredictorOp
                           true_density=metrics["true_density"], predicted_density=metrics["predicted_density"],
                           recall=metrics["recall"], precision=metrics["precision"], recall_at_budget=rab,
                           met_target=rab >= options.recall_target, escalations=escalations,
-                          validation_tokens=int(val.sum()), sweep=tuple(sweep))
+                          validation_tokens=int(val.sum()), sweep=tuple(sweep), labels=options.labels)
 
 
 def load_layer_predictor(lp: LayerPredictor, threshold: float | None = None) -> PredictorWeights:
@@ -296,7 +306,7 @@ def predictor_task(stats: ActivationStats, layer: int, options: PredictorOptions
 
     lp = run_stage("predictor", [__name__, "tasks.activations"], compute)
     get_run_logger().info(
-        "layer %d: rank %d%s, true density %.3f, predicted %.3f, recall %.4f, precision %.3f", layer, lp.rank,
+        "layer %d (%s labels): rank %d%s, true density %.3f, predicted %.3f, recall %.4f, precision %.3f", layer, lp.labels, lp.rank,
         f" (escalated {lp.escalations}x)" if lp.escalations else "", lp.true_density, lp.predicted_density,
         lp.recall, lp.precision)
     return lp

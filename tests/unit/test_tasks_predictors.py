@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
-from tasks.activations import PAIRS_FILE, ShardResult  # noqa: E402
+from tasks.activations import PAIRS_FILE, ShardResult, load_pairs  # noqa: E402
 from tasks.errors import InputError  # noqa: E402
 from tasks.predictors import (  # noqa: E402
     PredictorOptions,
@@ -128,3 +128,40 @@ def test_options_are_validated():
         PredictorOptions(ranks=(1,), max_rank=1, recall_target=1.0)
     with pytest.raises(InputError, match="threshold"):
         PredictorOptions(ranks=(1,), max_rank=1, threshold=1.5)
+
+
+def test_contribution_labels_beat_gate_labels_at_equal_density(tmp_path):
+    """On a tiny gated (SwiGLU) model: predictors trained on contribution labels (top-k by
+    |silu(gate)·up|) keep more of the FFN's output than predictors trained on the gate's magnitude,
+    when both keep the same number of neurons per token (held-out calibration rows)."""
+    pytest.importorskip("transformers")
+    from tasks.activations import ActivationOptions, calibrate_gate_thresholds, collect_shard, load_model
+    from tasks.allocation import topk_mask
+    from tasks.calibration import prepare_calibration, resolve_spec
+    from tasks.predictors import load_layer_predictor
+    from tasks.source import inspect_source
+    from tasks.testing import build_tiny_model, build_tokenizer, write_corpus
+
+    files = write_corpus(tmp_path / "text", n_files=6)
+    tok = build_tokenizer(files, tmp_path / "tok")
+    src = inspect_source(str(build_tiny_model("llama", tmp_path / "llama", tok, hidden=32, ffn=128)))
+    calib = prepare_calibration(src, resolve_spec(str(tmp_path / "text")), n_sequences=20, seq_len=32, n_heldout=1,
+                                seed=0, out_dir=tmp_path / "calib")
+    density = 0.4
+    act = ActivationOptions(coactivation_stride=0, label_densities=(density,) * src.n_layers)
+    th = calibrate_gate_thresholds(src, calib, density=density, n_sequences=20, options=act)
+    shard = collect_shard(src, calib, 0, 20, th, act, out_dir=tmp_path / "shard")
+    mlp = load_model(str(src.path), "float32", src.fingerprint).model.layers[0].mlp
+    errors = {}
+    for labels in ("active", "contribution"):
+        lp = train_layer_predictor([shard], 0, opts(ranks=(16,), labels=labels, epochs=20), out_dir=tmp_path / labels)
+        assert lp.labels == labels
+        x, y, seq = load_pairs([shard], 0, labels)
+        val = seq >= seq.unique()[-2]  # the last two sequences (the predictor held out the last one)
+        assert y[val].float().mean().item() == pytest.approx(density, abs=0.02)
+        with torch.no_grad():
+            h = torch.nn.functional.silu(mlp.gate_proj(x[val])) * mlp.up_proj(x[val])  # [T, N]
+            kept = topk_mask(load_layer_predictor(lp).logits(x[val]), density)  # equal density for both
+            y_full, y_kept = mlp.down_proj(h), mlp.down_proj(h * kept)
+            errors[labels] = float(((y_kept - y_full).norm(dim=-1) / y_full.norm(dim=-1)).mean())
+    assert errors["contribution"] < 0.9 * errors["active"], errors
