@@ -88,3 +88,23 @@ def llama_artifact(tiny_llama, tmp_path_factory):
     from flashio.format import write_artifact
 
     return write_artifact(tiny_llama[1], tmp_path_factory.mktemp("llama-art") / "art")
+
+
+DEMO_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "tasks", "demo", "opt-stdlib")
+# a plain chat template (the demo is a base model of Python code and has none of its own)
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def demo_chat_artifact(tmp_path_factory):
+    """The shipped demo model packed with a chat template and a LICENSE file beside it."""
+    import shutil
+
+    from flashio.format import write_artifact
+
+    ckpt = tmp_path_factory.mktemp("demo-ckpt") / "opt-stdlib"
+    shutil.copytree(DEMO_CHECKPOINT, ckpt, ignore=shutil.ignore_patterns("training_report.json"))
+    (ckpt / "chat_template.jinja").write_text(PLAIN_CHAT_TEMPLATE)
+    (ckpt / "LICENSE").write_text("Demo licence text: travels with every copy.\n")
+    return write_artifact(ckpt, tmp_path_factory.mktemp("demo-art") / "opt-stdlib-chat")
