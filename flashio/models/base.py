@@ -8,9 +8,8 @@ Hk key/value heads, Dh head width, N FFN neurons.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

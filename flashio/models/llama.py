@@ -50,25 +50,37 @@ class ModelArgs:
         # transformers >= 5 nests rope settings in rope_parameters; older configs use rope_theta/rope_scaling
         rope = dict(c.get("rope_parameters") or {})
         rope.update({k: v for k, v in (c.get("rope_scaling") or {}).items() if v is not None})
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise UnsupportedArchitectureError(
-                f"{family} rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
-        heads = c["num_attention_heads"]
-        return cls(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            ffn_dim=c["intermediate_size"], max_positions=c["max_position_embeddings"],
-            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
-            attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        )
+        return cls(**base_fields(c), **rope_fields(family, rope, c.get("rope_theta", 10000.0)))
+
+
+def base_fields(c: dict) -> dict:
+    """The ModelArgs fields every Llama-like config spells the same way (all but the rope)."""
+    heads = c["num_attention_heads"]
+    return dict(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        ffn_dim=c["intermediate_size"], max_positions=c["max_position_embeddings"],
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+    )
+
+
+def rope_fields(family: str, rope: dict, theta: float) -> dict:
+    """The rope_* ModelArgs fields from one rope parameter dict (rope_type, factor...); `theta`
+    where the dict has no rope_theta."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise UnsupportedArchitectureError(
+            f"{family} rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
+    return dict(
+        rope_theta=float(rope.get("rope_theta", theta)), rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
+    )
 
 
 def hf_config(dims: ConfigDims, *, init_std: float = 0.02) -> dict:
@@ -81,7 +93,7 @@ def hf_config(dims: ConfigDims, *, init_std: float = 0.02) -> dict:
             "tie_word_embeddings": False}
 
 
-_LAYER_KEYS = {
+LAYER_KEYS = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn.q.weight": "self_attn.q_proj.weight",
     "attn.k.weight": "self_attn.k_proj.weight",
@@ -92,8 +104,10 @@ _LAYER_KEYS = {
 _ATTN_BIAS_KEYS = {f"attn.{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkvo"}
 
 
-def read_checkpoint(ckpt: HFCheckpoint, args: ModelArgs):
-    """Resident tensors (flashio names) and a function giving layer i's FFN weights."""
+def read_checkpoint(ckpt: HFCheckpoint, args: ModelArgs, *, layer_keys: dict[str, str] = LAYER_KEYS):
+    """Resident tensors (flashio names) and a function giving layer i's FFN weights.
+    layer_keys: flashio name -> checkpoint name of each layer's resident tensors (a family with
+    more norms extends LAYER_KEYS)."""
     p = ckpt.prefix_for(("model.", ""), "embed_tokens.weight")
     resident = {"tok_embeddings.weight": ckpt.get(p + "embed_tokens.weight"),
                 "norm.weight": ckpt.get(p + "norm.weight")}
@@ -101,7 +115,7 @@ def read_checkpoint(ckpt: HFCheckpoint, args: ModelArgs):
         resident["lm_head.weight"] = ckpt.get("lm_head.weight")
     for i in range(args.n_layers):
         lp = f"{p}layers.{i}."
-        for k, v in _LAYER_KEYS.items():
+        for k, v in layer_keys.items():
             resident[f"layers.{i}.{k}"] = ckpt.get(lp + v)
         if args.attention_bias:
             for k, v in _ATTN_BIAS_KEYS.items():
@@ -165,6 +179,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x: [H, T, Dh] rotated by freqs: [T, Dh/2] (fp32 angles; cos/sin in x's dtype, as transformers)."""
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
 class Model:
     """The resident part of a Llama model; the FFN is computed by the runtime's engine."""
 
@@ -185,33 +206,40 @@ class Model:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.args.norm_eps)
         return w * xf.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        # x: [H, T, Dh]
+    def _rope(self, i: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        # x: [H, T, Dh] of layer i (every Llama layer has the same frequencies; Gemma's do not)
         pos = torch.arange(start, start + x.shape[1], dtype=torch.float32, device=x.device)
         freqs = torch.outer(pos, self.inv_freq)  # [T, Dh/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        return x * cos + _rotate_half(x) * sin
+        return apply_rope(x, freqs)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         return self.tok[tokens]  # [T, D]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        return x + self.self_attention(i, self._rms(x, self.layers[i]["attn_norm.weight"]), kv, start)
+
+    def self_attention(self, i: int, h: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        """Layer i's attention of the normed input h: [T, D] -> [T, D] (after o_proj)."""
+        lw = self.layers[i]
+        q, k, v = self._project(i, h)
+        q = self._rope(i, q.transpose(0, 1), start)
+        k = self._rope(i, k.transpose(0, 1), start)
+        k_all, v_all = kv.update(i, k, v.transpose(0, 1))
+        o = attend(q, k_all, v_all, start, self.scale, window=self._window(i))  # [T, H*Dh]
+        return linear(o, lw["attn.o.weight"], lw.get("attn.o.bias"))
+
+    def _project(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q: [T, H, Dh], k and v: [T, Hk, Dh] of the normed input h: [T, D]."""
         a, lw = self.args, self.layers[i]
-        h = self._rms(x, lw["attn_norm.weight"])
         t = h.shape[0]
         q = linear(h, lw["attn.q.weight"], lw.get("attn.q.bias")).view(t, a.n_heads, a.head_dim)
         k = linear(h, lw["attn.k.weight"], lw.get("attn.k.bias")).view(t, a.n_kv_heads, a.head_dim)
         v = linear(h, lw["attn.v.weight"], lw.get("attn.v.bias")).view(t, a.n_kv_heads, a.head_dim)
-        q = self._rope(q.transpose(0, 1), start)
-        k = self._rope(k.transpose(0, 1), start)
-        k_all, v_all = kv.update(i, k, v.transpose(0, 1))
-        o = self._attend(q, k_all, v_all, start)  # [T, H*Dh]
-        return x + linear(o, lw["attn.o.weight"], lw.get("attn.o.bias"))
+        return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal attention over every cached position (variants narrow it: Mistral's window)."""
-        return attend(q, k, v, start, self.scale)
+    def _window(self, i: int) -> int | None:
+        """Layer i's sliding window (None: every cached position; variants narrow it: Mistral's)."""
+        return None
 
     def ffn_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self._rms(x, self.layers[i]["ffn_norm.weight"])

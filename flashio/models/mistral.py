@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from flashio.errors import UnsupportedArchitectureError
 from flashio.models import llama
-from flashio.models.base import ConfigDims, attend
+from flashio.models.base import ConfigDims
 from flashio.models.llama import FFN, checkpoint_shapes, read_checkpoint
 
 MODEL_TYPES = ("mistral",)
@@ -50,5 +48,5 @@ class Model(llama.Model):
 
     args: ModelArgs
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        return attend(q, k, v, start, self.scale, window=self.args.sliding_window)
+    def _window(self, i: int) -> int | None:
+        return self.args.sliding_window

@@ -39,13 +39,13 @@ def tiny(request, tokenizer, tmp_path_factory):
 
 
 def test_registry_finds_every_family_module():
-    assert {"opt", "llama", "mistral"} <= set(FAMILIES)
+    assert {"opt", "llama", "mistral", "qwen2", "gemma3_text"} <= set(FAMILIES)
     for model_type, module in architectures().items():
         assert model_type in module.MODEL_TYPES
         assert all(hasattr(module, name) for name in REQUIRED), module.__name__
         assert isinstance(module.FFN, FFNSpec)
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported by flashio; supported: llama, "
-                                                           r".*opt.*one module in flashio/models"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported by flashio; supported: gemma3_text, "
+                                                           r"llama, .*opt.*one module in flashio/models"):
         get_architecture("gpt2")
 
 
