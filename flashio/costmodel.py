@@ -16,6 +16,11 @@ needed ones can beat issuing a second read (`best_max_gap`).
 Interpolation: the time of one read is linear in its size between measured chunk sizes (latency +
 size / bandwidth), throughput is interpolated in log2(threads). Below the smallest chunk a read
 costs what the smallest chunk costs; above the largest it scales with size.
+
+A profile also holds the memory side (`flashio bench device` measures it since the floor columns
+of `flashio bench model`): DRAM read bandwidth and each dtype's matrix-vector bandwidth, per
+thread count (`profile.memory_bandwidth(threads, "float16")`). A profile without them (written
+before, or the built-in one) answers with DEFAULT_DRAM_READ / DEFAULT_MATVEC, marked "default".
 """
 
 from __future__ import annotations
@@ -49,6 +54,16 @@ _DEFAULT_SEQUENTIAL_MBPS = 2000.0
 DEFAULT_CHUNKS = tuple(4096 << k for k in range(9))  # 4 KiB .. 1 MiB
 DEFAULT_THREAD_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
+# Built-in memory bandwidth (GB/s = 1e9 bytes/s) by torch thread count, for profiles that did not
+# measure it: the LOW end of what the developers' machine class gave (2 vCPU: a plain read of DRAM
+# 31 GB/s on 1 thread, 46 on 2; an fp16/bf16 matrix-vector product 18-25 on 1, 26-42 on 2), so
+# that a floor computed from them is, if anything, too high. float32 is given fp16's figures
+# (it reads the same bytes per second, not the same elements).
+DEFAULT_DRAM_READ: tuple[tuple[int, float], ...] = ((1, 31.0), (2, 46.0))
+DEFAULT_MATVEC: dict[str, tuple[tuple[int, float], ...]] = {
+    "float32": ((1, 18.0), (2, 26.0)), "float16": ((1, 18.0), (2, 26.0)), "bfloat16": ((1, 18.0), (2, 26.0)),
+}
+
 
 @dataclass(frozen=True)
 class ThroughputPoint:
@@ -59,6 +74,29 @@ class ThroughputPoint:
     @property
     def iops(self) -> float:
         return self.mbps * 1e6 / self.chunk_bytes
+
+
+@dataclass(frozen=True)
+class BandwidthPoint:
+    threads: int  # torch.set_num_threads while measured
+    gbps: float  # 1e9 bytes/s: bytes read (the buffer, or the matrix) / time
+    dtype: str = ""  # the matrix's dtype (matrix-vector points); "" for a plain DRAM read
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """One answer of DeviceProfile.memory_bandwidth: GB/s and where it came from."""
+
+    gbps: float
+    source: str  # "measured" | "default" (built-in: the profile has no such points)
+    threads: int
+    dtype: str = ""
+
+
+def _interp_threads(points: Sequence[tuple[int, float]], threads: int) -> float:
+    """Linear in the thread count between measured points, the nearest one outside them."""
+    pts = sorted(points)
+    return float(np.interp(threads, [t for t, _ in pts], [g for _, g in pts]))
 
 
 @dataclass(frozen=True)
@@ -78,6 +116,11 @@ class DeviceProfile:
     machine: dict[str, Any] = field(default_factory=dict)  # cpus, cpu model, kernel
     source: str = "measured"  # "measured" | "default"
     format_version: int = PROFILE_VERSION
+    # the memory side (absent in profiles written before it was measured: built-in defaults then)
+    dram_read: tuple[BandwidthPoint, ...] = ()  # sum over a buffer well past the caches
+    matvec: tuple[BandwidthPoint, ...] = ()  # F.linear(x [1, cols], W [rows, cols]), per dtype
+    memory_buffer_bytes: int = 0  # the buffer read (and the matrices' total, cycled through)
+    matvec_shape: tuple[int, ...] = ()  # (rows, cols) of the matrix
 
     def __post_init__(self) -> None:
         if not self.random:
@@ -86,6 +129,32 @@ class DeviceProfile:
             if p.chunk_bytes <= 0 or p.threads <= 0 or not p.mbps > 0:
                 raise FormatError(f"device profile point {p} is not positive: chunk, threads and "
                                   "MB/s must all be > 0")
+        for p in (*self.dram_read, *self.matvec):
+            if p.threads <= 0 or not p.gbps > 0:
+                raise FormatError(f"device profile bandwidth point {p} is not positive: threads and "
+                                  "GB/s must be > 0; re-run `flashio bench device DIR`")
+
+    @property
+    def memory_source(self) -> str:
+        """'measured' when the profile holds memory bandwidth points, else 'default' (built-in)."""
+        return "measured" if self.dram_read or self.matvec else "default"
+
+    def memory_bandwidth(self, threads: int, dtype: str | None = None) -> Bandwidth:
+        """GB/s of a plain DRAM read (dtype None) or of a `dtype` matrix-vector product with
+        `threads` torch threads: measured points interpolated in the thread count, or the built-in
+        default (source "default") when the profile has no point for it."""
+        if dtype is None:
+            pts = [(p.threads, p.gbps) for p in self.dram_read]
+            default = DEFAULT_DRAM_READ
+        else:
+            if dtype not in DEFAULT_MATVEC:
+                raise FlashError(f"no matrix-vector bandwidth for dtype {dtype!r}; expected one of "
+                                 f"{', '.join(DEFAULT_MATVEC)}")
+            pts = [(p.threads, p.gbps) for p in self.matvec if p.dtype == dtype]
+            default = DEFAULT_MATVEC[dtype]
+        if pts:
+            return Bandwidth(_interp_threads(pts, threads), "measured", threads, dtype or "")
+        return Bandwidth(_interp_threads(default, threads), "default", threads, dtype or "")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,9 +177,13 @@ class DeviceProfile:
         try:
             pts = {k: tuple(ThroughputPoint(int(p["chunk_bytes"]), int(p["threads"]), float(p["mbps"]))
                             for p in d.get(k) or ()) for k in ("random", "fio_random")}
-            known = {f for f in cls.__dataclass_fields__} - {"random", "fio_random"}
+            mem = {k: tuple(BandwidthPoint(int(p["threads"]), float(p["gbps"]), str(p.get("dtype", "")))
+                            for p in d.get(k) or ()) for k in ("dram_read", "matvec")}
+            known = {f for f in cls.__dataclass_fields__} - {"random", "fio_random", "dram_read", "matvec",
+                                                                "matvec_shape"}
             rest = {k: v for k, v in d.items() if k in known}
-            return cls(random=pts["random"], fio_random=pts["fio_random"], **rest)
+            return cls(random=pts["random"], fio_random=pts["fio_random"], **mem,
+                       matvec_shape=tuple(int(x) for x in d.get("matvec_shape") or ()), **rest)
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"device profile is malformed: {exc!r}") from None
 

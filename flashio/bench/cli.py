@@ -35,6 +35,14 @@ def add_commands(sub) -> None:
     p.add_argument("--fio-seconds", type=float, default=1.0, help="seconds per point (fio)")
     p.add_argument("--no-fio", action="store_true", help="skip fio even when installed")
     p.add_argument("--keep-file", action="store_true", help="keep the test file for the next run")
+    p.add_argument("--memory-threads", default=None,
+                   help="comma-separated torch thread counts for DRAM and matrix-vector bandwidth "
+                        "(default 1, 2, 4 .. the CPU count)")
+    p.add_argument("--memory-size", default="512MiB",
+                   help="buffer read for memory bandwidth; several times the last-level cache (default 512MiB)")
+    p.add_argument("--memory-seconds", type=float, default=0.3, help="seconds per memory bandwidth point")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip memory bandwidth (the profile then answers with built-in defaults)")
     p.set_defaults(func=cmd_device)
 
     p = bsub.add_parser("model", help="per-token latency table: naive .. all techniques, mmap, dense",
@@ -98,14 +106,18 @@ def cmd_device(args: argparse.Namespace) -> int:
     from flashio.bench.device import (
         DeviceBenchConfig,
         measure_device,
+        memory_config,
         plot_profile,
         profile_markdown,
     )
 
+    memory = None if args.no_memory else memory_config(
+        threads=_list(args.memory_threads, int) if args.memory_threads else None,
+        buffer_bytes=parse_size(args.memory_size), seconds=args.memory_seconds)
     cfg = DeviceBenchConfig(args.directory, chunks=_list(args.chunks, parse_size),
                             threads=_list(args.threads, int), file_bytes=parse_size(args.size),
                             seconds=args.seconds, fio=not args.no_fio, fio_seconds=args.fio_seconds,
-                            keep_file=args.keep_file)
+                            keep_file=args.keep_file, memory=memory)
     profile = measure_device(cfg, progress=_say)
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile.save(args.out / "device-profile.json")

@@ -8,6 +8,8 @@ test file in DIR, evicted from the page cache first, with the runtime's own read
 (`BundleReader.read_rows`, batches of ids as the runtime issues them per layer; ids never
 adjacent, so every read is exactly one chunk); then with fio at the same point when fio is
 installed; then sequential throughput. The plot is the paper's Figure 2b for this device.
+Then the memory side (flashio.bench.bandwidth): DRAM read and float32/float16/bfloat16
+matrix-vector bandwidth for 1..N torch threads, the floor `flashio bench model` reports against.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ import numpy as np
 import torch
 
 from flashio.arena import AlignedArena, logical_block_size
+from flashio.bench.bandwidth import (
+    MemoryBenchConfig,
+    default_memory_threads,
+    measure_dram_read,
+    measure_matvec,
+    memory_markdown,
+    plot_memory,
+)
 from flashio.bench.fio import fio_available, fio_randread, fio_sequential
 from flashio.costmodel import DEFAULT_CHUNKS, DEFAULT_THREAD_COUNTS, DeviceProfile, ThroughputPoint
 from flashio.errors import FlashError
@@ -47,6 +57,7 @@ class DeviceBenchConfig:
     fio_seconds: float = 1.0  # per point (fio's granularity is 1 s)
     keep_file: bool = False
     seed: int = 0
+    memory: MemoryBenchConfig | None = None  # None: DRAM/matvec not measured (the profile says "default")
 
     def __post_init__(self) -> None:
         if not self.chunks or not self.threads:
@@ -188,6 +199,14 @@ def measure_device(cfg: DeviceBenchConfig, progress: Callable[[str], None] | Non
     finally:
         if not cfg.keep_file:
             path.unlink(missing_ok=True)
+    dram, matvec = (), ()
+    if cfg.memory is not None:
+        say(f"memory bandwidth: {format_size(cfg.memory.buffer_bytes)} buffer, threads {cfg.memory.threads}")
+        dram = measure_dram_read(cfg.memory)
+        say("DRAM read: " + ", ".join(f"{p.threads} thr {p.gbps:.1f} GB/s" for p in dram))
+        matvec = measure_matvec(cfg.memory)
+        for d in cfg.memory.dtypes:
+            say(f"matvec {d}: " + ", ".join(f"{p.threads} thr {p.gbps:.1f} GB/s" for p in matvec if p.dtype == d))
     fd = os.open(cfg.directory, os.O_RDONLY)
     try:
         block = logical_block_size(fd)
@@ -198,7 +217,14 @@ def measure_device(cfg: DeviceBenchConfig, progress: Callable[[str], None] | Non
         fio_sequential_mbps=None if fio_seq is None else round(fio_seq, 1),
         device=device_name(cfg.directory), path=str(cfg.directory.resolve()), block_bytes=block,
         file_bytes=file_bytes, seconds_per_point=cfg.seconds,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine=machine_info())
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine=machine_info(),
+        dram_read=dram, matvec=matvec, memory_buffer_bytes=cfg.memory.buffer_bytes if cfg.memory else 0,
+        matvec_shape=tuple(cfg.memory.shape) if cfg.memory else ())
+
+
+def memory_config(*, threads: tuple[int, ...] | None = None, **kw) -> MemoryBenchConfig:
+    """The memory measurement's settings; threads None: 1, 2, 4 .. the CPU count."""
+    return MemoryBenchConfig(threads=threads or default_memory_threads(os.cpu_count() or 1), **kw)
 
 
 def profile_markdown(profile: DeviceProfile) -> str:
@@ -220,7 +246,7 @@ def profile_markdown(profile: DeviceProfile) -> str:
     seq = f"Sequential (1 MiB): flashio {profile.sequential_mbps:.0f} MB/s"
     if profile.fio_sequential_mbps:
         seq += f", fio (libaio, 16 in flight) {profile.fio_sequential_mbps:.0f} MB/s"
-    return "\n".join([*lines, "", seq, ""])
+    return "\n".join([*lines, "", seq, "", memory_markdown(profile)])
 
 
 def plot_profile(profile: DeviceProfile, path: str | os.PathLike) -> Path | None:
@@ -235,7 +261,7 @@ def plot_profile(profile: DeviceProfile, path: str | os.PathLike) -> Path | None
         return None
     ours, ref = profile.table("flashio"), profile.table("fio")
     chunks = sorted({c for c, _ in ours})
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, mem_ax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     cmap = plt.get_cmap("viridis")
     threads = sorted({t for _, t in ours})
     for k, t in enumerate(threads):
@@ -252,6 +278,7 @@ def plot_profile(profile: DeviceProfile, path: str | os.PathLike) -> Path | None
     ax.set_title(f"{profile.device}: O_DIRECT random reads (solid: flashio reader, dashed: fio)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    plot_memory(profile, mem_ax)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -144,4 +144,6 @@ def row_line(row: dict) -> str:
     p = row["per_token"]
     return (f"{row['name']:12s} {p['total_ms']:8.1f} ms/token (I/O {p['io_ms']:.1f}, mem {p['mem_ms']:.1f}, "
             f"compute {p['compute_ms']:.1f}), {p['bytes_read'] / 1e6:.1f} MB/token, "
-            f"{p['reads']:.0f} reads/token, {row['tokens']} tokens")
+            f"{p['reads']:.0f} reads/token, {row['tokens']} tokens"
+            + (f"; DRAM {row['dram_bytes_per_token'] / 1e9:.3f} GB/token, floor {row['floor_ms']:.1f} ms "
+               f"(x{row['total_vs_floor']:.2f})" if row.get("floor_ms") else ""))

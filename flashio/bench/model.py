@@ -10,6 +10,11 @@ limit (default: half the model plus the runtime's fixed overhead, the paper's se
 artifact's files were evicted from the page cache. Sparse configurations replay one activation
 trace (synthetic, calibrated to the paper's OPT-6.7B statistics, or a recorded one), so every
 row sees the same active sets and the ratios are comparable.
+
+Every row also carries the DRAM bytes its tokens touch and the floor they imply at the device
+profile's memory bandwidth (`dram_bytes_per_token`, `floor_ms`, `achieved_gbps`, `total_vs_floor`;
+the formula is in flashio.bench.floor). On CUDA the bytes are reported, the floor is not (the
+profile measures host DRAM, not GPU memory).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from flashio.bench import memplan
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import machine_info
+from flashio.bench.floor import TokenTraffic, summarise_floor
 from flashio.cli import ONEDNN_CACHE_ENV
 from flashio.config import FlashConfig
 from flashio.costmodel import CostModel, DeviceProfile
@@ -212,8 +218,23 @@ def _run_here(spec: dict) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _floor(result: dict, steps: list[dict], warmup: int, traffic: TokenTraffic,
+           profile: DeviceProfile | None) -> dict:
+    """The floor columns of one row (flashio.bench.floor); profile None: bytes only (CUDA)."""
+    contexts = np.cumsum([s["tokens"] for s in result["steps"]])[warmup : warmup + len(steps)].tolist()
+    threads = int(result.get("torch_threads") or torch.get_num_threads())
+    if profile is None:
+        from flashio.costmodel import default_profile
+
+        out = summarise_floor(traffic, steps, contexts, default_profile(), threads)
+        out.update(floor_ms=None, compute_floor_ms=None, total_vs_floor=None, achieved_gbps=None,
+                   bandwidth_gbps=None, bandwidth_source="none: the profile measures host DRAM, not the GPU")
+        return out
+    return summarise_floor(traffic, steps, contexts, profile, threads)
+
+
 def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray | None,
-               row_bytes: int) -> dict:
+               row_bytes: int, traffic: TokenTraffic | None = None, profile: DeviceProfile | None = None) -> dict:
     out = {"name": cfg.name, "what": cfg.what, "mode": cfg.mode, "ok": result.get("ok", False)}
     if not out["ok"]:
         out["error"] = result.get("error")
@@ -234,6 +255,8 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
                open_s=result["open_s"], compute_dtype=result["compute_dtype"],
                rss_peak_bytes=result["rss_peak_bytes"], staging_bytes=result.get("staging_bytes", 0),
                device_peak_bytes=result.get("device_peak_bytes"))
+    if traffic is not None:
+        out.update(_floor(result, steps, warmup, traffic, profile))
     if required_rows is not None:
         out["required_bytes_per_token"] = float(required_rows[warmup : warmup + n].sum(axis=1).mean() * row_bytes)
     return out
@@ -297,7 +320,8 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
     tuned_gap = cm.best_max_gap(row_bytes, tuned_threads)
     cost = {"profile": str(opts.profile) if opts.profile else None, "source": cm.profile.source,
             "device": cm.profile.device, "tuned_threads": tuned_threads, "tuned_max_gap": tuned_gap,
-            "default_threads": DEFAULT_THREADS, "torch_threads": torch.get_num_threads()}
+            "default_threads": DEFAULT_THREADS, "torch_threads": torch.get_num_threads(),
+            "memory_source": cm.profile.memory_source}
     say(f"cost model ({cm.profile.source}): {tuned_threads} threads, gap reads up to {tuned_gap} rows")
     with tempfile.TemporaryDirectory(prefix="flashio-bench-", dir=opts.out_dir) as tmp:
         work = Path(tmp)
@@ -350,7 +374,9 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
             required = None
             if cfg.sparse and traces.trace is not None:
                 required = traces.trace.required_rows(opts.window if cfg.reuse else None)
-            rows[cfg.name] = _summarise(cfg, result, warm, required, row_bytes)
+            traffic = TokenTraffic.of(art, cfg.mode, compute["chosen"])
+            rows[cfg.name] = _summarise(cfg, result, warm, required, row_bytes, traffic,
+                                        None if opts.cuda else cm.profile)
             rows[cfg.name]["wall_s"] = time.perf_counter() - t0
             say(memplan.row_line(rows[cfg.name]))
     from flashio.bench.report import evaluate_targets, write_outputs

@@ -93,15 +93,17 @@ def markdown(results: dict) -> str:
         f"- cost model: {results['cost_model']['source']} profile -> {results['cost_model']['tuned_threads']} "
         f"threads, gap reads up to {results['cost_model']['tuned_max_gap']} rows (untuned rows: "
         f"{results['cost_model']['default_threads']} threads, no gap reads)",
+        f"- floor: {_bandwidth_line(results)}",
         "",
         f"| configuration | {where} (GB) | flash->{'GPU' if _cuda(results) else 'DRAM'} (MB/token) | reads/token "
         "| I/O (ms) | memory mgmt (ms) "
-        "| compute (ms) | total (ms) | speedup vs naive | I/O / cost model | bytes / trace |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compute (ms) | total (ms) | speedup vs naive | I/O / cost model | bytes / trace "
+        "| DRAM touched (GB/token) | floor (ms) | achieved GB/s | total / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["configs"]:
         if not r.get("ok"):
-            lines.append(f"| {r['name']} | {r.get('error', 'failed')} |||||||||| ")
+            lines.append(f"| {r['name']} | {r.get('error', 'failed')} |||||||||||||| ")
             continue
         p = r["per_token"]
         io = "(in compute)" if r["mode"] == "mmap" else f"{p['io_ms']:.1f}"
@@ -118,7 +120,7 @@ def markdown(results: dict) -> str:
             ratio += f" ({p['truncated']:.0f} active neurons/token dropped: cache too small)"
         lines.append(f"| {r['name']} | {_gb(r['dram_bytes'])} | {p['bytes_read'] / 1e6:.1f} | {p['reads']:.0f} | "
                      f"{io} | {mem} | {p['compute_ms']:.1f} | {p['total_ms']:.1f} | {speed} | "
-                     f"{model} | {ratio} |")
+                     f"{model} | {ratio} | {_floor_cells(r)} |")
     lines += ["", "Targets:", ""]
     for key, v in results.get("targets", {}).items():
         if isinstance(v, dict):
@@ -126,6 +128,10 @@ def markdown(results: dict) -> str:
             met = (" met" if v["met"] else " MISSED") if "met" in v else ""
             value = v.get("value", v.get("worst"))
             lines.append(f"- {key}: {value:.3f}{target}{met}")
+    lines += ["", "DRAM touched: the bytes a token reads from memory (resident weights read per token, the FFN "
+              "rows computed, predictors, the KV cache at its context); floor: those bytes at the measured "
+              "matrix-vector bandwidth of their dtype plus the I/O the step did not hide (flashio.bench.floor); "
+              "achieved GB/s: the bytes over the token's non-I/O time."]
     lines += ["", f"{where}: what the runtime holds (resident weights, window caches, KV cache); "
               "I/O: time the step waited for reads (+overlap hides part of it; the I/O / cost model "
               "column compares the reads' wall time with the cost model's prediction for the same reads)."]
@@ -137,6 +143,27 @@ def markdown(results: dict) -> str:
                   "all four: an upper bound."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _floor_cells(r: dict) -> str:
+    if "dram_bytes_per_token" not in r:
+        return "- | - | - | -"
+    dram = f"{r['dram_bytes_per_token'] / 1e9:.3f}"
+    if r.get("floor_ms") is None:
+        return f"{dram} | - | - | -"
+    gbps = f"{r['achieved_gbps']:.1f}" if r.get("achieved_gbps") else "-"
+    return f"{dram} | {r['floor_ms']:.1f} | {gbps} | {r['total_vs_floor']:.2f}"
+
+
+def _bandwidth_line(results: dict) -> str:
+    row = next((r for r in results["configs"] if r.get("ok") and r.get("bandwidth_gbps")), None)
+    if row is None:
+        return "not computed (no memory bandwidth for this device)"
+    bws = ", ".join(f"{d} {g:.1f} GB/s" for d, g in row["bandwidth_gbps"].items())
+    src = row["bandwidth_source"]
+    note = ("measured by `flashio bench device`" if src == "measured" else
+            "BUILT-IN DEFAULTS (the profile has no memory bandwidth: run `flashio bench device`)")
+    return f"matrix-vector bandwidth at {row['bandwidth_threads']} torch threads: {bws} ({note})"
 
 
 def _load(results: dict) -> str:

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from flashio.bench.bandwidth import MemoryBenchConfig
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
-from flashio.bench.device import DeviceBenchConfig, measure_device
+from flashio.bench.device import DeviceBenchConfig, measure_device, profile_markdown
 from flashio.bench.fio import fio_available
 from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
 from flashio.cli import main
@@ -26,10 +27,17 @@ def synth_art(tmp_path_factory):
 
 
 def test_bench_device_smoke(tmp_path):
+    memory = MemoryBenchConfig(threads=(1, 2), buffer_bytes=4 << 20, seconds=0.0, shape=(256, 256))
     cfg = DeviceBenchConfig(tmp_path / "dev", chunks=(4096, 16384), threads=(1, 4), file_bytes=16 << 20,
-                            seconds=0.05, fio=False)
+                            seconds=0.05, fio=False, memory=memory)
     lines = []
     profile = measure_device(cfg, progress=lines.append)
+    assert [p.threads for p in profile.dram_read] == [1, 2] and profile.memory_source == "measured"
+    assert {(p.dtype, p.threads) for p in profile.matvec} == {(d, t) for d in ("float32", "float16", "bfloat16")
+                                                              for t in (1, 2)}
+    again = DeviceProfile.from_json(json.loads(profile.dumps()))
+    assert (again.dram_read, again.matvec, again.matvec_shape) == (profile.dram_read, profile.matvec, (256, 256))
+    assert "Memory bandwidth, GB/s" in profile_markdown(profile) and "matvec bfloat16" in profile_markdown(profile)
     assert {(p.chunk_bytes, p.threads) for p in profile.random} == {(4096, 1), (4096, 4), (16384, 1), (16384, 4)}
     assert all(p.mbps > 0 for p in profile.random) and profile.sequential_mbps > 0
     assert profile.source == "measured" and profile.machine["cpus"] >= 1
@@ -83,6 +91,21 @@ def test_bench_model_smoke_all_rows(synth_art, tmp_path):
     assert (out / "latency.png").stat().st_size > 0
     assert row_bytes * rows["+bundling"]["per_token"]["neurons_loaded"] == pytest.approx(
         rows["+bundling"]["per_token"]["bytes_read"], rel=1e-9) or rows["+bundling"]["max_gap"] > 0
+    # the floor columns: every row, in results.json and the table; dense by hand (its one measured
+    # token runs at context 2: after the warm-up token)
+    saved = {r["name"]: r for r in json.loads((out / "results.json").read_text())["configs"]}
+    for name, r in saved.items():
+        assert r["dram_bytes_per_token"] > 0 and r["floor_ms"] > 0, name
+        assert r["total_vs_floor"] == pytest.approx(r["per_token"]["total_ms"] / r["floor_ms"]), name
+        assert r["floor_ms"] >= r["io_not_hidden_ms"] == pytest.approx(r["per_token"]["io_ms"]), name
+        assert r["bandwidth_source"] == "default"  # no profile given: the built-in bandwidth, said so
+    a = res["artifact"]
+    d, L, N, V = a["dim"], a["layers"], a["ffn_neurons"], 256
+    resident = L * (4 * d * d + 4 * d) + L * 4 * d + 2 * d + V * d + 2 * d + L * d  # OPT, tied head
+    dense = (resident + L * N * (2 * d + 1) + 2 * L * d * 2) * 2  # fp16: weights, FFN rows + up bias, KV
+    assert saved["dense"]["dram_bytes_per_token"] == dense
+    assert saved["+bundling"]["dram_bytes_per_token"] < saved["naive"]["dram_bytes_per_token"]
+    assert "| floor (ms) |" in table and "BUILT-IN DEFAULTS" in table
 
 
 def test_bench_model_cgroup_fallback(synth_art, tmp_path, monkeypatch):
