@@ -24,7 +24,9 @@ the compute dtype at open):
     predictors = A + B + bias of every layer (sparse, when the artifact has predictors: they run
                  even when a trace supplies the active set)
     oracle     = the exact activation's rows (the up or gate part of every row), oracle mode only
-    kv         = 2 x layers x kv_heads x head_dim x min(c, sliding_window) x compute itemsize
+    kv         = 2 x kv_heads x head_dim x compute itemsize x (sum over layers of the positions each
+                 reads: c, or min(c, sliding_window) in a windowed layer: every layer of an
+                 architecture with a window and no layer_types, else those typed "sliding_...")
 
     floor_ms       = sum over dtypes of bytes_in_dtype / matvec_GBps(dtype, torch threads) + io_ms
     io_ms          = the I/O the step did not hide (StepStats.io_ms: overlapped reads count only
@@ -104,8 +106,10 @@ class TokenTraffic:
     row_elements: int  # bundle width
     predictor_bytes: int  # per token, compute dtype (0 when the mode runs none)
     oracle_bytes: int  # per token, compute dtype (oracle mode's exact-activation rows)
-    kv_bytes_per_position: int  # keys + values of every layer for one position, compute dtype
+    kv_bytes_per_position: int  # keys + values of one layer for one position, compute dtype
+    n_layers: int
     sliding_window: int | None = None
+    windowed_layers: int = 0  # layers whose attention reads at most sliding_window positions
 
     @classmethod
     def of(cls, art: Artifact, mode: str, compute_dtype: str) -> TokenTraffic:
@@ -127,12 +131,15 @@ class TokenTraffic:
         if mode == "oracle":
             part = width // len(m.bundle_layout)
             oracle = sum(L.n_neurons for L in m.ffn_layers) * part * c_item
-        kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * c_item
+        kv = 2 * args.n_kv_heads * args.head_dim * c_item
         window = getattr(args, "sliding_window", None)
+        window = window if isinstance(window, int) and not isinstance(window, bool) else None
+        types = tuple(getattr(args, "layer_types", ()) or ())
+        windowed = 0 if window is None else (sum("sliding" in str(t) for t in types) if types else args.n_layers)
         # bias entries: one per layer's vector, counted per computed row of that layer (rows are
         # summed over layers in the step statistics, so entries per row = vectors per layer)
         return cls(mode, compute_dtype, m.dtype, resident, per_row // max(m.n_layers, 1), width, preds, oracle,
-                   kv, window if isinstance(window, int) else None)
+                   kv, args.n_layers, window, windowed)
 
     def ffn_rows(self, step: Mapping[str, float]) -> dict[str, float]:
         """Rows the FFN multiplies this step (all layers), by the dtype they are held in."""
@@ -155,7 +162,8 @@ class TokenTraffic:
         """{"terms": bytes by term, "by_dtype": bytes by dtype, "total": bytes, "ffn_active": bytes
         the FFN would read computing only the active rows} for one step at `context` positions."""
         c = self.compute_dtype
-        ctx = min(context, self.sliding_window) if self.sliding_window else context
+        windowed = min(context, self.sliding_window) if self.sliding_window else context
+        positions = (self.n_layers - self.windowed_layers) * context + self.windowed_layers * windowed
         terms = dict.fromkeys(_TERMS, 0.0)
         terms.update({k: float(v) for k, v in self.resident.items()})
         by_dtype = {c: float(sum(self.resident.values()))}
@@ -167,7 +175,7 @@ class TokenTraffic:
             by_dtype[c] += rows * bias_bytes
         terms["predictors"] = float(self.predictor_bytes)
         terms["oracle"] = float(self.oracle_bytes)
-        terms["kv"] = float(self.kv_bytes_per_position * ctx)
+        terms["kv"] = float(self.kv_bytes_per_position * positions)
         by_dtype[c] += terms["predictors"] + terms["oracle"] + terms["kv"]
         active = float(step["neurons_active"]) * (self.row_elements * ITEMSIZE[c] + bias_bytes)
         return {"terms": terms, "by_dtype": by_dtype, "total": sum(terms.values()), "ffn_active": active}

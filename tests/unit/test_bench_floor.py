@@ -3,6 +3,7 @@ a tiny synthetic artifact's shapes, and the floor at the device profile's memory
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -156,3 +157,15 @@ def test_memory_measurement_points_and_threads_restored():
     assert [p.threads for p in dram] == [1, 2] and all(p.gbps > 0 for p in dram)
     assert [(p.dtype, p.threads) for p in mv] == [("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
     assert all(p.gbps > 0 for p in mv) and torch.get_num_threads() == before
+
+
+def test_kv_reads_stop_at_the_sliding_window_of_windowed_layers(opt):
+    a = opt.args
+    base = TokenTraffic.of(opt, "dense", "float16")
+    per_layer = 2 * a.n_kv_heads * a.head_dim * 2
+    assert base.step_bytes(step(), context=50)["terms"]["kv"] == a.n_layers * per_layer * 50
+    mistral_like = dataclasses.replace(base, sliding_window=8, windowed_layers=a.n_layers)
+    assert mistral_like.step_bytes(step(), context=50)["terms"]["kv"] == a.n_layers * per_layer * 8
+    one_local = dataclasses.replace(base, sliding_window=8, windowed_layers=1)  # gemma3-like: local + global
+    assert one_local.step_bytes(step(), context=50)["terms"]["kv"] == per_layer * (8 + (a.n_layers - 1) * 50)
+    assert one_local.step_bytes(step(), context=5)["terms"]["kv"] == a.n_layers * per_layer * 5
