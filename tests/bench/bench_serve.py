@@ -28,62 +28,60 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "tasks" / "demo" / "opt-stdlib"
 
 
-def in_process(artifact: Path, mode: str, prompt: str, n_tokens: int, repeats: int) -> dict[str, float]:
+def _direct_once(model, prompt: str, n_tokens: int) -> tuple[float, float, float, int]:
+    t0 = time.perf_counter()
+    times = [time.perf_counter() for _ in model.stream(prompt, n_tokens, temperature=0.0)]
+    return (model.stats[0].total_ms, 1e3 * (times[0] - t0), 1e3 * (times[-1] - times[0]) / (len(times) - 1),
+            len(times))
+
+
+def _served_once(http: httpx.Client, prompt: str, n_tokens: int) -> tuple[float, float, int]:
+    body = {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    times = []
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise SystemExit(f"the server answered {resp.status_code}: {resp.read().decode()}")
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["text"]:
+                    times.append(time.perf_counter())
+    return 1e3 * (times[0] - t0), 1e3 * (times[-1] - times[0]) / (len(times) - 1), len(times)
+
+
+def measure(artifact: Path, mode: str, prompt: str, n_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """Direct and served runs alternate (after one warm-up each), so that a busy moment of the
+    machine weighs on both sides alike."""
     import flashio
 
-    prefill, first, per_token, counts = [], [], [], []
-    with flashio.open(artifact, mode=mode, torch_threads=1) as model:
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            times = []
-            for _ in model.stream(prompt, n_tokens, temperature=0.0):
-                times.append(time.perf_counter())
-            if r == 0:  # warm-up
-                continue
-            prefill.append(model.stats[0].total_ms)
-            first.append(1e3 * (times[0] - t0))
-            per_token.append(1e3 * (times[-1] - times[0]) / (len(times) - 1))
-            counts.append(len(times))
-    return {"prefill_ms": statistics.median(prefill), "first_token_ms": statistics.median(first),
-            "per_token_ms": statistics.median(per_token), "tokens": statistics.median(counts)}
-
-
-def served(artifact: Path, mode: str, prompt: str, n_tokens: int, repeats: int) -> dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "flashio.cli", "serve", str(artifact), "--mode", mode,
                              "--port", str(port), "--torch-threads", "1"], stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    direct, served = [], []
     try:
-        with httpx.Client(base_url=base, timeout=120) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http, \
+                flashio.open(artifact, mode=mode, torch_threads=1) as model:
             for _ in range(600):
                 try:
                     if http.get("/health").status_code == 200:
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            first, per_token, counts = [], [], []
-            body = {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "stream": True}
             for r in range(repeats + 1):
-                t0 = time.perf_counter()
-                times = []
-                with http.stream("POST", "/v1/completions", json=body) as resp:
-                    for line in resp.iter_lines():
-                        if line.startswith("data: {"):
-                            choices = json.loads(line[6:])["choices"]
-                            if choices and choices[0]["text"]:
-                                times.append(time.perf_counter())
-                if r == 0:
-                    continue
-                first.append(1e3 * (times[0] - t0))
-                per_token.append(1e3 * (times[-1] - times[0]) / (len(times) - 1))
-                counts.append(len(times))
+                d, v = _direct_once(model, prompt, n_tokens), _served_once(http, prompt, n_tokens)
+                if r:  # the first is a warm-up
+                    direct.append(d)
+                    served.append(v)
     finally:
         proc.terminate()
         proc.wait(10)
-    return {"first_token_ms": statistics.median(first), "per_token_ms": statistics.median(per_token),
-            "tokens": statistics.median(counts)}
+    med = lambda rows, i: statistics.median(row[i] for row in rows)  # noqa: E731
+    return ({"prefill_ms": med(direct, 0), "first_token_ms": med(direct, 1), "per_token_ms": med(direct, 2),
+             "tokens": med(direct, 3)},
+            {"first_token_ms": med(served, 0), "per_token_ms": med(served, 1), "tokens": med(served, 2)})
 
 
 def main() -> None:
@@ -92,7 +90,7 @@ def main() -> None:
     ap.add_argument("--mode", default="dense")
     ap.add_argument("--prompt", default="def read_lines(path):\n    ")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(args.artifact) if args.artifact else None
@@ -100,8 +98,7 @@ def main() -> None:
             from flashio.format import write_artifact
 
             artifact = write_artifact(DEMO, Path(tmp) / "opt-stdlib")
-        direct = in_process(artifact, args.mode, args.prompt, args.tokens, args.repeats)
-        server = served(artifact, args.mode, args.prompt, args.tokens, args.repeats)
+        direct, server = measure(artifact, args.mode, args.prompt, args.tokens, args.repeats)
     print(f"artifact {artifact.name}, mode {args.mode}, {args.tokens} tokens, median of {args.repeats}")
     print(f"  FlashModel.stream : prefill {direct['prefill_ms']:.2f} ms, first token {direct['first_token_ms']:.2f} ms, "
           f"{direct['per_token_ms']:.3f} ms/token ({direct['tokens']:.0f} tokens)")
