@@ -19,13 +19,16 @@ import enum
 import operator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashio.costmodel import DeviceProfile
 from flashio.device import parse_device
 from flashio.dtypes import TORCH_DTYPES, dtype_name, torch_dtype
 from flashio.errors import FlashError
 from flashio.sizes import parse_size
+
+if TYPE_CHECKING:
+    from flashio.format import Manifest
 
 
 class Mode(enum.StrEnum):
@@ -39,6 +42,25 @@ class Mode(enum.StrEnum):
 
 
 MODES = tuple(m.value for m in Mode)
+
+
+class Selection(enum.StrEnum):
+    """How a windowed mode chooses each step's neurons (flashio.exact for the exact ones).
+
+    The exact selections score every neuron from weights in DRAM: |act(gate)| (the activation's
+    input projection: up for ReLU FFNs) or the contribution |act(gate) * (x @ up)|, and keep per
+    token those above the layer's threshold (manifest active_threshold) or the top `density`
+    fraction (FlashConfig.density, else the manifest's per-layer densities)."""
+
+    PREDICTOR = "predictor"  # sparse: the low-rank predictor (sigmoid > threshold); bundles read whole
+    GATE = "gate"  # sparse: exact gate from resident gate rows, up + down read (a gate-resident artifact)
+    GATE_PREDICTOR = "gate+predictor"  # sparse: exact gate and the predictor (both, or ranked by their product)
+    CONTRIBUTION = "contribution"  # oracle: |act(gate) * (x @ up)| computed densely (the report's lower bound)
+
+
+# what each mode may be asked for; the first is the default when the artifact does not decide
+MODE_SELECTIONS = {Mode.SPARSE: (Selection.PREDICTOR, Selection.GATE, Selection.GATE_PREDICTOR),
+                   Mode.ORACLE: (Selection.GATE, Selection.CONTRIBUTION)}
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,11 @@ class FlashConfig:
     torch_threads: torch.set_num_threads(n) once when the model is opened. torch's thread count is
       process-wide: it then applies to every torch call of the process, not only this model's.
       None (default): flashio leaves it as it is.
+    selection: modes 'sparse' and 'oracle': how each step's neurons are chosen (see `Selection`).
+      None: the artifact decides (its manifest's selection; 'gate' when its gate rows are resident,
+      else 'predictor'); 'oracle' defaults to 'gate'.
+    density: with an exact selection: the fraction of each layer's neurons kept per token (top-k),
+      one number or one per layer, instead of the manifest's per-layer densities or thresholds.
     """
 
     mode: Mode = Mode.SPARSE
@@ -87,6 +114,8 @@ class FlashConfig:
     pinned_fraction: float = 0.0
     record_trace: bool = False
     torch_threads: int | None = None
+    selection: Selection | None = None
+    density: float | tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised values are stored once, here
@@ -136,6 +165,36 @@ class FlashConfig:
         for name in ("verify", "direct", "reuse", "bundled", "overlap", "record_trace"):
             if not isinstance(getattr(self, name), bool):
                 raise FlashError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        set_ = object.__setattr__
+        allowed = MODE_SELECTIONS.get(self.mode, ())
+        if self.selection is not None:
+            try:
+                set_(self, "selection", Selection(self.selection))
+            except (ValueError, TypeError):
+                raise FlashError(f"selection {str(self.selection)!r} is not one of "
+                                 f"{', '.join(s.value for s in Selection)}") from None
+            if self.selection not in allowed:
+                raise FlashError(f"selection={self.selection.value!r} is not for mode={self.mode.value!r}; "
+                                 + "; ".join(f"mode={m.value!r} takes {', '.join(s.value for s in v)}"
+                                             for m, v in MODE_SELECTIONS.items()))
+        if self.density is None:
+            return
+        raw = self.density if isinstance(self.density, (list, tuple)) else (self.density,)
+        try:
+            values = tuple(float(v) for v in raw)
+        except (TypeError, ValueError):
+            raise FlashError(f"density must be a fraction in (0, 1] or one per layer, got {self.density!r}") from None
+        if not values or not all(0.0 < v <= 1.0 for v in values) or any(isinstance(v, bool) for v in raw):
+            raise FlashError(f"density must be a fraction in (0, 1] or one per layer, got {self.density!r}")
+        set_(self, "density", values if isinstance(self.density, (list, tuple)) else values[0])
+        if not allowed or self.selection == Selection.PREDICTOR:
+            raise FlashError(f"density applies to the exact selections (gate, gate+predictor, contribution) of "
+                             f"modes 'sparse' and 'oracle', not to mode={self.mode.value!r} with "
+                             f"selection={self.selection and self.selection.value!r}; use the predictor's "
+                             "thresholds (FlashModel.set_predictor_thresholds) instead")
 
     def replace(self, **overrides: Any) -> FlashConfig:
         """A copy with some fields changed (validated again); FlashError names the valid fields
@@ -149,6 +208,9 @@ class FlashConfig:
         """Plain JSON values: the mode's name, a device profile as its JSON."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["mode"] = self.mode.value
+        out["selection"] = self.selection and self.selection.value
+        if isinstance(self.density, tuple):
+            out["density"] = list(self.density)
         if isinstance(self.device_profile, DeviceProfile):
             out["device_profile"] = self.device_profile.to_json()
         return out
@@ -167,3 +229,40 @@ class FlashConfig:
 def field_names() -> tuple[str, ...]:
     """The options a FlashConfig has (the keywords `flashio.open` accepts besides its own)."""
     return tuple(f.name for f in fields(FlashConfig))
+
+
+def resolve_selection(config: FlashConfig, manifest: Manifest) -> Selection | None:
+    """The selection `config` runs on the artifact of `manifest` (None for the modes without one),
+    checked against the artifact: FlashError names what is missing and the fix."""
+    allowed = MODE_SELECTIONS.get(config.mode)
+    if allowed is None:
+        return None
+    sel = config.selection
+    if sel is None and config.mode == Mode.SPARSE:
+        sel = Selection(manifest.selection or ("gate" if manifest.gate_resident else "predictor"))
+    sel = sel or allowed[0]
+    if config.mode == Mode.SPARSE and sel != Selection.PREDICTOR and not manifest.gate_resident:
+        raise FlashError(f"selection={sel.value!r} computes the gate from resident gate rows and this artifact "
+                         "keeps them in its flash bundles; pack it with `flashio pack --gate-resident` (or the "
+                         "pipeline's gate_resident bundling), or use selection='predictor' / mode='oracle'")
+    if sel == Selection.PREDICTOR and config.density is not None:
+        raise FlashError("density applies to the exact selections; this artifact's mode='sparse' uses its "
+                         "predictor (selection='predictor'): pass selection='gate' on a gate-resident artifact")
+    densities = layer_densities(config, manifest)
+    if sel == Selection.CONTRIBUTION and None in densities:
+        raise FlashError("selection='contribution' keeps the top fraction of each layer's neurons by contribution: "
+                         "give density=... (the manifest records no density for some layers)")
+    return sel
+
+
+def layer_densities(config: FlashConfig, manifest: Manifest) -> list[float | None]:
+    """Per layer: the fraction of neurons an exact selection keeps per token (config.density, else
+    the manifest's), or None where the layer's threshold decides."""
+    n = manifest.n_layers
+    if isinstance(config.density, tuple):
+        if len(config.density) != n:
+            raise FlashError(f"density has {len(config.density)} values for a model of {n} layers")
+        return list(config.density)
+    if config.density is not None:
+        return [config.density] * n
+    return [L.density for L in manifest.ffn_layers]

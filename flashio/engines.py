@@ -5,7 +5,8 @@ the architecture adds) from the FFN input, getting its weights in its own way:
 - `NaiveEngine`: each call reads the layer's whole FFN from flash (the paper's baseline); with
   `pinned_fraction` the first rows of every layer stay in memory ("hybrid") and only the rest is read.
 - `SparseEngine` (flashio.sparse): active set -> window cache -> reads of the missing bundles only.
-- `OracleEngine` (flashio.sparse): as sparse, with the exact active set (for ReLU models equals dense).
+- `GateEngine`, `OracleEngine` (flashio.exact): as sparse, with the active set computed exactly
+  (the resident gate of a gate-resident artifact; the oracles: for ReLU models equal to dense).
 - `MmapEngine`: the FFN file memory-mapped and paged in by the OS (as llama.cpp does); CPU only.
 
 Rows kept across tokens (window cache, pinned rows, dense weights) are held in the compute dtype
@@ -24,12 +25,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from flashio.config import FlashConfig
 from flashio.device import HostTransfer, TransferPath
 from flashio.dtypes import torch_dtype
 from flashio.ffn import CONVERT_ROWS, convert_rows, ffn_compute
 from flashio.format import Artifact, Manifest
+from flashio.models.base import ACTIVATIONS
 from flashio.predictor import PredictorWeights
 from flashio.stats import StatsRecorder
 from flashio.storage import AlignedArena, BundleReader, ReadResult
@@ -126,10 +129,28 @@ class Engine:
         self.layers = m.ffn_layers
         self.b_up = [ctx.resident.get(f"layers.{i}.ffn.up_bias") for i in range(m.n_layers)]
         self.b_gate = [ctx.resident.get(f"layers.{i}.ffn.gate_bias") for i in range(m.n_layers)]
+        # gate-resident artifacts (flashio.exact): each layer's gate rows [N, D], stored order, in DRAM
+        self.gate_w = [ctx.resident[L.gate_tensor] for L in self.layers] if m.gate_resident else None
         self.arenas: list[AlignedArena] = []  # host buffers (CPU)
         self.owned: list[torch.Tensor] = []  # other buffers: on a CUDA device, or converted rows
         self._scratch = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=torch.float32)
         self._chunk = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=self.compute_dtype)
+
+    def gate_act(self, i: int, h: torch.Tensor) -> torch.Tensor | None:
+        """[T, N] act(x @ gate.T + b_gate) from layer i's resident gate rows (the first phase of a
+        gate-resident FFN); None when the bundles hold the gate."""
+        if self.gate_w is None:
+            return None
+        w = self.gate_w[i]
+        return ACTIVATIONS[self.activation](F.linear(h.to(w.dtype), w, self.b_gate[i]))
+
+    def _ffn(self, i: int, h: torch.Tensor, rows: torch.Tensor, lo: int, hi: int,
+             gate: torch.Tensor | None) -> torch.Tensor:
+        """The FFN over `rows`, which hold the layer's neurons [lo, hi) (`gate`: [T, N] or None)."""
+        b_up, b_gate = self.b_up[i], self.b_gate[i]
+        return ffn_compute(h, rows, self.parts, None if b_up is None else b_up[lo:hi],
+                           None if b_gate is None else b_gate[lo:hi], activation=self.activation,
+                           gate_act=None if gate is None else gate[:, lo:hi])
 
     def _account(self, r: ReadResult, waited_s: float | None = None) -> None:
         self.rec.bytes_read += r.bytes_read
@@ -223,8 +244,7 @@ class DenseEngine(Engine):
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         self.rec.neurons_active += self.layers[i].n_neurons
-        return ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i],
-                           activation=self.activation)
+        return self._ffn(i, h, self.weights[i], 0, self.layers[i].n_neurons, self.gate_act(i, h))
 
 
 class NaiveEngine(Engine):
@@ -263,13 +283,10 @@ class NaiveEngine(Engine):
             self.transfer.before_compute()
         self.rec.neurons_active += L.n_neurons
         self.rec.neurons_loaded += L.n_neurons - k
-        b_up = self.b_up[i]
-        b_gate = self.b_gate[i]
-        y = ffn_compute(h, rows, self.parts, None if b_up is None else b_up[k:],
-                        None if b_gate is None else b_gate[k:], activation=self.activation)
+        gate = self.gate_act(i, h)
+        y = self._ffn(i, h, rows, k, L.n_neurons, gate)
         if k:
-            y = y + ffn_compute(h, self.pinned[i], self.parts, None if b_up is None else b_up[:k],
-                                None if b_gate is None else b_gate[:k], activation=self.activation)
+            y = y + self._ffn(i, h, self.pinned[i], 0, k, gate)
         return y
 
 
@@ -290,8 +307,7 @@ class MmapEngine(Engine):
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         before = _proc_read_bytes()
-        y = ffn_compute(h, self.weights[i], self.parts, self.b_up[i], self.b_gate[i],
-                        activation=self.activation)
+        y = self._ffn(i, h, self.weights[i], 0, self.layers[i].n_neurons, self.gate_act(i, h))
         self.rec.bytes_read += _proc_read_bytes() - before
         self.rec.neurons_active += self.layers[i].n_neurons
         return y

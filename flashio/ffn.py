@@ -25,19 +25,25 @@ BUCKET_ROWS = 256
 def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
                 b_up: torch.Tensor | None, b_gate: torch.Tensor | None,
                 zero: torch.Tensor | None = None, n_valid: int | None = None,
-                activation: str | None = None) -> torch.Tensor:
+                activation: str | None = None, *, gate_act: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """h: [T, D], rows: [R, W] bundles -> [T, D] in h's dtype: the sum over the first n_valid
     rows (default all; biases have n_valid entries), except the rows listed in `zero`. Rows past
     n_valid only pad the matmuls to a fixed shape; their contents are ignored (but must be finite).
     activation: the manifest's (a name of flashio.models.base.ACTIVATIONS, e.g. Gemma's
-    "gelu_pytorch_tanh"); None: SiLU for gated rows, ReLU otherwise."""
+    "gelu_pytorch_tanh"); None: SiLU for gated rows, ReLU otherwise.
+    gate_act: [T, n_valid] act(gate) of these rows computed elsewhere (bundles without a gate part:
+    the gate rows are resident, flashio.exact); mask: [T, n_valid], 1 where a token keeps a row."""
     n = rows.shape[0] if n_valid is None else n_valid
     act_fn = ACTIVATIONS[activation] if activation else (F.silu if "gate" in parts else F.relu)
     x = h.to(rows.dtype)
     pre = F.linear(x, rows[:, parts["up"]])  # [T, R]
     if b_up is not None:  # streamed rows keep the storage dtype: cast the bias to theirs
         pre[:, :n] += b_up.to(rows.dtype)
-    if "gate" in parts:
+    if gate_act is not None:
+        act = pre
+        act[:, :n] *= gate_act.to(rows.dtype)
+    elif "gate" in parts:
         gate = F.linear(x, rows[:, parts["gate"]])
         if b_gate is not None:
             gate[:, :n] += b_gate.to(rows.dtype)
@@ -46,6 +52,8 @@ def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
         act = act_fn(pre)
     if n < rows.shape[0]:
         act[:, n:] = 0
+    if mask is not None:
+        act[:, :n] *= mask.to(rows.dtype)
     if zero is not None and len(zero):
         act.index_fill_(1, zero, 0)
     down = rows[:, parts["down"]]  # [R, D]

@@ -32,7 +32,7 @@ import torch
 
 from flashio.budget import MemoryBudget
 from flashio.chat_template import ChatTemplate
-from flashio.config import FlashConfig, Mode
+from flashio.config import FlashConfig, Mode, resolve_selection
 from flashio.costmodel import CostModel, DeviceProfile, profile_from_env
 from flashio.device import TransferPath, resolve_device, transfer_path
 from flashio.dtypes import torch_dtype
@@ -117,7 +117,8 @@ class FlashModel:
         self.compute_dtype = torch_dtype(config.compute_dtype) if config.compute_dtype else self.dtype
         self.args = art.args
         max_len = min(self.args.max_positions, config.max_context or self.args.max_positions)
-        engine_cls = engine_class(config.mode)
+        selection = resolve_selection(config, m)  # how a windowed mode chooses neurons, checked against the artifact
+        engine_cls = engine_class(config.mode, selection)
         resident = art.load_resident(dtype=self.compute_dtype)  # private memory, sha256 checked
         for name in list(resident):  # one tensor at a time: the host copy is freed as it moves
             resident[name] = resident[name].to(device)
@@ -132,7 +133,7 @@ class FlashModel:
                              "give an active_source (a trace replay), or convert it with `flashio convert`")
         extents = [LayerExtent(L.offset_bytes, L.n_neurons, L.bundle_width * m.itemsize) for L in m.ffn_layers]
         budget = MemoryBudget.of(art, config.mode, self.compute_dtype, max_len, resident, predictors,
-                                 config.pinned_fraction)
+                                 config.pinned_fraction, selection=selection)
         self.capacity = budget.capacity(config.dram_budget)
         self._resident_bytes, self._pred_bytes = budget.resident_bytes, budget.predictor_bytes
         self.reader = BundleReader(art.file(m.ffn_file), extents, threads=self.plan.threads,

@@ -7,13 +7,12 @@ end) -> reads of the missing bundles only -> the FFN on the cache's used rows.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from flashio.cache import FillingWindowCache, FillUpdate, WindowCache, rows_view
 from flashio.config import FlashConfig
@@ -21,12 +20,18 @@ from flashio.dtypes import torch_dtype
 from flashio.engines import ActiveSource, Engine, EngineContext, EngineMemory, SparseOptions
 from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows, ffn_compute
 from flashio.format import Manifest
-from flashio.models.base import ACTIVATIONS
 from flashio.predictor import PredictorWeights
 
 # The smallest window cache the windowed engines run with, as a fraction of each layer's neurons:
 # a token's predicted set is typically 2-10% of the FFN (paper, appendix), so less cannot run usefully.
 MIN_CACHE_FRACTION = 0.05
+
+
+class Coefficients(NamedTuple):
+    """What scales a step's activations besides the rows themselves, per layer: [T, N] each or None."""
+
+    gate: torch.Tensor | None = None  # act(gate) from the resident gate rows (bundles without a gate)
+    mask: torch.Tensor | None = None  # 1 where a token keeps a neuron (exact per-token selections)
 
 
 class SparseEngine(Engine):
@@ -112,9 +117,15 @@ class SparseEngine(Engine):
             ids = np.sort(torch.topk(s, cap).indices.cpu().numpy())
         return ids.astype(np.int64, copy=False)
 
+    def _select(self, i: int, h: torch.Tensor, cap: int) -> tuple[np.ndarray, Coefficients]:
+        """The step's neurons (sorted ids, at most `cap`) and what scales their activations: the
+        resident gate's act(gate) when the bundles hold no gate (computed for the whole layer),
+        and a per-token mask where tokens keep different neurons (flashio.exact)."""
+        return self._active(i, h, cap), Coefficients(self.gate_act(i, h))
+
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cache = self.caches[i]
-        ids_np = self._active(i, h, cache.capacity)
+        ids_np, coef = self._select(i, h, cache.capacity)
         t0 = time.perf_counter()
         if not self.options.reuse:
             cache.reset()  # no window: the whole active set is loaded again
@@ -128,8 +139,8 @@ class SparseEngine(Engine):
         self.rec.cache_rows += cache.n_used
         try:
             if self.staging is None:
-                return self._appended(i, h, cache, up.start, m, up.missing)
-            return self._staged(i, h, cache, up)
+                return self._appended(i, h, cache, up.start, m, up.missing, coef)
+            return self._staged(i, h, cache, up, coef)
         except BaseException:
             cache.reset()  # rows were reserved for bundles that never arrived
             raise
@@ -149,7 +160,7 @@ class SparseEngine(Engine):
         self._account(r, waited_s=time.perf_counter() - t1)
 
     def _appended(self, i: int, h: torch.Tensor, cache: WindowCache, start: int, m: int,
-                  missing: np.ndarray) -> torch.Tensor:
+                  missing: np.ndarray, coef: Coefficients) -> torch.Tensor:
         n = cache.n_used
         (idx,) = self.transfer.indices(cache.neurons)
         rows = cache.matrix[start : start + m]
@@ -158,14 +169,14 @@ class SparseEngine(Engine):
         pending = self._read(i, missing, host)
         if pending is None:
             self._arrive(slot, host, land, rows)
-            return self._compute(i, h, cache.matrix, 0, n, idx)
+            return self._compute(i, h, cache.matrix, 0, n, idx, coef)
         # overlap: the cached rows are computed while the missing ones are read (and on CUDA
         # uploaded: the copy waits only for the row moves). That compute's padding rows may be
         # rows being written meanwhile: any finite values do, their activations are zeroed
-        y = self._compute(i, h, cache.matrix, 0, start, idx[:start])
+        y = self._compute(i, h, cache.matrix, 0, start, idx[:start], coef)
         self._wait(pending)
         self._arrive(slot, host, land, rows)
-        return y + self._compute(i, h, cache.matrix, start, n, idx[start:n])
+        return y + self._compute(i, h, cache.matrix, start, n, idx[start:n], coef)
 
     def _arrive(self, slot: int, host: torch.Tensor, land: torch.Tensor, rows: torch.Tensor) -> None:
         """Read rows to their cache rows: uploaded from the staging (CUDA; nothing to do on the
@@ -178,20 +189,21 @@ class SparseEngine(Engine):
             with self.transfer.span():
                 rows.copy_(land)
 
-    def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate) -> torch.Tensor:
+    def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,
+                coef: Coefficients) -> torch.Tensor:
         n, m = cache.n_used, len(up.missing)
         idx = torch.from_numpy(cache.neurons)
         stage, fresh, dest = self.staging[:m], self.shared[:m], torch.from_numpy(up.dest)
         pending = self._read(i, up.missing, stage)
         if pending is None:
             self._scatter(cache, stage, None, dest)
-            return self._compute(i, h, cache.matrix, 0, n, idx)
+            return self._compute(i, h, cache.matrix, 0, n, idx, coef)
         # overlap: everything cached is computed while the reads fly, the arriving rows masked
         # out (their slots still hold what left); then the new rows, from the converted buffer
-        y = self._compute(i, h, cache.matrix, 0, n, idx, zero=dest)
+        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest)
         self._wait(pending)
         self._scatter(cache, stage, fresh, dest)
-        return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing))
+        return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
 
     def _scatter(self, cache: WindowCache, stage: torch.Tensor, fresh: torch.Tensor | None,
                  dest: torch.Tensor) -> None:
@@ -213,15 +225,17 @@ class SparseEngine(Engine):
         self.rec.mem_s += time.perf_counter() - t0
 
     def _compute(self, i: int, h: torch.Tensor, matrix: torch.Tensor, lo: int, hi: int, idx: torch.Tensor,
-                 zero: torch.Tensor | None = None) -> torch.Tensor:
+                 coef: Coefficients, zero: torch.Tensor | None = None) -> torch.Tensor:
         """The FFN over rows [lo, hi) of `matrix` (neurons idx), padded to a BUCKET_ROWS multiple."""
         if hi <= lo:
             return torch.zeros_like(h)
         stop = min(matrix.shape[0], lo + -(-(hi - lo) // BUCKET_ROWS) * BUCKET_ROWS)
         b_up = None if self.b_up[i] is None else self.b_up[i][idx]
         b_gate = None if self.b_gate[i] is None else self.b_gate[i][idx]
+        gate, mask = coef
         return ffn_compute(h, matrix[lo:stop], self.parts, b_up, b_gate, zero=zero, n_valid=hi - lo,
-                           activation=self.activation)
+                           activation=self.activation, gate_act=None if gate is None else gate[:, idx],
+                           mask=None if mask is None else mask[:, idx])
 
     def begin_step(self) -> None:
         super().begin_step()
@@ -233,36 +247,3 @@ class SparseEngine(Engine):
             c.reset()
         if self.source is not None:
             self.source.reset()
-
-
-class OracleEngine(SparseEngine):
-    """The exact active set, from up (and gate) projections kept in DRAM: tests the sparse path
-    with a perfect predictor. For ReLU models the output equals dense."""
-
-    needs_predictors = False
-
-    @classmethod
-    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
-        """The sparse engine's, plus the exact activation's weights (the up or gate part of every row)."""
-        base = super().memory(manifest, compute_dtype)
-        key_bytes = manifest.ffn_layers[0].bundle_width * compute_dtype.itemsize // len(manifest.bundle_layout)
-        return dataclasses.replace(base, fixed_bytes=manifest.n_layers * manifest.ffn_layers[0].n_neurons * key_bytes)
-
-    @classmethod
-    def create(cls, ctx: EngineContext, config: FlashConfig, *, capacity: int,
-               predictors: list[PredictorWeights] | None, source: ActiveSource | None) -> Engine:
-        return cls(ctx, window=config.window, capacity=capacity, options=SparseOptions.of(config))
-
-    def __init__(self, ctx: EngineContext, *, window: int, capacity: int, options: SparseOptions | None = None):
-        super().__init__(ctx, predictors=None, window=window, capacity=capacity, options=options)
-        key = "gate" if "gate" in self.parts else "up"
-        self.key_w = [self._load_rows(i, 0, L.n_neurons, keep=False)[:, self.parts[key]].clone()  # [N, D]
-                      for i, L in enumerate(self.layers)]
-
-    def scores(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        L = self.layers[i]
-        x = h.to(self.compute_dtype)
-        if "gate" in self.parts:
-            gate = F.linear(x, self.key_w[i], self.b_gate[i])
-            return ACTIVATIONS[self.activation](gate).abs() - L.active_threshold
-        return F.linear(x, self.key_w[i], self.b_up[i])  # ReLU: active where > 0

@@ -27,13 +27,21 @@ from typing import Any
 from flashio.dtypes import ITEMSIZE
 from flashio.errors import FormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what an artifact with 3-part (or ReLU's 2-part) bundles is written as
+GATE_RESIDENT_VERSION = 2  # version 1 + gate rows resident (bundles of up + down for a gated FFN)
+READ_VERSIONS = (FORMAT_VERSION, GATE_RESIDENT_VERSION)  # what this flashio reads
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 FFN = "ffn.safetensors"
 PREDICTORS = "predictors.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20  # a 7B model's manifest is a few KiB; refuse absurd ones early
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# the bundle layouts this flashio reads: (gated, gate_resident) -> the parts of a row, in order.
+# With gate_resident the gate rows are a [n_neurons, d_model] tensor per layer in the resident
+# file (FFNLayer.gate_tensor) and flash holds up + down only (the "exact gate" layout).
+LAYOUTS = {(False, False): ("up", "down"), (True, False): ("up", "gate", "down"), (True, True): ("up", "down")}
+# how mode='sparse' chooses each step's neurons by default (Manifest.selection; flashio.config.Selection)
+SELECTIONS = ("predictor", "gate", "gate+predictor")
 
 
 class UnsafeNameError(FormatError):
@@ -66,6 +74,8 @@ class FFNLayer:
     length_bytes: int
     order_tensor: str  # int64 [n_neurons] in resident.safetensors: stored row -> source neuron id
     active_threshold: float  # |activation| above this counts as active (0 for ReLU: output > 0)
+    gate_tensor: str | None = None  # gate rows [n_neurons, d_model] in resident.safetensors (gate_resident)
+    density: float | None = None  # fraction of neurons an exact selection keeps per token (None: the threshold)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class Manifest:
     ffn_file: str = FFN
     resident_file: str = RESIDENT
     predictors_file: str | None = None
+    gate_resident: bool = False  # gate rows in DRAM (FFNLayer.gate_tensor), bundles of up + down
+    selection: str | None = None  # mode='sparse''s default active-set selection (SELECTIONS); None: by layout
 
     @property
     def itemsize(self) -> int:
@@ -105,6 +117,14 @@ class Manifest:
         d = asdict(self)
         d["bundle_layout"] = [list(s) for s in self.bundle_layout]
         d["files"] = {name: {"bytes": e.size_bytes, "sha256": e.sha256} for name, e in self.files.items()}
+        # the version-2 fields only where used: a version-1 manifest reads as it always did
+        for key, unused in (("gate_resident", False), ("selection", None)):
+            if d[key] == unused:
+                del d[key]
+        for L in d["ffn_layers"]:
+            for key in ("gate_tensor", "density"):
+                if L[key] is None:
+                    del L[key]
         return {"format_version": d.pop("format_version"), **d}
 
     def dumps(self) -> str:
@@ -173,9 +193,10 @@ def _load_document(text: bytes | str, where: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise FormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
     version = d.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise FormatError(f"{where}: format_version {version!r} is not supported (this flashio reads version "
-                          f"{FORMAT_VERSION}); rebuild the artifact with this flashio, or use a matching release")
+    if type(version) is not int or version not in READ_VERSIONS:
+        raise FormatError(f"{where}: format_version {version!r} is not supported (this flashio reads versions "
+                          f"{', '.join(map(str, READ_VERSIONS))}); rebuild the artifact with this flashio, or use "
+                          "a matching release")
     return d
 
 
@@ -253,6 +274,51 @@ def _finite(d: dict, key: str, where: str) -> float:
     return v
 
 
+def _optional(d: dict, key: str, typ: type, where: str) -> Any:
+    """d[key] when present and not null (of type `typ`), else None."""
+    return None if d.get(key) is None else _get(d, key, typ, where)
+
+
+def _density(d: dict, where: str) -> float | None:
+    if d.get("density") is None:
+        return None
+    v = _finite(d, "density", where)
+    if not 0.0 < v <= 1.0:
+        raise FormatError(f"manifest.json: {where}.density = {v} is not a fraction in (0, 1]")
+    return v
+
+
+def _check_layout(layout: tuple[tuple[str, int, int], ...], gated: bool, gate_resident: bool,
+                  layers: list[FFNLayer], version: int) -> None:
+    """The bundle layout is one this flashio reads, its parts tile the row, and the gate rows are
+    named by every layer exactly when they are resident."""
+    parts = tuple(p for p, _, _ in layout)
+    want = LAYOUTS.get((gated, gate_resident))
+    if want is None or parts != want:
+        known = "; ".join(f"{list(v)} for gated={g}, gate_resident={r}" for (g, r), v in LAYOUTS.items())
+        raise FormatError(f"manifest.json: bundle_layout parts {list(parts)} with gated={gated}, "
+                          f"gate_resident={gate_resident} is not a layout this flashio reads ({known}); the "
+                          "artifact comes from a newer flashio or was edited: upgrade flashio or rebuild it")
+    for k, (p, a, b) in enumerate(layout):
+        if a != (layout[k - 1][2] if k else 0) or b - a != layout[0][2] - layout[0][1]:
+            raise FormatError(f"manifest.json: bundle_layout part {p!r} spans [{a}, {b}); the parts must tile "
+                              "the row in equal, adjacent segments from 0")
+    if gate_resident and version < GATE_RESIDENT_VERSION:
+        raise FormatError(f"manifest.json: gate_resident needs format_version {GATE_RESIDENT_VERSION}, the "
+                          f"manifest says {version} (an older flashio would read the bundles wrongly)")
+    seen: dict[str, int] = {}
+    for i, L in enumerate(layers):
+        if L.gate_tensor is not None and seen.setdefault(L.gate_tensor, i) != i:
+            raise FormatError(f"manifest.json: ffn_layers[{i}].gate_tensor {L.gate_tensor!r} is also "
+                              f"ffn_layers[{seen[L.gate_tensor]}]'s: each layer has its own gate rows")
+        if gate_resident and not L.gate_tensor:
+            raise FormatError(f"manifest.json: gate_resident is true but ffn_layers[{i}] names no gate_tensor "
+                              "(its resident gate rows)")
+        if not gate_resident and L.gate_tensor is not None:
+            raise FormatError(f"manifest.json: ffn_layers[{i}].gate_tensor = {L.gate_tensor!r} but gate_resident "
+                              "is false: the bundles hold the gate")
+
+
 def parse_manifest(text: bytes | str) -> Manifest:
     """Parse and validate manifest.json; every problem raises FormatError naming the field."""
     d = _load_document(text, MANIFEST)
@@ -277,7 +343,8 @@ def parse_manifest(text: bytes | str) -> Manifest:
             tensor=_get(L, "tensor", str, w), n_neurons=_nonneg_int(L, "n_neurons", w),
             bundle_width=_nonneg_int(L, "bundle_width", w), offset_bytes=_nonneg_int(L, "offset_bytes", w),
             length_bytes=_nonneg_int(L, "length_bytes", w), order_tensor=_get(L, "order_tensor", str, w),
-            active_threshold=_finite(L, "active_threshold", w))
+            active_threshold=_finite(L, "active_threshold", w),
+            gate_tensor=_optional(L, "gate_tensor", str, w), density=_density(L, w))
         if layer.n_neurons == 0 or layer.length_bytes != layer.n_neurons * layer.bundle_width * ITEMSIZE[dtype]:
             raise FormatError(f"manifest.json: {w}.length_bytes = {layer.length_bytes} but n_neurons x "
                               f"bundle_width x itemsize = {layer.n_neurons * layer.bundle_width * ITEMSIZE[dtype]}")
@@ -299,6 +366,19 @@ def parse_manifest(text: bytes | str) -> Manifest:
             preds.append(PredictorLayer(_nonneg_int(P, "rank", f"predictor_layers[{i}]"), thr))
         if len(preds) != len(layers):
             raise FormatError(f"manifest.json: {len(preds)} predictor layers for {len(layers)} FFN layers")
+    gated = _get(d, "gated", bool, "manifest")
+    gate_resident = _optional(d, "gate_resident", bool, "manifest") or False
+    _check_layout(tuple(layout), gated, gate_resident, layers, d["format_version"])
+    selection = _optional(d, "selection", str, "manifest")
+    if selection is not None:
+        if selection not in SELECTIONS:
+            raise FormatError(f"manifest.json: selection {selection!r} is not one of {', '.join(SELECTIONS)} "
+                              "(written by a newer flashio?): upgrade flashio or rebuild the artifact")
+        if selection != "predictor" and not gate_resident:
+            raise FormatError(f"manifest.json: selection {selection!r} needs the gate rows resident "
+                              "(gate_resident: true)")
+        if "predictor" in selection and preds is None:
+            raise FormatError(f"manifest.json: selection {selection!r} needs predictors; the artifact has none")
     tok = d.get("tokenizer")
     if tok is not None:
         if not isinstance(tok, dict):
@@ -310,13 +390,14 @@ def parse_manifest(text: bytes | str) -> Manifest:
     m = Manifest(
         architecture=_get(d, "architecture", str, "manifest"),
         model_config=_get(d, "model_config", dict, "manifest"), dtype=dtype,
-        activation=_get(d, "activation", str, "manifest"), gated=_get(d, "gated", bool, "manifest"),
+        activation=_get(d, "activation", str, "manifest"), gated=gated,
         bundle_layout=tuple(layout), ffn_layers=tuple(layers), files=files,
         predictor_layers=tuple(preds) if preds is not None else None, tokenizer=tok,
         lineage=_lineage(d, MANIFEST), report=d.get("report"),
         ffn_file=check_relative_name(d.get("ffn_file", FFN), "ffn_file"),
         resident_file=check_relative_name(d.get("resident_file", RESIDENT), "resident_file"),
         predictors_file=check_relative_name(pred_file, "predictors_file") if pred_file else None,
+        format_version=d["format_version"], gate_resident=gate_resident, selection=selection,
     )
     for name in (m.ffn_file, m.resident_file, m.predictors_file, tok and tok["file"]):
         if name and name not in files:

@@ -71,6 +71,8 @@ class Artifact:
             raise FormatError(f"{mpath}: gated={m.gated} but {m.architecture} FFNs are gated={self.arch.FFN.gated}")
         check_files_on_disk(self.path, m.files)
         self._check_ffn_header()
+        if m.gate_resident:
+            self._check_gate_rows()
         if verify:
             self.verify()
 
@@ -92,6 +94,20 @@ class Artifact:
             if found != want:
                 raise FormatError(f"{path}: tensor {L.tensor!r} is (dtype, shape, offset, bytes) = {found}, "
                                   f"the manifest says {want}")
+
+    def _check_gate_rows(self) -> None:
+        """Each layer's resident gate rows are in the resident file, [n_neurons, dim] in the manifest's dtype."""
+        m = self.manifest
+        path = self.file(m.resident_file)
+        with open(path, "rb") as f:
+            infos = read_safetensors_header(f, m.files[m.resident_file].size_bytes, str(path))
+        for i, L in enumerate(m.ffn_layers):
+            info = infos.get(L.gate_tensor)
+            want = (SAFETENSORS_CODES[m.dtype], (L.n_neurons, self.args.dim))
+            if info is None or (info.dtype, info.shape) != want:
+                found = None if info is None else (info.dtype, info.shape)
+                raise FormatError(f"{path}: gate rows {L.gate_tensor!r} of ffn_layers[{i}] are (dtype, shape) = "
+                                  f"{found}, the manifest says {want}; rebuild the artifact")
 
     def verify(self, names: Iterable[str] | None = None,
                progress: Callable[[str, int], None] | None = None) -> None:
@@ -152,5 +168,6 @@ class Artifact:
             "resident_bytes": m.files[m.resident_file].size_bytes,
             "predictors": None if m.predictor_layers is None else [p.rank for p in m.predictor_layers],
             "tokenizer": m.tokenizer is not None,
+            "gate_resident": m.gate_resident,
             "files": len(m.files),
         }

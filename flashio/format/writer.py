@@ -32,10 +32,10 @@ from flashio.errors import FlashError, FormatError
 from flashio.format.ffnfile import layout_ffn_file
 from flashio.format.manifest import (
     FFN,
-    MANIFEST,
     FORMAT_VERSION,
     GATE_RESIDENT_VERSION,
     LAYOUTS,
+    MANIFEST,
     PREDICTORS,
     RESIDENT,
     SELECTIONS,
