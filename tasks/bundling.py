@@ -102,9 +102,15 @@ def choose_orders(stats: ActivationStats, method: str) -> list[np.ndarray]:
 def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Sequence[LayerPredictor], *,
                     order: str, out_dir: Path, dtype: str | None = None, lineage: dict[str, Any] | None = None,
                     report: dict[str, Any] | None = None, report_files: dict[str, Path] | None = None,
-                    progress=None) -> BundledArtifact:
+                    progress=None, gate_resident: bool = False, densities: Sequence[float | None] | None = None,
+                    selection: str | None = None) -> BundledArtifact:
     """Write the artifact (weights in the chosen order, predictors, active thresholds, lineage
-    and report) into `out_dir/artifact` with flashio's writer."""
+    and report) into `out_dir/artifact` with flashio's writer.
+
+    gate_resident: gated FFNs: gate rows kept in DRAM, bundles of up + down (the exact-gate layout,
+    flashio.exact); densities[i]: the fraction of layer i's neurons an exact selection keeps per
+    token (None: its active threshold); selection: mode='sparse''s default ('predictor', 'gate' or
+    'gate+predictor'; None: 'gate' when gate_resident, else 'predictor')."""
     if len(predictors) != source.n_layers:
         raise InputError(f"{len(predictors)} predictors for {source.n_layers} layers")
     orders = choose_orders(stats, order)
@@ -112,7 +118,8 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     model_source = source_from_checkpoint(source.path, hash_files=False)
     dtype = dtype or (source.config_dtype if source.config_dtype in ("float32", "float16", "bfloat16") else "float32")
     path = write_artifact(model_source, out_dir / ARTIFACT_DIR, dtype=dtype, orders=orders, predictors=preds,
-                          active_thresholds=list(stats.active_thresholds),
+                          active_thresholds=list(stats.active_thresholds), gate_resident=gate_resident,
+                          densities=None if densities is None else list(densities), selection=selection,
                           lineage={"source": source.lineage(), **(lineage or {}), "neuron_order": order},
                           report=report, report_files=report_files, name=source.name, progress=progress)
     return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"), order=order, dtype=dtype)
@@ -121,12 +128,14 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
 @task(name="bundle", cache_key_fn=stage_cache("bundle", __name__))
 def bundle_task(source: SourceModel, stats: ActivationStats, predictors: list[LayerPredictor], order: str,
                 dtype: str | None, lineage: dict[str, Any], report: dict[str, Any] | None,
-                report_files: dict[str, Path] | None, work_dir: Path) -> BundledArtifact:
+                report_files: dict[str, Path] | None, work_dir: Path, gate_resident: bool = False,
+                densities: list[float | None] | None = None, selection: str | None = None) -> BundledArtifact:
     def compute(out: Path) -> BundledArtifact:
         label = "writing artifact" + (" (with report)" if report else "")
         with StageProgress(label, source.n_layers, unit="layer") as p:
             return bundle_artifact(source, stats, predictors, order=order, out_dir=out, dtype=dtype, lineage=lineage,
-                                   report=report, report_files=report_files, progress=p.update)
+                                   report=report, report_files=report_files, progress=p.update,
+                                   gate_resident=gate_resident, densities=densities, selection=selection)
 
     art = run_stage("bundle", [__name__], compute)
     get_run_logger().info("artifact %s (%s, order %s)", art.path, art.dtype, order)
