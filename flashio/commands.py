@@ -111,6 +111,9 @@ def add_commands(sub) -> None:
     p.add_argument("out", help="artifact directory to create")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="storage dtype (default: the checkpoint's)")
+    p.add_argument("--gate-resident", action="store_true",
+                   help="gated FFNs: keep the gate rows in DRAM and put only up + down on flash (the exact-gate "
+                        "layout: mode 'sparse' then computes the gate densely and reads the selected neurons)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 
@@ -225,6 +228,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\rpacking layers {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    out = write_artifact(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+    out = write_artifact(args.checkpoint, args.out, dtype=args.dtype, gate_resident=args.gate_resident,
+                         overwrite=args.overwrite, progress=progress)
     print(out)
     return 0
