@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# names a model repository keeps its licence terms under (Llama: LICENSE + USE_POLICY.md; Gemma: LICENSE/NOTICE)
-LICENCE_NAMES = re.compile(r"^(licen[cs]e|notice|use_policy|copying)(\.(txt|md))?$", re.IGNORECASE)
+# names a model repository keeps its licence terms under (Llama: LICENSE + USE_POLICY.md; Gemma: LICENSE/NOTICE;
+# packaged GGUFs: GEMMA_TERMS.html and the upstream model card README.upstream.md beside NOTICE.md)
+LICENCE_NAMES = re.compile(r"^((licen[cs]e|notice|use_policy|copying)(\.(txt|md))?|[\w.-]*terms[\w.-]*\.(txt|md|html)"
+                           r"|readme\.upstream\.md)$", re.IGNORECASE)
 
 
 def licence_files(source_dir: str | Path) -> list[Path]:

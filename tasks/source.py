@@ -25,6 +25,7 @@ from flashio.hashing import sha256_file
 from flashio.model_card import source_license
 from flashio.models import get_architecture
 from tasks.errors import InputError
+from tasks.gguf import gguf_checkpoint, is_gguf_source
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class SourceModel:
 
     @property
     def name(self) -> str:
-        """A default registry name: the last part of the hub id or directory."""
-        return Path(self.ref.rstrip("/")).name or "model"
+        """A default registry name: the last part of the hub id or directory (a GGUF file's without
+        .gguf or .gguf.partNN)."""
+        return Path(self.ref.rstrip("/")).name.split(".gguf")[0] or "model"
 
     def lineage(self) -> dict:
         return {"id": self.ref, "path": str(self.path), "revision": self.revision,
@@ -70,12 +72,15 @@ def _looks_like_path(model: str) -> bool:
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """The local directory of `model` (a directory, or a hub id fetched into the HF cache)."""
+    """The local directory of `model` (a directory, a GGUF source made a Hugging Face directory by
+    tasks.gguf, or a hub id fetched into the HF cache)."""
     local = Path(model).expanduser()
     if local.exists():
+        if is_gguf_source(local):  # a .gguf, its *.gguf.partNN, or a directory of them: converted once, cached
+            return gguf_checkpoint(local), None
         if not local.is_dir():
             raise InputError(f"model {model!r} is a file; give the checkpoint directory (with config.json "
-                             "and *.safetensors, as written by save_pretrained)")
+                             "and *.safetensors, as written by save_pretrained) or a .gguf file")
         return local.resolve(), None
     if _looks_like_path(model):
         raise InputError(f"model directory {model!r} does not exist; give a checkpoint directory written by "
