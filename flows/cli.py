@@ -66,7 +66,17 @@ def add_convert_command(sub) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--order", choices=["frequency", "coactivation", "identity"], help="neuron order (default frequency)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--window", type=int, help="sliding window in tokens (default 5)")
+    g.add_argument("--window", type=int, help="sliding window in tokens (default: chosen per model from the "
+                                               "calibration trace: the fewest bytes read that fit the DRAM limit)")
+    g.add_argument("--ffn-dram-fraction", type=float,
+                   help="DRAM the FFN's window caches may hold, as a fraction of its bytes (default 0.5)")
+    g.add_argument("--methods", help="comma-separated predictor labels to try: active (gate magnitude when gated), "
+                                     "contribution (gated: |act(gate)·up|); default both when gated. The cheapest "
+                                     "configuration within the budget is published")
+    g.add_argument("--no-per-layer-density", action="store_true",
+                   help="gated FFNs: one label density for every layer instead of the greedy per-layer allocation")
+    g.add_argument("--frontier-samples", type=int,
+                   help="held-out sequences for the exact-oracle frontier of gated FFNs (default 4; 0: off)")
     g.add_argument("--sweep", help="comma-separated recall targets for the sparsity-accuracy curve")
     g.add_argument("--max-ppl-increase", type=float, help="accuracy budget: relative perplexity increase (default 0.02)")
     g.add_argument("--min-top1", type=float, help="accuracy budget: top-1 agreement (default 0.97)")
@@ -111,7 +121,7 @@ def add_convert_command(sub) -> None:
 _FLAG_FIELDS = ("revision", "source_dtype", "dtype", "calibration", "heldout", "text_field", "samples", "seq_len",
                 "heldout_samples", "seed", "shard_samples", "batch_samples", "gated_density", "rank", "rank_last",
                 "last_layers", "max_rank", "max_escalations", "recall", "threshold", "epochs", "order", "window",
-                "zero_shot_limit", "registry", "registry_endpoint", "name", "version", "prompt", "max_new_tokens",
+                "zero_shot_limit", "ffn_dram_fraction", "frontier_samples", "registry", "registry_endpoint", "name", "version", "prompt", "max_new_tokens",
                 "work_dir", "workers", "torch_threads", "dask_address")
 
 
@@ -130,6 +140,10 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["sweep"] = tuple(float(x) for x in args.sweep.split(",") if x.strip())
     if args.zero_shot:
         fields["zero_shot"] = tuple(args.zero_shot)
+    if args.methods:
+        fields["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
+    if args.no_per_layer_density:
+        fields["per_layer_density"] = False
     if args.aliases:
         fields["aliases"] = tuple(args.aliases)
     if args.dask or args.runner == "dask":
@@ -228,8 +242,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = build_config(config_fields(args))
     preflight(config)
     from flows.convert import run_convert
+    from tasks.errors import AccuracyBudgetError
 
-    result = run_convert(config)
+    try:
+        result = run_convert(config)
+    except AccuracyBudgetError as exc:  # the report is written; one line says what to do, no traceback
+        print(f"flashio convert: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"reference": result.reference, "registry": result.registry, "created": result.created,
                           "skipped": result.skipped, "lineage_key": result.lineage_key,
@@ -247,6 +266,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if result.sample:
         s = result.sample
         print(f"\n{s['prompt']}{s['text']}")
-        print(f"[sparse, window {config.window}] {s['summary']}")
+        print(f"[sparse, window {result.report['summary']['window']}] {s['summary']}")
     print(f"\nrun it: flashio run {result.reference} --registry {result.registry} --prompt '...'")
     return 0

@@ -96,7 +96,19 @@ class ConvertConfig(BaseModel):
                                      description="recall targets of the sparsity-accuracy sweep")
     # bundling and runtime
     order: Literal["frequency", "coactivation", "identity"] = "frequency"
-    window: int = Field(5, ge=1, description="sliding window (tokens) for evaluation and generation")
+    window: int | None = Field(None, ge=1, description="sliding window (tokens) for evaluation and generation "
+                                                         "(default: chosen per model from the calibration trace, "
+                                                         "the fewest bytes read that fit ffn_dram_fraction)")
+    ffn_dram_fraction: float = Field(0.5, gt=0.0, le=1.0, description="DRAM the FFN may hold (window caches), as a "
+                                                                      "fraction of its bytes: limits the window")
+    methods: tuple[Literal["active", "contribution"], ...] | None = Field(
+        None, description="predictor labels to try: 'active' (|act| above the threshold: gate magnitude when "
+                          "gated) and, gated FFNs only, 'contribution' (top-k by |act(gate)·up|); default both "
+                          "when gated, else active; the cheapest within the budget is published")
+    per_layer_density: bool = Field(True, description="gated FFNs: per-layer densities of the contribution labels "
+                                                      "(greedy, as accurate as gated_density everywhere, fewer bytes)")
+    frontier_samples: int = Field(4, ge=0, description="held-out sequences of the exact-oracle frontier (gated "
+                                                       "FFNs; 0: not measured)")
     # evaluation
     budget: AccuracyBudgetConfig = Field(default_factory=AccuracyBudgetConfig)
     sweep_samples: int = Field(4, ge=1, description="held-out sequences per sweep point")
@@ -129,6 +141,17 @@ class ConvertConfig(BaseModel):
             raise ValueError(f"rank {self.rank} exceeds max_rank {self.max_rank}")
         return self
 
+    def methods_for(self, gated: bool) -> tuple[str, ...]:
+        """The predictor labels this conversion tries on a model (contribution needs a gated FFN)."""
+        if self.methods is None:
+            return ("active", "contribution") if gated else ("active",)
+        if not gated and "contribution" in self.methods:
+            from tasks.errors import InputError
+
+            raise InputError("methods: 'contribution' labels need a gated FFN (act(gate)·up); this model's FFN is "
+                             "not gated: use --methods active")
+        return tuple(dict.fromkeys(self.methods))
+
     def heldout_spec(self) -> str | None:
         if self.heldout is not None:
             return self.heldout
@@ -151,7 +174,7 @@ class ConvertConfig(BaseModel):
         return ActivationOptions(dtype=self.source_dtype, batch_sequences=self.batch_samples,
                                  coactivation_stride=stride, torch_threads=self.torch_threads)
 
-    def predictor_options(self, n_layers: int, dim: int, ffn_dim: int):
+    def predictor_options(self, n_layers: int, dim: int, ffn_dim: int, labels: str = "active"):
         from tasks.predictors import PredictorOptions, default_ranks
 
         ranks = default_ranks(n_layers, dim, ffn_dim=ffn_dim, rank=self.rank, rank_last=self.rank_last,
@@ -159,12 +182,14 @@ class ConvertConfig(BaseModel):
         return PredictorOptions(ranks=ranks, max_rank=self.max_rank or min(dim, ffn_dim), recall_target=self.recall,
                                 threshold=self.threshold, density_ratio=self.density_ratio,
                                 max_escalations=self.max_escalations, epochs=self.epochs,
-                                sweep_recalls=tuple(self.sweep), seed=self.seed)
+                                sweep_recalls=tuple(self.sweep), seed=self.seed, labels=labels)
 
-    def eval_options(self):
+    def eval_options(self, window: int | None = None):
+        """`window`: the one chosen from the trace (0: caching off), unless the config fixes one."""
         from tasks.evaluation import EvalOptions
 
-        return EvalOptions(window=self.window, sweep_recalls=tuple(self.sweep), sweep_sequences=self.sweep_samples,
+        w = self.window if self.window is not None else (5 if window is None else window)
+        return EvalOptions(window=max(1, w), reuse=w > 0, sweep_recalls=tuple(self.sweep), sweep_sequences=self.sweep_samples,
                            zero_shot=tuple(self.zero_shot), zero_shot_limit=self.zero_shot_limit)
 
     def accuracy_budget(self):

@@ -10,7 +10,17 @@ bad input fails here) -> calibration -> [gated thresholds] -> activations mapped
 merge -> predictors mapped over layers -> bundle -> evaluate -> accuracy gate -> report ->
 bundle with the report -> publish -> [sample generation]. Every heavy task is cached on a
 content key (source file hashes, calibration fingerprint, options, code), so a re-run after a
-failure in a late stage reuses the early ones. A failed gate fails the flow before publishing.
+failure in a late stage reuses the early ones.
+
+Gated FFNs (issue 16) add, before the activations: each layer's FFN-output error against density
+(tasks.allocation) -> per-layer densities as accurate as `gated_density` everywhere with fewer
+bytes -> the exact oracles' frontier (tasks.frontier). Then one predictor set per method
+(`methods`: "active" labels, i.e. the gate's magnitude, and "contribution" labels, top-k by
+|act(gate)·up| at the per-layer densities), each with its window chosen from the calibration trace
+under the DRAM limit (tasks.windowing), bundled and evaluated; the cheapest configuration within
+the budget (tasks.selection) is published, and the report says which and why. A failed gate
+still writes the report (frontier table and plot), then ends the flow run Failed with one
+AccuracyBudgetError naming the closest configuration and the flags that would publish it.
 
 Two conversions of one model name never run at once: the flow holds the Prefect global
 concurrency limit `flashio-convert-<name>` (created with one slot; see flows/locks.py), and a
@@ -26,13 +36,14 @@ Prefect's `refresh_cache`, which makes Prefect ignore and overwrite its cached r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import ConvertConfig
@@ -43,15 +54,27 @@ from tasks.activations import (
     merge_task,
     shard_ranges,
 )
+from tasks.allocation import allocation_task, layer_errors_task
 from tasks.bundling import bundle_task, finalize_task
 from tasks.caching import sha256_json
 from tasks.calibration import CalibrationData, calibration_task, resolve_spec_task
-from tasks.evaluation import evaluate_task, gate_task, sample_task
+from tasks.errors import AccuracyBudgetError
+from tasks.evaluation import AccuracyBudget, Evaluation, evaluate_task, gate_task, sample_task
+from tasks.frontier import DENSITIES as FRONTIER_DENSITIES
+from tasks.frontier import frontier_task
 from tasks.predictors import predictor_task
 from tasks.progress import StageProgress
 from tasks.publish import LINEAGE_KEY, find_published_task, publish_task
-from tasks.report import layer_rows, render_markdown, report_task, summary_lines
+from tasks.report import REPORT_DIR, Choice, layer_rows, render_markdown, report_task, summary_lines
+from tasks.selection import (
+    Candidate,
+    choose_configuration,
+    list_candidates,
+    predictors_at,
+    publish_flags,
+)
 from tasks.source import SourceModel, inspect_source_task
+from tasks.windowing import window_task
 
 STAGES = ("source", "calibration", "activations", "predictors", "bundle", "evaluate", "report", "publish")
 
@@ -139,6 +162,18 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                  artifact_dir="", report={}, lineage_key=key, skipped=True)
 
         act = config.activation_options(src.ffn_dim)
+        methods = config.methods_for(src.gated)
+        budget = config.accuracy_budget()
+        allocation = frontier = None
+        if src.gated:  # per-layer densities and the exact oracles: measured densely on the source model
+            errs = refreshed(layer_errors_task, force)(src, calib, min(config.samples, 16), act, work)
+            allocation = allocation_task(errs, config.gated_density, src.n_layers, src.ffn_dim,
+                                         config.per_layer_density)
+            if config.frontier_samples:
+                frontier = refreshed(frontier_task, force)(src, calib, FRONTIER_DENSITIES, config.frontier_samples,
+                                                           allocation.densities, act, work)
+            if "contribution" in methods:
+                act = replace(act, label_densities=allocation.densities)
         thresholds = refreshed(gate_thresholds_task, force)(
             src, calib, config.gated_density, min(config.samples, 16), act, work) if src.gated else (0.0,) * src.n_layers
         ranges = shard_ranges(config.samples, config.shard_samples)
@@ -149,9 +184,12 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         stats = refreshed(merge_task, force)(shards, work)
         stages.advance()
 
-        popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim)
-        predictors = refreshed(predictor_task, force).map(unmapped(stats), list(range(src.n_layers)),
-                                                          unmapped(popts), unmapped(work)).result()
+        predictors, plans = {}, {}
+        for method in methods:
+            popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim, labels=method)
+            predictors[method] = refreshed(predictor_task, force).map(
+                unmapped(stats), list(range(src.n_layers)), unmapped(popts), unmapped(work)).result()
+            plans[method] = refreshed(window_task, force)(stats, predictors[method], config.ffn_dram_fraction, work)
         stages.advance()
 
         lineage = {"calibration": {"spec": calib.spec, "heldout_spec": calib.heldout_spec,
@@ -161,20 +199,41 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                    "pipeline": {"flow": "flashio-convert", "package": "flashio", "version": package_version(),
                                 "config": config.lineage()},
                    LINEAGE_KEY: key}
-        # The candidate that is evaluated carries only content lineage, so that changing what does not
-        # change its bytes (budget, sweep, window...) reuses it and its evaluation from the cache.
-        candidate = refreshed(bundle_task, force)(src, stats, predictors, config.order, config.dtype,
-                                                  {"calibration": lineage["calibration"]}, None, None, work)
+
+        def bundled_and_evaluated(method: str, preds: list, window: int):
+            # The candidate that is evaluated carries only content lineage, so that changing what does not
+            # change its bytes (budget, sweep...) reuses it and its evaluation from the cache.
+            cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
+                                                 {"calibration": lineage["calibration"]}, None, None, work)
+            return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
+                                                         config.eval_options(window), work)
+
+        evaluated = {m: bundled_and_evaluated(m, predictors[m], plans[m].chosen.window) for m in methods}
         stages.advance()
 
-        ev = refreshed(evaluate_task, force)(candidate.manifest_sha256, candidate.path, calib, predictors,
-                                             config.eval_options(), work)
-        budget = config.accuracy_budget()
-        violations = gate_task(ev, budget, config.budget.allow_loss)  # raises: the flow stops, nothing published
+        # Gated FFNs trade density for accuracy along the threshold sweep too; a fixed threshold, or a
+        # ReLU model (exact sparsity: its recall target is the user's accuracy knob), keeps its own.
+        candidates = list_candidates({m: ev for m, (_, ev) in evaluated.items()}, plans, budget,
+                                     sweep=src.gated and config.threshold is None)
+        selection = choose_configuration(candidates, budget)
+        pick = selection.chosen or selection.closest
+        log.info("configuration: %s; %s", pick.describe(), selection.reason)
+        preds = predictors_at(predictors[pick.method], pick.recall_target)
+        candidate, ev = (evaluated[pick.method] if pick.recall_target is None
+                         else bundled_and_evaluated(pick.method, preds, pick.window))
+        violations = gate_task(ev, budget, True)  # never raises: a failed gate still writes the report
+        publishable = not violations or config.budget.allow_loss
         stages.advance()
 
-        report, report_files = report_task(stats, predictors, ev, budget, violations, config.window,
-                                           lineage["calibration"], work)
+        choice = Choice(candidates=tuple(candidates), selection=selection,
+                        ffn_dram_fraction=config.ffn_dram_fraction, frontier=frontier, allocation=allocation)
+        window = config.window if config.window is not None else pick.window
+        report, report_files = report_task(stats, preds, ev, budget, violations, window,
+                                           lineage["calibration"], work, choice, publishable)
+        if not publishable:
+            err = gate_failure(ev, budget, violations, pick, report_files)
+            log.error("%s", err)
+            return Failed(message=str(err), data=err)
         final = refreshed(finalize_task, force)(candidate, lineage, report, report_files, work)
         stages.advance()
 
@@ -185,7 +244,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
     sample = None
     if config.prompt:
         sample = sample_task(published.reference, config.registry, config.prompt, config.max_new_tokens,
-                             config.window)
+                             max(1, window))
     create_markdown_artifact(markdown=render_markdown(report, title=f"{published.reference}: conversion report",
                                                       plot=None),
                              key="flashio-convert-report", description=f"conversion report of {published.reference}")
@@ -196,6 +255,18 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
     return ConvertResult(registry=config.registry, name=published.name, version=published.version,
                          created=published.created, artifact_dir=str(final.path), report=report, sample=sample,
                          lineage_key=key)
+
+
+def gate_failure(ev: Evaluation, budget: AccuracyBudget, violations: list[str], closest: Candidate,
+                 report_files: dict[str, Path]) -> AccuracyBudgetError:
+    """The one-line error of a failed gate: what failed, the closest configuration, the flags that
+    would publish it, and where the report is."""
+    report = report_files.get(f"{REPORT_DIR}/report.md")
+    return AccuracyBudgetError(
+        f"accuracy gate failed, nothing was published: {'; '.join(violations)} (measured on {ev.main.tokens} "
+        f"held-out tokens at density {100 * ev.main.density:.1f}%). Closest configuration: {closest.describe()}; "
+        f"publish it with `flashio convert ... {publish_flags(closest, budget)}`, or raise the predictor recall "
+        f"target or rank. Report (frontier table and plot): {report.parent if report else '(none)'}", violations)
 
 
 def task_runner(config: ConvertConfig):

@@ -71,6 +71,7 @@ class AccuracyBudget:
 @dataclass(frozen=True)
 class EvalOptions:
     window: int = 5
+    reuse: bool = True  # False: caching off (tasks.windowing's window 0)
     sweep_recalls: tuple[float, ...] = ()  # recall targets with per-layer thresholds (LayerPredictor.sweep)
     sweep_sequences: int = 4  # held-out sequences per sweep point (the main point uses all)
     naive_tokens: int = 8
@@ -85,7 +86,7 @@ class EvalOptions:
 
     def flash_config(self) -> FlashConfig:
         """How the evaluation opens the artifact (each mode overrides `mode`)."""
-        return FlashConfig(window=self.window, threads=self.threads, direct=self.direct)
+        return FlashConfig(window=self.window, threads=self.threads, direct=self.direct, reuse=self.reuse)
 
 
 @dataclass(frozen=True)

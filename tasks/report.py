@@ -8,6 +8,15 @@
 sparsity, predictor recall, perplexity dense vs sparse, top-1 agreement, bytes read per token
 sparse vs naive, and what the perplexity was measured on (`perplexity_measured_on`,
 `heldout_documents`: the evaluation's `HeldoutSample`, absent from evaluations made before it).
+
+With the configuration choice (tasks.selection) the report also holds, per model: every
+configuration tried (`candidates`: predictor labels x threshold setting) and which was chosen and
+why (`configuration`, `configuration_reason`); the density-accuracy frontier per method with the
+exact oracles (tasks.frontier) as its bound (`frontier`, plotted in frontier.png); the per-layer
+densities of the contribution labels (tasks.allocation); the DRAM the window caches hold; and FFN
+bytes per token against naive twice: unlimited (`bytes_per_token_sparse`, measured) and with the
+FFN's DRAM limited to `ffn_dram_fraction` of its bytes (`bytes_per_token_limited`, simulated on
+the predicted active sets: tasks.windowing).
 """
 
 from __future__ import annotations
@@ -15,22 +24,40 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from tasks.activations import ActivationStats
+from tasks.allocation import Allocation
 from tasks.caching import sha256_json, stage_dir
 from tasks.evaluation import AccuracyBudget, Evaluation
+from tasks.frontier import OracleFrontier
 from tasks.predictors import LayerPredictor
+from tasks.selection import Candidate, Selection
+from tasks.windowing import OFF
 
 REPORT_DIR = "report"
+FRONTIER_PNG = "frontier.png"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the configuration step found (everything but `evaluation`'s own figures)."""
+
+    candidates: tuple[Candidate, ...]
+    selection: Selection
+    ffn_dram_fraction: float
+    frontier: OracleFrontier | None = None
+    allocation: Allocation | None = None
 
 
 def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], ev: Evaluation, *,
                  budget: AccuracyBudget, violations: Sequence[str], window: int,
-                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                 calibration: dict[str, Any] | None = None, choice: Choice | None = None,
+                 published: bool = True) -> dict[str, Any]:
     preds = sorted(predictors, key=lambda p: p.layer)
     m = ev.main
     true_density = sum(stats.density) / len(stats.density)
@@ -58,7 +85,8 @@ def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], e
         "calibration_tokens": stats.tokens,
         "window": window,
         "budget": dataclasses.asdict(budget),
-        "gate": "exceeded (allowed by the caller)" if violations else "passed",
+        "gate": ("passed" if not violations else "exceeded (allowed by the caller)" if published
+                 else "failed: nothing was published"),
         "violations": list(violations),
     }
     layers = [{"layer": p.layer, "rank": p.rank, "escalations": p.escalations, "threshold": p.threshold,
@@ -69,8 +97,37 @@ def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], e
     sweep = [{"recall_target": c.recall_target, "density": c.density, "perplexity_increase": c.perplexity_increase,
               "top1_agreement": c.top1_agreement, "mean_kl": c.mean_kl, "bytes_per_token": c.bytes_per_token,
               "tokens": c.tokens} for c in ev.sweep]
-    return {"summary": summary, "layers": layers, "sweep": sweep, "zero_shot": list(ev.zero_shot),
-            "calibration": calibration or {}}
+    report = {"summary": summary, "layers": layers, "sweep": sweep, "zero_shot": list(ev.zero_shot),
+              "calibration": calibration or {}}
+    if choice is not None:
+        _add_choice(report, choice, ev, m.bytes_per_token)
+    return report
+
+
+def _add_choice(report: dict[str, Any], choice: Choice, ev: Evaluation, measured_bpt: float) -> None:
+    s, sel = report["summary"], choice.selection
+    c = sel.chosen or sel.closest
+    naive = ev.naive_bytes_per_token
+    s.update({"configuration": c.describe(), "configuration_method": c.method, "configuration_passed": sel.chosen
+              is not None, "configuration_reason": sel.reason, "window": c.window,
+              "window_caching": "off" if c.window == OFF else "on",
+              "ffn_dram_fraction": choice.ffn_dram_fraction,
+              "bytes_per_token_limited": c.read_fraction_limited * naive,
+              "bytes_per_token_unlimited": c.read_fraction_unlimited * naive,
+              "dram_held_bytes": c.held_fraction * ev.ffn_bytes,
+              "bytes_per_token_sparse": measured_bpt})
+    report["candidates"] = [dataclasses.asdict(x) | {"chosen": x == sel.chosen} for x in choice.candidates]
+    rows = [{"method": f"predictor: {x.method}" + ("" if x.label == "chosen" else f" ({x.label})"),
+             "density": x.density, "top1_agreement": x.top1_agreement, "mean_kl": x.mean_kl,
+             "perplexity_increase": x.perplexity_increase, "tokens": x.tokens} for x in choice.candidates]
+    if choice.frontier is not None:
+        rows += [dataclasses.asdict(p) for p in choice.frontier.points]
+    report["frontier"] = sorted(rows, key=lambda r: (r["method"], r["density"]))
+    if choice.allocation is not None:
+        a = choice.allocation
+        report["allocation"] = dataclasses.asdict(a)
+        for row in report["layers"]:
+            row["label_density"] = a.densities[row["layer"]]
 
 
 def _pct(x: float) -> str:
@@ -98,7 +155,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 f"{s['heldout_spec']}{few}"]
     return [
         f"sparsity         true {_pct(s['true_sparsity'])} (calibration), predicted {_pct(s['predicted_sparsity'])} "
-        f"(measured in the runtime, window {s['window']})",
+        f"(measured in the runtime, {'caching off' if s['window'] == OFF else 'window ' + str(s['window'])})",
         f"predictor recall {s['predictor_recall_mean']:.4f} mean, {s['predictor_recall_min']:.4f} worst layer "
         f"(held-out pairs), precision {s['predictor_precision_mean']:.3f}",
         f"perplexity       dense {s['perplexity_dense']:.3f}, sparse {s['perplexity_sparse']:.3f} "
@@ -108,8 +165,56 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"mean KL {s['mean_kl']:.2e}, {s['eval_tokens']} held-out tokens",
         f"bytes per token  sparse {_bytes(s['bytes_per_token_sparse'])}, naive {_bytes(s['bytes_per_token_naive'])} "
         f"({ratio:.1f}x less)",
+        *_choice_lines(s),
         f"accuracy gate    {s['gate']}" + (f": {'; '.join(s['violations'])}" if s["violations"] else ""),
     ]
+
+
+def _choice_lines(s: dict[str, Any]) -> list[str]:
+    if "bytes_per_token_limited" not in s:
+        return []
+    naive = s["bytes_per_token_naive"] or 1.0
+    return [f"FFN bytes/token  {_bytes(s['bytes_per_token_unlimited'])} ("
+            f"{100 * s['bytes_per_token_unlimited'] / naive:.1f}% of naive) with the best window and no DRAM limit",
+            f"DRAM limited     {_bytes(s['bytes_per_token_limited'])} per token "
+            f"({100 * s['bytes_per_token_limited'] / naive:.1f}% of naive) with the FFN's DRAM at "
+            f"{100 * s['ffn_dram_fraction']:.0f}% of its bytes; caches hold {_bytes(s['dram_held_bytes'])}",
+            f"configuration    {s['configuration']}: {s['configuration_reason']}"]
+
+
+def frontier_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"method": r["method"], "density": _pct(r["density"]), "top-1": round(r["top1_agreement"], 4),
+             "KL": f"{r['mean_kl']:.2e}", "perplexity": f"{100 * r['perplexity_increase']:+.2f}%",
+             "tokens": r["tokens"]} for r in report.get("frontier", [])]
+
+
+def plot_frontier(report: dict[str, Any], path: Path) -> Path | None:
+    """Top-1 agreement and perplexity increase against density, one line per method (PNG)."""
+    if not report.get("frontier"):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    methods = sorted({r["method"].split(" (")[0] for r in report["frontier"]})
+    for ax, key, ylabel in ((axes[0], "top1_agreement", "top-1 agreement with dense"),
+                            (axes[1], "perplexity_increase", "perplexity increase")):
+        for meth in methods:
+            pts = sorted((r["density"], r[key]) for r in report["frontier"] if r["method"].split(" (")[0] == meth)
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-" if "oracle" in meth else "s--",
+                    label=meth, ms=4)
+        ax.set(xlabel="density (% of FFN neurons per token)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("density-accuracy frontier (oracles: exact top-k, the bound)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -117,7 +222,8 @@ def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"layer": r["layer"], "rank": r["rank"], "escalations": r["escalations"],
              "true density": round(r["true_density"], 4), "predicted density": round(r["predicted_density"], 4),
              "recall": round(r["recall"], 4), "precision": round(r["precision"], 4),
-             "threshold": float(f"{r['threshold']:.4g}"), "met target": r["met_target"]} for r in report["layers"]]
+             "threshold": float(f"{r['threshold']:.4g}"), "met target": r["met_target"]}
+            | ({"label density": r["label_density"]} if "label_density" in r else {}) for r in report["layers"]]
 
 
 def _md_table(rows: list[dict[str, Any]]) -> str:
@@ -141,6 +247,18 @@ def render_markdown(report: dict[str, Any], *, title: str = "flashio conversion 
     parts += ["## Sparsity vs accuracy (threshold sweep)\n", _md_table(sweep)]
     if plot:
         parts.append(f"![sparsity vs accuracy]({plot})\n")
+    if report.get("frontier"):
+        parts += ["## Density-accuracy frontier (predictors in the runtime, exact oracles as the bound)\n",
+                  _md_table(frontier_rows(report))]
+        if plot:
+            parts.append(f"![frontier]({FRONTIER_PNG})\n")
+    if report.get("candidates"):
+        cands = [{"configuration": f"{c['method']} / {c['label']}", "window": c["window"] or "off",
+                  "density": _pct(c["density"]), "top-1": round(c["top1_agreement"], 4),
+                  "perplexity": f"{100 * c['perplexity_increase']:+.2f}%",
+                  "bytes (limited)": _pct(c["read_fraction_limited"]), "DRAM held": _pct(c["held_fraction"]),
+                  "passes": not c["violations"], "chosen": c["chosen"]} for c in report["candidates"]]
+        parts += ["## Configurations (bytes as a fraction of naive, FFN DRAM limited)\n", _md_table(cands)]
     if report["zero_shot"]:
         zs = [{"task": z["task"], "examples": z["examples"], "dense": round(z["accuracy_dense"], 4),
                "sparse": round(z["accuracy_sparse"], 4), "dense (norm)": round(z["accuracy_norm_dense"], 4),
@@ -158,14 +276,17 @@ def write_report_files(report: dict[str, Any], ev: Evaluation, out_dir: Path) ->
              f"{REPORT_DIR}/{ev.curve_json_path.name}": ev.curve_json_path}
     if ev.curve_png_path is not None:
         files[f"{REPORT_DIR}/{ev.curve_png_path.name}"] = ev.curve_png_path
+    if (png := plot_frontier(report, out_dir / FRONTIER_PNG)) is not None:
+        files[f"{REPORT_DIR}/{FRONTIER_PNG}"] = png
     return files
 
 
 @task(name="report")
 def report_task(stats: ActivationStats, predictors: list[LayerPredictor], ev: Evaluation, budget: AccuracyBudget,
-                violations: list[str], window: int, calibration: dict[str, Any], work_dir: Path) -> tuple[dict, dict]:
+                violations: list[str], window: int, calibration: dict[str, Any], work_dir: Path,
+                choice: Choice | None = None, published: bool = True) -> tuple[dict, dict]:
     """The report and its files, in a directory named by the report's content."""
     report = build_report(stats, predictors, ev, budget=budget, violations=violations, window=window,
-                          calibration=calibration)
+                          calibration=calibration, choice=choice, published=published)
     out = stage_dir(work_dir, "report", sha256_json({"report": report, "curve": ev.curve_json_path}))
     return report, write_report_files(report, ev, out)

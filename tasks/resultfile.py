@@ -49,6 +49,12 @@ STAGE_RESULT_TYPES = frozenset({
     "tasks.evaluation.Evaluation",
     "tasks.evaluation.Comparison",
     "tasks.evaluation.HeldoutSample",
+    "tasks.allocation.LayerErrors",
+    "tasks.frontier.OracleFrontier",
+    "tasks.frontier.FrontierPoint",
+    "tasks.windowing.WindowPlan",
+    "tasks.windowing.WindowPoint",
+    "tasks.windowing.WindowChoice",
 })
 
 

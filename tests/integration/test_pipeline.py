@@ -136,6 +136,46 @@ def test_convert_tiny_llama(tiny, tmp_path):
         assert m.gated and [L.active_threshold for L in m.ffn_layers] == pytest.approx(thresholds)
         assert m.lineage["neuron_order"] == "coactivation"
     sparse_within_budget(result.reference, cfg.registry, (tiny["text"] / "doc010.txt").read_text(), cfg.budget)
+    # the gated pipeline's side by side: both label methods, the exact oracles, per-layer densities
+    s, report = result.report["summary"], result.report
+    assert s["ffn_dram_fraction"] == 0.5 and 0 < s["bytes_per_token_limited"] <= s["bytes_per_token_naive"]
+    assert s["configuration_passed"] and s["configuration_method"] in ("active", "contribution")
+    assert {c["method"] for c in report["candidates"]} == {"active", "contribution"}
+    assert sum(c["chosen"] for c in report["candidates"]) == 1
+    chosen = next(c for c in report["candidates"] if c["chosen"])
+    assert all(c["read_fraction_limited"] >= chosen["read_fraction_limited"] for c in report["candidates"]
+               if not c["violations"])
+    methods = {r["method"] for r in report["frontier"]}
+    assert {"oracle: gate", "oracle: contribution", "oracle: contribution per layer"} <= methods
+    oracle = {r["density"]: r for r in report["frontier"] if r["method"] == "oracle: contribution"}
+    assert oracle[0.9]["top1_agreement"] >= oracle[0.3]["top1_agreement"]
+    assert len(report["allocation"]["densities"]) == 2 and all("label_density" in r for r in report["layers"])
+    assert report["allocation"]["bytes_fraction"] <= 0.4 + 1e-9  # as accurate as 0.4 everywhere, no more bytes
+    with flashio.open(result.reference, registry=cfg.registry, mode="sparse") as model:
+        assert {"report/frontier.png"} <= set(model.artifact.manifest.files)
+
+
+def test_failing_gate_writes_the_report_and_ends_with_one_line(tiny, tmp_path, capfd):
+    from flashio.cli import main
+
+    argv = ["convert", str(tiny["llama"]), "--calibration", str(tiny["text"]), "--samples", "24", "--seq-len",
+            str(SEQ_LEN), "--heldout-samples", "4", "--shard-samples", "8", "--sweep", "0.9",
+            "--gated-density", "0.3", "--min-top1", "1.0", "--max-ppl-increase", "0", "--methods", "contribution",
+            "--registry", str(tmp_path / "registry"), "--work-dir", str(tmp_path / "work"), "--no-sample"]
+    assert main(argv) == 1
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("flashio convert: accuracy gate failed, nothing was published") and "--methods " in last
+    assert "Closest configuration: contribution predictors" in last and "publish it with" in last
+    report_dir = last.rsplit("Report (frontier table and plot): ", 1)[1].strip()
+    from pathlib import Path
+
+    summary = json.loads((Path(report_dir) / "summary.json").read_text())
+    assert summary["summary"]["gate"] == "failed: nothing was published"
+    assert (Path(report_dir) / "frontier.png").is_file() and "## Density-accuracy frontier" in \
+        (Path(report_dir) / "report.md").read_text()
+    assert not (tmp_path / "registry").exists() or open_registry(str(tmp_path / "registry")).names() == []
 
 
 def test_weak_predictor_fails_the_gate_and_publishes_nothing(tiny, tmp_path):

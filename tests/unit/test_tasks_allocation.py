@@ -38,7 +38,7 @@ def test_zero_budget_stays_dense_and_bad_grids_are_refused():
     errs = constructed_errors()
     assert allocate_densities(errs, GRID, row_bytes=[1.0] * 3, n_neurons=[10] * 3, error_budget=0.0).densities \
         == (1.0, 1.0, 1.0)
-    with pytest.raises(InputError, match="descend from 1.0"):
+    with pytest.raises(InputError, match=r"descend from 1\.0"):
         allocate_densities(errs, GRID[::-1], row_bytes=[1.0] * 3, n_neurons=[10] * 3, error_budget=1.0)
 
 
