@@ -148,10 +148,10 @@ def markdown(results: dict) -> str:
 def _floor_cells(r: dict) -> str:
     if "dram_bytes_per_token" not in r:
         return "- | - | - | -"
-    dram = f"{r['dram_bytes_per_token'] / 1e9:.3f}"
+    dram = _gb(r["dram_bytes_per_token"])
     if r.get("floor_ms") is None:
         return f"{dram} | - | - | -"
-    gbps = f"{r['achieved_gbps']:.1f}" if r.get("achieved_gbps") else "-"
+    gbps = f"{r['achieved_gbps']:.3g}" if r.get("achieved_gbps") else "-"
     return f"{dram} | {r['floor_ms']:.1f} | {gbps} | {r['total_vs_floor']:.2f}"
 
 
