@@ -70,9 +70,10 @@ def add_convert_command(sub) -> None:
                                                "calibration trace: the fewest bytes read that fit the DRAM limit)")
     g.add_argument("--ffn-dram-fraction", type=float,
                    help="DRAM the FFN's window caches may hold, as a fraction of its bytes (default 0.5)")
-    g.add_argument("--methods", help="comma-separated predictor labels to try: active (gate magnitude when gated), "
-                                     "contribution (gated: |act(gate)·up|); default both when gated. The cheapest "
-                                     "configuration within the budget is published")
+    g.add_argument("--methods", help="comma-separated methods to try: active (predictors on the gate's magnitude "
+                                     "when gated), contribution (gated: predictors on |act(gate)·up|), exact-gate "
+                                     "(gated: gate rows resident, the gate computed densely); default all three "
+                                     "when gated. The cheapest configuration within the budget is published")
     g.add_argument("--no-per-layer-density", action="store_true",
                    help="gated FFNs: one label density for every layer instead of the greedy per-layer allocation")
     g.add_argument("--frontier-samples", type=int,

@@ -60,6 +60,7 @@ from tasks.caching import sha256_json
 from tasks.calibration import CalibrationData, calibration_task, resolve_spec_task
 from tasks.errors import AccuracyBudgetError
 from tasks.evaluation import AccuracyBudget, Evaluation, evaluate_task, gate_task, sample_task
+from tasks.exactgate import exact_gate_task
 from tasks.frontier import DENSITIES as FRONTIER_DENSITIES
 from tasks.frontier import frontier_task
 from tasks.predictors import predictor_task
@@ -67,6 +68,7 @@ from tasks.progress import StageProgress
 from tasks.publish import LINEAGE_KEY, find_published_task, publish_task
 from tasks.report import REPORT_DIR, Choice, layer_rows, render_markdown, report_task, summary_lines
 from tasks.selection import (
+    EXACT_GATE,
     Candidate,
     choose_configuration,
     list_candidates,
@@ -76,6 +78,7 @@ from tasks.selection import (
 from tasks.source import SourceModel, inspect_source_task
 from tasks.windowing import window_task
 
+EXACT_GATE_DENSITIES = (0.5, 0.7, 0.8, 0.9)  # the exact gate's sweep (uniform densities), beside the allocation
 STAGES = ("source", "calibration", "activations", "predictors", "bundle", "evaluate", "report", "publish")
 
 
@@ -164,11 +167,14 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         act = config.activation_options(src.ffn_dim)
         methods = config.methods_for(src.gated)
         budget = config.accuracy_budget()
-        allocation = frontier = None
+        allocation = gate_allocation = frontier = None
         if src.gated:  # per-layer densities and the exact oracles: measured densely on the source model
             errs = refreshed(layer_errors_task, force)(src, calib, min(config.samples, 16), act, work)
             allocation = allocation_task(errs, config.gated_density, src.n_layers, src.ffn_dim,
                                          config.per_layer_density)
+            if EXACT_GATE in methods:
+                gate_allocation = allocation_task(errs, config.gated_density, src.n_layers, src.ffn_dim,
+                                                  config.per_layer_density, "gate")
             if config.frontier_samples:
                 frontier = refreshed(frontier_task, force)(src, calib, FRONTIER_DENSITIES, config.frontier_samples,
                                                            allocation.densities, act, work)
@@ -185,7 +191,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         stages.advance()
 
         predictors, plans = {}, {}
-        for method in methods:
+        for method in [m for m in methods if m != EXACT_GATE] or ["active"]:  # the exact gate bundles one set too
             popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim, labels=method)
             predictors[method] = refreshed(predictor_task, force).map(
                 unmapped(stats), list(range(src.n_layers)), unmapped(popts), unmapped(work)).result()
@@ -208,7 +214,24 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
                                                          config.eval_options(window), work)
 
-        evaluated = {m: bundled_and_evaluated(m, predictors[m], plans[m].chosen.window) for m in methods}
+        def exact_gate(settings: list[tuple[str, tuple[float, ...]]]):
+            # gate rows resident, bundles of up + down; the main setting's densities go into the manifest
+            preds = next(iter(predictors.values()))
+            cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
+                                                 {"calibration": lineage["calibration"]}, None, None, work,
+                                                 True, list(settings[0][1]), "gate")
+            ev, plan = refreshed(exact_gate_task, force)(cand.manifest_sha256, cand.path, calib, settings,
+                                                         config.eval_options(1), config.ffn_dram_fraction, work)
+            return cand, ev, plan
+
+        evaluated = {m: bundled_and_evaluated(m, predictors[m], plans[m].chosen.window) for m in methods
+                     if m != EXACT_GATE}
+        gate_settings = {}
+        if EXACT_GATE in methods:
+            gate_settings = {"chosen": tuple(gate_allocation.densities),
+                             **{f"density {d:g}": (d,) * src.n_layers for d in EXACT_GATE_DENSITIES}}
+            cand, ev, plans[EXACT_GATE] = exact_gate(list(gate_settings.items()))
+            evaluated[EXACT_GATE] = (cand, ev)
         stages.advance()
 
         # Gated FFNs trade density for accuracy along the threshold sweep too; a fixed threshold, or a
@@ -218,15 +241,21 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         selection = choose_configuration(candidates, budget)
         pick = selection.chosen or selection.closest
         log.info("configuration: %s; %s", pick.describe(), selection.reason)
-        preds = predictors_at(predictors[pick.method], pick.recall_target)
-        candidate, ev = (evaluated[pick.method] if pick.recall_target is None
-                         else bundled_and_evaluated(pick.method, preds, pick.window))
+        if pick.method == EXACT_GATE:
+            preds = next(iter(predictors.values()))
+            candidate, ev = evaluated[EXACT_GATE] if pick.label == "chosen" else \
+                exact_gate([("chosen", gate_settings[pick.label])])[:2]
+        else:
+            preds = predictors_at(predictors[pick.method], pick.recall_target)
+            candidate, ev = (evaluated[pick.method] if pick.recall_target is None
+                             else bundled_and_evaluated(pick.method, preds, pick.window))
         violations = gate_task(ev, budget, True)  # never raises: a failed gate still writes the report
         publishable = not violations or config.budget.allow_loss
         stages.advance()
 
         choice = Choice(candidates=tuple(candidates), selection=selection,
-                        ffn_dram_fraction=config.ffn_dram_fraction, frontier=frontier, allocation=allocation)
+                        ffn_dram_fraction=config.ffn_dram_fraction, frontier=frontier,
+                        allocation=gate_allocation if pick.method == EXACT_GATE else allocation)
         window = config.window if config.window is not None else pick.window
         report, report_files = report_task(stats, preds, ev, budget, violations, window,
                                            lineage["calibration"], work, choice, publishable)

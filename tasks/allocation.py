@@ -177,25 +177,21 @@ def allocate_densities(errors: Sequence[Sequence[float]], grid: Sequence[float],
                       uniform_density=uniform_density)
 
 
-def allocate_like_uniform(errs: LayerErrors, density: float, *, row_bytes: Sequence[float],
-                          n_neurons: Sequence[int]) -> Allocation:
-    """The allocation whose contribution error is at most that of `density` in every layer."""
-    budget = uniform_error(errs.contribution, errs.grid, density)
-    return allocate_densities(errs.contribution, errs.grid, row_bytes=row_bytes, n_neurons=n_neurons,
-                              error_budget=budget, uniform_density=density)
-
-
 @task(name="allocation")
-def allocation_task(errs: LayerErrors, density: float, n_layers: int, ffn_dim: int, per_layer: bool) -> Allocation:
-    """Per-layer densities as good as `density` everywhere (or `density` everywhere: per_layer off)."""
+def allocation_task(errs: LayerErrors, density: float, n_layers: int, ffn_dim: int, per_layer: bool,
+                    ranking: str = "contribution") -> Allocation:
+    """Per-layer densities as good as `density` everywhere (or `density` everywhere: per_layer off),
+    by the error of the `ranking` ("contribution", or "gate" for the exact gate)."""
     ones, widths = [1.0] * n_layers, [ffn_dim] * n_layers
+    table = errs.contribution if ranking == "contribution" else errs.gate
     if not per_layer:
-        e = uniform_error(errs.contribution, errs.grid, density)
+        e = uniform_error(table, errs.grid, density)
         return Allocation(densities=(density,) * n_layers, error=e, error_budget=e, bytes_fraction=density,
                           uniform_density=density)
-    alloc = allocate_like_uniform(errs, density, row_bytes=ones, n_neurons=widths)
-    get_run_logger().info("per-layer densities (%.1f%% of the FFN's bytes, as accurate as %.2f everywhere): %s",
-                          100 * alloc.bytes_fraction, density, ", ".join(f"{d:.2f}" for d in alloc.densities))
+    alloc = allocate_densities(table, errs.grid, row_bytes=ones, n_neurons=widths,
+                               error_budget=uniform_error(table, errs.grid, density), uniform_density=density)
+    get_run_logger().info("per-layer densities by %s (%.1f%% of the FFN's bytes, as accurate as %.2f everywhere): %s",
+                          ranking, 100 * alloc.bytes_fraction, density, ", ".join(f"{d:.2f}" for d in alloc.densities))
     return alloc
 
 

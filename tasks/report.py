@@ -178,7 +178,8 @@ def _choice_lines(s: dict[str, Any]) -> list[str]:
             f"{100 * s['bytes_per_token_unlimited'] / naive:.1f}% of naive) with the best window and no DRAM limit",
             f"DRAM limited     {_bytes(s['bytes_per_token_limited'])} per token "
             f"({100 * s['bytes_per_token_limited'] / naive:.1f}% of naive) with the FFN's DRAM at "
-            f"{100 * s['ffn_dram_fraction']:.0f}% of its bytes; caches hold {_bytes(s['dram_held_bytes'])}",
+            f"{100 * s['ffn_dram_fraction']:.0f}% of its bytes; it holds {_bytes(s['dram_held_bytes'])} (window "
+            f"caches and any resident gate rows)",
             f"configuration    {s['configuration']}: {s['configuration_reason']}"]
 
 

@@ -22,6 +22,8 @@ from tasks.evaluation import AccuracyBudget, Comparison, Evaluation
 from tasks.predictors import LayerPredictor
 from tasks.windowing import OFF, WindowPlan, unlimited_choice
 
+EXACT_GATE = "exact-gate"  # tasks.exactgate's method name (defined here: exactgate imports the runtime)
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -46,8 +48,13 @@ class Candidate:
 
     def describe(self) -> str:
         w = "caching off" if self.window == OFF else f"window {self.window}"
-        at = f"recall {self.recall_target:g}" if self.recall_target is not None else "its recall target"
-        return (f"{self.method} predictors at {at}, {w} (density {100 * self.density:.1f}%, top-1 "
+        if self.method == EXACT_GATE:
+            what = "exact gate (gate rows resident) at " + (self.label.removeprefix("density ") + " density per layer"
+                                                            if self.label != "chosen" else "the per-layer densities")
+        else:
+            at = f"recall {self.recall_target:g}" if self.recall_target is not None else "its recall target"
+            what = f"{self.method} predictors at {at}"
+        return (f"{what}, {w} (density {100 * self.density:.1f}%, top-1 "
                 f"{self.top1_agreement:.4f}, perplexity {100 * self.perplexity_increase:+.2f}%, "
                 f"{100 * self.read_fraction_limited:.1f}% of naive bytes with DRAM limited)")
 
@@ -82,7 +89,10 @@ def list_candidates(evaluations: Mapping[str, Evaluation], plans: Mapping[str, W
                                  mean_kl=c.mean_kl, tokens=c.tokens, bytes_per_token=c.bytes_per_token,
                                  window=choice.window, read_fraction_limited=choice.read_fraction,
                                  held_fraction=choice.held_fraction,
-                                 read_fraction_unlimited=unlimited_choice(choice)[1], violations=violations_of(c, budget)))
+                                 read_fraction_unlimited=unlimited_choice(choice)[1],
+                                 violations=violations_of(c, budget) + (() if choice.fits else (
+                                     f"resident gate rows ({100 * choice.resident_fraction:.0f}% of the FFN) exceed "
+                                     f"the DRAM limit of {100 * choice.ffn_dram_fraction:.0f}%",))))
     return out
 
 
@@ -121,6 +131,8 @@ def predictors_at(predictors: Sequence[LayerPredictor], recall_target: float | N
 def publish_flags(c: Candidate, budget: AccuracyBudget) -> str:
     """The `flashio convert` flags that would publish candidate `c` as it measured."""
     flags = [f"--methods {c.method}"]
+    if c.method == EXACT_GATE and c.label.startswith("density "):
+        flags += [f"--gated-density {c.label.removeprefix('density ')}", "--no-per-layer-density"]
     if c.recall_target is not None:
         flags.append(f"--recall {c.recall_target:g}")
     relax = []

@@ -51,6 +51,8 @@ class WindowChoice:
     held_fraction: float  # window caches' capacity / FFN bytes
     ffn_dram_fraction: float
     candidates: tuple[tuple[int, float, float], ...]  # (window, read fraction, held fraction), every window
+    resident_fraction: float = 0.0  # FFN bytes always in DRAM (resident gate rows), within held_fraction
+    fits: bool = True  # False: the resident rows alone exceed the limit (caching off is then reported)
 
     def describe(self) -> str:
         name = "caching off" if self.window == OFF else f"window {self.window}"
@@ -95,24 +97,28 @@ def simulate_windows(masks: torch.Tensor, seq_ids: torch.Tensor, windows: Sequen
 
 
 def choose_window(layers: Sequence[Sequence[WindowSim]], *, row_bytes: Sequence[float],
-                  n_neurons: Sequence[int], ffn_dram_fraction: float = 0.5) -> WindowChoice:
+                  n_neurons: Sequence[int], ffn_dram_fraction: float = 0.5, resident_fraction: float = 0.0,
+                  ffn_bytes: float | None = None) -> WindowChoice:
     """The window with the fewest FFN bytes read per token whose caches fit the DRAM limit
-    (`layers[i]`: simulate_windows of layer i; row_bytes[i] one neuron's bundle in bytes)."""
+    (`layers[i]`: simulate_windows of layer i; row_bytes[i] the bytes a neuron's read moves).
+    ffn_bytes: the whole FFN (naive reads it per token; default the rows' bytes summed);
+    resident_fraction of it is held in DRAM whatever the window (gate rows of the exact gate)."""
     if not 0.0 < ffn_dram_fraction <= 1.0:
         raise InputError(f"ffn_dram_fraction must be in (0, 1]; got {ffn_dram_fraction}")
     if not layers or len(layers) != len(row_bytes) or len(layers) != len(n_neurons):
         raise InputError(f"{len(layers)} layers of simulations for {len(row_bytes)} row sizes")
-    total = sum(b * n for b, n in zip(row_bytes, n_neurons))
+    total = ffn_bytes if ffn_bytes is not None else sum(b * n for b, n in zip(row_bytes, n_neurons))
     windows = [s.window for s in layers[0]]
     cands = []
     for j, w in enumerate(windows):
         read = sum(sims[j].read_fraction * b * n for sims, b, n in zip(layers, row_bytes, n_neurons)) / total
         held = sum(sims[j].held_fraction * b * n for sims, b, n in zip(layers, row_bytes, n_neurons)) / total
-        cands.append((w, read, held))
+        cands.append((w, read, resident_fraction + held))
+    fits = resident_fraction <= ffn_dram_fraction + 1e-12
     fitting = [c for c in cands if c[0] == OFF or c[2] <= ffn_dram_fraction + 1e-12]
     w, read, held = min(fitting, key=lambda c: (c[1], c[2]))  # ties: the smaller cache
     return WindowChoice(window=w, read_fraction=read, held_fraction=held, ffn_dram_fraction=ffn_dram_fraction,
-                        candidates=tuple(cands))
+                        candidates=tuple(cands), resident_fraction=resident_fraction, fits=fits)
 
 
 def unlimited_choice(choice: WindowChoice) -> tuple[int, float, float]:

@@ -126,7 +126,8 @@ def test_convert_tiny_opt(tiny, tmp_path):
 
 
 def test_convert_tiny_llama(tiny, tmp_path):
-    cfg = config(tiny, tmp_path, "llama", gated_density=0.4, order="coactivation", name="tiny-llama")
+    cfg = config(tiny, tmp_path, "llama", gated_density=0.4, order="coactivation", name="tiny-llama",
+                 methods=("active",))
     result = run_convert(cfg)
     assert result.report["summary"]["gate"] == "passed"
     thresholds = [L["active_threshold"] for L in result.report["layers"]]
@@ -136,11 +137,19 @@ def test_convert_tiny_llama(tiny, tmp_path):
         assert m.gated and [L.active_threshold for L in m.ffn_layers] == pytest.approx(thresholds)
         assert m.lineage["neuron_order"] == "coactivation"
     sparse_within_budget(result.reference, cfg.registry, (tiny["text"] / "doc010.txt").read_text(), cfg.budget)
-    # the gated pipeline's side by side: both label methods, the exact oracles, per-layer densities
+
+
+def test_convert_tiny_llama_side_by_side(tiny, tmp_path):
+    """Every method on a gated model: predictors on gate and on contribution labels, the exact gate;
+    the cheapest within the budget is published, and the report holds the frontier with the exact
+    oracles, the per-layer densities and both byte figures."""
+    cfg = config(tiny, tmp_path, "llama", gated_density=0.4, name="tiny-llama-all")
+    result = run_convert(cfg)
     s, report = result.report["summary"], result.report
+    assert s["gate"] == "passed"
     assert s["ffn_dram_fraction"] == 0.5 and 0 < s["bytes_per_token_limited"] <= s["bytes_per_token_naive"]
-    assert s["configuration_passed"] and s["configuration_method"] in ("active", "contribution")
-    assert {c["method"] for c in report["candidates"]} == {"active", "contribution"}
+    assert s["configuration_passed"] and s["configuration_method"] in ("active", "contribution", "exact-gate")
+    assert {c["method"] for c in report["candidates"]} == {"active", "contribution", "exact-gate"}
     assert sum(c["chosen"] for c in report["candidates"]) == 1
     chosen = next(c for c in report["candidates"] if c["chosen"])
     assert all(c["read_fraction_limited"] >= chosen["read_fraction_limited"] for c in report["candidates"]
@@ -151,8 +160,13 @@ def test_convert_tiny_llama(tiny, tmp_path):
     assert oracle[0.9]["top1_agreement"] >= oracle[0.3]["top1_agreement"]
     assert len(report["allocation"]["densities"]) == 2 and all("label_density" in r for r in report["layers"])
     assert report["allocation"]["bytes_fraction"] <= 0.4 + 1e-9  # as accurate as 0.4 everywhere, no more bytes
+    exact = [c for c in report["candidates"] if c["method"] == "exact-gate"]
+    assert all(c["held_fraction"] >= 1 / 3 - 1e-9 for c in exact)  # the resident gate rows count as DRAM
     with flashio.open(result.reference, registry=cfg.registry, mode="sparse") as model:
-        assert {"report/frontier.png"} <= set(model.artifact.manifest.files)
+        m = model.artifact.manifest
+        assert {"report/frontier.png"} <= set(m.files)
+        assert m.gate_resident == (s["configuration_method"] == "exact-gate")
+        assert model.generate("def value", max_new_tokens=4).token_ids
 
 
 def test_failing_gate_writes_the_report_and_ends_with_one_line(tiny, tmp_path, capfd):

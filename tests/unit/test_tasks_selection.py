@@ -68,7 +68,13 @@ def test_report_has_both_byte_figures_and_the_frontier(tmp_path):
     from tasks.activations import ActivationStats
     from tasks.frontier import FrontierPoint, OracleFrontier
     from tasks.predictors import LayerPredictor
-    from tasks.report import Choice, build_report, render_markdown, summary_lines, write_report_files
+    from tasks.report import (
+        Choice,
+        build_report,
+        render_markdown,
+        summary_lines,
+        write_report_files,
+    )
 
     cands = candidates()
     ev = evaluation(comparison("chosen", None, 0.98, 0.01, 0.7))

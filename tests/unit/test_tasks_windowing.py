@@ -68,3 +68,18 @@ def test_caching_is_turned_off_when_no_window_fits():
     pick = choice_for(masks, fraction=0.5)
     assert pick.window == OFF and pick.read_fraction == pytest.approx(float(masks.float().mean()), rel=1e-6)
     assert "caching off" in pick.describe()
+
+
+def test_resident_gate_rows_count_against_the_dram_limit():
+    gen = torch.Generator().manual_seed(0)
+    pool = [torch.rand(300, generator=gen) < 0.12 for _ in range(3)]
+    masks = torch.stack([pool[t % 3] for t in range(256)])
+    sims = [simulate_windows(masks, torch.arange(256) // 64)]
+    free = choose_window(sims, row_bytes=[2 / 3], n_neurons=[300], ffn_dram_fraction=0.5, ffn_bytes=300.0)
+    gate = choose_window(sims, row_bytes=[2 / 3], n_neurons=[300], ffn_dram_fraction=0.5, ffn_bytes=300.0,
+                         resident_fraction=1 / 3)
+    assert free.window >= 3 and gate.window < free.window and gate.held_fraction <= 0.5 and gate.fits
+    assert gate.read_fraction < float(masks.float().mean()) * 2 / 3 + 1e-9  # reads up + down only
+    over = choose_window(sims, row_bytes=[2 / 3], n_neurons=[300], ffn_dram_fraction=0.3, ffn_bytes=300.0,
+                         resident_fraction=1 / 3)
+    assert not over.fits and over.window == OFF

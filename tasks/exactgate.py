@@ -1,0 +1,131 @@
+"""The exact-gate configuration of a gated FFN, evaluated in the runtime and costed by its window.
+
+    ev, plan = evaluate_exact_gate(art.path, calib, [("chosen", alloc.densities), ("density 0.9", (0.9,) * L)],
+                                   EvalOptions(), ffn_dram_fraction=0.5, out_dir=Path("work/exact"))
+
+The artifact is gate-resident (tasks.bundling's gate_resident: the gate rows stay in DRAM, the
+flash bundles hold up + down) and the runtime runs `selection='gate'` (flashio.exact.GateEngine):
+per token the gate is computed densely and the top `density` of each layer's neurons by
+|act(gate)| are kept; only their up + down rows are read. Each setting ((label, per-layer
+densities); the first is the main one, on every held-out row, the others on the sweep rows) is
+compared with dense as tasks.evaluation.compare does, and its active sets are recorded
+(record_trace): the exact engines compute exactly what they select whatever the window holds,
+so the window is chosen afterwards, by tasks.windowing on those sets, with the resident gate rows
+counted in the FFN's DRAM (a third of a SwiGLU/GeGLU FFN's bytes) and reads of two thirds of a
+full bundle per neuron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+
+import flashio
+from tasks.caching import run_stage, stage_cache
+from tasks.calibration import CalibrationData, load_tokens
+from tasks.evaluation import Comparison, EvalOptions, Evaluation, HeldoutSample, _sum_stats, compare
+from tasks.progress import StageProgress
+from tasks.selection import EXACT_GATE
+from tasks.threads import torch_threads
+from tasks.windowing import WindowPlan, WindowPoint, WindowSim, choose_window, simulate_windows
+
+# A gated neuron's gate, up and down rows are each D wide: the gate is a third of a full bundle
+# (resident here, read from flash by the other layouts); a token reads the other two thirds.
+GATE_SHARE = 1.0 / 3.0
+
+
+def trace_masks(trace, n_layers: int, n_neurons: int, row_lengths: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer [T, N] bool masks of a token-by-token trace of rows of `row_lengths`, and [T] row ids."""
+    steps = trace.steps
+    if steps != sum(row_lengths):
+        raise AssertionError(f"trace of {steps} steps for rows of {sum(row_lengths)} tokens")
+    masks = [torch.zeros(steps, n_neurons, dtype=torch.bool) for _ in range(n_layers)]
+    for s in range(steps):
+        for layer in range(n_layers):
+            masks[layer][s, torch.from_numpy(trace.active(s, layer).astype(np.int64))] = True
+    seq = torch.repeat_interleave(torch.arange(len(row_lengths)), torch.tensor(list(row_lengths)))
+    return masks, seq
+
+
+def evaluate_exact_gate(artifact: Path, calib: CalibrationData, settings: Sequence[tuple[str, tuple[float, ...]]],
+                        options: EvalOptions, *, ffn_dram_fraction: float, out_dir: Path,
+                        progress: Callable[[int], None] | None = None) -> tuple[Evaluation, WindowPlan]:
+    ids = load_tokens(calib, "heldout")
+    sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
+    with torch_threads(options.torch_threads):
+        return _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress)
+
+
+def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress):
+    base = dataclasses.replace(options.flash_config(), window=1, reuse=True)
+    with flashio.open(artifact, base, mode="naive") as naive:
+        row = ids[0][: max(1, options.naive_tokens)]
+        naive.forward(row, token_by_token=True)
+        naive_bpt = _sum_stats(naive.stats).bytes_read / len(row)
+    comps: list[Comparison] = []
+    points: list[WindowPoint] = []
+    with flashio.open(artifact, base, mode="dense") as dense:
+        m = dense.artifact.manifest
+        n_layers, n = m.n_layers, m.ffn_layers[0].n_neurons
+        total_neurons = sum(L.n_neurons for L in m.ffn_layers)
+        ffn_bytes = sum(L.length_bytes for L in m.ffn_layers)
+        gate_share = GATE_SHARE
+        dense_rows: dict[int, torch.Tensor] = {}
+
+        def dense_logits(k: int) -> torch.Tensor:
+            if k not in dense_rows:
+                dense_rows[k] = dense.forward(ids[k])
+            return dense_rows[k]
+
+        for j, (label, dens) in enumerate(settings):
+            rows = ids if j == 0 else sweep_ids
+            cfg = dataclasses.replace(base, selection="gate", density=tuple(dens), record_trace=True)
+            with flashio.open(artifact, cfg, mode="sparse") as sparse:
+                c = compare(dense_logits, sparse, rows, label=label, recall_target=None, thresholds=(),
+                            n_neurons_total=total_neurons, progress=progress)
+                masks, seq = trace_masks(sparse.trace(), n_layers, n, [len(r) for r in rows])
+            comps.append(c)
+            sims: list[list[WindowSim]] = [simulate_windows(mk, seq) for mk in masks]
+            choice = choose_window(sims, row_bytes=[1.0 - gate_share] * n_layers, n_neurons=[n] * n_layers,
+                                   ffn_dram_fraction=ffn_dram_fraction, resident_fraction=gate_share,
+                                   ffn_bytes=float(n * n_layers))
+            points.append(WindowPoint(label, None, choice))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heldout = HeldoutSample.of(calib, len(ids))
+    ev = Evaluation(main=comps[0], sweep=tuple(comps[1:]), naive_bytes_per_token=naive_bpt, ffn_bytes=ffn_bytes,
+                    zero_shot=(), json_path=out_dir / "evaluation.json", curve_json_path=out_dir / "curve.json",
+                    curve_png_path=None, heldout=heldout)
+    plan = WindowPlan(labels=EXACT_GATE, tokens=int(ids.numel()), points=tuple(points))
+    ev.curve_json_path.write_text(json.dumps({"points": [dataclasses.asdict(c) for c in comps]}, indent=1))
+    ev.json_path.write_text(json.dumps({**dataclasses.asdict(ev), "windows": dataclasses.asdict(plan)}, indent=1,
+                                       default=str))
+    return ev, plan
+
+
+@task(name="evaluate-exact-gate", cache_key_fn=stage_cache("evaluate-exact-gate", __name__, "tasks.evaluation",
+                                                            "tasks.windowing"))
+def exact_gate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData,
+                    settings: list[tuple[str, tuple[float, ...]]], options: EvalOptions, ffn_dram_fraction: float,
+                    work_dir: Path) -> tuple[Evaluation, WindowPlan]:
+    def compute(out: Path) -> tuple[Evaluation, WindowPlan]:
+        total = calib.n_heldout + (len(settings) - 1) * min(options.sweep_sequences, calib.n_heldout)
+        with StageProgress("evaluating the exact gate", total, unit="seq") as p:
+            done = [0]
+
+            def tick(_k: int) -> None:
+                done[0] += 1
+                p.update(done[0])
+
+            return evaluate_exact_gate(artifact, calib, settings, options, ffn_dram_fraction=ffn_dram_fraction,
+                                       out_dir=out, progress=tick)
+
+    ev, plan = run_stage("evaluate-exact-gate", [__name__, "tasks.evaluation", "tasks.windowing"], compute)
+    get_run_logger().info("exact gate: top-1 %.4f, perplexity %+.2f%% at density %.3f; %s", ev.main.top1_agreement,
+                          100 * ev.main.perplexity_increase, ev.main.density, plan.chosen.describe())
+    return ev, plan
