@@ -16,11 +16,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from flashio.format import Artifact, source_from_checkpoint, write_artifact  # noqa: E402
 from flashio.models import architectures  # noqa: E402
-from flashio.models.base import KVCache  # noqa: E402
+from flashio.models.base import ACTIVATIONS, KVCache  # noqa: E402
 from tasks.activations import (  # noqa: E402
     ActivationOptions,
     calibrate_gate_thresholds,
     collect_shard,
+    ffn_spec,
     load_pairs,
     merge_shards,
     read_stats,
@@ -83,9 +84,9 @@ def test_merged_shards_equal_one_pass(tmp_path, tiny, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pairs_are_the_runtime_ffn_input(tmp_path, tiny, family):
     """x recorded by the hooks == flashio's own `ffn_input` (an independent implementation of the
-    model), and the mask == flashio's definition of active (ReLU > 0, |silu(gate)| > threshold)."""
+    model), and the mask == flashio's definition of active (ReLU > 0, |act(gate)| > threshold)."""
     src, calib = tiny[family]
-    opts = ActivationOptions(batch_sequences=4, pairs_dtype="float32")
+    opts = ActivationOptions(batch_sequences=4, pairs_dtype="float32", label_densities=(0.3,) * src.n_layers)
     th = calibrate_gate_thresholds(src, calib, density=0.3, n_sequences=4, options=opts)
     shard = collect_shard(src, calib, 0, 2, th, opts, out_dir=tmp_path / "s")
     art = Artifact(write_artifact(src.path, tmp_path / "art", dtype="float32", active_thresholds=list(th)))
@@ -105,9 +106,14 @@ def test_pairs_are_the_runtime_ffn_input(tmp_path, tiny, family):
         if not art.manifest.gated:  # ReLU
             active, act = up > 0, F.relu(up)
         else:
-            gate = F.silu(F.linear(h, w.gate, w.gate_bias))
+            gate = ACTIVATIONS[ffn_spec(src).activation](F.linear(h, w.gate, w.gate_bias))  # silu, gelu_tanh...
             active, act = gate.abs() > th[layer], gate * up
         assert (ms[seq == 1] == active).float().mean() > 0.995  # float error flips only boundary values
+        if art.manifest.gated:  # contribution labels: per token the top 30% by |act(gate)·up|
+            _, cs, _ = load_pairs([shard], layer, "contribution")
+            top = torch.zeros_like(act, dtype=torch.bool).scatter_(1, act.abs().topk(round(0.3 * act.shape[1])).indices,
+                                                                   True)
+            assert (cs[seq == 1] == top).float().mean() > 0.99
         x = model.ffn_output(layer, x, act @ w.down)
 
 
