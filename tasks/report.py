@@ -122,12 +122,28 @@ def _add_choice(report: dict[str, Any], choice: Choice, ev: Evaluation, measured
              "perplexity_increase": x.perplexity_increase, "tokens": x.tokens} for x in choice.candidates]
     if choice.frontier is not None:
         rows += [dataclasses.asdict(p) for p in choice.frontier.points]
+        oracle = oracle_density_at(choice.frontier, "oracle: contribution", c.top1_agreement)
+        s["oracle_density_at_top1"] = oracle  # the contribution oracle's density for the chosen top-1
+        s["density_vs_oracle"] = c.density / oracle if oracle else None
     report["frontier"] = sorted(rows, key=lambda r: (r["method"], r["density"]))
     if choice.allocation is not None:
         a = choice.allocation
         report["allocation"] = dataclasses.asdict(a)
         for row in report["layers"]:
             row["label_density"] = a.densities[row["layer"]]
+
+
+def oracle_density_at(frontier: OracleFrontier, method: str, top1: float) -> float | None:
+    """The lowest density at which `method`'s oracle reaches `top1` (linear between its points);
+    None when it never does."""
+    pts = sorted((p.density, p.top1_agreement) for p in frontier.points if p.method == method)
+    for i, (d, t) in enumerate(pts):
+        if t >= top1:
+            if i == 0:
+                return d
+            d0, t0 = pts[i - 1]
+            return d0 + (d - d0) * (top1 - t0) / (t - t0) if t > t0 else d
+    return None
 
 
 def _pct(x: float) -> str:
@@ -180,7 +196,10 @@ def _choice_lines(s: dict[str, Any]) -> list[str]:
             f"({100 * s['bytes_per_token_limited'] / naive:.1f}% of naive) with the FFN's DRAM at "
             f"{100 * s['ffn_dram_fraction']:.0f}% of its bytes; it holds {_bytes(s['dram_held_bytes'])} (window "
             f"caches and any resident gate rows)",
-            f"configuration    {s['configuration']}: {s['configuration_reason']}"]
+            f"configuration    {s['configuration']}: {s['configuration_reason']}",
+            *([f"vs the oracle    density {100 * s['oracle_density_at_top1']:.1f}% keeps the same top-1 by exact "
+               f"contribution: the configuration uses {s['density_vs_oracle']:.2f}x that"]
+              if s.get("density_vs_oracle") else [])]
 
 
 def frontier_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -153,10 +153,14 @@ class WindowPlan:
         return next((p.choice for p in self.points if p.label == label), None)
 
 
+MAX_SEQUENCES = 32  # calibration sequences simulated: enough for the mean, bounded memory on wide FFNs
+
+
 def plan_windows(predictors: Sequence, shards: Sequence, *, ffn_dram_fraction: float = 0.5,
-                 windows: Sequence[int] = WINDOWS) -> WindowPlan:
+                 windows: Sequence[int] = WINDOWS, max_sequences: int = MAX_SEQUENCES) -> WindowPlan:
     """Per threshold setting of `predictors` (tasks.predictors.LayerPredictor, all layers), the
-    cheapest window that fits, on the sets they predict for the calibration pairs in `shards`."""
+    cheapest window that fits, on the sets they predict for the calibration pairs in `shards`
+    (the first `max_sequences` sequences)."""
     from tasks.activations import load_pairs
     from tasks.predictors import load_layer_predictor
 
@@ -167,6 +171,8 @@ def plan_windows(predictors: Sequence, shards: Sequence, *, ffn_dram_fraction: f
     n_neurons, tokens = [], 0
     for p in preds:
         x, _, seq_ids = load_pairs(shards, p.layer)
+        keep = seq_ids < torch.unique(seq_ids)[: max_sequences][-1] + 1
+        x, seq_ids = x[keep], seq_ids[keep]
         w = load_layer_predictor(p)
         with torch.no_grad():
             logits = w.logits(x)  # [T, N]

@@ -97,3 +97,15 @@ def test_report_has_both_byte_figures_and_the_frontier(tmp_path):
     assert "## Density-accuracy frontier" in md and "## Configurations" in md
     files = write_report_files(report, ev, tmp_path)
     assert "report/frontier.png" in files and files["report/frontier.png"].stat().st_size > 0
+
+
+def test_oracle_density_at_a_top1_interpolates_the_frontier():
+    from tasks.frontier import FrontierPoint, OracleFrontier
+    from tasks.report import oracle_density_at
+
+    fr = OracleFrontier(points=tuple(FrontierPoint("oracle: contribution", d, t, 0.0, 0.0, 10)
+                                     for d, t in ((0.5, 0.9), (0.7, 0.97), (0.9, 1.0))), perplexity_dense=1.0, tokens=10)
+    assert oracle_density_at(fr, "oracle: contribution", 0.97) == pytest.approx(0.7)
+    assert oracle_density_at(fr, "oracle: contribution", 0.99) == pytest.approx(0.7 + 0.2 * 2 / 3)
+    assert oracle_density_at(fr, "oracle: contribution", 0.5) == 0.5
+    assert oracle_density_at(fr, "oracle: gate", 0.9) is None
