@@ -164,7 +164,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             return ConvertResult(registry=config.registry, name=found.name, version=found.version, created=False,
                                  artifact_dir="", report={}, lineage_key=key, skipped=True)
 
-        act = config.activation_options(src.ffn_dim)
+        act = shard_act = config.activation_options(src.ffn_dim)  # shards: + the contribution label densities
         methods = config.methods_for(src.gated)
         budget = config.accuracy_budget()
         allocation = gate_allocation = frontier = None
@@ -179,13 +179,13 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                 frontier = refreshed(frontier_task, force)(src, calib, FRONTIER_DENSITIES, config.frontier_samples,
                                                            allocation.densities, act, work)
             if "contribution" in methods:
-                act = replace(act, label_densities=allocation.densities)
+                shard_act = replace(act, label_densities=allocation.densities)
         thresholds = refreshed(gate_thresholds_task, force)(
             src, calib, config.gated_density, min(config.samples, 16), act, work) if src.gated else (0.0,) * src.n_layers
         ranges = shard_ranges(config.samples, config.shard_samples)
         shards = refreshed(activations_task, force).map(
             unmapped(src), unmapped(calib), list(range(len(ranges))), [a for a, _ in ranges],
-            [b for _, b in ranges], unmapped(len(ranges)), unmapped(thresholds), unmapped(act),
+            [b for _, b in ranges], unmapped(len(ranges)), unmapped(thresholds), unmapped(shard_act),
             unmapped(work)).result()  # .result() raises the first failed shard's error
         stats = refreshed(merge_task, force)(shards, work)
         stages.advance()
