@@ -26,6 +26,7 @@ from flashio.errors import BudgetError
 from flashio.format import Artifact, Manifest
 from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
+from flashio.quant import weight_bytes
 from flashio.sizes import format_size
 
 
@@ -60,7 +61,7 @@ class MemoryBudget:
         """The budget of a model being opened: resident tensors and predictors as loaded."""
         c_item = compute_dtype.itemsize
         gates = {L.gate_tensor for L in art.manifest.ffn_layers if L.gate_tensor}
-        nbytes = {k: t.numel() * t.element_size() for k, t in resident.items()}
+        nbytes = {k: weight_bytes(t) for k, t in resident.items()}  # quantized matrices: codes + scales
         return cls._build(art, mode, compute_dtype, max_len, pinned_fraction, selection,
                           resident_bytes=sum(v for k, v in nbytes.items() if k not in gates),
                           gate_bytes=sum(v for k, v in nbytes.items() if k in gates),
@@ -76,9 +77,15 @@ class MemoryBudget:
         scale = compute_dtype.itemsize / torch_dtype(m.dtype).itemsize
         engine = engine_class(mode, _selection(m, mode, selection))
         preds = m.files[m.predictors_file].size_bytes if m.predictors_file and engine.needs_predictors else 0
-        gate_bytes = sum(L.n_neurons * art.args.dim for L in m.ffn_layers if L.gate_tensor) * compute_dtype.itemsize
+        # quantized matrices keep their codes and fp16 scales whatever the compute dtype
+        quant = m.resident_quant.scales if m.resident_quant is not None else {}
+        rows = {L.gate_tensor: L.n_neurons for L in m.ffn_layers if L.gate_tensor}
+        gate_bytes = sum(n * (art.args.dim + 2 if g in quant else art.args.dim * compute_dtype.itemsize)
+                         for g, n in rows.items())
+        stored = art.resident_tensor_bytes(list(quant) + list(quant.values())) if quant else 0
+        resident = int((m.files[m.resident_file].size_bytes - stored) * scale) + stored
         return cls._build(art, mode, compute_dtype, max_len, pinned_fraction, selection,
-                          resident_bytes=int(m.files[m.resident_file].size_bytes * scale) - gate_bytes,
+                          resident_bytes=resident - gate_bytes,
                           gate_bytes=gate_bytes, predictor_bytes=int(preds * scale))
 
     @classmethod

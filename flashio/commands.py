@@ -114,6 +114,14 @@ def add_commands(sub) -> None:
     p.add_argument("--gate-resident", action="store_true",
                    help="gated FFNs: keep the gate rows in DRAM and put only up + down on flash (the exact-gate "
                         "layout: mode 'sparse' then computes the gate densely and reads the selected neurons)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="bundle rows quantized group-wise (symmetric, fp16 scales inside each row): about 1/2 "
+                        "(int8) or 1/4 (int4) of the fp16 bytes read and cached per neuron")
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="elements per scale along d_model (default: d_model, one scale per part of a row)")
+    p.add_argument("--quantize-resident", choices=["none", "int8"], default=None,
+                   help="attention, an untied head and resident gate rows as int8 per output channel "
+                        "(default: int8 with --quantize, else none); embeddings stay in --dtype")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 
@@ -229,6 +237,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         print(f"\rpacking layers {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     out = write_artifact(args.checkpoint, args.out, dtype=args.dtype, gate_resident=args.gate_resident,
-                         overwrite=args.overwrite, progress=progress)
+                         quantize=args.quantize, group_size=args.group_size,
+                         quantize_resident=args.quantize_resident, overwrite=args.overwrite, progress=progress)
     print(out)
     return 0

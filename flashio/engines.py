@@ -11,7 +11,8 @@ the architecture adds) from the FFN input, getting its weights in its own way:
 
 Rows kept across tokens (window cache, pinned rows, dense weights) are held in the compute dtype
 on the model's device, converted once when they arrive (counted as memory management); rows
-streamed for one use are computed in the storage dtype. Flash reads land in host memory given by
+streamed for one use are computed in the storage dtype. Quantized rows (flashio.quant) are kept
+as stored, codes and scales, and dequantized a chunk at a time inside the product. Flash reads land in host memory given by
 the device's transfer path (flashio.device): on the CPU that is the destination rows themselves,
 on CUDA pinned staging buffers that are then copied to the device asynchronously.
 """
@@ -25,7 +26,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from flashio.config import FlashConfig
 from flashio.device import HostTransfer, TransferPath
@@ -34,6 +34,7 @@ from flashio.ffn import CONVERT_ROWS, convert_rows, ffn_compute
 from flashio.format import Artifact, Manifest
 from flashio.models.base import ACTIVATIONS
 from flashio.predictor import PredictorWeights
+from flashio.quant import RowScratch, dequantize_rows, linear, quant_ffn_compute
 from flashio.stats import StatsRecorder
 from flashio.storage import AlignedArena, BundleReader, ReadResult
 from flashio.trace import TraceRecorder
@@ -96,6 +97,13 @@ class EngineMemory:
         return capacity if self.row_bytes else self.stream_rows
 
 
+def kept_row_bytes(manifest: Manifest, compute_dtype: torch.dtype) -> int:
+    """Bytes of one bundle row kept in memory: as stored when quantized, else in the compute dtype."""
+    if manifest.quant is not None:
+        return manifest.row_bytes
+    return manifest.ffn_layers[0].bundle_width * compute_dtype.itemsize
+
+
 class Engine:
     """What the engines share: the artifact's layout, the reader, the biases, the transfer path
     to the model's device and the buffers the engine owns (released by close()).
@@ -119,8 +127,10 @@ class Engine:
     def __init__(self, ctx: EngineContext):
         m = ctx.art.manifest
         self.art, self.reader, self.rec = ctx.art, ctx.reader, ctx.rec
-        self.dtype = torch_dtype(m.dtype)  # storage
+        self.quant = m.quant  # flashio.quant.RowQuant: rows of uint8 codes + scales; None: float rows
+        self.dtype = torch.uint8 if self.quant is not None else torch_dtype(m.dtype)  # storage of a row
         self.compute_dtype = ctx.compute_dtype
+        self.rows_dtype = self.dtype if self.quant is not None else self.compute_dtype  # of the rows kept
         self.recorder = ctx.recorder
         self.transfer = ctx.transfer
         self.device = self.transfer.device
@@ -134,23 +144,38 @@ class Engine:
         self.arenas: list[AlignedArena] = []  # host buffers (CPU)
         self.owned: list[torch.Tensor] = []  # other buffers: on a CUDA device, or converted rows
         self._scratch = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=torch.float32)
-        self._chunk = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=self.compute_dtype)
+        self._chunk = torch.empty(CONVERT_ROWS, self.layers[0].bundle_width, dtype=self.rows_dtype)
+        self.qscratch = RowScratch(self.quant, self.device) if self.quant is not None else None
 
     def gate_act(self, i: int, h: torch.Tensor) -> torch.Tensor | None:
         """[T, N] act(x @ gate.T + b_gate) from layer i's resident gate rows (the first phase of a
         gate-resident FFN); None when the bundles hold the gate."""
         if self.gate_w is None:
             return None
-        w = self.gate_w[i]
-        return ACTIVATIONS[self.activation](F.linear(h.to(w.dtype), w, self.b_gate[i]))
+        return ACTIVATIONS[self.activation](linear(h.to(self.compute_dtype), self.gate_w[i], self.b_gate[i]))
+
+    def rows_ffn(self, h: torch.Tensor, rows: torch.Tensor, b_up: torch.Tensor | None, b_gate: torch.Tensor | None,
+                 zero: torch.Tensor | None = None, n_valid: int | None = None, *, gate_act: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """flashio.ffn.ffn_compute on kept rows, float or quantized."""
+        if self.quant is not None:
+            return quant_ffn_compute(h, rows, self.quant, self.qscratch, b_up, b_gate, zero, n_valid,
+                                     ACTIVATIONS[self.activation], gate_act=gate_act, mask=mask)
+        return ffn_compute(h, rows, self.parts, b_up, b_gate, zero, n_valid, self.activation,
+                           gate_act=gate_act, mask=mask)
+
+    def part_rows(self, rows: torch.Tensor, part: str) -> torch.Tensor:
+        """[R, D] the `part` (up, gate, down) of bundle rows, in the compute dtype (a copy)."""
+        if self.quant is not None:
+            return dequantize_rows(rows, self.quant, part).to(self.compute_dtype)
+        return rows[:, self.parts[part]].clone()
 
     def _ffn(self, i: int, h: torch.Tensor, rows: torch.Tensor, lo: int, hi: int,
              gate: torch.Tensor | None) -> torch.Tensor:
         """The FFN over `rows`, which hold the layer's neurons [lo, hi) (`gate`: [T, N] or None)."""
         b_up, b_gate = self.b_up[i], self.b_gate[i]
-        return ffn_compute(h, rows, self.parts, None if b_up is None else b_up[lo:hi],
-                           None if b_gate is None else b_gate[lo:hi], activation=self.activation,
-                           gate_act=None if gate is None else gate[:, lo:hi])
+        return self.rows_ffn(h, rows, None if b_up is None else b_up[lo:hi],
+                             None if b_gate is None else b_gate[lo:hi], gate_act=None if gate is None else gate[:, lo:hi])
 
     def _account(self, r: ReadResult, waited_s: float | None = None) -> None:
         self.rec.bytes_read += r.bytes_read
@@ -183,18 +208,18 @@ class Engine:
         (keep=False: a temporary, not a buffer that lives as long as the engine)."""
         width = self.layers[i].bundle_width
         n = stop - start
-        if self.transfer.in_place and self.compute_dtype == self.dtype:
+        if self.transfer.in_place and self.rows_dtype == self.dtype:
             t = self._arena_tensor(n, width) if keep else torch.empty(n, width, dtype=self.dtype)
             self.reader.read_layer(i, t, (start, stop))
             return t
-        out = torch.empty(n, width, dtype=self.compute_dtype, device=self.device)
+        out = torch.empty(n, width, dtype=self.rows_dtype, device=self.device)
         if keep:
             self.owned.append(out)
         step = max(1, (64 << 20) // (width * self.dtype.itemsize))  # 64 MiB staging at a time
         # on a device: rows go up in the storage dtype (a blocking copy: the staging is reused
         # next) and are converted there, not by the CPU
         landing = None
-        if not self.transfer.in_place and self.compute_dtype != self.dtype:
+        if not self.transfer.in_place and self.rows_dtype != self.dtype:
             landing = torch.empty(min(n, step), width, dtype=self.dtype, device=self.device)
         with AlignedArena(min(n, step) * width * self.dtype.itemsize) as arena:
             for a in range(start, stop, step):
@@ -231,11 +256,11 @@ class Engine:
 
 
 class DenseEngine(Engine):
-    """Every bundle in memory, in the compute dtype."""
+    """Every bundle in memory, in the compute dtype (quantized: as stored)."""
 
     @classmethod
     def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
-        row_bytes = manifest.ffn_layers[0].bundle_width * compute_dtype.itemsize
+        row_bytes = kept_row_bytes(manifest, compute_dtype)
         return EngineMemory(fixed_bytes=sum(L.n_neurons for L in manifest.ffn_layers) * row_bytes)
 
     def __init__(self, ctx: EngineContext):
@@ -256,9 +281,8 @@ class NaiveEngine(Engine):
         layers = manifest.ffn_layers
         pinned = [round(pinned_fraction * L.n_neurons) for L in layers]
         stream_rows = max(L.n_neurons - k for L, k in zip(layers, pinned))
-        width = layers[0].bundle_width
-        return EngineMemory(fixed_bytes=sum(pinned) * width * compute_dtype.itemsize  # pinned: compute dtype
-                            + stream_rows * width * manifest.itemsize,  # one streamed layer: storage dtype
+        return EngineMemory(fixed_bytes=sum(pinned) * kept_row_bytes(manifest, compute_dtype)  # pinned: compute dtype
+                            + stream_rows * manifest.row_bytes,  # one streamed layer: storage dtype
                             stream_rows=stream_rows)
 
     @classmethod

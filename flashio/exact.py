@@ -149,7 +149,7 @@ class OracleEngine(GateEngine):
     def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
         """The sparse engine's, plus the loaded parts of every row (resident gate rows are the budget's)."""
         base = super().memory(manifest, compute_dtype)
-        part_bytes = manifest.ffn_layers[0].bundle_width * compute_dtype.itemsize // len(manifest.bundle_layout)
+        part_bytes = (manifest.bundle_layout[0][2] - manifest.bundle_layout[0][1]) * compute_dtype.itemsize
         rows = manifest.n_layers * manifest.ffn_layers[0].n_neurons
         return dataclasses.replace(base, fixed_bytes=rows * part_bytes * len(cls.loaded_parts(manifest)))
 
@@ -160,7 +160,7 @@ class OracleEngine(GateEngine):
         for i, L in enumerate(self.layers if parts else ()):
             rows = self._load_rows(i, 0, L.n_neurons, keep=False)
             for p in parts:
-                self.loaded[p].append(rows[:, self.parts[p]].clone())  # [N, D]
+                self.loaded[p].append(self.part_rows(rows, p))  # [N, D], compute dtype
             del rows
 
     def key_act(self, i: int, h: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from flashio.generation import GenerationConfig, eos_ids, stream_tokens
 from flashio.models.base import KVCache
 from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
+from flashio.quant import assemble_resident
 from flashio.stats import StatsRecorder, StepStats
 from flashio.storage import DEFAULT_THREADS, BundleReader, LayerExtent, evict_from_page_cache
 from flashio.tokenizer import TextCodec
@@ -122,6 +123,8 @@ class FlashModel:
         resident = art.load_resident(dtype=self.compute_dtype)  # private memory, sha256 checked
         for name in list(resident):  # one tensor at a time: the host copy is freed as it moves
             resident[name] = resident[name].to(device)
+        if m.resident_quant is not None:  # int8 codes + scales -> QuantizedWeight (flashio.quant)
+            resident = assemble_resident(resident, m.resident_quant.scales)
         self.model = art.arch.Model(self.args, resident)
         predictors = art.load_predictors() if engine_cls.needs_predictors else None
         if predictors is not None:  # private copies: the file's mapping and page cache are let go
@@ -131,7 +134,7 @@ class FlashModel:
             raise FlashError(f"{art.path}: mode='sparse' needs predictors and this artifact has none "
                              "(packed without the pipeline); use mode='oracle', 'dense' or 'naive', "
                              "give an active_source (a trace replay), or convert it with `flashio convert`")
-        extents = [LayerExtent(L.offset_bytes, L.n_neurons, L.bundle_width * m.itemsize) for L in m.ffn_layers]
+        extents = [LayerExtent(L.offset_bytes, L.n_neurons, L.bundle_width * m.row_itemsize) for L in m.ffn_layers]
         budget = MemoryBudget.of(art, config.mode, self.compute_dtype, max_len, resident, predictors,
                                  config.pinned_fraction, selection=selection)
         self.capacity = budget.capacity(config.dram_budget)
@@ -388,7 +391,7 @@ def read_plan(art: Artifact, device_profile: str | Path | DeviceProfile | None, 
         profile = profile_from_env()
     cm = CostModel(profile)
     m = art.manifest
-    row_bytes = m.ffn_layers[0].bundle_width * m.itemsize
+    row_bytes = m.row_bytes
     if threads is None:
         threads = cm.best_threads(row_bytes) if profile is not None else DEFAULT_THREADS
     if max_gap is None:

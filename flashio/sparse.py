@@ -17,8 +17,16 @@ import torch
 from flashio.cache import FillingWindowCache, FillUpdate, WindowCache, rows_view
 from flashio.config import FlashConfig
 from flashio.dtypes import torch_dtype
-from flashio.engines import ActiveSource, Engine, EngineContext, EngineMemory, SparseOptions
-from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows, ffn_compute
+from flashio.engines import (
+    ActiveSource,
+    Engine,
+    EngineContext,
+    EngineMemory,
+    SparseOptions,
+    kept_row_bytes,
+)
+from flashio.errors import FlashError
+from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows
 from flashio.format import Manifest
 from flashio.predictor import PredictorWeights
 
@@ -52,10 +60,10 @@ class SparseEngine(Engine):
         """Per cached row: that row in every layer and in the shared scratch (compute dtype), plus,
         when the cache holds another dtype than storage, the row's landing place before conversion
         (the CPU's staging or CUDA's landing buffer, storage dtype)."""
-        width, n = manifest.ffn_layers[0].bundle_width, manifest.ffn_layers[0].n_neurons
-        staged = compute_dtype != torch_dtype(manifest.dtype)
-        return EngineMemory(row_bytes=(manifest.n_layers + 1) * width * compute_dtype.itemsize,
-                            staging_row_bytes=width * manifest.itemsize if staged else 0,
+        n = manifest.ffn_layers[0].n_neurons
+        staged = manifest.quant is None and compute_dtype != torch_dtype(manifest.dtype)  # quantized: kept as stored
+        return EngineMemory(row_bytes=(manifest.n_layers + 1) * kept_row_bytes(manifest, compute_dtype),
+                            staging_row_bytes=manifest.row_bytes if staged else 0,
                             min_rows=max(1, math.ceil(MIN_CACHE_FRACTION * n)))
 
     @classmethod
@@ -71,23 +79,26 @@ class SparseEngine(Engine):
         self.source = source
         self.options = options = options or SparseOptions()
         self.split = 1 if options.bundled else len(self.parts)
+        if self.quant is not None and self.split > 1:
+            raise FlashError("unbundled reads (bundled=False) split a row into equal float parts; quantized rows "
+                             "hold codes and scales per part: open this artifact with bundled=True")
         width = self.layers[0].bundle_width
         self.staging = None  # CPU: reads land here first when the cache holds another dtype
         self.landing = None  # CUDA: uploads land here first when the cache holds another dtype
         cache_cls = WindowCache
-        if self.compute_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
+        if self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
             if self.transfer.in_place:
                 self.staging = self._arena_tensor(capacity, width)
                 cache_cls = FillingWindowCache
             else:
                 self.landing = self._buffer(capacity, width)
-        self.caches = [cache_cls(self._buffer(capacity, L.bundle_width, self.compute_dtype),
+        self.caches = [cache_cls(self._buffer(capacity, L.bundle_width, self.rows_dtype),
                                  L.n_neurons, window, indices=self.transfer.indices, span=self.transfer.span)
                        for L in self.layers]
         # one scratch for all layers (they update one at a time), sized for the worst step so
         # that no cache grows its own (32 private ones were ~0.4 GB at 7B scale); it also holds
         # converted new rows before they are scattered
-        self.shared = self._buffer(capacity, width, self.compute_dtype)
+        self.shared = self._buffer(capacity, width, self.rows_dtype)
         for c in self.caches:
             c._scratch = self.shared
 
@@ -233,9 +244,8 @@ class SparseEngine(Engine):
         b_up = None if self.b_up[i] is None else self.b_up[i][idx]
         b_gate = None if self.b_gate[i] is None else self.b_gate[i][idx]
         gate, mask = coef
-        return ffn_compute(h, matrix[lo:stop], self.parts, b_up, b_gate, zero=zero, n_valid=hi - lo,
-                           activation=self.activation, gate_act=None if gate is None else gate[:, idx],
-                           mask=None if mask is None else mask[:, idx])
+        return self.rows_ffn(h, matrix[lo:stop], b_up, b_gate, zero=zero, n_valid=hi - lo,
+                             gate_act=None if gate is None else gate[:, idx], mask=None if mask is None else mask[:, idx])
 
     def begin_step(self) -> None:
         super().begin_step()

@@ -1,4 +1,4 @@
-"""The artifact manifest (format version 1): its dataclasses and its one validating parser.
+"""The artifact manifest (format versions 1-3): its dataclasses and its one validating parser.
 
 `manifest.json` is the only place where the artifact's contracts live: file names, dtypes, the
 per-layer FFN layout (offsets into ffn.safetensors), predictor settings, checksums and lineage.
@@ -26,10 +26,12 @@ from typing import Any
 
 from flashio.dtypes import ITEMSIZE
 from flashio.errors import FormatError
+from flashio.quant import RESIDENT_SCHEMES, SCALE_DTYPE, PartQuant, RowQuant, check_row_quant
 
 FORMAT_VERSION = 1  # what an artifact with 3-part (or ReLU's 2-part) bundles is written as
 GATE_RESIDENT_VERSION = 2  # version 1 + gate rows resident (bundles of up + down for a gated FFN)
-READ_VERSIONS = (FORMAT_VERSION, GATE_RESIDENT_VERSION)  # what this flashio reads
+QUANTIZED_VERSION = 3  # version 2 + quantized bundle rows / resident matrices (flashio.quant)
+READ_VERSIONS = (FORMAT_VERSION, GATE_RESIDENT_VERSION, QUANTIZED_VERSION)  # what this flashio reads
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 FFN = "ffn.safetensors"
@@ -76,6 +78,21 @@ class FFNLayer:
     active_threshold: float  # |activation| above this counts as active (0 for ReLU: output > 0)
     gate_tensor: str | None = None  # gate rows [n_neurons, d_model] in resident.safetensors (gate_resident)
     density: float | None = None  # fraction of neurons an exact selection keeps per token (None: the threshold)
+    # quantized rows (format version 3): the tensor is uint8 [n_neurons, bundle_width = quant.row_bytes]
+    quant: RowQuant | None = None
+
+
+@dataclass(frozen=True)
+class ResidentQuant:
+    """Which resident matrices are stored quantized (per output channel): codes under the matrix's
+    own name, int8 [out, in], and its scales [out] under the name given here."""
+
+    scheme: str  # "int8"
+    scale_dtype: str
+    scales: dict[str, str]  # matrix name -> scale tensor name
+
+    def to_json(self) -> dict:
+        return {"scheme": self.scheme, "axis": "output", "scale_dtype": self.scale_dtype, "tensors": dict(self.scales)}
 
 
 @dataclass(frozen=True)
@@ -104,10 +121,27 @@ class Manifest:
     predictors_file: str | None = None
     gate_resident: bool = False  # gate rows in DRAM (FFNLayer.gate_tensor), bundles of up + down
     selection: str | None = None  # mode='sparse''s default active-set selection (SELECTIONS); None: by layout
+    resident_quant: ResidentQuant | None = None  # quantized resident matrices (format version 3)
 
     @property
     def itemsize(self) -> int:
+        """Bytes per element of the float weights (resident, predictors, unquantized rows)."""
         return ITEMSIZE[self.dtype]
+
+    @property
+    def quant(self) -> RowQuant | None:
+        """The bundle rows' quantization (every layer's row has the same width), None for float rows."""
+        return self.ffn_layers[0].quant
+
+    @property
+    def row_itemsize(self) -> int:
+        """Bytes per stored element of a bundle row: 1 for quantized rows (uint8), else itemsize;
+        a row is bundle_width x row_itemsize bytes."""
+        return 1 if self.quant is not None else self.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return self.ffn_layers[0].bundle_width * self.row_itemsize
 
     @property
     def n_layers(self) -> int:
@@ -118,13 +152,17 @@ class Manifest:
         d["bundle_layout"] = [list(s) for s in self.bundle_layout]
         d["files"] = {name: {"bytes": e.size_bytes, "sha256": e.sha256} for name, e in self.files.items()}
         # the version-2 fields only where used: a version-1 manifest reads as it always did
-        for key, unused in (("gate_resident", False), ("selection", None)):
+        for key, unused in (("gate_resident", False), ("selection", None), ("resident_quant", None)):
             if d[key] == unused:
                 del d[key]
-        for L in d["ffn_layers"]:
-            for key in ("gate_tensor", "density"):
+        if self.resident_quant is not None:
+            d["resident_quant"] = self.resident_quant.to_json()
+        for L, layer in zip(d["ffn_layers"], self.ffn_layers):
+            for key in ("gate_tensor", "density", "quant"):
                 if L[key] is None:
                     del L[key]
+            if layer.quant is not None:
+                L["quant"] = layer.quant.to_json()
         return {"format_version": d.pop("format_version"), **d}
 
     def dumps(self) -> str:
@@ -319,6 +357,62 @@ def _check_layout(layout: tuple[tuple[str, int, int], ...], gated: bool, gate_re
                               "is false: the bundles hold the gate")
 
 
+def _row_quant(L: dict, layout: list[tuple[str, int, int]], where: str) -> RowQuant | None:
+    """ffn_layers[i].quant: the layer's quantization record (flashio.quant.RowQuant), validated."""
+    raw = _optional(L, "quant", dict, where)
+    if raw is None:
+        return None
+    w = f"{where}.quant"
+    scheme = _get(raw, "scheme", str, w)
+    parts = []
+    for k, p in enumerate(_get(raw, "parts", list, w)):
+        if (not isinstance(p, list) or len(p) != 5 or not isinstance(p[0], str)
+                or not all(type(x) is int and 0 <= x < 1 << 40 for x in p[1:])):
+            raise FormatError(f"manifest.json: {w}.parts[{k}] = {str(p)[:80]} is not [part, codes_start, "
+                              "codes_end, scales_start, scales_end]")
+        parts.append(PartQuant(*p))
+    q = RowQuant(scheme=scheme, group_size=_nonneg_int(raw, "group_size", w),
+                 scale_dtype=_get(raw, "scale_dtype", str, w), row_bytes=_nonneg_int(raw, "row_bytes", w),
+                 parts=tuple(parts))
+    if not layout:
+        raise FormatError(f"manifest.json: {w} needs a bundle_layout")
+    check_row_quant(q, tuple(p for p, _, _ in layout), layout[0][2] - layout[0][1], f"manifest.json: {w}")
+    return q
+
+
+def _check_quant_layers(layers: list[FFNLayer], version: int) -> None:
+    """Quantized rows: every layer's or none, of one width, and only in format version 3."""
+    quant = [L.quant for L in layers]
+    if all(q is None for q in quant):
+        return
+    if version < QUANTIZED_VERSION:
+        raise FormatError(f"manifest.json: quantized rows need format_version {QUANTIZED_VERSION}, the manifest "
+                          f"says {version} (an older flashio would read the codes as floats)")
+    if any(q is None for q in quant) or len({L.bundle_width for L in layers}) != 1:
+        raise FormatError("manifest.json: ffn_layers mix quantized and float rows or rows of different widths; "
+                          "every layer's rows must have the same stored width")
+
+
+def _resident_quant(d: dict) -> ResidentQuant | None:
+    raw = _optional(d, "resident_quant", dict, "manifest")
+    if raw is None:
+        return None
+    w = "resident_quant"
+    scheme, scale_dtype = _get(raw, "scheme", str, w), _get(raw, "scale_dtype", str, w)
+    if scheme not in RESIDENT_SCHEMES or _get(raw, "axis", str, w) != "output" or scale_dtype != SCALE_DTYPE:
+        raise FormatError(f"manifest.json: resident_quant scheme {scheme!r} along {raw.get('axis')!r} with "
+                          f"{scale_dtype!r} scales is not one this flashio reads ({', '.join(RESIDENT_SCHEMES)} "
+                          f"along 'output', {SCALE_DTYPE} scales): upgrade flashio or rebuild the artifact")
+    tensors = _get(raw, "tensors", dict, w)
+    if not all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in tensors.items()) \
+            or len(set(tensors.values())) != len(tensors) or set(tensors) & set(tensors.values()):
+        raise FormatError(f"manifest.json: resident_quant.tensors must map each matrix to its own scale tensor, "
+                          f"got {str(tensors)[:120]}")
+    if d["format_version"] < QUANTIZED_VERSION:
+        raise FormatError(f"manifest.json: resident_quant needs format_version {QUANTIZED_VERSION}")
+    return ResidentQuant(scheme, scale_dtype, dict(tensors))
+
+
 def parse_manifest(text: bytes | str) -> Manifest:
     """Parse and validate manifest.json; every problem raises FormatError naming the field."""
     d = _load_document(text, MANIFEST)
@@ -344,16 +438,20 @@ def parse_manifest(text: bytes | str) -> Manifest:
             bundle_width=_nonneg_int(L, "bundle_width", w), offset_bytes=_nonneg_int(L, "offset_bytes", w),
             length_bytes=_nonneg_int(L, "length_bytes", w), order_tensor=_get(L, "order_tensor", str, w),
             active_threshold=_finite(L, "active_threshold", w),
-            gate_tensor=_optional(L, "gate_tensor", str, w), density=_density(L, w))
-        if layer.n_neurons == 0 or layer.length_bytes != layer.n_neurons * layer.bundle_width * ITEMSIZE[dtype]:
+            gate_tensor=_optional(L, "gate_tensor", str, w), density=_density(L, w),
+            quant=_row_quant(L, layout, w))
+        itemsize = 1 if layer.quant is not None else ITEMSIZE[dtype]
+        if layer.n_neurons == 0 or layer.length_bytes != layer.n_neurons * layer.bundle_width * itemsize:
             raise FormatError(f"manifest.json: {w}.length_bytes = {layer.length_bytes} but n_neurons x "
-                              f"bundle_width x itemsize = {layer.n_neurons * layer.bundle_width * ITEMSIZE[dtype]}")
-        if layout and layout[-1][2] != layer.bundle_width:
-            raise FormatError(f"manifest.json: {w}.bundle_width = {layer.bundle_width} but bundle_layout "
-                              f"ends at {layout[-1][2]}")
+                              f"bundle_width x itemsize = {layer.n_neurons * layer.bundle_width * itemsize}")
+        width = layer.quant.row_bytes if layer.quant is not None else (layout[-1][2] if layout else None)
+        if width is not None and width != layer.bundle_width:
+            raise FormatError(f"manifest.json: {w}.bundle_width = {layer.bundle_width} but "
+                              + ("its quant.row_bytes is" if layer.quant else "bundle_layout ends at") + f" {width}")
         layers.append(layer)
     if not layers:
         raise FormatError("manifest.json: ffn_layers is empty")
+    _check_quant_layers(layers, d["format_version"])
     preds = None
     if d.get("predictor_layers") is not None:
         preds = []
@@ -398,6 +496,7 @@ def parse_manifest(text: bytes | str) -> Manifest:
         resident_file=check_relative_name(d.get("resident_file", RESIDENT), "resident_file"),
         predictors_file=check_relative_name(pred_file, "predictors_file") if pred_file else None,
         format_version=d["format_version"], gate_resident=gate_resident, selection=selection,
+        resident_quant=_resident_quant(d),
     )
     for name in (m.ffn_file, m.resident_file, m.predictors_file, tok and tok["file"]):
         if name and name not in files:

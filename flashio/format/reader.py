@@ -71,8 +71,8 @@ class Artifact:
             raise FormatError(f"{mpath}: gated={m.gated} but {m.architecture} FFNs are gated={self.arch.FFN.gated}")
         check_files_on_disk(self.path, m.files)
         self._check_ffn_header()
-        if m.gate_resident:
-            self._check_gate_rows()
+        if m.gate_resident or m.resident_quant is not None:
+            self._check_resident()
         if verify:
             self.verify()
 
@@ -84,7 +84,7 @@ class Artifact:
         path = self.file(m.ffn_file)
         with open(path, "rb") as f:
             infos = read_safetensors_header(f, m.files[m.ffn_file].size_bytes, str(path))
-        want_dtype = SAFETENSORS_CODES[m.dtype]
+        want_dtype = "U8" if m.quant is not None else SAFETENSORS_CODES[m.dtype]
         for i, L in enumerate(m.ffn_layers):
             info = infos.get(L.tensor)
             if info is None:
@@ -95,19 +95,35 @@ class Artifact:
                 raise FormatError(f"{path}: tensor {L.tensor!r} is (dtype, shape, offset, bytes) = {found}, "
                                   f"the manifest says {want}")
 
-    def _check_gate_rows(self) -> None:
-        """Each layer's resident gate rows are in the resident file, [n_neurons, dim] in the manifest's dtype."""
+    def _check_resident(self) -> None:
+        """Each layer's resident gate rows are in the resident file, [n_neurons, dim] in the manifest's
+        dtype (int8 when quantized); each quantized matrix is int8 with fp16 scales, one per row."""
         m = self.manifest
         path = self.file(m.resident_file)
         with open(path, "rb") as f:
             infos = read_safetensors_header(f, m.files[m.resident_file].size_bytes, str(path))
-        for i, L in enumerate(m.ffn_layers):
+        scales = m.resident_quant.scales if m.resident_quant is not None else {}
+        for name, scale_name in scales.items():
+            info, sinfo = infos.get(name), infos.get(scale_name)
+            if (info is None or sinfo is None or info.dtype != "I8" or len(info.shape) != 2
+                    or (sinfo.dtype, sinfo.shape) != ("F16", info.shape[:1])):
+                found = [None if x is None else (x.dtype, x.shape) for x in (info, sinfo)]
+                raise FormatError(f"{path}: quantized matrix {name!r} and its scales {scale_name!r} are (dtype, "
+                                  f"shape) = {found}; expected int8 [out, in] and float16 [out]; rebuild the artifact")
+        for i, L in enumerate(m.ffn_layers if m.gate_resident else ()):
             info = infos.get(L.gate_tensor)
-            want = (SAFETENSORS_CODES[m.dtype], (L.n_neurons, self.args.dim))
+            want = ("I8" if L.gate_tensor in scales else SAFETENSORS_CODES[m.dtype], (L.n_neurons, self.args.dim))
             if info is None or (info.dtype, info.shape) != want:
                 found = None if info is None else (info.dtype, info.shape)
                 raise FormatError(f"{path}: gate rows {L.gate_tensor!r} of ffn_layers[{i}] are (dtype, shape) = "
                                   f"{found}, the manifest says {want}; rebuild the artifact")
+
+    def resident_tensor_bytes(self, names: Iterable[str]) -> int:
+        """The stored bytes of the named resident tensors (from the file's header)."""
+        path = self.file(self.manifest.resident_file)
+        with open(path, "rb") as f:
+            infos = read_safetensors_header(f, self.manifest.files[self.manifest.resident_file].size_bytes, str(path))
+        return sum(infos[n].end - infos[n].start for n in names if n in infos)
 
     def verify(self, names: Iterable[str] | None = None,
                progress: Callable[[str, int], None] | None = None) -> None:
@@ -163,7 +179,10 @@ class Artifact:
         return {
             "path": str(self.path), "architecture": m.architecture, "dtype": m.dtype,
             "layers": m.n_layers, "dim": self.args.dim, "ffn_neurons": m.ffn_layers[0].n_neurons,
-            "bundle_bytes": m.ffn_layers[0].bundle_width * m.itemsize,
+            "bundle_bytes": m.row_bytes,
+            "quantization": None if m.quant is None else m.quant.scheme,
+            "quantization_group_size": None if m.quant is None else m.quant.group_size,
+            "resident_quantization": None if m.resident_quant is None else m.resident_quant.scheme,
             "ffn_bytes": sum(L.length_bytes for L in m.ffn_layers),
             "resident_bytes": m.files[m.resident_file].size_bytes,
             "predictors": None if m.predictor_layers is None else [p.rank for p in m.predictor_layers],

@@ -1,4 +1,4 @@
-"""Write a flash-ready artifact (format version 1) from a model source.
+"""Write a flash-ready artifact (format version 1; 2 with resident gate rows; 3 quantized) from a model source.
 
     from flashio.format import write_artifact, source_from_checkpoint
     write_artifact(source_from_checkpoint("hf/opt-125m"), "artifacts/opt-125m", dtype="float16")
@@ -37,12 +37,14 @@ from flashio.format.manifest import (
     LAYOUTS,
     MANIFEST,
     PREDICTORS,
+    QUANTIZED_VERSION,
     RESIDENT,
     SELECTIONS,
     FFNLayer,
     FileEntry,
     Manifest,
     PredictorLayer,
+    ResidentQuant,
     check_relative_name,
 )
 from flashio.hashing import sha256_file
@@ -50,6 +52,15 @@ from flashio.model_card import render_model_card, source_license
 from flashio.models import get_architecture
 from flashio.models.base import FFNWeights
 from flashio.predictor import PredictorWeights
+from flashio.quant import (
+    RESIDENT_QUANTIZED,
+    RESIDENT_SCHEMES,
+    SCALE_DTYPE,
+    check_scheme,
+    quantize_resident,
+    quantize_rows,
+    row_quant,
+)
 from flashio.version import __version__
 
 log = logging.getLogger(__name__)
@@ -153,6 +164,9 @@ def write_artifact(
     gate_resident: bool = False,
     densities: Sequence[float | None] | None = None,
     selection: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_resident: str | None = None,
     lineage: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
     report_files: dict[str, Path] | None = None,
@@ -172,6 +186,11 @@ def write_artifact(
       active_threshold decides).
     selection: mode='sparse''s default selection, one of flashio.format.manifest.SELECTIONS
       (None: 'gate' for gate_resident, else 'predictor').
+    quantize: 'int8' or 'int4': bundle rows quantized group-wise, symmetric, with fp16 scales inside
+      each row (flashio.quant; format version 3); group_size: elements per scale along d_model
+      (default d_model: one scale per part of a row). Predictors stay in `dtype`.
+    quantize_resident: 'int8' (the default when quantize is given) or 'none': the resident matrices
+      (attention, an untied head, resident gate rows) per output channel; embeddings stay in `dtype`.
     name: what the model card (README.md) calls the artifact (default: the directory's name).
     progress(done_layers, n_layers) is called after each layer.
     The source's licence files are copied beside the weights and named in the card.
@@ -206,13 +225,23 @@ def write_artifact(
     parts = list(LAYOUTS[(arch.FFN.gated, gate_resident)])
     layout = tuple((p, k * d, (k + 1) * d) for k, p in enumerate(parts))
     width = len(parts) * d
+    if quantize is not None:
+        check_scheme(quantize, where="write_artifact")
+    rq = row_quant(tuple(parts), dim=d, scheme=quantize, group_size=group_size,
+                   float_itemsize=tdtype.itemsize) if quantize else None
+    if group_size is not None and rq is None:
+        raise FlashError("group_size applies to quantized rows: pass quantize='int8' or 'int4' with it")
+    quantize_resident = quantize_resident or ("int8" if quantize else "none")
+    if quantize_resident not in (*RESIDENT_SCHEMES, "none"):
+        raise FlashError(f"quantize_resident {quantize_resident!r} is not one of {', '.join(RESIDENT_SCHEMES)}, none")
+    row_code, row_width = (("U8", rq.row_bytes) if rq else (SAFETENSORS_CODES[dtype], width))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         header, placed, total = layout_ffn_file(
-            [(f"layers.{i}.bundles", SAFETENSORS_CODES[dtype], (n, width)) for i in range(n_layers)],
+            [(f"layers.{i}.bundles", row_code, (n, row_width)) for i in range(n_layers)],
             {"format": "pt", "flashio": "ffn-bundles-v1"})
         resident = {k: v.to(tdtype).contiguous() for k, v in source.resident.items()}
         ffn_layers, preds_out = [], {}
@@ -228,6 +257,8 @@ def write_artifact(
                 order = _check_order(orders[i], n, i) if orders is not None else torch.arange(n)
                 mats = {"up": w.up, "gate": w.gate, "down": w.down}
                 bundles = torch.cat([mats[p].to(tdtype) for p in parts], dim=1)[order].contiguous()  # [N, W]
+                if rq is not None:  # from the float values the unquantized artifact would hold
+                    bundles = quantize_rows(bundles, rq)  # [N, row_bytes] uint8
                 info = placed[f"layers.{i}.bundles"]
                 pad = info.start - f.tell()
                 if pad:
@@ -245,11 +276,11 @@ def write_artifact(
                 if w.down_bias is not None:
                     resident[f"layers.{i}.ffn.down_bias"] = w.down_bias.to(tdtype).contiguous()
                 thr = float(active_thresholds[i]) if active_thresholds is not None else 0.0
-                ffn_layers.append(FFNLayer(f"layers.{i}.bundles", n, width, info.start,
+                ffn_layers.append(FFNLayer(f"layers.{i}.bundles", n, row_width, info.start,
                                            info.end - info.start, f"layers.{i}.ffn.order", thr,
                                            gate_tensor=f"layers.{i}.ffn.gate" if gate_resident else None,
                                            density=None if densities is None or densities[i] is None
-                                           else float(densities[i])))
+                                           else float(densities[i]), quant=rq))
                 if predictors is not None:
                     p = predictors[i]
                     if p.n_neurons != n or p.A.shape[1] != d:
@@ -265,6 +296,7 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
         files = {FFN: FileEntry(FFN, total, h.hexdigest())}
+        resident_quant = _quantize_resident(resident) if quantize_resident != "none" else None
         save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
         if predictors is not None:
             save_file(preds_out, str(tmp / PREDICTORS), metadata={"format": "pt"})
@@ -294,8 +326,9 @@ def write_artifact(
             if predictors is not None else None,
             tokenizer=tok, lineage=full_lineage, report=report,
             predictors_file=PREDICTORS if predictors is not None else None,
-            format_version=GATE_RESIDENT_VERSION if gate_resident else FORMAT_VERSION,
-            gate_resident=gate_resident, selection=selection)
+            format_version=(QUANTIZED_VERSION if rq is not None or resident_quant is not None
+                            else GATE_RESIDENT_VERSION if gate_resident else FORMAT_VERSION),
+            gate_resident=gate_resident, selection=selection, resident_quant=resident_quant)
         (tmp / MANIFEST).write_text(manifest.dumps())
         for p in tmp.rglob("*"):
             if p.is_file():
@@ -307,6 +340,21 @@ def write_artifact(
         raise
     log.info("wrote artifact %s (%d layers, %s)", out_dir, n_layers, dtype)
     return out_dir
+
+
+def _quantize_resident(resident: dict[str, torch.Tensor]) -> ResidentQuant | None:
+    """Replace the resident matrices named by flashio.quant.RESIDENT_QUANTIZED (in place) with int8
+    codes, adding their per-output-channel scales; the record for the manifest."""
+    scales = {}
+    for name in sorted(resident):
+        t = resident[name]
+        if RESIDENT_QUANTIZED.search(name) and t.ndim == 2 and t.is_floating_point():
+            scale_name = f"{name.removesuffix('.weight')}.scale"
+            if scale_name in resident:
+                raise FlashError(f"resident tensor {scale_name!r} exists: cannot hold the scales of {name!r}")
+            resident[name], resident[scale_name] = quantize_resident(t)
+            scales[name] = scale_name
+    return ResidentQuant("int8", SCALE_DTYPE, scales) if scales else None
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from flashio.errors import FlashError
+from flashio.quant import QuantizedWeight
+from flashio.quant import linear as quant_linear
 
 # activation name (as the manifest records it; transformers' ACT2FN names) -> function
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
@@ -183,5 +185,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     return out.reshape(h, t, dh).transpose(0, 1).reshape(t, h * dh)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, w, b)
+def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a resident matrix may be quantized (flashio.quant.QuantizedWeight)."""
+    return quant_linear(x, w, b)

@@ -266,7 +266,7 @@ def _edit(path, fn) -> None:
     (lambda m: m.update(selection="magic"), "selection 'magic' is not one of"),
     (lambda m: m.update(selection="gate+predictor"), "needs predictors"),
     (lambda m: m.update(gate_resident="yes"), "gate_resident = 'yes' has the wrong type"),
-    (lambda m: m.update(format_version=3), r"format_version 3 is not supported \(this flashio reads versions 1, 2\)"),
+    (lambda m: m.update(format_version=4), r"format_version 4 is not supported \(this flashio reads versions 1, 2, 3\)"),
 ])
 def test_damaged_gate_manifests_are_refused(gate_artifact, tmp_path, edit, message):
     art = shutil.copytree(gate_artifact, tmp_path / "art")
