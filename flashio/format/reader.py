@@ -71,8 +71,7 @@ class Artifact:
             raise FormatError(f"{mpath}: gated={m.gated} but {m.architecture} FFNs are gated={self.arch.FFN.gated}")
         check_files_on_disk(self.path, m.files)
         self._check_ffn_header()
-        if m.gate_resident or m.resident_quant is not None:
-            self._check_resident()
+        self._check_resident()
         if verify:
             self.verify()
 
@@ -103,6 +102,10 @@ class Artifact:
         with open(path, "rb") as f:
             infos = read_safetensors_header(f, m.files[m.resident_file].size_bytes, str(path))
         scales = m.resident_quant.scales if m.resident_quant is not None else {}
+        unlisted = sorted(k for k, info in infos.items() if info.dtype == "I8" and k not in scales)
+        if unlisted:
+            raise FormatError(f"{path}: {unlisted[:3]} are int8 codes that the manifest's resident_quant does not "
+                              "list (their scales unknown); rebuild the artifact")
         for name, scale_name in scales.items():
             info, sinfo = infos.get(name), infos.get(scale_name)
             if (info is None or sinfo is None or info.dtype != "I8" or len(info.shape) != 2

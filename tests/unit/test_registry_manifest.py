@@ -91,8 +91,8 @@ def test_the_registry_reads_the_file_table_the_format_parses(tmp_path: Path):
 
 def test_bad_artifacts_say_what_is_wrong(tmp_path: Path):
     art = make_artifact(tmp_path / "a", {"ffn.safetensors": b"12345"})
-    rewrite(art, format_version=3)
-    with pytest.raises(BadArtifactError, match=r"format_version 3 is not supported \(this flashio reads versions 1, 2\)"):
+    rewrite(art, format_version=4)
+    with pytest.raises(BadArtifactError, match=r"format_version 4 is not supported \(this flashio reads versions 1, 2, 3\)"):
         read_artifact_manifest(art)
     rewrite(art, format_version=1, files={"ffn.safetensors": {"bytes": 6, "sha256": "0" * 64}})
     with pytest.raises(BadArtifactError, match=r"has 5 bytes on disk, but manifest\.json records 6"):

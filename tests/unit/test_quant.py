@@ -1,0 +1,200 @@
+"""Quantized artifacts (flashio.quant, format version 3): the row layout, the chunked products
+against a plain float computation on the dequantized rows, every mode on tiny OPT and Llama
+artifacts packed int8 and int4, the budget's bytes per row, and what the reader refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashio
+from flashio.budget import MemoryBudget
+from flashio.errors import FlashError, FormatError
+from flashio.ffn import ffn_compute
+from flashio.format import Artifact, write_artifact
+from flashio.predictor import PredictorWeights
+from flashio.quant import (
+    QuantizedWeight,
+    RowScratch,
+    dequantize_rows,
+    quant_ffn_compute,
+    quantize_resident,
+    quantize_rows,
+    row_quant,
+)
+
+PROMPT = [2, 17, 101, 55, 9, 240, 33, 78, 12, 5, 99, 301]
+
+
+@pytest.mark.parametrize("scheme,bound", [("int8", 1 / 127), ("int4", 1 / 7)])
+@pytest.mark.parametrize("group", [None, 16])
+def test_rows_round_trip_within_half_a_step(scheme, bound, group):
+    torch.manual_seed(0)
+    q = row_quant(("up", "gate", "down"), dim=64, scheme=scheme, group_size=group)
+    w = torch.randn(50, 3 * 64)
+    rows = quantize_rows(w, q)
+    assert rows.dtype == torch.uint8 and rows.shape == (50, q.row_bytes)
+    for k, p in enumerate(("up", "gate", "down")):
+        part = w[:, k * 64 : (k + 1) * 64]
+        g = q.group_size
+        absmax = part.view(50, 64 // g, g).abs().amax(dim=2, keepdim=True).expand(50, 64 // g, g).reshape(50, 64)
+        err = (dequantize_rows(rows, q, p) - part).abs()
+        assert (err <= absmax * bound * 0.5 * 1.01 + 1e-6).all()  # half a step (fp16 scale rounding aside)
+
+
+def test_row_layout_keeps_opt_6_7b_rows_near_a_half_and_a_quarter():
+    fp16 = 2 * 4096 * 2
+    q8, q4 = (row_quant(("up", "down"), dim=4096, scheme=s) for s in ("int8", "int4"))
+    assert q8.row_bytes == 8704 and q8.row_bytes % 512 == 0  # 8196 padded: aligned O_DIRECT reads
+    assert q4.row_bytes == 4160  # 4100 to a cache line: 512 would add 12%
+    assert abs(q8.row_bytes / fp16 - 0.5) / 0.5 < 0.07 and abs(q4.row_bytes / fp16 - 0.25) / 0.25 < 0.05
+    with pytest.raises(FlashError, match="positive divisor"):
+        row_quant(("up", "down"), dim=4096, scheme="int4", group_size=100)
+    with pytest.raises(FlashError, match="not one of int8, int4"):
+        row_quant(("up", "down"), dim=4096, scheme="int3")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_chunked_product_equals_float_product_on_dequantized_rows(scheme, group, gated):
+    torch.manual_seed(1)
+    parts = ("up", "gate", "down") if gated else ("up", "down")
+    d, n, valid = 64, 300, 290
+    q = row_quant(parts, dim=d, scheme=scheme, group_size=group)
+    rows = quantize_rows(torch.randn(n, len(parts) * d) * 0.1, q)
+    deq = torch.cat([dequantize_rows(rows, q, p) for p in parts], dim=1)
+    layout = {p: slice(k * d, (k + 1) * d) for k, p in enumerate(parts)}
+    h = torch.randn(3, d)
+    b_up = torch.randn(valid) * 0.1
+    mask = (torch.rand(3, valid) > 0.3).float()
+    zero = torch.tensor([0, 7, 280])
+    scratch = RowScratch(q, rows=128)  # 300 rows: three chunks, the last one short
+    got = quant_ffn_compute(h, rows, q, scratch, b_up, None, zero, valid, mask=mask)
+    want = ffn_compute(h, deq, layout, b_up, None, zero, valid, mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if gated:  # the gate computed elsewhere (a gate-resident artifact's rows)
+        g_act = torch.rand(3, valid)
+        got = quant_ffn_compute(h, rows, q, scratch, None, None, n_valid=valid, gate_act=g_act)
+        want = ffn_compute(h, deq, layout, None, None, n_valid=valid, gate_act=g_act)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_resident_weight_linear_matches_float_linear():
+    torch.manual_seed(2)
+    w, x, b = torch.randn(96, 64), torch.randn(5, 64), torch.randn(96)
+    codes, scale = quantize_resident(w)
+    qw = QuantizedWeight(codes, scale)
+    ref = F.linear(x, codes.float() * scale.float()[:, None], b)
+    # bf16 inputs and outputs on the CPU (torch's int8 kernel): within bf16's rounding of the largest output
+    assert (qw.linear(x, b) - ref).abs().max() < 1e-2 * ref.abs().max()
+    assert (F.linear(x, w, b) - qw.linear(x, b)).abs().max() < 0.05 * ref.abs().max()
+    assert qw.nbytes == 96 * 64 + 96 * 2
+
+
+@pytest.fixture(scope="module")
+def opt_quant(tiny_opt, tmp_path_factory):
+    base = tmp_path_factory.mktemp("quant-opt")
+    return {q: write_artifact(tiny_opt[1], base / q, dtype="float32", quantize=None if q == "none" else q)
+            for q in ("none", "int8", "int4")}
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8", 0.02), ("int4", 0.15)])
+def test_opt_modes_agree_on_quantized_artifacts(opt_quant, scheme, tol):
+    path = opt_quant[scheme]
+    m = Artifact(path).manifest
+    assert m.format_version == 3 and m.quant.scheme == scheme and m.resident_quant is not None
+    assert "tok_embeddings.weight" not in m.resident_quant.scales  # embeddings stay float
+    with flashio.open(opt_quant["none"], mode="dense") as ref:
+        want = ref.forward(PROMPT)
+    with flashio.open(path, mode="dense") as dense:
+        got = dense.forward(PROMPT)
+        assert dense.memory_bytes()["ffn_engine"] == m.n_layers * m.ffn_layers[0].n_neurons * m.quant.row_bytes
+    assert (got - want).abs().max() < tol * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.7
+    for mode in ("naive", "oracle"):  # ReLU: the exact active set is the dense result
+        with flashio.open(path, mode=mode) as model:
+            torch.testing.assert_close(model.forward(PROMPT, token_by_token=True), got, rtol=1e-3, atol=1e-3)
+    with flashio.open(path, mode="naive", pinned_fraction=0.5) as model:
+        torch.testing.assert_close(model.forward(PROMPT), got, rtol=1e-3, atol=1e-3)
+
+
+def test_sparse_mode_caches_quantized_rows(tiny_opt, tmp_path):
+    """Predictors that call every neuron active: sparse equals dense on int4 rows, its window cache
+    holds uint8 rows, and a budget buys 4x the rows of an fp32 cache (at this tiny width)."""
+    art = Artifact(write_artifact(tiny_opt[1], tmp_path / "f", dtype="float32"))
+    n, d = art.manifest.ffn_layers[0].n_neurons, art.args.dim
+    preds = [PredictorWeights(torch.zeros(2, d), torch.zeros(n, 2), torch.full((n,), 9.0), 0.5)
+             for _ in range(art.manifest.n_layers)]
+    path = write_artifact(tiny_opt[1], tmp_path / "q", dtype="float32", quantize="int4", predictors=preds)
+    with flashio.open(path, mode="dense") as dense:
+        want = dense.forward(PROMPT)
+    with flashio.open(path, mode="sparse", window=2) as sparse:
+        got = sparse.forward(PROMPT, token_by_token=True)
+        assert sparse.engine.caches[0].matrix.dtype == torch.uint8
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    q = MemoryBudget.estimate(Artifact(path), "sparse", torch.float32, 64)
+    f = MemoryBudget.estimate(art, "sparse", torch.float32, 64)
+    # int4 rows of 2 x (32 + 2) = 68 bytes, padded to a 64-byte line: 128 B, against 512 B of fp32
+    assert q.engine.row_bytes == Artifact(path).manifest.row_bytes * 3 and 4 * q.engine.row_bytes == f.engine.row_bytes
+    with pytest.raises(FlashError, match="bundled=True"):
+        flashio.open(path, mode="sparse", bundled=False)
+
+
+def test_gated_exact_gate_and_oracle_on_int8(tiny_llama, tmp_path):
+    ref_path = write_artifact(tiny_llama[1], tmp_path / "f", dtype="float32", gate_resident=True)
+    path = write_artifact(tiny_llama[1], tmp_path / "q", dtype="float32", gate_resident=True, quantize="int8")
+    m = Artifact(path).manifest
+    assert m.gate_resident and "layers.0.ffn.gate" in m.resident_quant.scales
+    with flashio.open(ref_path, mode="dense") as ref:
+        want = ref.forward(PROMPT)
+    with flashio.open(path, mode="dense") as dense:
+        got = dense.forward(PROMPT)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    for cfg in ({"mode": "sparse", "selection": "gate", "density": 1.0}, {"mode": "oracle", "density": 1.0}):
+        with flashio.open(path, **cfg) as model:  # every neuron kept: the dense result
+            torch.testing.assert_close(model.forward(PROMPT, token_by_token=True), got, rtol=1e-3, atol=1e-3)
+    bundled = write_artifact(tiny_llama[1], tmp_path / "b", dtype="float32", quantize="int4", group_size=16,
+                             quantize_resident="none")
+    assert Artifact(bundled).manifest.resident_quant is None
+    with flashio.open(bundled, mode="oracle", density=1.0) as oracle, flashio.open(bundled, mode="dense") as dense:
+        torch.testing.assert_close(oracle.forward(PROMPT), dense.forward(PROMPT), rtol=1e-3, atol=1e-3)
+
+
+def _edit(path, fn):
+    mp = path / "manifest.json"
+    m = json.loads(mp.read_text())
+    fn(m)
+    mp.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["ffn_layers"][0]["quant"].update(scheme="int3"), "scheme 'int3' is not one this flashio reads"),
+    (lambda m: m["ffn_layers"][1]["quant"].update(scheme="nf4"), "scheme 'nf4' is not one this flashio reads"),
+    (lambda m: m.update(format_version=2), "quantized rows need format_version 3"),
+    (lambda m: m["ffn_layers"][0]["quant"].update(group_size=7), "group_size 7 does not divide"),
+    (lambda m: m["ffn_layers"][0]["quant"].update(scale_dtype="float32"), "scale_dtype 'float32'"),
+    (lambda m: m["ffn_layers"][0]["quant"]["parts"][1].__setitem__(2, 1), "do not hold"),
+    (lambda m: m["ffn_layers"][0]["quant"].update(row_bytes=2), "row_bytes 2"),
+    (lambda m: m["ffn_layers"][0].pop("quant"), "length_bytes = 49152 but"),  # codes read as floats
+    (lambda m: m["resident_quant"].update(scheme="int4"), "resident_quant scheme 'int4'"),
+    (lambda m: m["resident_quant"]["tensors"].update({"layers.0.attn.q.weight": "layers.0.attn.k.scale"}),
+     "its own scale tensor"),
+])
+def test_damaged_quantized_manifests_are_refused(opt_quant, tmp_path, edit, message):
+    art = shutil.copytree(opt_quant["int8"], tmp_path / "art")
+    _edit(art, edit)
+    with pytest.raises(FormatError, match=message):
+        Artifact(art)
+
+
+def test_versions_1_and_2_still_open(opt_quant, tiny_llama, tmp_path):
+    assert Artifact(opt_quant["none"]).manifest.format_version == 1
+    gate = write_artifact(tiny_llama[1], tmp_path / "g", gate_resident=True)
+    assert Artifact(gate).manifest.format_version == 2
+    assert np.isfinite(flashio.open(gate, mode="dense").forward(PROMPT[:3]).numpy()).all()
