@@ -94,6 +94,9 @@ class ConvertConfig(BaseModel):
     epochs: int = Field(8, ge=1)
     sweep: tuple[float, ...] = Field((0.9, 0.95, 0.98, 0.99, 0.995, 0.999),
                                      description="recall targets of the sparsity-accuracy sweep")
+    gated_sweep: tuple[float, ...] = Field((0.7, 0.8), description="gated FFNs: recall targets added to the sweep "
+                                                                   "(their labels cover half the neurons or more: "
+                                                                   "recall 0.99 predicts nearly all of them)")
     # bundling and runtime
     order: Literal["frequency", "coactivation", "identity"] = "frequency"
     window: int | None = Field(None, ge=1, description="sliding window (tokens) for evaluation and generation "
@@ -136,8 +139,8 @@ class ConvertConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ConvertConfig:
-        if any(not 0.0 < r < 1.0 for r in self.sweep):
-            raise ValueError(f"sweep recall targets must be in (0, 1): {self.sweep}")
+        if any(not 0.0 < r < 1.0 for r in (*self.sweep, *self.gated_sweep)):
+            raise ValueError(f"sweep recall targets must be in (0, 1): {self.sweep} {self.gated_sweep}")
         if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:
             raise ValueError(f"rank {self.rank} exceeds max_rank {self.max_rank}")
         return self
@@ -175,7 +178,11 @@ class ConvertConfig(BaseModel):
         return ActivationOptions(dtype=self.source_dtype, batch_sequences=self.batch_samples,
                                  coactivation_stride=stride, torch_threads=self.torch_threads)
 
-    def predictor_options(self, n_layers: int, dim: int, ffn_dim: int, labels: str = "active"):
+    def sweep_for(self, gated: bool) -> tuple[float, ...]:
+        """The recall targets of the sweep: `sweep`, and `gated_sweep` too on gated FFNs."""
+        return tuple(sorted({*self.sweep, *self.gated_sweep})) if gated else tuple(self.sweep)
+
+    def predictor_options(self, n_layers: int, dim: int, ffn_dim: int, labels: str = "active", gated: bool = False):
         from tasks.predictors import PredictorOptions, default_ranks
 
         ranks = default_ranks(n_layers, dim, ffn_dim=ffn_dim, rank=self.rank, rank_last=self.rank_last,
@@ -183,14 +190,14 @@ class ConvertConfig(BaseModel):
         return PredictorOptions(ranks=ranks, max_rank=self.max_rank or min(dim, ffn_dim), recall_target=self.recall,
                                 threshold=self.threshold, density_ratio=self.density_ratio,
                                 max_escalations=self.max_escalations, epochs=self.epochs,
-                                sweep_recalls=tuple(self.sweep), seed=self.seed, labels=labels)
+                                sweep_recalls=self.sweep_for(gated), seed=self.seed, labels=labels)
 
-    def eval_options(self, window: int | None = None):
+    def eval_options(self, window: int | None = None, gated: bool = False):
         """`window`: the one chosen from the trace (0: caching off), unless the config fixes one."""
         from tasks.evaluation import EvalOptions
 
         w = self.window if self.window is not None else (5 if window is None else window)
-        return EvalOptions(window=max(1, w), reuse=w > 0, sweep_recalls=tuple(self.sweep), sweep_sequences=self.sweep_samples,
+        return EvalOptions(window=max(1, w), reuse=w > 0, sweep_recalls=self.sweep_for(gated), sweep_sequences=self.sweep_samples,
                            zero_shot=tuple(self.zero_shot), zero_shot_limit=self.zero_shot_limit)
 
     def accuracy_budget(self):

@@ -192,7 +192,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
 
         predictors, plans = {}, {}
         for method in [m for m in methods if m != EXACT_GATE] or ["active"]:  # the exact gate bundles one set too
-            popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim, labels=method)
+            popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim, labels=method, gated=src.gated)
             predictors[method] = refreshed(predictor_task, force).map(
                 unmapped(stats), list(range(src.n_layers)), unmapped(popts), unmapped(work)).result()
             plans[method] = refreshed(window_task, force)(stats, predictors[method], config.ffn_dram_fraction, work)
@@ -212,7 +212,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
                                                  {"calibration": lineage["calibration"]}, None, None, work)
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
-                                                         config.eval_options(window), work)
+                                                         config.eval_options(window, src.gated), work)
 
         def exact_gate(settings: list[tuple[str, tuple[float, ...]]]):
             # gate rows resident, bundles of up + down; the main setting's densities go into the manifest
