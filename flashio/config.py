@@ -72,8 +72,10 @@ class FlashConfig:
     dram_budget: bytes, or a size such as '2GiB', for resident weights, KV cache, predictors and
       window caches in the memory of `device` (see flashio.budget); None: unbounded.
     threads, max_gap: flash reader threads, and unneeded rows worth reading through when
-      coalescing neighbours. None: chosen by the cost model of `device_profile` (a file from
-      `flashio bench device`, or $FLASHIO_DEVICE_PROFILE); without a profile 16 and 0.
+      coalescing neighbours. None: the cost model's choice for the bundle size, priced with
+      `device_profile`, else $FLASHIO_DEVICE_PROFILE, else the profile `flashio bench device`
+      installed (flashio.costmodel.default_profile_path()), else the built-in model of the
+      developers' machine class (32 threads and gap reads of up to 1 row for 16 KiB bundles).
     device: 'cpu' or 'cuda[:N]': where resident weights, KV cache, predictors and window caches
       live and the model computes (flash reads then pass through pinned host staging).
     verify: check every file's sha256 when opening. max_context: KV cache length (None: the model's).
@@ -81,10 +83,12 @@ class FlashConfig:
     compute_dtype: dtype of weights in memory and of the matmuls ('float16', 'bfloat16', 'float32'
       or a torch dtype; None: the artifact's), e.g. 'bfloat16' for a float16 artifact on CPUs whose
       fp16 matmuls are slow. Rows are converted once when they arrive.
-    device_profile: a device profile file (or a DeviceProfile) for the read plan.
+    device_profile: a device profile file (or a DeviceProfile) for the read plan (None: the one
+      found as `threads` says).
     reuse: False disables the window (every step loads its whole active set).
     bundled: False reads a neuron's up and down parts as two requests (the unbundled baseline).
-    overlap: compute the cached rows while the missing ones are read.
+    overlap: compute the cached rows while the missing ones are read (default; False: read, then
+      compute, the paper's step without this project's overlap).
     pinned_fraction: naive mode only: this fraction of every layer's rows stays in memory ("hybrid").
     record_trace: keep every step's active sets (`model.trace()` returns them).
     torch_threads: torch.set_num_threads(n) once when the model is opened. torch's thread count is
@@ -110,7 +114,7 @@ class FlashConfig:
     device_profile: str | DeviceProfile | None = None
     reuse: bool = True
     bundled: bool = True
-    overlap: bool = False
+    overlap: bool = True
     pinned_fraction: float = 0.0
     record_trace: bool = False
     torch_threads: int | None = None

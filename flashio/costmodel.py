@@ -21,6 +21,12 @@ A profile also holds the memory side (`flashio bench device` measures it since t
 of `flashio bench model`): DRAM read bandwidth and each dtype's matrix-vector bandwidth, per
 thread count (`profile.memory_bandwidth(threads, "float16")`). A profile without them (written
 before, or the built-in one) answers with DEFAULT_DRAM_READ / DEFAULT_MATVEC, marked "default".
+
+Which profile the runtime uses when `open` is given none (`find_profile`): the file named by
+$FLASHIO_DEVICE_PROFILE, else the installed one at `default_profile_path()`
+($XDG_CONFIG_HOME/flashio/device-profile.json, ~/.config/flashio/... without XDG_CONFIG_HOME),
+which `flashio bench device` writes; else none, and the built-in model (`default_profile`) prices
+the reads.
 """
 
 from __future__ import annotations
@@ -41,16 +47,23 @@ log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
 PROFILE_ENV = "FLASHIO_DEVICE_PROFILE"  # path of a profile the runtime uses when given none
+PROFILE_FILENAME = "device-profile.json"
 
-# Built-in defaults for the runtime's reader on the developers' machine class (DESIGN.md section 7:
-# Python preadv reaches ~75-80% of fio; ~45 k IOPS at 16 KiB; ~2 GB/s sequential). A parametric
-# model, evaluated on a grid: per thread, one read costs `latency + size / stream bandwidth`; the
-# device caps the aggregate at `iops * size` and at `bandwidth`.
-_DEFAULT_LATENCY_S = 30e-6
+# Built-in defaults for the runtime's reader, fitted to the profile `flashio bench device`
+# measured on the developers' machine class (2 vCPU, virtio disk; README, "Your device": MB/s at
+# 16 KiB 191 on 1 thread, 426 on 16, 502 on 32; 64 KiB 916 on 16; sequential ~1000). One thread's
+# read costs `latency + size / stream bandwidth`; t threads give t ** _DEFAULT_THREAD_EXPONENT
+# times one thread's throughput (not t times: the readers share 2 vCPUs, ~11 us of CPU per read),
+# capped at `iops * size` and at `bandwidth`. On that machine class the model chooses what the
+# measured profile chose (32 threads, gap reads of up to 1 row for 16 KiB bundles): the runtime
+# without a profile reads as it does with one. (The earlier linear model, 30 us and 45 k IOPS,
+# chose 2 threads, whose reads then took 2.7x its prediction: issue 14.)
+_DEFAULT_LATENCY_S = 80e-6
 _DEFAULT_STREAM_BPS = 2.0e9
-_DEFAULT_IOPS = 45_000
-_DEFAULT_RANDOM_BPS = 1.8e9
-_DEFAULT_SEQUENTIAL_MBPS = 2000.0
+_DEFAULT_THREAD_EXPONENT = 0.29
+_DEFAULT_IOPS = 31_000
+_DEFAULT_RANDOM_BPS = 1.0e9
+_DEFAULT_SEQUENTIAL_MBPS = 1000.0
 DEFAULT_CHUNKS = tuple(4096 << k for k in range(9))  # 4 KiB .. 1 MiB
 DEFAULT_THREAD_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -209,7 +222,7 @@ def default_profile() -> DeviceProfile:
     for c in DEFAULT_CHUNKS:
         per_thread = c / (_DEFAULT_LATENCY_S + c / _DEFAULT_STREAM_BPS)
         for t in DEFAULT_THREAD_COUNTS:
-            bps = min(t * per_thread, _DEFAULT_IOPS * c, _DEFAULT_RANDOM_BPS)
+            bps = min(t**_DEFAULT_THREAD_EXPONENT * per_thread, _DEFAULT_IOPS * c, _DEFAULT_RANDOM_BPS)
             pts.append(ThroughputPoint(c, t, bps / 1e6))
     return DeviceProfile(random=tuple(pts), sequential_mbps=_DEFAULT_SEQUENTIAL_MBPS,
                          source="default", device="(built-in defaults, DESIGN.md section 7)")
@@ -219,6 +232,30 @@ def profile_from_env() -> DeviceProfile | None:
     """The profile named by $FLASHIO_DEVICE_PROFILE, or None when unset."""
     path = os.environ.get(PROFILE_ENV)
     return DeviceProfile.load(path) if path else None
+
+
+def default_profile_path() -> Path:
+    """Where `flashio bench device` installs the profile and the runtime looks for it:
+    $XDG_CONFIG_HOME/flashio/device-profile.json, or ~/.config/flashio/device-profile.json."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "flashio" / PROFILE_FILENAME
+
+
+def find_profile_path() -> Path | None:
+    """The profile file the runtime uses when given none: $FLASHIO_DEVICE_PROFILE (even when the
+    file is missing: naming one that is not there is an error at load), else the installed
+    profile when it exists, else None (the built-in model)."""
+    named = os.environ.get(PROFILE_ENV)
+    if named:
+        return Path(named)
+    path = default_profile_path()
+    return path if path.is_file() else None
+
+
+def find_profile() -> DeviceProfile | None:
+    """The profile of `find_profile_path()`, loaded; None when there is none (built-in model)."""
+    path = find_profile_path()
+    return DeviceProfile.load(path) if path is not None else None
 
 
 class CostModel:

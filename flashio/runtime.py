@@ -33,7 +33,7 @@ import torch
 from flashio.budget import MemoryBudget
 from flashio.chat_template import ChatTemplate
 from flashio.config import FlashConfig, Mode, resolve_selection
-from flashio.costmodel import CostModel, DeviceProfile, profile_from_env
+from flashio.costmodel import CostModel, DeviceProfile, find_profile
 from flashio.device import TransferPath, resolve_device, transfer_path
 from flashio.dtypes import torch_dtype
 from flashio.engines import ActiveSource, EngineContext
@@ -45,7 +45,7 @@ from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
 from flashio.quant import assemble_resident
 from flashio.stats import StatsRecorder, StepStats
-from flashio.storage import DEFAULT_THREADS, BundleReader, LayerExtent, evict_from_page_cache
+from flashio.storage import BundleReader, LayerExtent, evict_from_page_cache
 from flashio.tokenizer import TextCodec
 from flashio.trace import Trace, TraceRecorder
 
@@ -382,20 +382,22 @@ def open_model(path: str | Path, config: FlashConfig | None = None, *, registry:
 
 def read_plan(art: Artifact, device_profile: str | Path | DeviceProfile | None, *,
               threads: int | None = None, max_gap: int | None = None) -> ReadPlan:
-    """Threads and coalescing gap for reading `art`'s bundles: what is given, else the measured
-    profile's cost model's choice, else the defaults (16 threads, no gap reads)."""
+    """Threads and coalescing gap for reading `art`'s bundles: what is given, else the cost
+    model's choice for its bundle size. The model prices reads with `device_profile`, else the
+    profile flashio.costmodel.find_profile finds ($FLASHIO_DEVICE_PROFILE, then the one `flashio
+    bench device` installed), else the built-in model of the developers' machine class (32
+    threads and gap reads of up to 1 row for 16 KiB bundles: what its measured profile chose)."""
     profile = device_profile
     if isinstance(profile, (str, Path)):
         profile = DeviceProfile.load(profile)
     if profile is None:
-        profile = profile_from_env()
+        profile = find_profile()
     cm = CostModel(profile)
-    m = art.manifest
-    row_bytes = m.row_bytes
+    row_bytes = art.manifest.row_bytes
     if threads is None:
-        threads = cm.best_threads(row_bytes) if profile is not None else DEFAULT_THREADS
+        threads = cm.best_threads(row_bytes)
     if max_gap is None:
-        max_gap = cm.best_max_gap(row_bytes, threads) if profile is not None else 0
+        max_gap = cm.best_max_gap(row_bytes, threads)
     return ReadPlan(threads, max_gap, cm)
 
 

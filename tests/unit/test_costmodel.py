@@ -12,6 +12,9 @@ from flashio.costmodel import (
     DeviceProfile,
     ThroughputPoint,
     default_profile,
+    default_profile_path,
+    find_profile,
+    find_profile_path,
 )
 from flashio.errors import FormatError
 
@@ -66,9 +69,15 @@ def test_thread_choice_and_gap_choice():
 def test_default_profile_is_sane():
     cm = CostModel()
     assert not cm.measured and cm.profile.source == "default"
-    assert 400 < cm.throughput_mbps(16384, 1) < 500  # DESIGN.md section 7: fio ~450 MB/s
-    assert 600 < cm.throughput_mbps(16384, 16) < 1000
+    # README's profile of the developers' machine class (flashio's reader): 16 KiB 191 MB/s on 1
+    # thread, 426 on 16, 502 on 32; 64 KiB 916 on 16
+    assert 170 < cm.throughput_mbps(16384, 1) < 210
+    assert 380 < cm.throughput_mbps(16384, 16) < 470
+    assert 450 < cm.throughput_mbps(16384, 32) < 550
+    assert 820 < cm.throughput_mbps(65536, 16) < 1100
     assert cm.throughput_mbps(1 << 20, 64) <= 2000
+    # and the choices that profile led to: 32 threads, gap reads of up to 1 row at 16 KiB
+    assert (cm.best_threads(16384), cm.best_max_gap(16384, 32)) == (32, 1)
     assert default_profile() == default_profile()
 
 
@@ -87,9 +96,13 @@ def test_profile_round_trip_and_errors(tmp_path):
 
 def test_runtime_uses_the_profile_for_threads_and_gap(opt_artifact, tmp_path, monkeypatch):
     monkeypatch.delenv(PROFILE_ENV, raising=False)
-    with flashio.open(opt_artifact, mode="oracle") as model:  # no profile: safe defaults
-        assert (model.plan.threads, model.plan.max_gap) == (16, 0)
-        assert model.reader.max_gap == 0
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no installed profile
+    builtin = CostModel()
+    with flashio.open(opt_artifact, mode="oracle") as model:  # no profile: the built-in model's choice
+        assert not model.plan.cost_model.measured
+        assert model.plan.threads == builtin.best_threads(512)
+        assert model.plan.max_gap == builtin.best_max_gap(512, model.plan.threads)
+        assert model.reader.max_gap == model.plan.max_gap
     path = iops_bound_profile().save(tmp_path / "dev.json")
     monkeypatch.setenv(PROFILE_ENV, str(path))
     with flashio.open(opt_artifact, mode="oracle") as model:
@@ -101,3 +114,28 @@ def test_runtime_uses_the_profile_for_threads_and_gap(opt_artifact, tmp_path, mo
         assert s.io_predicted_ms > 0 and s.io_busy_ms >= s.io_ms >= 0
     with flashio.open(opt_artifact, mode="oracle", threads=3, max_gap=1) as model:  # explicit wins
         assert (model.plan.threads, model.plan.max_gap) == (3, 1)
+
+
+def test_installed_profile_is_found_and_the_environment_wins(opt_artifact, tmp_path, monkeypatch):
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert default_profile_path() == tmp_path / "config" / "flashio" / "device-profile.json"
+    assert find_profile_path() is None and find_profile() is None  # nothing installed
+    iops_bound_profile().save(default_profile_path())
+    assert find_profile_path() == default_profile_path()
+    with flashio.open(opt_artifact, mode="oracle") as model:  # no flags: the installed profile
+        assert model.plan.cost_model.profile == iops_bound_profile()
+        cm = CostModel(iops_bound_profile())
+        assert (model.plan.threads, model.plan.max_gap) == (cm.best_threads(512),
+                                                            cm.best_max_gap(512, cm.best_threads(512)))
+    other = bandwidth_bound_profile().save(tmp_path / "other.json")
+    monkeypatch.setenv(PROFILE_ENV, str(other))
+    assert find_profile() == bandwidth_bound_profile()  # $FLASHIO_DEVICE_PROFILE wins
+    with flashio.open(opt_artifact, mode="oracle", device_profile=iops_bound_profile()) as model:
+        assert model.plan.cost_model.profile == iops_bound_profile()  # and an explicit one over both
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(flashio.FlashError, match=r"missing\.json"):  # a named file that is not there
+        find_profile()
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_profile_path() == tmp_path / "home" / ".config" / "flashio" / "device-profile.json"
