@@ -16,16 +16,41 @@ if TYPE_CHECKING:  # imported on use: `flashio --help` does not load torch
     from flashio.config import FlashConfig
 
 
+def default_torch_threads(cpus: int | None = None) -> int:
+    """torch's compute threads when the command line does not say: one less than the CPUs this
+    process may run on, at least 1. The flash reader threads, the tokenizer and the Python side of
+    each step need a core, and torch's OpenMP threads spin-wait for one another: on a 2-vCPU
+    machine that others share, a second torch thread made a token's compute 10-50x slower, in
+    every mode (README, "Threads"). The library itself changes no thread count unless
+    FlashConfig.torch_threads is set; the commands set this once, at open."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
+def torch_threads_option(value: int | None) -> int | None:
+    """--torch-threads as FlashConfig.torch_threads: None (not given) -> default_torch_threads(),
+    0 -> None (leave torch's own default: one thread per core)."""
+    if value is None:
+        return default_torch_threads()
+    return None if value == 0 else value
+
+
 def add_open_options(p: argparse.ArgumentParser) -> None:
     """How the artifact is opened (FlashConfig): shared by run, chat and serve."""
     p.add_argument("artifact", help="artifact directory or registry reference (with --registry)")
     p.add_argument("--mode", default="sparse", choices=["sparse", "dense", "naive", "oracle"])
     p.add_argument("--window", type=int, default=5, help="tokens a neuron stays cached (default 5)")
     p.add_argument("--dram-budget", default=None, help="e.g. 2GiB: resident + caches must fit")
-    p.add_argument("--threads", type=int, default=None, help="flash reader threads (default 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="flash reader threads (default: the cost model's choice from the device profile "
+                        "`flashio bench device` installed, else from the built-in model)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch's compute threads for this process (default: torch's, one per core; "
-                        "1 can be faster on a small machine that other processes share)")
+                   help="torch's compute threads for this process (default: one less than the CPUs, at "
+                        "least 1, leaving a core to the flash readers; 0: torch's own, one per core)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of weights in memory and of the matmuls (default: the artifact's)")
@@ -133,7 +158,7 @@ def run_config(args: argparse.Namespace) -> FlashConfig:
     return FlashConfig(mode=args.mode, window=args.window, dram_budget=args.dram_budget, threads=args.threads,
                        device=args.device, compute_dtype=args.compute_dtype,
                        record_trace=getattr(args, "record_trace", None) is not None,
-                       torch_threads=getattr(args, "torch_threads", None))
+                       torch_threads=torch_threads_option(getattr(args, "torch_threads", None)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """`flashio bench device|model` and `flashio synth`: thin handlers over flashio.bench / flashio.synth.
 
-    flashio bench device /data --out bench/device              # profile JSON + PNG + markdown
+    flashio bench device /data --out bench/device   # profile JSON + PNG + markdown; installs the profile
     flashio synth --shape opt-6.7b --out /data/opt-6.7b-synth
-    flashio bench model /data/opt-6.7b-synth --profile bench/device/device-profile.json --out bench/opt
+    flashio bench model /data/opt-6.7b-synth --out bench/opt   # the installed profile, as the runtime
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def add_commands(sub) -> None:
     p.add_argument("--fio-seconds", type=float, default=1.0, help="seconds per point (fio)")
     p.add_argument("--no-fio", action="store_true", help="skip fio even when installed")
     p.add_argument("--keep-file", action="store_true", help="keep the test file for the next run")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not install the profile as this user's default (see `flashio bench device` in "
+                        "the README: $XDG_CONFIG_HOME/flashio/device-profile.json)")
     p.add_argument("--memory-threads", default=None,
                    help="comma-separated torch thread counts for DRAM and matrix-vector bandwidth "
                         "(default 1, 2, 4 .. the CPU count)")
@@ -52,7 +55,8 @@ def add_commands(sub) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench-model"), help="output directory (default bench-model)")
     p.add_argument("--profile", type=Path, default=None,
-                   help="device profile from `flashio bench device` (default: built-in cost model)")
+                   help="device profile from `flashio bench device` (default: the one the runtime finds: "
+                        "$FLASHIO_DEVICE_PROFILE, else the installed one, else the built-in cost model)")
     p.add_argument("--trace", default="synthetic",
                    help="'synthetic' (default) or a trace file recorded with `flashio run --record-trace`")
     p.add_argument("--trace-preset", default="opt-6.7b", help="generator preset for --trace synthetic")
@@ -69,8 +73,8 @@ def add_commands(sub) -> None:
                    help="run the configurations in this process (fast, no cgroup, no isolation)")
     p.add_argument("--compute-dtype", default="auto", help="auto (default), float16, bfloat16 or float32")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads for every configuration (default: torch's; 1 can be "
-                        "faster on a small machine that other processes share)")
+                   help="torch.set_num_threads for every configuration (default: what `flashio run` "
+                        "uses, one less than the CPUs, at least 1; 0: torch's own, one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: with CUDA the limit is GPU memory (resident weights, KV "
@@ -110,6 +114,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         plot_profile,
         profile_markdown,
     )
+    from flashio.costmodel import default_profile_path
 
     memory = None if args.no_memory else memory_config(
         threads=_list(args.memory_threads, int) if args.memory_threads else None,
@@ -126,20 +131,29 @@ def cmd_device(args: argparse.Namespace) -> int:
     png = plot_profile(profile, args.out / "device-profile.png")
     print(table)
     print(f"profile: {path}" + (f"\nplot: {png}" if png else ""))
-    print(f"the runtime uses it when FLASHIO_DEVICE_PROFILE={path} is set (or open(..., device_profile=...))")
+    if args.no_install:
+        print(f"not installed (--no-install): the runtime uses it with FLASHIO_DEVICE_PROFILE={path} "
+              "(or open(..., device_profile=...))")
+    else:
+        installed = profile.save(default_profile_path())
+        print(f"installed as this user's device profile: {installed}; flashio.open, run, chat, serve and "
+              "bench model use it with no flags ($FLASHIO_DEVICE_PROFILE, when set, wins)")
     return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
     from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
     from flashio.bench.report import markdown
+    from flashio.commands import torch_threads_option
+    from flashio.costmodel import find_profile_path
 
     opts = ModelBenchOptions(
         args.artifact, args.out, configs=_list(args.configs, str) if args.configs else CONFIG_NAMES,
         tokens=args.tokens, baseline_tokens=args.baseline_tokens, window=args.window, trace=args.trace,
         trace_preset=args.trace_preset, dram_limit=parse_size(args.dram_limit) if args.dram_limit else None,
         weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
-        torch_threads=args.torch_threads, compute_dtype=args.compute_dtype, profile=args.profile, seed=args.seed,
+        torch_threads=torch_threads_option(args.torch_threads), compute_dtype=args.compute_dtype,
+        profile=args.profile if args.profile is not None else find_profile_path(), seed=args.seed,
         device=args.device)
     signal.signal(signal.SIGTERM, _terminate)  # clean up the child and its cgroup on `kill`
     results = run_model_bench(opts, progress=_say)

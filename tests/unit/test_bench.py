@@ -14,7 +14,13 @@ from flashio.bench.device import DeviceBenchConfig, measure_device, profile_mark
 from flashio.bench.fio import fio_available
 from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
 from flashio.cli import main
-from flashio.costmodel import CostModel, DeviceProfile
+from flashio.costmodel import (
+    PROFILE_ENV,
+    CostModel,
+    DeviceProfile,
+    default_profile_path,
+    find_profile,
+)
 from flashio.errors import FlashError
 from flashio.synth import write_synthetic
 
@@ -48,7 +54,8 @@ def test_bench_device_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not fio_available(), reason="fio is not installed")
-def test_bench_device_cli_with_fio(tmp_path, capsys):
+def test_bench_device_cli_with_fio(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # installs there, not in ~/.config
     out = tmp_path / "out"
     assert main(["bench", "device", str(tmp_path / "d"), "--out", str(out), "--size", "16MiB", "--chunks",
                  "16KiB", "--threads", "2", "--seconds", "0.05", "--fio-seconds", "1"]) == 0
@@ -56,6 +63,20 @@ def test_bench_device_cli_with_fio(tmp_path, capsys):
     assert profile.fio_random and profile.fio_random[0].mbps > 0 and profile.fio_sequential_mbps
     assert (out / "device-profile.png").stat().st_size > 0
     assert "16.00 KiB" in capsys.readouterr().out
+
+
+def test_bench_device_installs_the_profile_the_runtime_finds(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    args = [str(tmp_path / "d"), "--size", "4MiB", "--chunks", "16KiB", "--threads", "1", "--seconds", "0.05",
+            "--no-fio", "--no-memory"]
+    assert main(["bench", "device", *args, "--out", str(tmp_path / "a"), "--no-install"]) == 0
+    assert not default_profile_path().exists() and find_profile() is None
+    assert "not installed" in capsys.readouterr().out
+    assert main(["bench", "device", *args, "--out", str(tmp_path / "b")]) == 0
+    assert str(default_profile_path()) in capsys.readouterr().out
+    assert default_profile_path() == tmp_path / "config" / "flashio" / "device-profile.json"
+    assert find_profile() == DeviceProfile.load(tmp_path / "b" / "device-profile.json")  # the runtime's choice
 
 
 def test_bench_model_smoke_all_rows(synth_art, tmp_path):

@@ -12,6 +12,12 @@ import torch
 
 from flashio import cli
 from flashio.cli import main
+from flashio.commands import (
+    add_open_options,
+    default_torch_threads,
+    run_config,
+    torch_threads_option,
+)
 
 
 def test_pack_inspect_run(tiny_opt, tmp_path, capsys):
@@ -72,3 +78,20 @@ def test_help_runs_in_a_fresh_process():
     assert r.returncode == 0
     for command in ("run", "inspect", "pack"):
         assert command in r.stdout
+
+
+def test_the_commands_default_to_the_best_configuration(monkeypatch):
+    """`flashio run/chat/serve` with no flags: sparse, reads overlapped with compute, the cost
+    model's read plan, and one core left to the flash readers (torch threads = CPUs - 1)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_open_options(p)
+    cfg = run_config(p.parse_args(["art"]))
+    assert cfg.mode == "sparse" and cfg.overlap and cfg.threads is None and cfg.max_gap is None
+    assert cfg.torch_threads == default_torch_threads()
+    assert run_config(p.parse_args(["art", "--torch-threads", "3"])).torch_threads == 3
+    assert run_config(p.parse_args(["art", "--torch-threads", "0"])).torch_threads is None  # torch's own
+    assert [default_torch_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert default_torch_threads() == 2 and torch_threads_option(None) == 2
