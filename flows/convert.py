@@ -249,7 +249,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             preds = predictors_at(predictors[pick.method], pick.recall_target)
             candidate, ev = (evaluated[pick.method] if pick.recall_target is None
                              else bundled_and_evaluated(pick.method, preds, pick.window))
-        violations = gate_task(ev, budget, True)  # never raises: a failed gate still writes the report
+        violations = gate_task(ev, budget, config.budget.allow_loss)  # never raises: the report is written first
         publishable = not violations or config.budget.allow_loss
         stages.advance()
 
@@ -261,8 +261,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                            lineage["calibration"], work, choice, publishable)
         if not publishable:
             err = gate_failure(ev, budget, violations, pick, report_files)
-            log.error("%s", err)
-            return Failed(message=str(err), data=err)
+            return Failed(message=str(err), data=err)  # Prefect logs the message; no traceback
         final = refreshed(finalize_task, force)(candidate, lineage, report, report_files, work)
         stages.advance()
 
