@@ -91,7 +91,8 @@ def packed(tiny_opt, tmp_path_factory):
 @pytest.mark.parametrize("window", [1, 3])
 def test_replay_drives_the_runtime_and_loads_what_the_trace_requires(packed, window):
     t = synthesize(2, 256, len(PROMPT), TraceParams.preset("opt-6.7b"), seed=5)
-    with flashio.open(packed, mode="sparse", window=window, active_source=TraceReplay(t)) as model:
+    with flashio.open(packed, mode="sparse", window=window, max_gap=0,  # no gap reads: the trace's rows only
+                      active_source=TraceReplay(t)) as model:
         model.forward(PROMPT, token_by_token=True)
         loaded = [s.neurons_loaded for s in model.stats]
         active = [s.neurons_active for s in model.stats]
