@@ -15,6 +15,7 @@ from tasks.errors import InputError  # noqa: E402
 from tasks.predictors import (  # noqa: E402
     PredictorOptions,
     default_ranks,
+    escalation_density,
     recall_at_density,
     score,
     threshold_for_recall,
@@ -116,6 +117,18 @@ def test_rank_escalates_when_the_layer_misses(tmp_path):
     assert fixed.rank == 1 and fixed.threshold == 0.9 and fixed.recall < 0.9 and not fixed.met_target
 
 
+def test_dense_labels_escalate_too(tmp_path):
+    """Labels of half the neurons (gated FFNs): 3x their density is every neuron, where any predictor
+    has full recall; the criterion is capped halfway, so a rank-1 predictor still escalates."""
+    assert escalation_density(0.1, 3.0) == pytest.approx(0.3) and escalation_density(0.5, 3.0) == 0.75
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32 * 40, D, generator=g)
+    y = x @ torch.randn(D, N, generator=g) > 0  # about half active, full rank
+    lp = train_layer_predictor(write_pairs(tmp_path, x, y), 0, opts(ranks=(1,), max_rank=4, max_escalations=2),
+                               out_dir=tmp_path / "dense")
+    assert 0.4 < lp.true_density < 0.6 and lp.escalations >= 1
+
+
 def test_default_ranks_follow_the_paper():
     assert default_ranks(32, 4096, ffn_dim=16384) == (128,) * 28 + (1024,) * 4  # OPT-6.7B
     assert default_ranks(4, 256, ffn_dim=1024) == (32, 32, 32, 64)
@@ -135,7 +148,12 @@ def test_contribution_labels_beat_gate_labels_at_equal_density(tmp_path):
     |silu(gate)·up|) keep more of the FFN's output than predictors trained on the gate's magnitude,
     when both keep the same number of neurons per token (held-out calibration rows)."""
     pytest.importorskip("transformers")
-    from tasks.activations import ActivationOptions, calibrate_gate_thresholds, collect_shard, load_model
+    from tasks.activations import (
+        ActivationOptions,
+        calibrate_gate_thresholds,
+        collect_shard,
+        load_model,
+    )
     from tasks.allocation import topk_mask
     from tasks.calibration import prepare_calibration, resolve_spec
     from tasks.predictors import load_layer_predictor
