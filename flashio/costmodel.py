@@ -228,12 +228,6 @@ def default_profile() -> DeviceProfile:
                          source="default", device="(built-in defaults, DESIGN.md section 7)")
 
 
-def profile_from_env() -> DeviceProfile | None:
-    """The profile named by $FLASHIO_DEVICE_PROFILE, or None when unset."""
-    path = os.environ.get(PROFILE_ENV)
-    return DeviceProfile.load(path) if path else None
-
-
 def default_profile_path() -> Path:
     """Where `flashio bench device` installs the profile and the runtime looks for it:
     $XDG_CONFIG_HOME/flashio/device-profile.json, or ~/.config/flashio/device-profile.json."""
