@@ -224,7 +224,11 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                                          config.eval_options(1), config.ffn_dram_fraction, work)
             return cand, ev, plan
 
-        evaluated = {m: bundled_and_evaluated(m, predictors[m], plans[m].chosen.window) for m in methods
+        # Gated FFNs are evaluated at the window that fits the DRAM limit (their cached neurons change the
+        # output); ReLU models at the configured one (5 by default: exact sparsity, their figures as before),
+        # with the DRAM-limited window and bytes reported beside them.
+        evaluated = {m: bundled_and_evaluated(m, predictors[m], plans[m].chosen.window if src.gated else None)
+                     for m in methods
                      if m != EXACT_GATE}
         gate_settings = {}
         if EXACT_GATE in methods:
@@ -256,7 +260,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         choice = Choice(candidates=tuple(candidates), selection=selection,
                         ffn_dram_fraction=config.ffn_dram_fraction, frontier=frontier,
                         allocation=gate_allocation if pick.method == EXACT_GATE else allocation)
-        window = config.window if config.window is not None else pick.window
+        window = config.window if config.window is not None else (pick.window if src.gated else 5)
         report, report_files = report_task(stats, preds, ev, budget, violations, window,
                                            lineage["calibration"], work, choice, publishable)
         if not publishable:

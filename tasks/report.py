@@ -16,7 +16,8 @@ exact oracles (tasks.frontier) as its bound (`frontier`, plotted in frontier.png
 densities of the contribution labels (tasks.allocation); the DRAM the window caches hold; and FFN
 bytes per token against naive twice: unlimited (`bytes_per_token_sparse`, measured) and with the
 FFN's DRAM limited to `ffn_dram_fraction` of its bytes (`bytes_per_token_limited`, simulated on
-the predicted active sets: tasks.windowing).
+the predicted active sets: tasks.windowing; rows needed, while the runtime's read plan may also
+read through small gaps between them, which `bytes_per_token_sparse` includes).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def _add_choice(report: dict[str, Any], choice: Choice, ev: Evaluation, measured
     c = sel.chosen or sel.closest
     naive = ev.naive_bytes_per_token
     s.update({"configuration": c.describe(), "configuration_method": c.method, "configuration_passed": sel.chosen
-              is not None, "configuration_reason": sel.reason, "window": c.window,
+              is not None, "configuration_reason": sel.reason, "window_limited": c.window,
               "window_caching": "off" if c.window == OFF else "on",
               "ffn_dram_fraction": choice.ffn_dram_fraction,
               "bytes_per_token_limited": c.read_fraction_limited * naive,
@@ -190,10 +191,11 @@ def _choice_lines(s: dict[str, Any]) -> list[str]:
     if "bytes_per_token_limited" not in s:
         return []
     naive = s["bytes_per_token_naive"] or 1.0
-    return [f"FFN bytes/token  {_bytes(s['bytes_per_token_unlimited'])} ("
+    w = "caching off" if s["window_limited"] == OFF else f"window {s['window_limited']}"
+    return [f"rows needed      {_bytes(s['bytes_per_token_unlimited'])} per token ("
             f"{100 * s['bytes_per_token_unlimited'] / naive:.1f}% of naive) with the best window and no DRAM limit",
             f"DRAM limited     {_bytes(s['bytes_per_token_limited'])} per token "
-            f"({100 * s['bytes_per_token_limited'] / naive:.1f}% of naive) with the FFN's DRAM at "
+            f"({100 * s['bytes_per_token_limited'] / naive:.1f}% of naive, {w}) with the FFN's DRAM at "
             f"{100 * s['ffn_dram_fraction']:.0f}% of its bytes; it holds {_bytes(s['dram_held_bytes'])} (window "
             f"caches and any resident gate rows)",
             f"configuration    {s['configuration']}: {s['configuration_reason']}",

@@ -92,7 +92,7 @@ def test_report_has_both_byte_figures_and_the_frontier(tmp_path):
     assert s["ffn_dram_fraction"] == 0.5 and s["bytes_per_token_sparse"] == pytest.approx(700.0)
     assert {r["method"] for r in report["frontier"]} == {"oracle: contribution", "oracle: gate", "predictor: active",
                                                          "predictor: active (recall 0.9)", "predictor: contribution"}
-    assert any("70.0% of naive) with the FFN's DRAM at 50%" in line for line in summary_lines(report))
+    assert any("70.0% of naive, caching off) with the FFN's DRAM at 50%" in line for line in summary_lines(report))
     md = render_markdown(report)
     assert "## Density-accuracy frontier" in md and "## Configurations" in md
     files = write_report_files(report, ev, tmp_path)
