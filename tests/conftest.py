@@ -4,10 +4,16 @@ attention) saved with save_pretrained, and their flashio artifacts."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The runtime picks up a device profile saved by `flashio bench device` (in $XDG_CONFIG_HOME) or
+# named by $FLASHIO_DEVICE_PROFILE: the suite runs with neither, so a developer's own profile
+# never changes what the tests read (tests of the lookup set their own).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="flashio-test-config-")
+os.environ.pop("FLASHIO_DEVICE_PROFILE", None)
 
 import pytest
 import torch
