@@ -294,6 +294,9 @@ def gate_failure(ev: Evaluation, budget: AccuracyBudget, violations: list[str], 
     """The one-line error of a failed gate: what failed, the closest configuration, the flags that
     would publish it, and where the report is."""
     report = report_files.get(f"{REPORT_DIR}/report.md")
+    m = ev.main  # the gate's own measurement (all held-out rows), not the sweep's few
+    closest = replace(closest, top1_agreement=m.top1_agreement, perplexity_increase=m.perplexity_increase,
+                      density=m.density, tokens=m.tokens)
     return AccuracyBudgetError(
         f"accuracy gate failed, nothing was published: {'; '.join(violations)} (measured on {ev.main.tokens} "
         f"held-out tokens at density {100 * ev.main.density:.1f}%). Closest configuration: {closest.describe()}; "
