@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -99,6 +99,14 @@ class ConvertConfig(BaseModel):
                                                                    "recall 0.99 predicts nearly all of them)")
     # bundling and runtime
     order: Literal["frequency", "coactivation", "identity"] = "frequency"
+    quantize: Literal["int8", "int4"] | None = Field(None, description="FFN bundle rows quantized group-wise "
+                                                                      "(symmetric, scales inside each row); the "
+                                                                      "accuracy gate judges the quantized artifact")
+    group_size: int | None = Field(None, ge=1, description="elements per scale along d_model (default: the whole "
+                                                           "part of the row)")
+    quantize_resident: Literal["none", "int8"] | None = Field(None, description="resident matrices (attention, "
+                                                                                "head): int8 with quantize unless "
+                                                                                "'none'")
     window: int | None = Field(None, ge=1, description="sliding window (tokens) for evaluation and generation "
                                                          "(default: chosen per model from the calibration trace, "
                                                          "the fewest bytes read that fit ffn_dram_fraction)")
@@ -191,6 +199,12 @@ class ConvertConfig(BaseModel):
                                 threshold=self.threshold, density_ratio=self.density_ratio,
                                 max_escalations=self.max_escalations, epochs=self.epochs,
                                 sweep_recalls=self.sweep_for(gated), seed=self.seed, labels=labels)
+
+    def quantization(self) -> dict[str, Any] | None:
+        """The writer's quantization options (None: the artifact keeps the storage dtype)."""
+        if self.quantize is None:
+            return None
+        return {"quantize": self.quantize, "group_size": self.group_size, "quantize_resident": self.quantize_resident}
 
     def eval_options(self, window: int | None = None, gated: bool = False):
         """`window`: the one chosen from the trace (0: caching off), unless the config fixes one."""

@@ -210,7 +210,8 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             # The candidate that is evaluated carries only content lineage, so that changing what does not
             # change its bytes (budget, sweep...) reuses it and its evaluation from the cache.
             cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
-                                                 {"calibration": lineage["calibration"]}, None, None, work)
+                                                 {"calibration": lineage["calibration"]}, None, None, work,
+                                                 quantize=config.quantization())
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
                                                          config.eval_options(window, src.gated), work)
 
@@ -219,7 +220,8 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             preds = next(iter(predictors.values()))
             cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
                                                  {"calibration": lineage["calibration"]}, None, None, work,
-                                                 True, list(settings[0][1]), "gate")
+                                                 True, list(settings[0][1]), "gate",
+                                                 quantize=config.quantization())
             ev, plan = refreshed(exact_gate_task, force)(cand.manifest_sha256, cand.path, calib, settings,
                                                          config.eval_options(1), config.ffn_dram_fraction, work)
             return cand, ev, plan
