@@ -75,48 +75,10 @@ def _outcome(fn, *args) -> str:
     return "ok"
 
 
-def test_mutated_manifests_end_in_flash_errors(victim):
-    d, good = victim
+def _fuzz_manifest(d, good: dict, paths: list, values) -> Counter[str]:
+    """Write `good` with one value at one of `paths` replaced (or deleted) as d's manifest, once per
+    case; count how opening the artifact and parsing the manifest end. The original is restored."""
     original = (d / "manifest.json").read_bytes()
-    paths = list(_paths(good))
-    seen: Counter[str] = Counter()
-
-    @FUZZ
-    @given(data=st.data())
-    def one_case(data):
-        path = data.draw(st.sampled_from(paths))
-        value = data.draw(json_values)
-        delete = bool(path) and data.draw(st.booleans())
-        raw = json.dumps(_mutate(good, path, value, delete), allow_nan=True).encode()
-        (d / "manifest.json").write_bytes(raw)
-        seen[f"open {_outcome(Artifact, d)}"] += 1
-        seen[f"parse {_outcome(parse_manifest, raw)}"] += 1
-
-    try:
-        one_case()
-    finally:
-        (d / "manifest.json").write_bytes(original)
-    print(f"\nmanifest fuzz cases: {dict(seen)}")
-    assert seen["open ok"] + seen["open refused"] >= MIN_CASES
-    assert seen["open refused"] and seen["parse refused"]  # the mutations do reach the checks
-
-
-@pytest.fixture(scope="module")
-def quant_victim(tiny_opt, tmp_path_factory):
-    from flashio.format import write_artifact
-
-    d = write_artifact(tiny_opt[1], tmp_path_factory.mktemp("fuzz-quant") / "art", quantize="int4", group_size=16)
-    return d, json.loads((d / "manifest.json").read_text())
-
-
-def test_mutated_quantization_records_end_in_flash_errors(quant_victim):
-    """The format-3 fields (each layer's quant record, resident_quant, the version) mutated alone."""
-    d, good = quant_victim
-    original = (d / "manifest.json").read_bytes()
-    paths = [p for p in _paths(good) if p[:1] in (("resident_quant",), ("format_version",))
-             or (len(p) > 2 and p[0] == "ffn_layers" and p[2] == "quant")]
-    assert any("parts" in p for p in paths) and any(p[:1] == ("resident_quant",) for p in paths)
-    values = json_values | st.sampled_from(["int8", "int4", "int3", "float16", "output", 0, 1, 3, 16, 2**31])
     seen: Counter[str] = Counter()
 
     @FUZZ
@@ -134,6 +96,33 @@ def test_mutated_quantization_records_end_in_flash_errors(quant_victim):
         one_case()
     finally:
         (d / "manifest.json").write_bytes(original)
+    return seen
+
+
+def test_mutated_manifests_end_in_flash_errors(victim):
+    d, good = victim
+    seen = _fuzz_manifest(d, good, list(_paths(good)), json_values)
+    print(f"\nmanifest fuzz cases: {dict(seen)}")
+    assert seen["open ok"] + seen["open refused"] >= MIN_CASES
+    assert seen["open refused"] and seen["parse refused"]  # the mutations do reach the checks
+
+
+@pytest.fixture(scope="module")
+def quant_victim(tiny_opt, tmp_path_factory):
+    from flashio.format import write_artifact
+
+    d = write_artifact(tiny_opt[1], tmp_path_factory.mktemp("fuzz-quant") / "art", quantize="int4", group_size=16)
+    return d, json.loads((d / "manifest.json").read_text())
+
+
+def test_mutated_quantization_records_end_in_flash_errors(quant_victim):
+    """The format-3 fields (each layer's quant record, resident_quant, the version) mutated alone."""
+    d, good = quant_victim
+    paths = [p for p in _paths(good) if p[:1] in (("resident_quant",), ("format_version",))
+             or (len(p) > 2 and p[0] == "ffn_layers" and p[2] == "quant")]
+    assert any("parts" in p for p in paths) and any(p[:1] == ("resident_quant",) for p in paths)
+    values = json_values | st.sampled_from(["int8", "int4", "int3", "float16", "output", 0, 1, 3, 16, 2**31])
+    seen = _fuzz_manifest(d, good, paths, values)
     print(f"\nquantization record fuzz cases: {dict(seen)}")
     assert seen["open ok"] + seen["open refused"] >= MIN_CASES
     assert seen["open refused"] >= MIN_CASES // 2  # nearly every change to a record is refused
