@@ -72,10 +72,12 @@ def test_killed_conversion_resumes_from_cached_stages(tmp_path):
     for stage in ("calibration", "activations", "merge-activations"):
         assert done_after[stage] == done_before[stage], stage  # reused, not recomputed
     assert len(done_after["predictor"]) == 2  # both layers trained in the end
-    # reused through Prefect's result cache, or (when the kill came before Prefect had persisted a
-    # stage's result record, seen once on a loaded machine) through the stage's own completed directory
-    assert "Cached(type=COMPLETED)" in out or all(f"{s}: reusing" in out for s in ("calibration", "activations")), \
-        out[-4000:]
+    # Reuse is shown by the stage directories above: the same keys, and completion markers never
+    # rewritten (a recomputed stage empties its directory and writes a new marker). Whether Prefect's
+    # result cache or the stage's own completed directory answered depends on when the kill came
+    # relative to Prefect persisting its records, and the lines each leaves in the log differ (on a
+    # loaded machine neither Prefect's "Cached" state nor a "reusing" line was printed once): the
+    # directories are the evidence, not the log.
     assert "tiny@1" in out
     assert any((tmp_path / "registry").rglob("manifest.json"))
 
