@@ -234,9 +234,12 @@ def escalation_density(true_density: float, ratio: float) -> float:
     density (the paper's ~3x for sparse ReLU layers), but at most halfway between the true density
     and every neuron. Without the cap, labels that cover a third of the neurons or more (gated
     FFNs: 50% is usual) would always pass at 100% predicted and never escalate, however weak the
-    predictor (a rank-32 predictor on Gemma 3 270M predicted 93-97% of its neurons); below a true
-    density of 20% the cap never binds."""
-    return min(1.0, ratio * true_density, (1.0 + true_density) / 2.0)
+    predictor (a rank-32 predictor on Gemma 3 270M predicted 93-97% of its neurons). The cap
+    applies only where ratio x density reaches every neuron, so layers below that (the ReLU demo's
+    first layer is 26% dense) keep the paper's rule and their figures."""
+    if ratio * true_density < 1.0:
+        return ratio * true_density
+    return (1.0 + true_density) / 2.0
 
 
 def split_validation(seq_ids: torch.Tensor, fraction: float) -> torch.Tensor:

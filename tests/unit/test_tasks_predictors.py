@@ -121,6 +121,7 @@ def test_dense_labels_escalate_too(tmp_path):
     """Labels of half the neurons (gated FFNs): 3x their density is every neuron, where any predictor
     has full recall; the criterion is capped halfway, so a rank-1 predictor still escalates."""
     assert escalation_density(0.1, 3.0) == pytest.approx(0.3) and escalation_density(0.5, 3.0) == 0.75
+    assert escalation_density(0.26, 3.0) == pytest.approx(0.78)  # below every neuron: the paper's 3x
     g = torch.Generator().manual_seed(3)
     x = torch.randn(32 * 40, D, generator=g)
     y = x @ torch.randn(D, N, generator=g) > 0  # about half active, full rank
