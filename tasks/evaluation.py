@@ -22,7 +22,8 @@ of the first M documents when there are M, more per document only when there are
 tasks.calibration; with the defaults, 16 x 256 tokens: on `stdlib:heldout`, one 256-token passage
 from each of 16 of its 31 files). Each row is scored on its own, without the text before it: its
 first token is context only, and the other L-1 are scored (summed over all rows, averaged per
-token); a row starts with bos only where a document starts. It is a figure of those rows, not of
+token); when the tokenizer puts a bos before every text, every row starts with it (in place of
+the first token of a row cut mid-document, as llama.cpp's perplexity does). It is a figure of those rows, not of
 the whole held-out set: the demo model's training report (all 31 held-out files) is another
 measurement; see tasks/demo/README.md.
 """
@@ -138,7 +139,7 @@ class HeldoutSample:
 
     def describe(self) -> str:
         return (f"{self.sequences} sequences of {self.seq_len} tokens cut from {self.documents} document(s) of "
-                f"{self.spec}, each scored on its own (no context before it, bos only at a document's start): "
+                f"{self.spec}, each scored on its own (no context before it, bos first where the tokenizer adds one): "
                 f"{self.targets} next tokens, all but the first of each sequence, averaged per token")
 
 

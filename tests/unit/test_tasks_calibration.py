@@ -137,9 +137,13 @@ def test_heldout_rows_are_spread_over_documents(tmp_path, source, corpus):
     from tasks.calibration import _encoder
 
     tok = AutoTokenizer.from_pretrained(str(source.path))
-    encode = _encoder(tok)
+    encode, bos = _encoder(tok)
+    assert bos == tok.bos_token_id is not None  # this tokenizer (like OPT's) puts bos before every text
     streams = [encode(f.read_text()) for f in corpus]
     assert min(len(s) for s in streams) > 4 * 16
+    # every row starts with bos, cut from a document's start or not (its first token replaced)
+    assert (rows[:, 0] == bos).all() and (load_tokens(a, "calibration")[:, 0] == bos).all()
+    rows = rows[:, 1:]
 
     def holds(stream: list[int], row: list[int]) -> bool:
         return any(stream[i:i + len(row)] == row for i in range(len(stream) - len(row) + 1))
@@ -211,3 +215,18 @@ def test_too_few_heldout_tokens_says_how_many(tmp_path, source, corpus):
     with pytest.raises(InputError, match=r"held-out data .* holds [\d,]+ tokens in 1 documents; 1000 sequences"):
         prepare_calibration(source, resolve_spec(str(corpus[0])), n_sequences=1, seq_len=16, n_heldout=1000,
                             seed=0, out_dir=tmp_path, heldout_spec=resolve_spec(str(corpus[1])))
+
+
+def test_rows_keep_their_tokens_when_the_tokenizer_adds_no_bos(tmp_path, corpus):
+    """Qwen 2 / GPT-2 style: no bos before a text, eos appended between documents, rows untouched."""
+    from tasks.calibration import _encoder, _fill, _open_with_bos
+
+    tok = build_tokenizer(corpus, tmp_path / "tok")
+    tok.backend_tokenizer.post_processor = None  # encodings now start with the text itself
+    encode, bos = _encoder(tok)
+    assert bos is None
+    ids = encode("import os")
+    assert ids[0] != tok.bos_token_id and ids[-1] == tok.eos_token_id
+    rows, *_ = _fill(iter([p.read_text() for p in corpus]), encode, 3, 8)
+    assert (_open_with_bos(rows.copy(), bos) == rows).all()
+    assert not (rows[:, 0] == tok.bos_token_id).all()
