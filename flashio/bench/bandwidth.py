@@ -18,10 +18,9 @@ Each point is the median of per-call bandwidths over `seconds` (at least `min_ca
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ from flashio.costmodel import BandwidthPoint, DeviceProfile
 from flashio.dtypes import TORCH_DTYPES
 from flashio.errors import FlashError
 from flashio.sizes import format_size
+from flashio.threads import torch_threads
 
 MATVEC_SHAPE = (16384, 4096)  # rows x cols: OPT-6.7B's FFN projection, a 7B layer's attention
 MATVEC_DTYPES = ("float32", "float16", "bfloat16")
@@ -62,17 +62,6 @@ def default_memory_threads(cpus: int) -> tuple[int, ...]:
     while out[-1] * 2 <= cpus:
         out.append(out[-1] * 2)
     return tuple(sorted({*out, max(cpus, 1)}))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch.set_num_threads(n) inside, the previous count restored after (it is process-wide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _median_gbps(call: Callable[[int], int], seconds: float, min_calls: int) -> float:

@@ -19,7 +19,6 @@ profile measures host DRAM, not GPU memory).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from flashio.errors import FlashError
 from flashio.format import Artifact
 from flashio.sizes import format_size
 from flashio.storage import DEFAULT_THREADS, evict_from_page_cache
+from flashio.threads import torch_threads
 from flashio.trace import Trace, TraceParams, load_order, synthesize
 
 log = logging.getLogger(__name__)
@@ -262,24 +262,12 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
     return out
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's thread count at n while the benchmark works in this process (the compute dtype's
-    timing, --in-process configurations), then restored: it is process-wide."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | None = None) -> dict:
     """Run every configuration; write results.json, table.md and latency.png to opts.out_dir.
     opts.torch_threads applies to the configurations and to this process while it runs (restored)."""
-    with _torch_threads(opts.torch_threads):
+    # torch's thread count while the benchmark works in this process (the compute dtype's timing,
+    # --in-process configurations); 0 or None leaves torch's own
+    with torch_threads(opts.torch_threads or None):
         return _run_model_bench(opts, progress)
 
 
