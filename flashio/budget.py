@@ -6,7 +6,8 @@ states it holds (flashio.engines.EngineMemory: the whole FFN for dense; the pinn
 streamed layer for naive; per window-cache row for sparse and oracle, whose row capacity is
 what the budget leaves). Pinned host staging on CUDA is host memory and is reported apart
 (FlashModel.staging_bytes). A gate-resident artifact's gate rows (flashio.exact) are resident
-weights, counted apart as `gate_bytes`: they are DRAM of the FFN (`ffn_dram_bytes`).
+weights, counted apart as `gate_bytes` with its up sketch if any: they are DRAM of the FFN
+(`ffn_dram_bytes`).
 
 The runtime builds it from what it loaded (`MemoryBudget.of`); the benchmark's memory plan,
 before anything is loaded, from the artifact's file sizes (`MemoryBudget.estimate`): one formula.
@@ -52,7 +53,7 @@ class MemoryBudget:
     predictor_bytes: int
     kv_bytes: int
     engine: EngineMemory  # what the mode's engine holds
-    gate_bytes: int = 0  # resident gate rows of a gate-resident artifact: the FFN's, held in DRAM
+    gate_bytes: int = 0  # resident gate rows (and up sketch) of a gate-resident artifact: the FFN's, in DRAM
 
     @classmethod
     def of(cls, art: Artifact, mode: Mode | str, compute_dtype: torch.dtype, max_len: int,
@@ -60,7 +61,7 @@ class MemoryBudget:
            pinned_fraction: float = 0.0, *, selection: Selection | str | None = None) -> MemoryBudget:
         """The budget of a model being opened: resident tensors and predictors as loaded."""
         c_item = compute_dtype.itemsize
-        gates = {L.gate_tensor for L in art.manifest.ffn_layers if L.gate_tensor}
+        gates = set(art.manifest.ffn_resident_tensors())
         nbytes = {k: weight_bytes(t) for k, t in resident.items()}  # quantized matrices: codes + scales
         return cls._build(art, mode, compute_dtype, max_len, pinned_fraction, selection,
                           resident_bytes=sum(v for k, v in nbytes.items() if k not in gates),
@@ -82,7 +83,9 @@ class MemoryBudget:
         rows = {L.gate_tensor: L.n_neurons for L in m.ffn_layers if L.gate_tensor}
         gate_bytes = sum(n * (art.args.dim + 2 if g in quant else art.args.dim * compute_dtype.itemsize)
                          for g, n in rows.items())
-        stored = art.resident_tensor_bytes(list(quant) + list(quant.values())) if quant else 0
+        sketch = [n for n in m.ffn_resident_tensors() if n not in rows]  # uint8 codes + scales, as stored
+        stored = art.resident_tensor_bytes(list(quant) + list(quant.values()) + sketch) if quant or sketch else 0
+        gate_bytes += art.resident_tensor_bytes(sketch) if sketch else 0
         resident = int((m.files[m.resident_file].size_bytes - stored) * scale) + stored
         return cls._build(art, mode, compute_dtype, max_len, pinned_fraction, selection,
                           resident_bytes=resident - gate_bytes,

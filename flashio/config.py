@@ -55,11 +55,12 @@ class Selection(enum.StrEnum):
     PREDICTOR = "predictor"  # sparse: the low-rank predictor (sigmoid > threshold); bundles read whole
     GATE = "gate"  # sparse: exact gate from resident gate rows, up + down read (a gate-resident artifact)
     GATE_PREDICTOR = "gate+predictor"  # sparse: exact gate and the predictor (both, or ranked by their product)
+    GATE_UP = "gate+up"  # sparse: exact gate ranked by contribution against the artifact's resident up sketch
     CONTRIBUTION = "contribution"  # oracle: |act(gate) * (x @ up)| computed densely (the report's lower bound)
 
 
 # what each mode may be asked for; the first is the default when the artifact does not decide
-MODE_SELECTIONS = {Mode.SPARSE: (Selection.PREDICTOR, Selection.GATE, Selection.GATE_PREDICTOR),
+MODE_SELECTIONS = {Mode.SPARSE: (Selection.PREDICTOR, Selection.GATE, Selection.GATE_PREDICTOR, Selection.GATE_UP),
                    Mode.ORACLE: (Selection.GATE, Selection.CONTRIBUTION)}
 
 
@@ -249,6 +250,9 @@ def resolve_selection(config: FlashConfig, manifest: Manifest) -> Selection | No
         raise FlashError(f"selection={sel.value!r} computes the gate from resident gate rows and this artifact "
                          "keeps them in its flash bundles; pack it with `flashio pack --gate-resident` (or the "
                          "pipeline's gate_resident bundling), or use selection='predictor' / mode='oracle'")
+    if sel == Selection.GATE_UP and manifest.up_sketch is None:
+        raise FlashError("selection='gate+up' ranks neurons against an up sketch this artifact lacks; pack it with "
+                         "`flashio pack --gate-resident --up-sketch int4`, or use selection='gate'")
     if sel == Selection.PREDICTOR and config.density is not None:
         raise FlashError("density applies to the exact selections; this artifact's mode='sparse' uses its "
                          "predictor (selection='predictor'): pass selection='gate' on a gate-resident artifact")

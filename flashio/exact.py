@@ -6,6 +6,9 @@
   a token keeps the neurons whose |g| clears the layer's threshold (manifest active_threshold),
   or its top `density` fraction by |g|; only the up + down bundles of kept neurons that the window
   cache lacks are read; y = (g[kept] * (x @ up[kept].T)) @ down[kept].
+- `GateUpEngine` (selection='gate+up'): the same, ranked by contribution |act(g) * (x @ up)| with
+  the up product taken against a 4-bit copy of the up rows kept in DRAM (the artifact's up
+  sketch): near the contribution oracle's selection at the cost of ~0.28x the up rows in DRAM.
 - `GatePredictorEngine` (selection='gate+predictor'): the same, and the low-rank predictor must
   agree (threshold), or the ranking is |g| x the predictor's probability (density): a predictor
   trained on contribution ranks the neurons whose up projection matters.
@@ -32,8 +35,10 @@ from flashio.config import FlashConfig, layer_densities
 from flashio.engines import ActiveSource, Engine, EngineContext, EngineMemory, SparseOptions
 from flashio.errors import FlashError
 from flashio.format import Manifest
+from flashio.format.manifest import UP_SKETCH_TENSOR
 from flashio.models.base import ACTIVATIONS
 from flashio.predictor import PredictorWeights
+from flashio.quant import CHUNK_ROWS, RowScratch, quant_project
 from flashio.sparse import Coefficients, SparseEngine
 
 
@@ -130,6 +135,37 @@ class GatePredictorEngine(GateEngine):
 
     def restrict(self, i: int, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return keep if self.densities[i] is not None else keep & (self.scores(i, h) > 0)
+
+
+class GateUpEngine(GateEngine):
+    """The exact gate ranked by contribution (selection='gate+up'): per token the top `density` of
+    each layer's neurons by |act(gate) * (x @ up)|, the up product taken against the artifact's up
+    sketch (a 4- or 8-bit copy of the up rows kept in DRAM beside the gate rows); the kept
+    neurons' up + down rows are read and computed in full precision, so the sketch only ranks."""
+
+    @classmethod
+    def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
+        """The gate engine's, plus the fp32 scratch the sketch is dequantized through."""
+        base = super().memory(manifest, compute_dtype)
+        dim = manifest.bundle_layout[0][2] - manifest.bundle_layout[0][1]
+        return dataclasses.replace(base, fixed_bytes=base.fixed_bytes + CHUNK_ROWS * dim * 4 + CHUNK_ROWS * dim // 2)
+
+    def __init__(self, ctx: EngineContext, **kw):
+        q = ctx.art.manifest.up_sketch
+        if q is None:
+            raise FlashError(f"{ctx.art.path}: selection 'gate+up' ranks neurons against an up sketch this artifact "
+                             "lacks; pack it with `flashio pack --gate-resident --up-sketch int4`, or use "
+                             "selection='gate'")
+        super().__init__(ctx, **kw)
+        self.sketch_quant = q
+        self.sketch = [ctx.resident[UP_SKETCH_TENSOR.format(i)] for i in range(len(self.layers))]
+        self.sketch_scratch = RowScratch(q, self.device)
+
+    def exact_scores(self, i: int, h: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        up = quant_project(h, self.sketch[i], self.sketch_quant, "up", self.sketch_scratch)
+        if self.b_up[i] is not None:
+            up += self.b_up[i].float()
+        return (key.float() * up).abs()
 
 
 class OracleEngine(GateEngine):

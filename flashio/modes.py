@@ -14,7 +14,13 @@ from types import MappingProxyType
 
 from flashio.config import FlashConfig, Mode, Selection, resolve_selection
 from flashio.engines import DenseEngine, Engine, MmapEngine, NaiveEngine
-from flashio.exact import ContributionOracleEngine, GateEngine, GatePredictorEngine, OracleEngine
+from flashio.exact import (
+    ContributionOracleEngine,
+    GateEngine,
+    GatePredictorEngine,
+    GateUpEngine,
+    OracleEngine,
+)
 from flashio.format import Manifest
 from flashio.sparse import SparseEngine
 
@@ -28,6 +34,7 @@ ENGINES: Mapping[Mode, type[Engine]] = MappingProxyType({  # each mode's engine 
 VARIANTS: Mapping[tuple[Mode, Selection], type[Engine]] = MappingProxyType({
     (Mode.SPARSE, Selection.GATE): GateEngine,
     (Mode.SPARSE, Selection.GATE_PREDICTOR): GatePredictorEngine,
+    (Mode.SPARSE, Selection.GATE_UP): GateUpEngine,
     (Mode.ORACLE, Selection.CONTRIBUTION): ContributionOracleEngine,
 })
 

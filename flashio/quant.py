@@ -102,10 +102,11 @@ def check_scheme(scheme: str, *, where: str = "quantize") -> int:
 
 
 def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int | None = None,
-              float_itemsize: int = 2) -> RowQuant:
+              float_itemsize: int = 2, aligned: bool = True) -> RowQuant:
     """The row layout for `parts` of `dim` elements each; padded to ROW_ALIGN_BYTES when the
     float row (`float_itemsize` bytes per element) was a multiple of it and that adds at most
-    MAX_PAD_FRACTION, else to MIN_ALIGN_BYTES (see the module docstring)."""
+    MAX_PAD_FRACTION, else to MIN_ALIGN_BYTES (see the module docstring). aligned=False: rows that
+    are never read from flash (the resident up sketch), padded to an even length only."""
     bits = check_scheme(scheme)
     g = dim if group_size is None else int(group_size)
     if g <= 0 or dim % g or (bits == 4 and (dim % 2 or g % 2)):
@@ -116,9 +117,11 @@ def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int 
     for name in parts:
         out.append(PartQuant(name, pos, pos + code_bytes, pos + code_bytes, pos + code_bytes + scale_bytes))
         pos += code_bytes + scale_bytes
-    aligned = -(-pos // ROW_ALIGN_BYTES) * ROW_ALIGN_BYTES
-    if (len(parts) * dim * float_itemsize) % ROW_ALIGN_BYTES == 0 and aligned - pos <= pos * MAX_PAD_FRACTION:
-        pos = aligned
+    block = -(-pos // ROW_ALIGN_BYTES) * ROW_ALIGN_BYTES
+    if not aligned:
+        pos += pos % 2
+    elif (len(parts) * dim * float_itemsize) % ROW_ALIGN_BYTES == 0 and block - pos <= pos * MAX_PAD_FRACTION:
+        pos = block
     else:
         pos = -(-pos // MIN_ALIGN_BYTES) * MIN_ALIGN_BYTES
     return RowQuant(scheme, g, SCALE_DTYPE, pos, tuple(out))
@@ -247,6 +250,17 @@ def _project(x: torch.Tensor, rows: torch.Tensor, q: RowQuant, part: str, s: Row
     if q.bits == 4:  # codes offset by 8: x.(c - 8) = x.c - 8 sum(x)
         y -= 8 * x.sum(dim=1, keepdim=True)
     return y * scale
+
+
+def quant_project(x: torch.Tensor, rows: torch.Tensor, q: RowQuant, part: str, scratch: RowScratch) -> torch.Tensor:
+    """x [T, D] . the `part` of quantized rows [R, row_bytes] -> [T, R] float32, `scratch.rows`
+    rows dequantized at a time (the exact gate's up sketch: every neuron's x @ up, approximately)."""
+    x = x.float()
+    out = torch.empty(x.shape[0], rows.shape[0], dtype=torch.float32, device=x.device)
+    for a in range(0, rows.shape[0], scratch.rows):
+        b = min(rows.shape[0], a + scratch.rows)
+        out[:, a:b] = _project(x, rows[a:b], q, part, scratch)
+    return out
 
 
 def quant_ffn_compute(h: torch.Tensor, rows: torch.Tensor, q: RowQuant, scratch: RowScratch,

@@ -139,6 +139,7 @@ class FlashModel:
                                  config.pinned_fraction, selection=selection)
         self.capacity = budget.capacity(config.dram_budget)
         self._resident_bytes, self._pred_bytes = budget.resident_bytes, budget.predictor_bytes
+        self._ffn_resident_bytes = budget.gate_bytes  # resident gate rows and up sketch (exact gate)
         self.reader = BundleReader(art.file(m.ffn_file), extents, threads=self.plan.threads,
                                    max_gap=self.plan.max_gap, direct=config.direct, cost_model=self.plan.cost_model)
         if transfer is None:  # reads of one layer at most: the window's capacity, or a streamed layer
@@ -344,9 +345,11 @@ class FlashModel:
         return self.transfer.host_bytes()
 
     def memory_bytes(self) -> dict[str, int]:
-        """What the runtime holds on its device, by part (the budget's terms)."""
+        """What the runtime holds on its device, by part (the budget's terms; ffn_resident: a
+        gate-resident artifact's gate rows and up sketch)."""
         return {"resident": self._resident_bytes, "predictors": self._pred_bytes,
-                "ffn_engine": self.engine.dram_bytes(), "kv_cache": self.kv.nbytes()}
+                "ffn_resident": self._ffn_resident_bytes, "ffn_engine": self.engine.dram_bytes(),
+                "kv_cache": self.kv.nbytes()}
 
 
 def open_model(path: str | Path, config: FlashConfig | None = None, *, registry: str | None = None,

@@ -43,7 +43,10 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # file (FFNLayer.gate_tensor) and flash holds up + down only (the "exact gate" layout).
 LAYOUTS = {(False, False): ("up", "down"), (True, False): ("up", "gate", "down"), (True, True): ("up", "down")}
 # how mode='sparse' chooses each step's neurons by default (Manifest.selection; flashio.config.Selection)
-SELECTIONS = ("predictor", "gate", "gate+predictor")
+SELECTIONS = ("predictor", "gate", "gate+predictor", "gate+up")
+# a gate-resident artifact's optional up sketch (Manifest.up_sketch): layer i's up rows quantized,
+# [n_neurons, row_bytes] uint8 in stored order, in the resident file under this name
+UP_SKETCH_TENSOR = "layers.{}.ffn.up_sketch"
 
 
 class UnsafeNameError(FormatError):
@@ -122,6 +125,9 @@ class Manifest:
     gate_resident: bool = False  # gate rows in DRAM (FFNLayer.gate_tensor), bundles of up + down
     selection: str | None = None  # mode='sparse''s default active-set selection (SELECTIONS); None: by layout
     resident_quant: ResidentQuant | None = None  # quantized resident matrices (format version 3)
+    # gate-resident artifacts (format version 3): a quantized copy of every layer's up rows in DRAM
+    # (UP_SKETCH_TENSOR), with which selection 'gate+up' ranks neurons by their contribution
+    up_sketch: RowQuant | None = None
 
     @property
     def itemsize(self) -> int:
@@ -147,16 +153,24 @@ class Manifest:
     def n_layers(self) -> int:
         return len(self.ffn_layers)
 
+    def ffn_resident_tensors(self) -> list[str]:
+        """The resident tensors that are the FFN's (DRAM of the FFN): gate rows and up sketches."""
+        gates = [L.gate_tensor for L in self.ffn_layers if L.gate_tensor]
+        return gates + ([UP_SKETCH_TENSOR.format(i) for i in range(self.n_layers)] if self.up_sketch else [])
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["bundle_layout"] = [list(s) for s in self.bundle_layout]
         d["files"] = {name: {"bytes": e.size_bytes, "sha256": e.sha256} for name, e in self.files.items()}
         # the version-2 fields only where used: a version-1 manifest reads as it always did
-        for key, unused in (("gate_resident", False), ("selection", None), ("resident_quant", None)):
+        for key, unused in (("gate_resident", False), ("selection", None), ("resident_quant", None),
+                            ("up_sketch", None)):
             if d[key] == unused:
                 del d[key]
         if self.resident_quant is not None:
             d["resident_quant"] = self.resident_quant.to_json()
+        if self.up_sketch is not None:
+            d["up_sketch"] = self.up_sketch.to_json()
         for L, layer in zip(d["ffn_layers"], self.ffn_layers):
             for key in ("gate_tensor", "density", "quant"):
                 if L[key] is None:
@@ -362,21 +376,36 @@ def _row_quant(L: dict, layout: list[tuple[str, int, int]], where: str) -> RowQu
     raw = _optional(L, "quant", dict, where)
     if raw is None:
         return None
-    w = f"{where}.quant"
+    if not layout:
+        raise FormatError(f"manifest.json: {where}.quant needs a bundle_layout")
+    return _parse_row_quant(raw, tuple(p for p, _, _ in layout), layout[0][2] - layout[0][1], f"{where}.quant")
+
+
+def _up_sketch(d: dict, layout: list[tuple[str, int, int]], gate_resident: bool, version: int) -> RowQuant | None:
+    """up_sketch: a gate-resident artifact's quantized copy of the up rows (format version 3)."""
+    raw = _optional(d, "up_sketch", dict, "manifest")
+    if raw is None:
+        return None
+    if not gate_resident or version < QUANTIZED_VERSION:
+        raise FormatError(f"manifest.json: up_sketch needs gate_resident and format_version {QUANTIZED_VERSION} "
+                          f"(gate_resident {gate_resident}, format_version {version}); rebuild the artifact")
+    return _parse_row_quant(raw, ("up",), layout[0][2] - layout[0][1], "up_sketch")
+
+
+def _parse_row_quant(raw: dict, parts: tuple[str, ...], dim: int, w: str) -> RowQuant:
+    """A RowQuant record of rows holding `parts` of `dim` elements, validated."""
     scheme = _get(raw, "scheme", str, w)
-    parts = []
+    stored = []
     for k, p in enumerate(_get(raw, "parts", list, w)):
         if (not isinstance(p, list) or len(p) != 5 or not isinstance(p[0], str)
                 or not all(type(x) is int and 0 <= x < 1 << 40 for x in p[1:])):
             raise FormatError(f"manifest.json: {w}.parts[{k}] = {str(p)[:80]} is not [part, codes_start, "
                               "codes_end, scales_start, scales_end]")
-        parts.append(PartQuant(*p))
+        stored.append(PartQuant(*p))
     q = RowQuant(scheme=scheme, group_size=_nonneg_int(raw, "group_size", w),
                  scale_dtype=_get(raw, "scale_dtype", str, w), row_bytes=_nonneg_int(raw, "row_bytes", w),
-                 parts=tuple(parts))
-    if not layout:
-        raise FormatError(f"manifest.json: {w} needs a bundle_layout")
-    check_row_quant(q, tuple(p for p, _, _ in layout), layout[0][2] - layout[0][1], f"manifest.json: {w}")
+                 parts=tuple(stored))
+    check_row_quant(q, parts, dim, f"manifest.json: {w}")
     return q
 
 
@@ -477,6 +506,9 @@ def parse_manifest(text: bytes | str) -> Manifest:
                               "(gate_resident: true)")
         if "predictor" in selection and preds is None:
             raise FormatError(f"manifest.json: selection {selection!r} needs predictors; the artifact has none")
+    up_sketch = _up_sketch(d, layout, gate_resident, d["format_version"])
+    if selection == "gate+up" and up_sketch is None:
+        raise FormatError("manifest.json: selection 'gate+up' needs the up sketch (up_sketch); the artifact has none")
     tok = d.get("tokenizer")
     if tok is not None:
         if not isinstance(tok, dict):
@@ -496,7 +528,7 @@ def parse_manifest(text: bytes | str) -> Manifest:
         resident_file=check_relative_name(d.get("resident_file", RESIDENT), "resident_file"),
         predictors_file=check_relative_name(pred_file, "predictors_file") if pred_file else None,
         format_version=d["format_version"], gate_resident=gate_resident, selection=selection,
-        resident_quant=_resident_quant(d),
+        resident_quant=_resident_quant(d), up_sketch=up_sketch,
     )
     for name in (m.ffn_file, m.resident_file, m.predictors_file, tok and tok["file"]):
         if name and name not in files:

@@ -25,6 +25,7 @@ from flashio.errors import ChecksumError, FormatError
 from flashio.format.ffnfile import read_safetensors_header
 from flashio.format.manifest import (
     MANIFEST,
+    UP_SKETCH_TENSOR,
     Manifest,
     check_files_on_disk,
     parse_manifest,
@@ -120,6 +121,13 @@ class Artifact:
                 found = None if info is None else (info.dtype, info.shape)
                 raise FormatError(f"{path}: gate rows {L.gate_tensor!r} of ffn_layers[{i}] are (dtype, shape) = "
                                   f"{found}, the manifest says {want}; rebuild the artifact")
+        for i, L in enumerate(m.ffn_layers if m.up_sketch is not None else ()):
+            name, want = UP_SKETCH_TENSOR.format(i), ("U8", (L.n_neurons, m.up_sketch.row_bytes))
+            info = infos.get(name)
+            if info is None or (info.dtype, info.shape) != want:
+                found = None if info is None else (info.dtype, info.shape)
+                raise FormatError(f"{path}: up sketch {name!r} is (dtype, shape) = {found}, the manifest says "
+                                  f"{want}; rebuild the artifact")
 
     def resident_tensor_bytes(self, names: Iterable[str]) -> int:
         """The stored bytes of the named resident tensors (from the file's header)."""

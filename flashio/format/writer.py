@@ -40,6 +40,7 @@ from flashio.format.manifest import (
     QUANTIZED_VERSION,
     RESIDENT,
     SELECTIONS,
+    UP_SKETCH_TENSOR,
     FFNLayer,
     FileEntry,
     Manifest,
@@ -62,6 +63,11 @@ from flashio.quant import (
     row_quant,
 )
 from flashio.version import __version__
+
+# the up sketch's group size where it divides d_model: on Gemma 3 270M, ranking by contribution
+# against int4 sketches kept top-1 0.9715 at 80% density with groups of 32 and 0.9616 with one
+# scale per row (the exact contribution oracle: 0.9882)
+SKETCH_GROUP = 32
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +135,15 @@ def _check_order(order: Any, n: int, layer: int) -> torch.Tensor:
 
 
 def _check_gate_options(model_type: str, gated: bool, gate_resident: bool, densities: Sequence[float | None] | None,
-                        selection: str | None, predictors: Sequence[PredictorWeights] | None) -> None:
+                        selection: str | None, predictors: Sequence[PredictorWeights] | None,
+                        up_sketch: str | None = None) -> None:
     """The exact-gate options, refused before anything is written when the artifact could not hold them."""
     if gate_resident and not gated:
         raise FlashError(f"gate_resident: {model_type} FFNs have no gate (not gated); pack without it")
+    if up_sketch is not None and not gate_resident:
+        raise FlashError("up_sketch ranks the exact gate's neurons: pass gate_resident=True with it")
+    if selection == "gate+up" and up_sketch is None:
+        raise FlashError("selection 'gate+up' ranks neurons against the up sketch: pass up_sketch='int4' (or 'int8')")
     bad = [x for x in densities or [] if x is not None and not 0.0 < float(x) <= 1.0]
     if bad:
         raise FlashError(f"densities must be fractions in (0, 1] (or None), got {bad[:3]}")
@@ -167,6 +178,8 @@ def write_artifact(
     quantize: str | None = None,
     group_size: int | None = None,
     quantize_resident: str | None = None,
+    up_sketch: str | None = None,
+    up_sketch_group_size: int | None = None,
     lineage: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
     report_files: dict[str, Path] | None = None,
@@ -191,6 +204,10 @@ def write_artifact(
       (default d_model: one scale per part of a row). Predictors stay in `dtype`.
     quantize_resident: 'int8' (the default when quantize is given) or 'none': the resident matrices
       (attention, an untied head, resident gate rows) per output channel; embeddings stay in `dtype`.
+    up_sketch: gate-resident artifacts: 'int4' or 'int8': a quantized copy of every layer's up rows
+      stays in DRAM too (UP_SKETCH_TENSOR, unaligned rows; format version 3), with which selection
+      'gate+up' ranks neurons by |act(gate) * (x @ up)|; up_sketch_group_size: elements per scale
+      (default 32 where it divides d_model, else d_model).
     name: what the model card (README.md) calls the artifact (default: the directory's name).
     progress(done_layers, n_layers) is called after each layer.
     The source's licence files are copied beside the weights and named in the card.
@@ -221,7 +238,7 @@ def write_artifact(
                       ("densities", densities)):
         if seq is not None and len(seq) != n_layers:
             raise FlashError(f"{what} has {len(seq)} entries for a model of {n_layers} layers")
-    _check_gate_options(source.model_type, arch.FFN.gated, gate_resident, densities, selection, predictors)
+    _check_gate_options(source.model_type, arch.FFN.gated, gate_resident, densities, selection, predictors, up_sketch)
     parts = list(LAYOUTS[(arch.FFN.gated, gate_resident)])
     layout = tuple((p, k * d, (k + 1) * d) for k, p in enumerate(parts))
     width = len(parts) * d
@@ -235,6 +252,11 @@ def write_artifact(
     if quantize_resident not in (*RESIDENT_SCHEMES, "none"):
         raise FlashError(f"quantize_resident {quantize_resident!r} is not one of {', '.join(RESIDENT_SCHEMES)}, none")
     row_code, row_width = (("U8", rq.row_bytes) if rq else (SAFETENSORS_CODES[dtype], width))
+    sketch = None
+    if up_sketch is not None:
+        check_scheme(up_sketch, where="write_artifact up_sketch")
+        g = up_sketch_group_size or (SKETCH_GROUP if d % SKETCH_GROUP == 0 else d)
+        sketch = row_quant(("up",), dim=d, scheme=up_sketch, group_size=g, aligned=False)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -270,6 +292,8 @@ def write_artifact(
                 resident[f"layers.{i}.ffn.order"] = order
                 if gate_resident:
                     resident[f"layers.{i}.ffn.gate"] = w.gate.to(tdtype)[order].contiguous()  # [N, D]
+                if sketch is not None:
+                    resident[UP_SKETCH_TENSOR.format(i)] = quantize_rows(w.up.to(tdtype)[order], sketch)
                 for key, b in (("up_bias", w.up_bias), ("gate_bias", w.gate_bias)):
                     if b is not None:
                         resident[f"layers.{i}.ffn.{key}"] = b.to(tdtype)[order].contiguous()
@@ -326,9 +350,9 @@ def write_artifact(
             if predictors is not None else None,
             tokenizer=tok, lineage=full_lineage, report=report,
             predictors_file=PREDICTORS if predictors is not None else None,
-            format_version=(QUANTIZED_VERSION if rq is not None or resident_quant is not None
+            format_version=(QUANTIZED_VERSION if rq is not None or resident_quant is not None or sketch is not None
                             else GATE_RESIDENT_VERSION if gate_resident else FORMAT_VERSION),
-            gate_resident=gate_resident, selection=selection, resident_quant=resident_quant)
+            gate_resident=gate_resident, selection=selection, resident_quant=resident_quant, up_sketch=sketch)
         (tmp / MANIFEST).write_text(manifest.dumps())
         for p in tmp.rglob("*"):
             if p.is_file():

@@ -19,6 +19,7 @@ from flashio.exact import (
     ContributionOracleEngine,
     GateEngine,
     GatePredictorEngine,
+    GateUpEngine,
     OracleEngine,
     kept_count,
 )
@@ -41,17 +42,21 @@ def gate_artifact(tiny_llama, orders, tmp_path_factory):
     return write_artifact(tiny_llama[1], tmp_path_factory.mktemp("gate") / "art", orders=orders, gate_resident=True)
 
 
-def zeroed_logits(hf, ids, density: float, by: str) -> torch.Tensor:
+def zeroed_logits(hf, ids, density: float, by: str, up_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
     """transformers' logits with, per token and layer, every neuron outside the top-k zeroed before
-    down_proj: ranked by |act(gate)| (by='gate') or by |act(gate) * up| (by='contribution')."""
+    down_proj: ranked by |act(gate)| (by='gate'), by |act(gate) * up| (by='contribution'), or by
+    |act(gate) * (x @ up_rows[layer].T)| (by='sketch': other up weights, [N, D] in source order)."""
     handles = []
-    for layer in hf.model.layers:
+    for i, layer in enumerate(hf.model.layers):
         mlp = layer.mlp
 
-        def pre(module, args, mlp=mlp):
+        def pre(module, args, mlp=mlp, i=i):
             (h,) = args  # [1, T, N] = act(gate) * up
             x = module._x
-            score = mlp.act_fn(mlp.gate_proj(x)).abs() if by == "gate" else h.abs()
+            if by == "sketch":
+                score = (mlp.act_fn(mlp.gate_proj(x)) * (x @ up_rows[i].T)).abs()
+            else:
+                score = mlp.act_fn(mlp.gate_proj(x)).abs() if by == "gate" else h.abs()
             k = kept_count(density, h.shape[-1])
             mask = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1).indices, True)
             return (h * mask,)
@@ -140,6 +145,70 @@ def test_contribution_oracle(gate_artifact, llama_artifact, tiny_llama):
             assert (model.forward(PROMPT, token_by_token=True) - want).abs().max().item() <= 1e-4
     with pytest.raises(FlashError, match="selection='contribution' keeps the top fraction"):
         flashio.open(llama_artifact, mode="oracle", selection="contribution")
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_gate_up_ranks_by_contribution_against_the_sketch(tiny_llama, orders, tmp_path, scheme):
+    from flashio.quant import dequantize_rows
+
+    art = write_artifact(tiny_llama[1], tmp_path / "gu", orders=orders, gate_resident=True, up_sketch=scheme,
+                         selection="gate+up", densities=[0.3, 0.3])
+    m = Artifact(art, verify=True).manifest
+    raw = json.loads((art / "manifest.json").read_text())
+    assert raw["format_version"] == 3 and raw["selection"] == "gate+up" and raw["up_sketch"]["scheme"] == scheme
+    q = m.up_sketch
+    assert q.group_size == 32 and q.row_bytes == (D // 2 if scheme == "int4" else D) + 2 * D // 32  # unpadded
+    resident = load_file(str(art / "resident.safetensors"))
+    hf = tiny_llama[0]
+    sketch = []  # the sketch's up rows, dequantized, back in source neuron order
+    for i, layer in enumerate(hf.model.layers):
+        codes = resident[f"layers.{i}.ffn.up_sketch"]
+        assert codes.dtype == torch.uint8 and codes.shape == (N, q.row_bytes)
+        rows = dequantize_rows(codes, q, "up")
+        back = torch.empty_like(rows)
+        back[torch.as_tensor(orders[i])] = rows
+        err = (back - layer.mlp.up_proj.weight).abs().max() / layer.mlp.up_proj.weight.abs().max()
+        assert 0 < err <= (0.08 if scheme == "int4" else 0.005)
+        sketch.append(back)
+    want = zeroed_logits(hf, PROMPT, 0.3, "sketch", sketch)
+    assert (want - zeroed_logits(hf, PROMPT, 0.3, "gate")).abs().max().item() > 1e-4  # not the gate's ranking
+    with flashio.open(art, window=3) as model:  # the manifest's selection and densities
+        assert isinstance(model.engine, GateUpEngine)
+        assert (model.forward(PROMPT) - want).abs().max().item() <= 1e-4
+        assert (model.forward(PROMPT, token_by_token=True) - want).abs().max().item() <= 1e-4
+        assert all(s.neurons_active == LAYERS * kept_count(0.3, N) for s in model.stats[1:])
+        sketch_bytes = LAYERS * N * q.row_bytes
+        assert model.memory_bytes()["ffn_resident"] == LAYERS * N * D * 4 + sketch_bytes  # the FFN's DRAM
+    est = MemoryBudget.estimate(Artifact(art), "sparse", torch.float32, 64)
+    assert est.gate_bytes == LAYERS * N * D * 4 + sketch_bytes
+    with flashio.open(art, density=1.0) as full, flashio.open(art, mode="dense") as dense:
+        assert (full.forward(PROMPT) - dense.forward(PROMPT)).abs().max().item() <= 1e-5
+
+
+def test_gate_up_needs_the_sketch(gate_artifact, tiny_llama, tmp_path):
+    with pytest.raises(FlashError, match="lacks; pack it with `flashio pack --gate-resident --up-sketch int4`"):
+        flashio.open(gate_artifact, selection="gate+up", density=0.5)
+    with pytest.raises(FlashError, match="up_sketch ranks the exact gate's neurons: pass gate_resident=True"):
+        write_artifact(tiny_llama[1], tmp_path / "x", up_sketch="int4")
+    with pytest.raises(FlashError, match="selection 'gate\\+up' ranks neurons against the up sketch"):
+        write_artifact(tiny_llama[1], tmp_path / "x", gate_resident=True, selection="gate+up")
+    with pytest.raises(FlashError, match="quantization scheme 'int3'"):
+        write_artifact(tiny_llama[1], tmp_path / "x", gate_resident=True, up_sketch="int3")
+    assert not (tmp_path / "x").exists()
+    art = write_artifact(tiny_llama[1], tmp_path / "s", gate_resident=True, up_sketch="int4")
+
+    def edited(fn) -> Exception:
+        m = json.loads((art / "manifest.json").read_text())
+        fn(m)
+        try:
+            parse_manifest(json.dumps(m))
+        except FormatError as exc:
+            return exc
+        raise AssertionError("accepted")
+
+    assert "needs gate_resident and format_version 3" in str(edited(lambda m: m.update(format_version=2)))
+    assert "row_bytes" in str(edited(lambda m: m["up_sketch"].update(row_bytes=3)))
+    assert "needs the up sketch" in str(edited(lambda m: (m.pop("up_sketch"), m.update(selection="gate+up"))))
 
 
 def test_bytes_read_are_two_thirds_of_the_density(gate_artifact, llama_artifact):
