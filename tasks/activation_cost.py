@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from tasks.activations import ActivationOptions, _Collector, _run, ffn_spec, load_model
+from tasks.activations import ActivationOptions, _Collector, _run
 from tasks.calibration import CalibrationData, load_tokens, prepare_calibration, resolve_spec
 from tasks.demo import DEMO_CHECKPOINT_DIR
+from tasks.hooks import ffn_spec, load_model
 from tasks.source import SourceModel, inspect_source
 from tasks.threads import torch_threads
 

@@ -28,10 +28,8 @@ The cost of collection against a plain forward pass is measured by tasks.activat
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,15 +42,14 @@ from safetensors import safe_open
 
 from flashio.dtypes import TORCH_DTYPES
 from flashio.hashing import sha256_file
-from flashio.models import get_architecture
 from flashio.models.base import FFNSpec
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import InputError
+from tasks.hooks import down_modules, ffn_spec, hooked_modules, load_model, model_lock, run_hooked  # noqa: F401 (tasks.frontier imports three here)
 from tasks.progress import StageProgress
 from tasks.source import SourceModel
 from tasks.tensorfiles import save_tensors
-from tasks.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -109,61 +106,9 @@ class ActivationStats:
     sha256: str
 
 
-def ffn_spec(source: SourceModel) -> FFNSpec:
-    """The source family's FFN declaration (inspect_source already checked the family exists)."""
-    return get_architecture(source.model_type).FFN
-
-
-def hooked_modules(model, source: SourceModel) -> list[torch.nn.Module]:
-    """Per layer, the transformers module the family declares as its FFN's first projection."""
-    paths = ffn_spec(source).hook_paths(source.n_layers)
-    try:
-        return [model.get_submodule(p) for p in paths]
-    except AttributeError as exc:
-        raise InputError(f"{source.ref}: the {source.model_type} declaration hooks {paths[0]!r}, which this "
-                         f"transformers model ({type(model).__name__}) lacks ({exc}); fix FFN.hook_path in "
-                         f"flashio/models for this transformers version") from None
-
-
-def down_modules(model, source: SourceModel) -> list[torch.nn.Linear]:
-    """Per layer, the FFN's down projection: the Linear beside the hooked module (same parent)
-    that maps the N neurons back to the model width D; its input is act(gate)·up (gated) or
-    act(up). Families name it differently (down_proj, fc2): found by shape, not by name."""
-    out = []
-    for path, hooked in zip(ffn_spec(source).hook_paths(source.n_layers), hooked_modules(model, source)):
-        parent = model.get_submodule(path.rsplit(".", 1)[0])
-        downs = [m for m in parent.children() if isinstance(m, torch.nn.Linear) and m is not hooked
-                 and m.in_features == source.ffn_dim and m.out_features == source.dim]
-        if len(downs) != 1:
-            raise InputError(f"{source.ref}: found {len(downs)} Linear modules mapping {source.ffn_dim} -> "
-                             f"{source.dim} beside {path!r} (expected the one down projection); this "
-                             f"transformers model ({type(model).__name__}) is laid out differently")
-        out.append(downs[0])
-    return out
-
-
-def model_lock() -> threading.Lock:
-    """The lock every forward pass of the shared source model holds (hooks are per model)."""
-    return _MODEL_LOCK
-
-
 def shard_ranges(n_sequences: int, shard_sequences: int) -> list[tuple[int, int]]:
     step = max(1, shard_sequences)
     return [(s, min(s + step, n_sequences)) for s in range(0, n_sequences, step)]
-
-
-_MODEL_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def load_model(path: str, dtype: str, fingerprint: str = ""):
-    """The transformers model, loaded once per process (shards of one conversion share it);
-    `fingerprint` (the source's file hashes) keeps a rewritten checkpoint from being reused."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
-    return model.eval()
 
 
 class _Collector:
@@ -231,23 +176,10 @@ class _Collector:
 def _run(source: SourceModel, ids: torch.Tensor, collector: _Collector | None, options: ActivationOptions,
          progress: Callable[[int, int], None] | None = None) -> None:
     model = load_model(str(source.path), options.dtype, source.fingerprint)
-    with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
-        handles = [m.register_forward_hook(collector.hook(i)) for i, m in enumerate(hooked_modules(model, source))] \
-            if collector is not None else []
-        if collector is not None and collector.label_densities:
-            handles += [d.register_forward_pre_hook(collector.down_hook(i))
-                        for i, d in enumerate(down_modules(model, source))]
-        try:
-            for b in range(0, len(ids), options.batch_sequences):
-                batch = ids[b : b + options.batch_sequences]
-                if collector is not None:
-                    collector.begin_batch(batch)
-                model.base_model(input_ids=batch, use_cache=False)
-                if progress:
-                    progress(min(b + options.batch_sequences, len(ids)), len(ids))
-        finally:
-            for h in handles:
-                h.remove()
+    down = collector.down_hook if collector is not None and collector.label_densities else None
+    run_hooked(model, source, ids, batch_sequences=options.batch_sequences, threads=options.torch_threads,
+               gate=collector.hook if collector is not None else None, down=down,
+               before_batch=collector.begin_batch if collector is not None else None, progress=progress)
 
 
 def calibrate_gate_thresholds(source: SourceModel, calib: CalibrationData, *, density: float,
@@ -274,14 +206,7 @@ def calibrate_gate_thresholds(source: SourceModel, calib: CalibrationData, *, de
         return fn
 
     model = load_model(str(source.path), options.dtype, source.fingerprint)
-    with _MODEL_LOCK, torch.inference_mode(), torch_threads(options.torch_threads):
-        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(hooked_modules(model, source))]
-        try:
-            for b in range(0, len(ids), options.batch_sequences):
-                model.base_model(input_ids=ids[b : b + options.batch_sequences], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+    run_hooked(model, source, ids, batch_sequences=options.batch_sequences, threads=options.torch_threads, gate=hook)
     return tuple(float(np.quantile(torch.cat(s).numpy(), 1.0 - density)) for s in samples)
 
 
@@ -381,10 +306,10 @@ def load_pairs(shards: Sequence[ShardResult], layer: int, labels: str = "active"
 
 # -- Prefect tasks --------------------------------------------------------------------------------
 
-@task(name="gate-thresholds", cache_key_fn=stage_cache("gate-thresholds", __name__))
+@task(name="gate-thresholds", cache_key_fn=stage_cache("gate-thresholds", __name__, "tasks.hooks"))
 def gate_thresholds_task(source: SourceModel, calib: CalibrationData, density: float, n_sequences: int,
                          options: ActivationOptions, work_dir: Path) -> tuple[float, ...]:
-    th = run_stage("gate-thresholds", [__name__], lambda _out: calibrate_gate_thresholds(
+    th = run_stage("gate-thresholds", [__name__, "tasks.hooks"], lambda _out: calibrate_gate_thresholds(
         source, calib, density=density, n_sequences=n_sequences, options=options))
     if any(th):
         get_run_logger().info("gated activity thresholds (density %.2f): %s", density,
@@ -392,7 +317,7 @@ def gate_thresholds_task(source: SourceModel, calib: CalibrationData, density: f
     return th
 
 
-@task(name="activations", cache_key_fn=stage_cache("activations", __name__))
+@task(name="activations", cache_key_fn=stage_cache("activations", __name__, "tasks.hooks"))
 def activations_task(source: SourceModel, calib: CalibrationData, index: int, start: int, stop: int,
                      n_shards: int, thresholds: tuple[float, ...], options: ActivationOptions,
                      work_dir: Path) -> ShardResult:
@@ -403,7 +328,7 @@ def activations_task(source: SourceModel, calib: CalibrationData, index: int, st
             return collect_shard(source, calib, start, stop, thresholds, options, out_dir=out, index=index,
                                  progress=p.update)
 
-    shard = run_stage("activations", [__name__], compute)
+    shard = run_stage("activations", [__name__, "tasks.hooks"], compute)
     get_run_logger().info("shard %d/%d: %d tokens in %.1f s", index + 1, n_shards, shard.tokens,
                           time.perf_counter() - t0)
     return shard

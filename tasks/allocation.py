@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 from prefect import get_run_logger, task
 
-from tasks.activations import ActivationOptions, down_modules, ffn_spec, hooked_modules, model_lock
-from tasks.activations import load_model as load_source_model
+from tasks.activations import ActivationOptions
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import InputError
+from tasks.hooks import down_modules, ffn_spec, run_hooked
+from tasks.hooks import load_model as load_source_model
 from tasks.source import SourceModel
-from tasks.threads import torch_threads
 
 GRID = tuple(round(1.0 - 0.05 * j, 2) for j in range(17))  # 1.0, 0.95, ..., 0.2
 ERROR_ROW_STRIDE = 4  # errors on every 4th token: a matmul per grid point, the cost of the stage
@@ -111,15 +111,8 @@ def measure_layer_errors(source: SourceModel, calib: CalibrationData, *, n_seque
         return fn
 
     downs = down_modules(model, source)
-    with model_lock(), torch.inference_mode(), torch_threads(options.torch_threads):
-        handles = [m.register_forward_hook(gate_hook(i)) for i, m in enumerate(hooked_modules(model, source))]
-        handles += [d.register_forward_pre_hook(down_hook(i, d)) for i, d in enumerate(downs)]
-        try:
-            for b in range(0, len(ids), options.batch_sequences):
-                model.base_model(input_ids=ids[b : b + options.batch_sequences], use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+    run_hooked(model, source, ids, batch_sequences=options.batch_sequences, threads=options.torch_threads,
+               gate=gate_hook, down=lambda i: down_hook(i, downs[i]))
     mean = (sums / max(1, rows[0])).tolist()
     return LayerErrors(grid=tuple(float(g) for g in grid), contribution=tuple(tuple(r) for r in mean[0]),
                        gate=tuple(tuple(r) for r in mean[1]), tokens=rows[0])
@@ -195,10 +188,10 @@ def allocation_task(errs: LayerErrors, density: float, n_layers: int, ffn_dim: i
     return alloc
 
 
-@task(name="layer-errors", cache_key_fn=stage_cache("layer-errors", __name__, "tasks.activations"))
+@task(name="layer-errors", cache_key_fn=stage_cache("layer-errors", __name__, "tasks.activations", "tasks.hooks"))
 def layer_errors_task(source: SourceModel, calib: CalibrationData, n_sequences: int, options: ActivationOptions,
                       work_dir) -> LayerErrors:
-    errs = run_stage("layer-errors", [__name__, "tasks.activations"], lambda _out: measure_layer_errors(
+    errs = run_stage("layer-errors", [__name__, "tasks.activations", "tasks.hooks"], lambda _out: measure_layer_errors(
         source, calib, n_sequences=n_sequences, options=options))
     get_run_logger().info("FFN-output error at 50%% density, by contribution: %s",
                           ", ".join(f"{_interp(errs.grid, e, 0.5):.3f}" for e in errs.contribution))

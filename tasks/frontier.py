@@ -137,10 +137,10 @@ def _point(method: str, density: float, dense: Sequence[torch.Tensor], out: Sequ
 
 
 @task(name="oracle-frontier", cache_key_fn=stage_cache("oracle-frontier", __name__, "tasks.activations",
-                                                        "tasks.allocation"))
+                                                        "tasks.allocation", "tasks.hooks"))
 def frontier_task(source: SourceModel, calib: CalibrationData, densities: tuple[float, ...], n_sequences: int,
                   per_layer: tuple[float, ...] | None, options: ActivationOptions, work_dir) -> OracleFrontier:
-    fr = run_stage("oracle-frontier", [__name__, "tasks.activations", "tasks.allocation"],
+    fr = run_stage("oracle-frontier", [__name__, "tasks.activations", "tasks.allocation", "tasks.hooks"],
                    lambda _out: measure_oracle_frontier(source, calib, densities=densities, n_sequences=n_sequences,
                                                         options=options, per_layer=per_layer))
     get_run_logger().info("oracle top-1 by density: %s", "; ".join(

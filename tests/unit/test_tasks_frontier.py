@@ -14,13 +14,7 @@ pytest.importorskip("transformers")
 
 import flashio  # noqa: E402
 from flashio.format import write_artifact  # noqa: E402
-from tasks.activations import (  # noqa: E402
-    ActivationOptions,
-    down_modules,
-    hooked_modules,
-    load_model,
-    model_lock,
-)
+from tasks.activations import ActivationOptions  # noqa: E402
 from tasks.allocation import topk_mask  # noqa: E402
 from tasks.calibration import load_tokens, prepare_calibration, resolve_spec  # noqa: E402
 from tasks.frontier import (  # noqa: E402
@@ -29,6 +23,7 @@ from tasks.frontier import (  # noqa: E402
     ORACLE_PER_LAYER,
     measure_oracle_frontier,
 )
+from tasks.hooks import down_modules, hooked_modules, load_model, model_lock  # noqa: E402
 from tasks.source import inspect_source  # noqa: E402
 from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
 
