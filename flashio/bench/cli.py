@@ -79,6 +79,11 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: with CUDA the limit is GPU memory (resident weights, KV "
                         "and window caches on the GPU; flash reads through pinned staging)")
+    p.add_argument("--peer", action="append", default=[], choices=["llama.cpp"],
+                   help="also run llama.cpp (llama-cpp-python, the 'bench' extra) on an F16 GGUF of the same "
+                        "weights, under the same limit: rows 'llama.cpp mmap (limit)' and 'llama.cpp, all in DRAM'")
+    p.add_argument("--peer-gguf", type=Path, default=None,
+                   help="where --peer llama.cpp writes (and reuses) its GGUF (default OUT/llama.cpp/ARTIFACT.f16.gguf)")
     p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("synth", help="write a random-weight artifact with a real model's shapes",
@@ -154,7 +159,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
         torch_threads=torch_threads_option(args.torch_threads), compute_dtype=args.compute_dtype,
         profile=args.profile if args.profile is not None else find_profile_path(), seed=args.seed,
-        device=args.device)
+        device=args.device, peers=tuple(dict.fromkeys(args.peer)), peer_gguf=args.peer_gguf)
     signal.signal(signal.SIGTERM, _terminate)  # clean up the child and its cgroup on `kill`
     results = run_model_bench(opts, progress=_say)
     print(markdown(results))

@@ -108,6 +108,8 @@ class ModelBenchOptions:
     seed: int = 0
     timeout_s: float = 3600.0
     device: str = "cpu"  # 'cuda[:N]': resident weights, KV and window caches in GPU memory
+    peers: tuple[str, ...] = ()  # ("llama.cpp",): its rows beside flashio's (flashio.bench.peer)
+    peer_gguf: Path | None = None  # where the peer's GGUF is written (None: OUT/llama.cpp/<artifact>.f16.gguf)
 
     @property
     def cuda(self) -> bool:
@@ -173,7 +175,8 @@ def prepare_traces(art: Artifact, opts: ModelBenchOptions, steps: int, work: Pat
     return _Traces(desc, paths[0], paths[1], unordered, "load frequency on the calibration trace", paths)
 
 
-def _run_worker(spec: dict, work: Path, name: str, limit: int | None, timeout_s: float) -> dict:
+def _run_worker(spec: dict, work: Path, name: str, limit: int | None, timeout_s: float,
+                module: str = "flashio.bench.worker") -> dict:
     spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.result.json"
     out_path.unlink(missing_ok=True)
     cg = None
@@ -183,7 +186,7 @@ def _run_worker(spec: dict, work: Path, name: str, limit: int | None, timeout_s:
             spec = {**spec, "cgroup": str(cg.path)}
         spec_path.write_text(json.dumps(spec))
         # the child runs as `flashio` would: oneDNN's caches bounded unless this environment says otherwise
-        proc = subprocess.Popen([sys.executable, "-m", "flashio.bench.worker", str(spec_path), str(out_path)],
+        proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(out_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**ONEDNN_CACHE_ENV, **os.environ})
         try:
@@ -275,6 +278,10 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
     say = progress or (lambda msg: log.info("%s", msg))
     load_start = os.getloadavg()
     art = Artifact(opts.artifact)
+    if opts.peers:  # before any row runs: a missing llama_cpp is one line, not an error after an hour
+        from flashio.bench.peer import check_peers
+
+        check_peers(opts.peers, art)
     m = art.manifest
     configs = [c for c in CONFIGS if c.name in opts.configs]
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +374,11 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
                                         None if opts.cuda else cm.profile)
             rows[cfg.name]["wall_s"] = time.perf_counter() - t0
             say(memplan.row_line(rows[cfg.name]))
+        peer_rows, peer_info = [], None
+        if opts.peers:
+            from flashio.bench.peer import run_peers
+
+            peer_rows, peer_info = run_peers(art, opts, plan, (ok, why), tokens, say, _run_worker, work)
     from flashio.bench.report import evaluate_targets, write_outputs
 
     results = {"created_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -374,8 +386,12 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
                "artifact": art.summary(), "options": {k: str(v) if isinstance(v, Path) else v
                                                       for k, v in asdict(opts).items()},
                "trace": traces.description, "memory": plan, "compute_dtype": compute, "cost_model": cost,
-               "configs": [rows[c.name] for c in configs if c.name in rows],
+               "configs": [rows[c.name] for c in configs if c.name in rows] + peer_rows, "peer": peer_info,
                "load_average": {"start": load_start, "end": os.getloadavg()}}
     results["targets"] = evaluate_targets(results)
+    if opts.peers:
+        from flashio.bench.peer import peer_targets
+
+        results["targets"].update(peer_targets(results["configs"]))
     write_outputs(results, opts.out_dir)
     return results

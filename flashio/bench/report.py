@@ -106,7 +106,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['name']} | {r.get('error', 'failed')} |||||||||||||| ")
             continue
         p = r["per_token"]
-        io = "(in compute)" if r["mode"] == "mmap" else f"{p['io_ms']:.1f}"
+        io = "(in compute)" if r["mode"] in ("mmap", "llama.cpp") else f"{p['io_ms']:.1f}"
         mem = f"{p['mem_ms']:.1f}"
         if _cuda(results):
             io += f" (+{p.get('upload_ms', 0.0):.1f} copy)"
@@ -135,6 +135,10 @@ def markdown(results: dict) -> str:
     lines += ["", f"{where}: what the runtime holds (resident weights, window caches, KV cache); "
               "I/O: time the step waited for reads (+overlap hides part of it; the I/O / cost model "
               "column compares the reads' wall time with the cost model's prediction for the same reads)."]
+    if any(r.get("mode") == "llama.cpp" for r in results["configs"]):
+        lines += ["", "llama.cpp rows (`--peer llama.cpp`, flashio.bench.peer): the same weights as an F16 GGUF, fed "
+                  "the same token ids with the same threads; flash->DRAM: the bytes the process read from "
+                  "storage (/proc/self/io), reads: its major page faults; DRAM: its resident set."]
     if _cuda(results):
         lines += ["On CUDA, I/O and memory management are the host's time; beside them, in brackets, the "
                   "device time (CUDA events) of the rows' host-to-device copies and of the cache's row moves "
