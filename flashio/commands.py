@@ -139,6 +139,10 @@ def add_commands(sub) -> None:
     p.add_argument("--gate-resident", action="store_true",
                    help="gated FFNs: keep the gate rows in DRAM and put only up + down on flash (the exact-gate "
                         "layout: mode 'sparse' then computes the gate densely and reads the selected neurons)")
+    p.add_argument("--up-sketch", choices=["int4", "int8"], default=None,
+                   help="with --gate-resident: also keep a 4- or 8-bit copy of the up rows in DRAM, and rank "
+                        "neurons by contribution |act(gate) * (x @ up)| against it (selection 'gate+up'; "
+                        "int4 holds ~0.28x the up rows' fp16 bytes)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="bundle rows quantized group-wise (symmetric, fp16 scales inside each row): about 1/2 "
                         "(int8) or 1/4 (int4) of the fp16 bytes read and cached per neuron")
@@ -263,6 +267,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     out = write_artifact(args.checkpoint, args.out, dtype=args.dtype, gate_resident=args.gate_resident,
                          quantize=args.quantize, group_size=args.group_size,
-                         quantize_resident=args.quantize_resident, overwrite=args.overwrite, progress=progress)
+                         quantize_resident=args.quantize_resident, up_sketch=args.up_sketch,
+                         selection="gate+up" if args.up_sketch else None, overwrite=args.overwrite,
+                         progress=progress)
     print(out)
     return 0

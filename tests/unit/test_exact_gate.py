@@ -379,3 +379,9 @@ def test_pack_gate_resident(tiny_llama, tmp_path):
     assert Artifact(out).manifest.gate_resident
     with flashio.open(out, density=1.0) as model, flashio.open(out, mode="dense") as dense:
         assert (model.forward(PROMPT[:4]) - dense.forward(PROMPT[:4])).abs().max().item() <= 1e-5
+    sketched = tmp_path / "sketched"
+    assert main(["pack", str(tiny_llama[1]), str(sketched), "--gate-resident", "--up-sketch", "int8"]) == 0
+    m = Artifact(sketched).manifest
+    assert m.selection == "gate+up" and m.up_sketch.scheme == "int8"
+    with flashio.open(sketched, density=0.5) as model:
+        assert isinstance(model.engine, GateUpEngine)
