@@ -206,6 +206,11 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                 "config": config.lineage()},
                    LINEAGE_KEY: key}
 
+        # a quantized conversion's float reference: the same weights unquantized (its dense model only is used)
+        reference = refreshed(bundle_task, force)(src, stats, next(iter(predictors.values())), config.order,
+                                                  config.dtype, {"calibration": lineage["calibration"]}, None, None,
+                                                  work).path if config.quantization() else None
+
         def bundled_and_evaluated(method: str, preds: list, window: int):
             # The candidate that is evaluated carries only content lineage, so that changing what does not
             # change its bytes (budget, sweep...) reuses it and its evaluation from the cache.
@@ -213,7 +218,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                                  {"calibration": lineage["calibration"]}, None, None, work,
                                                  quantize=config.quantization())
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
-                                                         config.eval_options(window, src.gated), work)
+                                                         config.eval_options(window, src.gated), work, reference)
 
         def exact_gate(settings: list[tuple[str, tuple[float, ...]]]):
             # gate rows resident, bundles of up + down; the main setting's densities go into the manifest

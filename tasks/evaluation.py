@@ -15,6 +15,12 @@ bytes read from flash per token. A sweep over predictor thresholds (one per reca
 calibrated per layer by the predictors step) gives the sparsity-accuracy curve (JSON + PNG).
 Optional zero-shot multiple-choice tasks are scored dense and sparse (tasks.zeroshot).
 
+A quantized artifact is also measured against the float weights it was made from: given
+`reference` (an unquantized artifact of the same source, opened `mode="dense"`), the same rows
+give dense float, dense quantized and sparse quantized (`Evaluation.quantization`), so that the
+report separates the loss from quantization (dense quantized vs dense float) from the loss from
+sparsity (sparse vs dense, both quantized: `Evaluation.main`, what the gate judges).
+
 What the perplexity is measured on (`Evaluation.heldout`, logged, and in evaluation.json): the
 held-out rows of the calibration step, L tokens each, cut from the concatenated token stream of
 the held-out documents in their seeded shuffled order and spread over documents: one row from each
@@ -30,6 +36,7 @@ measurement; see tasks/demo/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -115,6 +122,40 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class QuantizationLoss:
+    """A quantized artifact against the float weights it was made from, on the main comparison's
+    rows: dense float (the reference), dense quantized and sparse quantized; top-1 agreement and
+    KL(float dense || x) of the quantized dense and of the sparse model."""
+
+    scheme: str  # the bundle rows' ("int8" | "int4")
+    group_size: int
+    resident: str  # the resident matrices' scheme, "none" when they kept the float dtype
+    tokens: int
+    perplexity_float: float
+    perplexity_quantized: float  # dense
+    perplexity_sparse: float  # sparse quantized (= Comparison.perplexity_sparse)
+    top1_quantized: float  # dense quantized vs dense float
+    mean_kl_quantized: float
+    top1_sparse: float  # sparse quantized vs dense float
+    mean_kl_sparse: float
+
+    @property
+    def quantization_increase(self) -> float:
+        """Relative perplexity increase of the dense model from quantization."""
+        return self.perplexity_quantized / self.perplexity_float - 1.0
+
+    @property
+    def sparsity_increase(self) -> float:
+        """Relative perplexity increase from sparsity, both quantized."""
+        return self.perplexity_sparse / self.perplexity_quantized - 1.0
+
+    @property
+    def total_increase(self) -> float:
+        """Both together: (1 + quantization) x (1 + sparsity) - 1."""
+        return self.perplexity_sparse / self.perplexity_float - 1.0
+
+
+@dataclass(frozen=True)
 class HeldoutSample:
     """The text the main comparison's perplexity is measured on."""
 
@@ -154,6 +195,7 @@ class Evaluation:
     curve_json_path: Path
     curve_png_path: Path | None
     heldout: HeldoutSample | None = None  # what main's perplexity is measured on
+    quantization: QuantizationLoss | None = None  # quantized artifacts evaluated with a float reference
 
 
 def _sum_stats(steps: Sequence[StepStats]) -> StepStats:
@@ -165,41 +207,101 @@ def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")  # [L-1]
 
 
+class _Tally:
+    """Running sums of a model's next-token predictions against a reference's on the same rows."""
+
+    def __init__(self) -> None:
+        self.nll_ref = self.nll = self.kl = self.agree = 0.0
+        self.n_pred = self.n_tok = 0
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor, row: torch.Tensor) -> None:
+        """ref, out: the logits of `row`, [L, V] each."""
+        self.nll_ref += float(_next_token_nll(ref, row).sum())
+        self.nll += float(_next_token_nll(out, row).sum())
+        lp_r, lp_o = F.log_softmax(ref.float(), -1), F.log_softmax(out.float(), -1)
+        self.kl += float((lp_r.exp() * (lp_r - lp_o)).sum())
+        self.agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
+        self.n_pred += len(row) - 1
+        self.n_tok += len(row)
+
+    def perplexities(self) -> tuple[float, float]:
+        """(reference, model): per-token mean NLL of the scored tokens, exponentiated."""
+        return math.exp(self.nll_ref / self.n_pred), math.exp(self.nll / self.n_pred)
+
+
 def compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tensor, *, label: str,
             recall_target: float | None, thresholds: Sequence[float], n_neurons_total: int,
             progress: Callable[[int], None] | None = None) -> Comparison:
     """Run the sparse model token by token on each row of `ids` and compare with the dense logits
     of that row (`dense_logits(k)`: [L, V])."""
-    nll_d = nll_s = kl = agree = 0.0
-    n_pred = 0
+    return _compare(dense_logits, sparse, ids, label=label, recall_target=recall_target, thresholds=thresholds,
+                    n_neurons_total=n_neurons_total, progress=progress)[0]
+
+
+def _compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tensor, *, label: str,
+             recall_target: float | None, thresholds: Sequence[float], n_neurons_total: int,
+             progress: Callable[[int], None] | None = None,
+             float_logits: Callable[[int], torch.Tensor] | None = None) -> tuple[Comparison, tuple[_Tally, _Tally] | None]:
+    """`compare`, and with `float_logits(k)` (a float reference's dense logits of row k) the
+    tallies of the dense and of the sparse model against that reference."""
+    main, vs_float = _Tally(), (_Tally(), _Tally()) if float_logits else None
     total = StepStats()
     for k, row in enumerate(ids):
         s_logits = sparse.forward(row, token_by_token=True)  # [L, V]
         total = total + _sum_stats(sparse.stats)
         d_logits = dense_logits(k)
-        nll_d += float(_next_token_nll(d_logits, row).sum())
-        nll_s += float(_next_token_nll(s_logits, row).sum())
-        lp_d, lp_s = F.log_softmax(d_logits.float(), -1), F.log_softmax(s_logits.float(), -1)
-        kl += float((lp_d.exp() * (lp_d - lp_s)).sum())
-        agree += float((d_logits.argmax(-1) == s_logits.argmax(-1)).sum())
-        n_pred += len(row) - 1
+        main.add(d_logits, s_logits, row)
+        if vs_float:
+            f_logits = float_logits(k)
+            vs_float[0].add(f_logits, d_logits, row)
+            vs_float[1].add(f_logits, s_logits, row)
         if progress:
             progress(k + 1)
-    n_tok = int(ids.numel())
-    ppl_d, ppl_s = math.exp(nll_d / n_pred), math.exp(nll_s / n_pred)
+    n_tok = main.n_tok
+    ppl_d, ppl_s = main.perplexities()
     return Comparison(label=label, recall_target=recall_target, thresholds=tuple(float(t) for t in thresholds),
                       sequences=len(ids), tokens=n_tok, perplexity_dense=ppl_d, perplexity_sparse=ppl_s,
-                      perplexity_increase=ppl_s / ppl_d - 1.0, top1_agreement=agree / n_tok, mean_kl=kl / n_tok,
+                      perplexity_increase=ppl_s / ppl_d - 1.0, top1_agreement=main.agree / n_tok,
+                      mean_kl=main.kl / n_tok,
                       density=total.neurons_active / (n_tok * n_neurons_total),  # all layers' neurons
                       bytes_per_token=total.bytes_read / n_tok, reads_per_token=total.reads / n_tok,
-                      cache_rows_per_token=total.cache_rows / n_tok)
+                      cache_rows_per_token=total.cache_rows / n_tok), vs_float
+
+
+def quantization_loss(manifest, tallies: tuple[_Tally, _Tally]) -> QuantizationLoss:
+    """The quantized artifact's (its manifest's) dense and sparse figures against the float reference."""
+    dense, sparse = tallies
+    ppl_f, ppl_q = dense.perplexities()
+    q, rq = manifest.quant, manifest.resident_quant
+    return QuantizationLoss(scheme=q.scheme, group_size=q.group_size, resident=rq.scheme if rq else "none",
+                            tokens=dense.n_tok, perplexity_float=ppl_f, perplexity_quantized=ppl_q,
+                            perplexity_sparse=sparse.perplexities()[1], top1_quantized=dense.agree / dense.n_tok,
+                            mean_kl_quantized=dense.kl / dense.n_tok, top1_sparse=sparse.agree / sparse.n_tok,
+                            mean_kl_sparse=sparse.kl / sparse.n_tok)
+
+
+def check_reference(manifest, reference) -> None:
+    """The float reference must be an unquantized artifact of the same model as the quantized one."""
+    if manifest.quant is None:
+        raise InputError("a float reference was given for an artifact whose bundle rows are not quantized; "
+                         "evaluate a quantized artifact against it, or pass no reference")
+    same = (reference.architecture == manifest.architecture and reference.model_config == manifest.model_config
+            and [L.n_neurons for L in reference.ffn_layers] == [L.n_neurons for L in manifest.ffn_layers])
+    if reference.quant is not None or reference.resident_quant is not None or not same:
+        raise InputError(f"the float reference ({reference.architecture}, {reference.n_layers} layers, "
+                         f"{'quantized' if reference.quant or reference.resident_quant else reference.dtype}) is not "
+                         f"the unquantized form of the evaluated artifact ({manifest.architecture}, "
+                         f"{manifest.n_layers} layers): write it from the same source without quantize")
 
 
 def evaluate_artifact(artifact: Path, calib: CalibrationData, predictors: Sequence[LayerPredictor],
                       options: EvalOptions, *, out_dir: Path,
-                      progress: Callable[[int, int], None] | None = None) -> Evaluation:
+                      progress: Callable[[int, int], None] | None = None,
+                      reference: Path | None = None) -> Evaluation:
     """Dense vs sparse on the held-out sequences, the threshold sweep and the optional zero-shot
-    tasks; writes evaluation.json and the curve (JSON + PNG) under `out_dir`."""
+    tasks; writes evaluation.json and the curve (JSON + PNG) under `out_dir`. reference: the
+    unquantized artifact of the same source, when `artifact` is quantized: the main comparison's
+    rows are also scored on its dense model (`Evaluation.quantization`)."""
     ids = load_tokens(calib, "heldout")
     if len(ids) == 0:
         raise InputError("evaluation needs held-out sequences (n_heldout >= 1)")
@@ -219,20 +321,26 @@ def evaluate_artifact(artifact: Path, calib: CalibrationData, predictors: Sequen
             progress(done, steps_total)
 
     with torch_threads(options.torch_threads):
-        return _evaluate(artifact, ids, preds, options, out_dir, tick, heldout)
+        return _evaluate(artifact, ids, preds, options, out_dir, tick, heldout, reference)
 
 
 def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor], options: EvalOptions,
-              out_dir: Path, tick: Callable[[int], None], heldout: HeldoutSample | None = None) -> Evaluation:
+              out_dir: Path, tick: Callable[[int], None], heldout: HeldoutSample | None = None,
+              reference: Path | None = None) -> Evaluation:
     sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
     config = options.flash_config()
     with flashio.open(artifact, config, mode="naive") as naive:
         row = ids[0][: max(1, options.naive_tokens)]
         naive.forward(row, token_by_token=True)
         naive_bpt = _sum_stats(naive.stats).bytes_read / len(row)
-    with flashio.open(artifact, config, mode="dense") as dense, \
-            flashio.open(artifact, config, mode="sparse") as sparse:
+    with contextlib.ExitStack() as stack:
+        dense = stack.enter_context(flashio.open(artifact, config, mode="dense"))
+        sparse = stack.enter_context(flashio.open(artifact, config, mode="sparse"))
         m = dense.artifact.manifest
+        float_dense = None
+        if reference is not None:  # held in DRAM beside the quantized model while the main rows run
+            float_dense = stack.enter_context(flashio.open(reference, config, mode="dense"))
+            check_reference(m, float_dense.artifact.manifest)
         total_neurons = sum(L.n_neurons for L in m.ffn_layers)
         ffn_bytes = sum(L.length_bytes for L in m.ffn_layers)
         kept: dict[int, torch.Tensor] = {}  # dense logits of the sweep's rows, [L, V] each
@@ -246,8 +354,10 @@ def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor]
             return out
 
         chosen = sparse.predictor_thresholds
-        main = compare(dense_logits, sparse, ids, label="chosen", recall_target=None, thresholds=chosen,
-                       n_neurons_total=total_neurons, progress=tick)
+        main, vs_float = _compare(dense_logits, sparse, ids, label="chosen", recall_target=None, thresholds=chosen,
+                                  n_neurons_total=total_neurons, progress=tick,
+                                  float_logits=(lambda k: float_dense.forward(ids[k])) if float_dense else None)
+        quant = quantization_loss(m, vs_float) if vs_float else None
         sweep = []
         for r in options.sweep_recalls:
             th = [p.threshold_for(r) for p in preds]
@@ -267,7 +377,7 @@ def _evaluate(artifact: Path, ids: torch.Tensor, preds: Sequence[LayerPredictor]
     png = plot_curve(main, sweep, out_dir / CURVE_PNG)
     ev = Evaluation(main=main, sweep=tuple(sweep), naive_bytes_per_token=naive_bpt, ffn_bytes=ffn_bytes,
                     zero_shot=tuple(zero_shot), json_path=out_dir / "evaluation.json", curve_json_path=curve_json,
-                    curve_png_path=png, heldout=heldout)
+                    curve_png_path=png, heldout=heldout, quantization=quant)
     measured_on = heldout.describe() if heldout else None
     ev.json_path.write_text(json.dumps({**dataclasses.asdict(ev), "window": options.window,
                                         "perplexity_measured_on": measured_on}, indent=1, default=str))
@@ -331,11 +441,14 @@ def enforce_budget(ev: Evaluation, budget: AccuracyBudget, *, allow_loss: bool =
 
 @task(name="evaluate", cache_key_fn=stage_cache("evaluate", __name__, "tasks.zeroshot"))
 def evaluate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData, predictors: list[LayerPredictor],
-                  options: EvalOptions, work_dir: Path) -> Evaluation:
+                  options: EvalOptions, work_dir: Path, reference: Path | None = None) -> Evaluation:
+    """reference: the unquantized artifact of the same source when `artifact` is quantized."""
+
     def compute(out: Path) -> Evaluation:
         total = calib.n_heldout + len(options.sweep_recalls) * min(options.sweep_sequences, calib.n_heldout)
         with StageProgress("evaluating dense vs sparse", total, unit="seq") as p:
-            return evaluate_artifact(artifact, calib, predictors, options, out_dir=out, progress=p.update)
+            return evaluate_artifact(artifact, calib, predictors, options, out_dir=out, progress=p.update,
+                                     reference=reference)
 
     ev = run_stage("evaluate", [__name__, "tasks.zeroshot"], compute)
     m = ev.main
@@ -344,6 +457,10 @@ def evaluate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData, 
                           m.perplexity_sparse, 100 * m.perplexity_increase, m.top1_agreement, m.density,
                           m.bytes_per_token, ev.naive_bytes_per_token,
                           ev.heldout.describe() if ev.heldout else f"{m.tokens} held-out tokens")
+    if (q := ev.quantization) is not None:
+        get_run_logger().info("perplexity dense float %.3f, dense %s %.3f (quantization %+.2f%%), sparse %.3f "
+                              "(sparsity %+.2f%%)", q.perplexity_float, q.scheme, q.perplexity_quantized,
+                              100 * q.quantization_increase, q.perplexity_sparse, 100 * q.sparsity_increase)
     return ev
 
 

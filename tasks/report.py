@@ -18,6 +18,12 @@ bytes per token against naive twice: unlimited (`bytes_per_token_sparse`, measur
 FFN's DRAM limited to `ffn_dram_fraction` of its bytes (`bytes_per_token_limited`, simulated on
 the predicted active sets: tasks.windowing; rows needed, while the runtime's read plan may also
 read through small gaps between them, which `bytes_per_token_sparse` includes).
+
+A quantized artifact evaluated with its float reference (tasks.evaluation.QuantizationLoss) adds
+the loss split (`quantization_summary`): `quantization_perplexity_increase` (dense quantized vs
+dense float) and `sparsity_perplexity_increase` (sparse vs dense, both quantized: the gate's
+`perplexity_increase`), with `total_perplexity_increase` their product; an unquantized one has
+none of these keys.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from prefect import task
 from tasks.activations import ActivationStats
 from tasks.allocation import Allocation
 from tasks.caching import sha256_json, stage_dir
-from tasks.evaluation import AccuracyBudget, Evaluation
+from tasks.evaluation import AccuracyBudget, Evaluation, QuantizationLoss
 from tasks.frontier import OracleFrontier
 from tasks.predictors import LayerPredictor
 from tasks.selection import EXACT_GATE, Candidate, Selection
@@ -98,11 +104,28 @@ def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], e
     sweep = [{"recall_target": c.recall_target, "density": c.density, "perplexity_increase": c.perplexity_increase,
               "top1_agreement": c.top1_agreement, "mean_kl": c.mean_kl, "bytes_per_token": c.bytes_per_token,
               "tokens": c.tokens} for c in ev.sweep]
+    if ev.quantization is not None:
+        summary.update(quantization_summary(ev.quantization))
     report = {"summary": summary, "layers": layers, "sweep": sweep, "zero_shot": list(ev.zero_shot),
               "calibration": calibration or {}}
     if choice is not None:
         _add_choice(report, choice, ev, m.bytes_per_token)
     return report
+
+
+def quantization_summary(q: QuantizationLoss) -> dict[str, Any]:
+    """A quantized artifact's loss in two parts, on the same held-out rows: quantization (dense
+    quantized vs dense float) and sparsity (sparse vs dense, both quantized: what the gate judges,
+    `perplexity_increase`); `total_*` is the sparse quantized model against the float dense one,
+    (1 + quantization) x (1 + sparsity) - 1 in perplexity."""
+    return {"quantization_scheme": q.scheme, "quantization_group_size": q.group_size,
+            "quantization_resident": q.resident, "perplexity_float": q.perplexity_float,
+            "perplexity_quantized_dense": q.perplexity_quantized,
+            "quantization_perplexity_increase": q.quantization_increase,
+            "quantization_top1_agreement": q.top1_quantized, "quantization_mean_kl": q.mean_kl_quantized,
+            "sparsity_perplexity_increase": q.sparsity_increase,
+            "total_perplexity_increase": q.total_increase, "total_top1_agreement": q.top1_sparse,
+            "total_mean_kl": q.mean_kl_sparse}
 
 
 def _add_choice(report: dict[str, Any], choice: Choice, ev: Evaluation, measured_bpt: float) -> None:
@@ -178,6 +201,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"(held-out pairs), precision {s['predictor_precision_mean']:.3f}",
         f"perplexity       dense {s['perplexity_dense']:.3f}, sparse {s['perplexity_sparse']:.3f} "
         f"({100 * s['perplexity_increase']:+.2f}%, budget +{100 * b['max_perplexity_increase']:.2f}%)",
+        *_quantization_lines(s),
         *held,
         f"top-1 agreement  {s['top1_agreement']:.4f} (budget >= {b['min_top1_agreement']:.2f}), "
         f"mean KL {s['mean_kl']:.2e}, {s['eval_tokens']} held-out tokens",
@@ -186,6 +210,21 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         *_choice_lines(s),
         f"accuracy gate    {s['gate']}" + (f": {'; '.join(s['violations'])}" if s["violations"] else ""),
     ]
+
+
+def _quantization_lines(s: dict[str, Any]) -> list[str]:
+    if "quantization_scheme" not in s:
+        return []
+    q = s["quantization_scheme"]
+    resident = "float" if s["quantization_resident"] == "none" else s["quantization_resident"]
+    return [f"quantization     {q} rows (groups of {s['quantization_group_size']}), {resident} resident matrices: "
+            f"dense perplexity float {s['perplexity_float']:.3f} -> {q} {s['perplexity_quantized_dense']:.3f} "
+            f"({100 * s['quantization_perplexity_increase']:+.2f}%), top-1 {s['quantization_top1_agreement']:.4f}, "
+            f"mean KL {s['quantization_mean_kl']:.2e}",
+            f"loss split       quantization {100 * s['quantization_perplexity_increase']:+.2f}% (float dense -> {q} "
+            f"dense), sparsity {100 * s['sparsity_perplexity_increase']:+.2f}% ({q} dense -> sparse), together "
+            f"{100 * s['total_perplexity_increase']:+.2f}% (float dense -> {q} sparse: top-1 "
+            f"{s['total_top1_agreement']:.4f}, mean KL {s['total_mean_kl']:.2e})"]
 
 
 def _choice_lines(s: dict[str, Any]) -> list[str]:

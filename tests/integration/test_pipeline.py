@@ -125,6 +125,25 @@ def test_convert_tiny_opt(tiny, tmp_path):
     assert state.result().created and {v.version for v in reg.versions("opt")} == {"1", "2"}
 
 
+def test_convert_tiny_opt_int8_reports_quantization_and_sparsity_apart(tiny, tmp_path):
+    """`--quantize int8`: the published artifact holds int8 rows, and the report measures its loss in
+    two parts on the same held-out rows: int8 dense vs the float weights, sparse vs dense (both int8)."""
+    cfg = config(tiny, tmp_path, "opt", quantize="int8", name="opt-int8", sweep=(0.99,))
+    result = run_convert(cfg)
+    s = result.report["summary"]
+    assert s["quantization_scheme"] == "int8" and s["quantization_resident"] == "int8"
+    assert s["perplexity_quantized_dense"] == s["perplexity_dense"]  # the gate's dense is the int8 one
+    assert s["perplexity_float"] != s["perplexity_dense"] and abs(s["quantization_perplexity_increase"]) < 0.05
+    assert s["sparsity_perplexity_increase"] == s["perplexity_increase"]
+    together = (1 + s["quantization_perplexity_increase"]) * (1 + s["sparsity_perplexity_increase"]) - 1
+    assert s["total_perplexity_increase"] == pytest.approx(together, rel=1e-9)
+    assert any(line.startswith("loss split") for line in result.summary_lines())
+    with flashio.open(result.reference, registry=cfg.registry, mode="dense") as model:
+        m = model.artifact.manifest
+        assert m.quant.scheme == "int8"
+        assert m.report["summary"]["quantization_perplexity_increase"] == s["quantization_perplexity_increase"]
+
+
 def test_convert_tiny_llama(tiny, tmp_path):
     cfg = config(tiny, tmp_path, "llama", gated_density=0.4, order="coactivation", name="tiny-llama",
                  methods=("active",))

@@ -97,11 +97,13 @@ def test_report_summary_and_tables():
     s = report["summary"]
     assert s["true_sparsity"] == pytest.approx(0.8) and s["predicted_sparsity"] == pytest.approx(0.8)
     assert s["gate"] == "passed" and s["bytes_per_token_naive"] == 8000.0
+    assert not any(k.startswith(("quantization", "sparsity_", "total_")) or k == "perplexity_float" for k in s)
     lines = summary_lines(report)
     assert any("sparse 1000 B, naive 7.81 KiB (8.0x less)" in line for line in lines)
     assert layer_rows(report)[1]["predicted density"] == 0.6
     md = render_markdown(report)
     assert "| layer | rank |" in md and "sparsity_accuracy.png" in md
+    assert "loss split" not in md and "quantization" not in md
 
 
 class _LogitsOf:
@@ -120,12 +122,13 @@ class _LogitsOf:
 @pytest.fixture(scope="module")
 def demo_heldout_rows():
     """The demo model and held-out rows cut the way the calibration step cuts them: the token
-    stream of whole documents (each starting with bos) in rows of 96, so that only the first row
-    starts with bos, the others start mid-document and one holds a document boundary."""
+    stream of whole documents (each starting with bos) in rows of 96, the rows cut mid-document
+    given bos in place of their first token (the demo's tokenizer adds one), and one row holding
+    a document boundary."""
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from tasks.calibration import _encoder, _fill
+    from tasks.calibration import _encoder, _fill, _open_with_bos
     from tasks.demo import DEMO_CHECKPOINT_DIR, stdlib_text_files
 
     model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_CHECKPOINT_DIR, dtype=torch.float32).eval()
@@ -134,17 +137,18 @@ def demo_heldout_rows():
     sizes = [(p.stat().st_size, p) for p in stdlib_text_files("heldout")]
     small = [p for size, p in sorted(sizes, key=lambda t: t[0]) if size > 400][:2]  # two short files
     texts = (p.read_text(encoding="utf-8") for p in small)
-    rows, n_docs, _ = _fill(texts, _encoder(tokenizer), 6, 96)
-    assert rows.shape == (6, 96) and n_docs == 2, (rows.shape, n_docs)
-    ids = torch.from_numpy(rows).long()
-    assert ids[0, 0] == tokenizer.bos_token_id and (ids[1:] == tokenizer.bos_token_id).sum() == 1
+    encode, bos = _encoder(tokenizer)
+    rows, n_docs, _ = _fill(texts, encode, 6, 96)
+    assert rows.shape == (6, 96) and n_docs == 2 and bos == tokenizer.bos_token_id, (rows.shape, n_docs, bos)
+    ids = torch.from_numpy(_open_with_bos(rows, bos)).long()
+    assert (ids[:, 0] == bos).all() and (ids[:, 1:] == bos).sum() == 1
     return model, ids
 
 
 def test_perplexity_is_transformers_loss_on_the_same_ids(demo_heldout_rows):
     """The pipeline's perplexity (per-token mean NLL of all but each row's first token, rows scored
     on their own) equals exp of transformers' labels=input_ids loss on the same rows, dense and
-    sparse alike (on these rows a mean of per-row perplexities would give 38.7 instead of 32.3)."""
+    sparse alike (on these rows a mean of per-row perplexities would give 41.3 instead of 34.1)."""
     import torch
 
     model, ids = demo_heldout_rows
@@ -175,7 +179,7 @@ def test_heldout_sample_says_what_the_perplexity_is_measured_on():
     text = sample.describe()
     assert "16 sequences of 256 tokens cut from 1 document(s) of stdlib:heldout" in text
     assert "4080 next tokens, all but the first of each sequence, averaged per token" in text
-    assert "bos only at a document's start" in text
+    assert "bos first where the tokenizer adds one" in text
     assert sample.few_documents()
     assert not HeldoutSample.of(calibration_data(documents=31), 16).few_documents()
     after = HeldoutSample.of(calibration_data(documents=12, heldout_spec=None), 16)
@@ -209,3 +213,78 @@ def test_report_without_a_heldout_sample():
     assert report["summary"]["perplexity_measured_on"] is None
     assert not any(line.startswith("held-out text") for line in summary_lines(report))
     assert "Perplexity measured on" not in render_markdown(report)
+
+
+@pytest.fixture(scope="module")
+def float_and_int4(tmp_path_factory):
+    """A tiny OPT written twice from the same checkpoint: float32 and int4 rows (int8 resident),
+    both with the same random predictors, and four held-out rows of its token ids."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.torch import save_file
+
+    from flashio.format import write_artifact
+    from flashio.predictor import PredictorWeights
+    from tasks.testing import build_tiny_model, build_tokenizer, write_corpus
+
+    root = tmp_path_factory.mktemp("quant-eval")
+    tok = build_tokenizer(write_corpus(root / "text", n_files=2), root / "tok")
+    ckpt = build_tiny_model("opt", root / "m", tok, hidden=32, ffn=64, layers=2)
+    gen = torch.Generator().manual_seed(0)
+    preds = [PredictorWeights(torch.randn(4, 32, generator=gen), torch.randn(64, 4, generator=gen), torch.zeros(64))
+             for _ in range(2)]
+    plain = write_artifact(ckpt, root / "float", dtype="float32", predictors=preds)
+    quant = write_artifact(ckpt, root / "int4", dtype="float32", predictors=preds, quantize="int4")
+    ids = torch.randint(3, len(tok), (4, 24), generator=gen)
+    ids[:, 0] = tok.bos_token_id
+    save_file({"calibration": ids[:1].clone(), "heldout": ids}, str(root / "tokens.safetensors"))
+    calib = CalibrationData(path=root / "tokens.safetensors", fingerprint="f", spec="test", heldout_spec="test",
+                            n_sequences=1, n_heldout=4, seq_len=24, seed=0, documents=1, heldout_documents=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return plain, quant, calib, model, ids, root
+
+
+def test_quantized_evaluation_separates_quantization_from_sparsity(float_and_int4):
+    """With the float artifact as reference, the same held-out rows give dense float (transformers'
+    own loss on them), dense int4 and sparse int4; the report's quantization and sparsity losses
+    are each measured, and together make the total."""
+    import torch
+
+    from tasks.evaluation import EvalOptions, evaluate_artifact
+    from tasks.resultfile import read_result, write_result
+
+    plain, quant, calib, model, ids, root = float_and_int4
+    ev = evaluate_artifact(quant, calib, [], EvalOptions(naive_tokens=2), out_dir=root / "ev", reference=plain)
+    q, m = ev.quantization, ev.main
+    with torch.no_grad():
+        want_float = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    assert q.scheme == "int4" and q.resident == "int8" and q.tokens == m.tokens == 4 * 24
+    assert q.perplexity_float == pytest.approx(want_float, rel=1e-4)
+    assert q.perplexity_quantized == pytest.approx(m.perplexity_dense, rel=1e-9)
+    assert q.perplexity_sparse == pytest.approx(m.perplexity_sparse, rel=1e-9)
+    assert abs(q.quantization_increase) > 1e-3  # int4 moves the dense model...
+    assert abs(m.perplexity_increase) > 1e-3  # ...and the random predictors' sparsity moves it again
+    assert q.top1_quantized < 1.0 and q.mean_kl_quantized > 0 and q.mean_kl_sparse > 0
+    (root / "stored").mkdir(exist_ok=True)  # the evaluate stage's cached result keeps the split
+    assert read_result(write_result(root / "stored", ev).parent, Evaluation).quantization == q
+
+    s = _report(ev)["summary"]
+    assert s["quantization_perplexity_increase"] == pytest.approx(q.perplexity_quantized / want_float - 1, rel=1e-3)
+    assert s["sparsity_perplexity_increase"] == pytest.approx(s["perplexity_increase"])
+    together = (1 + s["quantization_perplexity_increase"]) * (1 + s["sparsity_perplexity_increase"]) - 1
+    assert s["total_perplexity_increase"] == pytest.approx(together, abs=1e-12)
+    assert s["total_perplexity_increase"] == pytest.approx(m.perplexity_sparse / want_float - 1, rel=1e-3)
+    lines = summary_lines(_report(ev))
+    split = next(line for line in lines if line.startswith("loss split"))
+    assert f"quantization {100 * s['quantization_perplexity_increase']:+.2f}%" in split
+    assert f"sparsity {100 * s['sparsity_perplexity_increase']:+.2f}%" in split
+
+
+def test_float_reference_must_be_the_unquantized_form(float_and_int4):
+    from tasks.evaluation import EvalOptions, evaluate_artifact
+
+    plain, quant, calib, _, _, root = float_and_int4
+    with pytest.raises(InputError, match="not quantized"):
+        evaluate_artifact(plain, calib, [], EvalOptions(naive_tokens=2), out_dir=root / "a", reference=plain)
+    with pytest.raises(InputError, match="is not the unquantized form"):
+        evaluate_artifact(quant, calib, [], EvalOptions(naive_tokens=2), out_dir=root / "b", reference=quant)
