@@ -15,13 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import flashio  # noqa: E402
 from flashio.errors import UnsupportedArchitectureError  # noqa: E402
 from flashio.format import Artifact, write_artifact  # noqa: E402
 from flashio.models import gemma3  # noqa: E402
 from tasks.source import inspect_source  # noqa: E402
 from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
-from tests.unit.test_mistral import PROMPT, WINDOW, hf_logits, hf_logits_stepwise  # noqa: E402
+from tests.unit.family_check import PROMPT, WINDOW, assert_greedy_matches, assert_logits_match  # noqa: E402
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 CONFIG = {"sliding_window": WINDOW, "layer_types": LAYER_TYPES, "query_pre_attn_scalar": 24,
@@ -50,24 +49,13 @@ def tiny_gemma(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
 def test_logits_match_transformers(tiny_gemma, mode):
     hf, _, art = tiny_gemma
-    ref = hf_logits(hf, PROMPT)
+    ref = assert_logits_match(hf, art, mode)
     assert ref.abs().max() < 3.0 and ref.std() > 0.1  # the softcap is active, the logits are not flat
-    with flashio.open(art, mode=mode) as model:
-        whole = model.forward(PROMPT)
-        stepwise = model.forward(PROMPT, token_by_token=True)
-    assert (whole - ref).abs().max().item() <= 1e-4
-    assert (stepwise - ref).abs().max().item() <= 1e-4
-    assert (stepwise - hf_logits_stepwise(hf, PROMPT)).abs().max().item() <= 1e-4
 
 
 def test_greedy_generation_matches_transformers(tiny_gemma):
     hf, _, art = tiny_gemma
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT[:3]]), max_new_tokens=12, do_sample=False,
-                           min_new_tokens=12)[0, 3:].tolist()
-    with flashio.open(art, mode="dense") as model:
-        got = model.generate(PROMPT[:3], max_new_tokens=12, stop_at_eos=False)
-    assert got.token_ids == want
+    assert_greedy_matches(hf, art, PROMPT[:3], new_tokens=12)
 
 
 def test_config_is_read_as_transformers_reads_it(tiny_gemma):

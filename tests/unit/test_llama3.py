@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import flashio  # noqa: E402
 from flashio.format import Artifact, write_artifact  # noqa: E402
 from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
-from tests.unit.test_mistral import PROMPT, hf_logits, hf_logits_stepwise  # noqa: E402
+from tests.unit.family_check import PROMPT, assert_logits_match, relinked_checkpoint  # noqa: E402
 
 # Llama 3.1's scaling with the original context shrunk to the tiny model's, so that it matters
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -35,10 +35,7 @@ def tiny_llama3(tmp_path_factory):
 def test_llama3_rope_scaling_matches_transformers(tiny_llama3):
     hf, _, art = tiny_llama3
     assert Artifact(art).args.rope_type == "llama3"
-    ref = hf_logits(hf, PROMPT)
-    with flashio.open(art, mode="dense") as model:
-        assert (model.forward(PROMPT) - ref).abs().max().item() <= 1e-4
-        assert (model.forward(PROMPT, token_by_token=True) - hf_logits_stepwise(hf, PROMPT)).abs().max() <= 1e-4
+    assert_logits_match(hf, art, "dense")
 
 
 def test_a_list_of_eos_ids_opens_and_stops_generation(tiny_llama3, tmp_path):
@@ -50,17 +47,8 @@ def test_a_list_of_eos_ids_opens_and_stops_generation(tiny_llama3, tmp_path):
     # <|end_of_text|>
     k = next(i for i in range(1, len(free)) if free[i] not in free[:i])
     config = json.loads((path / "config.json").read_text())
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    for f in path.iterdir():
-        (ckpt / f.name).symlink_to(f)
-    (ckpt / "config.json").unlink()
-    (ckpt / "config.json").write_text(json.dumps({**config, "eos_token_id": [config["eos_token_id"][0], free[k]]}))
-    generation = path / "generation_config.json"
-    if generation.exists():
-        (ckpt / generation.name).unlink()
-        (ckpt / generation.name).write_text(json.dumps({**json.loads(generation.read_text()),
-                                                        "eos_token_id": [config["eos_token_id"][0], free[k]]}))
+    eos = {"eos_token_id": [config["eos_token_id"][0], free[k]]}
+    ckpt = relinked_checkpoint(path, tmp_path / "ckpt", eos, eos)
     stopping = write_artifact(ckpt, tmp_path / "art", dtype="float32")
     with flashio.open(stopping, mode="dense") as model:
         got = model.generate(PROMPT[:3], max_new_tokens=6)

@@ -4,7 +4,6 @@ factory, the pipeline's source check and synth, which know Mistral only through 
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -18,9 +17,13 @@ from flashio.format import Artifact, write_artifact  # noqa: E402
 from flashio.synth import Shape, write_synthetic  # noqa: E402
 from tasks.source import inspect_source  # noqa: E402
 from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
-
-WINDOW = 4
-PROMPT = [1, 17, 101, 55, 9, 120, 33, 78, 12, 5, 99, 64]  # 12 tokens: 3 windows
+from tests.unit.family_check import (  # noqa: E402
+    PROMPT,
+    WINDOW,
+    assert_greedy_matches,
+    assert_logits_match,
+    relinked_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,56 +38,22 @@ def tiny_mistral(tmp_path_factory):
     return hf, path, write_artifact(path, root / "art", dtype="float32")
 
 
-def hf_logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
-def hf_logits_stepwise(model, ids) -> torch.Tensor:
-    """transformers' own token-by-token decoding through its (sliding-window) KV cache."""
-    out, past = [], None
-    with torch.no_grad():
-        for t in ids:
-            r = model(torch.tensor([[t]]), cache=past, use_cache=True)
-            past = r.past_key_values
-            out.append(r.logits[0, -1].float())
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
 def test_logits_match_transformers(tiny_mistral, mode):
     hf, _, art = tiny_mistral
-    ref = hf_logits(hf, PROMPT)
-    with flashio.open(art, mode=mode) as model:
-        whole = model.forward(PROMPT)  # the prompt in one step
-        stepwise = model.forward(PROMPT, token_by_token=True)  # decoding through the KV cache
-    assert whole.shape == ref.shape
-    assert (whole - ref).abs().max().item() <= 1e-4
-    assert (stepwise - ref).abs().max().item() <= 1e-4
-    assert (stepwise - hf_logits_stepwise(hf, PROMPT)).abs().max().item() <= 1e-4
+    assert_logits_match(hf, art, mode)
 
 
 def test_greedy_generation_matches_transformers(tiny_mistral):
     hf, _, art = tiny_mistral
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT[:3]]), max_new_tokens=12, do_sample=False,
-                           min_new_tokens=12)[0, 3:].tolist()
-    with flashio.open(art, mode="dense") as model:
-        got = model.generate(PROMPT[:3], max_new_tokens=12, stop_at_eos=False)
-    assert got.token_ids == want  # 15 positions: the window slides during decoding
+    assert_greedy_matches(hf, art, PROMPT[:3], new_tokens=12)  # 15 positions: the window slides during decoding
 
 
 def test_the_window_is_what_makes_it_mistral(tiny_mistral, tmp_path):
     """The same weights with full attention (sliding_window null) agree inside the first window
     and differ after it: the match above depends on the window."""
     _, path, art = tiny_mistral
-    full_ckpt = tmp_path / "full"
-    full_ckpt.mkdir()
-    for f in path.iterdir():
-        (full_ckpt / f.name).symlink_to(f)
-    config = json.loads((path / "config.json").read_text())
-    (full_ckpt / "config.json").unlink()
-    (full_ckpt / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    full_ckpt = relinked_checkpoint(path, tmp_path / "full", {"sliding_window": None})
     full_art = write_artifact(full_ckpt, tmp_path / "art", dtype="float32")
     assert Artifact(art).args.sliding_window == WINDOW and Artifact(full_art).args.sliding_window is None
     with flashio.open(art, mode="dense") as windowed, flashio.open(full_art, mode="dense") as full:

@@ -11,12 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import flashio  # noqa: E402
 from flashio.format import Artifact, write_artifact  # noqa: E402
 from flashio.models import qwen2  # noqa: E402
 from tasks.source import inspect_source  # noqa: E402
 from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
-from tests.unit.test_mistral import PROMPT, WINDOW, hf_logits, hf_logits_stepwise  # noqa: E402
+from tests.unit.family_check import PROMPT, WINDOW, assert_logits_match, hf_logits  # noqa: E402
 
 VARIANTS = {
     "no-window": {},  # as Qwen 2 / 2.5 are released: use_sliding_window false
@@ -44,13 +43,7 @@ def tiny_qwen(request, tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["dense", "oracle"])
 def test_logits_match_transformers(tiny_qwen, mode):
     _, hf, _, art = tiny_qwen
-    ref = hf_logits(hf, PROMPT)
-    with flashio.open(art, mode=mode) as model:
-        whole = model.forward(PROMPT)
-        stepwise = model.forward(PROMPT, token_by_token=True)
-    assert (whole - ref).abs().max().item() <= 1e-4
-    assert (stepwise - ref).abs().max().item() <= 1e-4
-    assert (stepwise - hf_logits_stepwise(hf, PROMPT)).abs().max().item() <= 1e-4
+    assert_logits_match(hf, art, mode)
 
 
 def test_biases_and_window_are_read(tiny_qwen):

@@ -10,13 +10,9 @@ import flashio
 from flashio.errors import BudgetError, FlashError
 from flashio.format import write_artifact
 from flashio.predictor import PredictorWeights
+from tests.unit.family_check import assert_greedy_matches, assert_logits_match
 
 PROMPT = [2, 17, 101, 55, 9, 240, 33, 78, 12, 5, 99, 301]
-
-
-def hf_logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
 
 
 @pytest.fixture(params=["opt", "llama"])
@@ -29,24 +25,13 @@ def family(request, tiny_opt, tiny_llama, opt_artifact, llama_artifact):
 @pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
 def test_logits_match_transformers(family, mode):
     hf, art = family
-    ref = hf_logits(hf, PROMPT)
-    with flashio.open(art, mode=mode) as model:
-        whole = model.forward(PROMPT)  # the prompt in one step
-        stepwise = model.forward(PROMPT, token_by_token=True)  # decoding through the KV cache
-    assert whole.shape == ref.shape
-    assert (whole - ref).abs().max().item() <= 1e-4
-    assert (stepwise - ref).abs().max().item() <= 1e-4
+    assert_logits_match(hf, art, mode, PROMPT, stepwise_reference=False)
 
 
 @pytest.mark.parametrize("mode", ["dense", "naive", "oracle"])
 def test_greedy_generation_matches_transformers(family, mode):
     hf, art = family
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT[:5]]), max_new_tokens=10, do_sample=False,
-                           min_new_tokens=10)[0, 5:].tolist()
-    with flashio.open(art, mode=mode) as model:
-        got = model.generate(PROMPT[:5], max_new_tokens=10, stop_at_eos=False)
-    assert got.token_ids == want
+    got = assert_greedy_matches(hf, art, PROMPT[:5], new_tokens=10, mode=mode)
     assert len(got.decode) == 9 and got.prompt_tokens == 5
 
 
