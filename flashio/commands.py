@@ -182,10 +182,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not args.json:
                 out.write(tok.text)
                 out.flush()
-        from flashio.runtime import Generation
+        from flashio.generation import Generation
 
-        steps = model.stats
-        gen = Generation("".join(pieces), ids, steps[0].tokens, steps[0], steps[1:], finish)
+        gen = Generation.of_steps("".join(pieces), ids, model.stats, finish)
         if args.json:
             n = max(len(gen.decode), 1)
             print(json.dumps({"text": gen.text, "tokens": len(ids), "finish_reason": finish, "tokens_per_s": gen.tokens_per_s(),

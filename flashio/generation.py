@@ -1,4 +1,5 @@
-"""Generation options and the sampler: what picks the next token from a step's logits.
+"""Generation options, the sampler (what picks the next token from a step's logits), the decoding
+loop and its results.
 
     cfg = GenerationConfig.from_generation_config(artifact / "generation_config.json", temperature=0.7)
     sampler = Sampler(cfg)
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer
 
 from flashio.detokenize import Detokenizer
 from flashio.errors import FlashError
+from flashio.stats import StepStats
 from flashio.stopping import StopChecker
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -279,3 +281,43 @@ def stream_tokens(next_logits: Callable[[list[int]], torch.Tensor], prompt_ids: 
             return
         yield StreamedToken(tok, text, None)
         logits = next_logits([tok])
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    token_id: int
+    text: str  # the text this token added
+    stats: StepStats  # of the step that produced it (the first one includes the prompt)
+    finish_reason: str | None = None  # on the last token: "stop" (eos or a stop string) or "length"
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    prefill: StepStats
+    decode: list[StepStats] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length"; None when nothing was generated
+
+    @classmethod
+    def of_steps(cls, text: str, token_ids: list[int], steps: Sequence[StepStats],
+                 finish_reason: str | None) -> Generation:
+        """From the model's steps: the first is the prompt's (prefill), the others decode a token each."""
+        return cls(text, token_ids, steps[0].tokens if steps else 0, steps[0] if steps else StepStats(),
+                   list(steps[1:]), finish_reason)
+
+    @property
+    def decode_total(self) -> StepStats:
+        return sum(self.decode, StepStats())
+
+    def tokens_per_s(self) -> float:
+        ms = self.decode_total.total_ms
+        return 1e3 * len(self.decode) / ms if ms > 0 else float("nan")
+
+    def summary(self) -> str:
+        n = max(len(self.decode), 1)
+        t = self.decode_total
+        return (f"{len(self.token_ids)} tokens, {self.tokens_per_s():.2f} tok/s, "
+                f"{t.bytes_read / n / 1e6:.3f} MB read/token, "
+                f"I/O {t.io_ms / n:.2f} ms / memory {t.mem_ms / n:.2f} ms / compute {t.compute_ms / n:.2f} ms per token")

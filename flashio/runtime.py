@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from flashio.dtypes import torch_dtype
 from flashio.engines import ActiveSource, EngineContext
 from flashio.errors import FlashError, TokenizerError
 from flashio.format import Artifact
-from flashio.generation import GenerationConfig, eos_ids, stream_tokens
+from flashio.generation import GeneratedToken, Generation, GenerationConfig, eos_ids, stream_tokens
 from flashio.models.base import KVCache
 from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
@@ -52,38 +52,6 @@ from flashio.trace import Trace, TraceRecorder
 log = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"  # the source's, copied into the artifact
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    token_id: int
-    text: str  # the text this token added
-    stats: StepStats  # of the step that produced it (the first one includes the prompt)
-    finish_reason: str | None = None  # on the last token: "stop" (eos or a stop string) or "length"
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    prefill: StepStats
-    decode: list[StepStats] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length"; None when nothing was generated
-
-    @property
-    def decode_total(self) -> StepStats:
-        return sum(self.decode, StepStats())
-
-    def tokens_per_s(self) -> float:
-        ms = self.decode_total.total_ms
-        return 1e3 * len(self.decode) / ms if ms > 0 else float("nan")
-
-    def summary(self) -> str:
-        n = max(len(self.decode), 1)
-        t = self.decode_total
-        return (f"{len(self.token_ids)} tokens, {self.tokens_per_s():.2f} tok/s, "
-                f"{t.bytes_read / n / 1e6:.3f} MB read/token, "
-                f"I/O {t.io_ms / n:.2f} ms / memory {t.mem_ms / n:.2f} ms / compute {t.compute_ms / n:.2f} ms per token")
 
 
 @dataclass(frozen=True)
@@ -334,10 +302,8 @@ class FlashModel:
                  config: GenerationConfig | None = None, **options: Any) -> Generation:
         """The whole generation at once (see stream for the options)."""
         toks = list(self.stream(prompt, max_new_tokens, config, **options))
-        steps = self.stats
-        return Generation("".join(t.text for t in toks), [t.token_id for t in toks], steps[0].tokens if steps else 0,
-                          steps[0] if steps else StepStats(), list(steps[1:]),
-                          toks[-1].finish_reason if toks else None)
+        return Generation.of_steps("".join(t.text for t in toks), [t.token_id for t in toks], self.stats,
+                                   toks[-1].finish_reason if toks else None)
 
     @property
     def staging_bytes(self) -> int:
