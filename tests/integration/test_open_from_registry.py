@@ -57,6 +57,15 @@ def _s3_env(monkeypatch, rclone_s3, tmp_path):
     monkeypatch.delenv("FLASHIO_OFFLINE", raising=False)
 
 
+def _published(monkeypatch, rclone_s3, tmp_path, artifact, version: str = "1", aliases=("prod",)) -> str:
+    """The URI of a registry on the rclone server holding `artifact` as opt-tiny@`version` (and `aliases`)."""
+    _s3_env(monkeypatch, rclone_s3, tmp_path)
+    uri = f"s3://{BUCKET}/reg"
+    with open_registry(uri) as reg:
+        reg.publish(artifact, name="opt-tiny", version=version, aliases=list(aliases))
+    return uri
+
+
 FAST = RegistryConfig(max_attempts=2, connect_timeout_s=1.0, read_timeout_s=5.0)
 
 
@@ -74,10 +83,7 @@ def _no_requests(monkeypatch):
 @pytest.mark.integration
 def test_restart_with_s3_down_opens_the_cached_alias_with_a_warning(rclone_s3, opt_artifact, tmp_path,
                                                                      monkeypatch, caplog):
-    _s3_env(monkeypatch, rclone_s3, tmp_path)
-    uri = f"s3://{BUCKET}/reg"
-    with open_registry(uri) as reg:
-        reg.publish(opt_artifact, name="opt-tiny", version="1", aliases=["prod"])
+    uri = _published(monkeypatch, rclone_s3, tmp_path, opt_artifact)
     with flashio.open("opt-tiny@prod", registry=uri, mode="oracle") as m:
         want = m.forward(PROMPT)
         cached = m.artifact.path
@@ -108,10 +114,7 @@ def test_restart_with_s3_down_opens_the_cached_alias_with_a_warning(rclone_s3, o
 
 @pytest.mark.integration
 def test_explicit_cached_version_needs_no_registry(rclone_s3, opt_artifact, tmp_path, monkeypatch, caplog):
-    _s3_env(monkeypatch, rclone_s3, tmp_path)
-    uri = f"s3://{BUCKET}/reg"
-    with open_registry(uri) as reg:
-        reg.publish(opt_artifact, name="opt-tiny", version="3")
+    uri = _published(monkeypatch, rclone_s3, tmp_path, opt_artifact, version="3", aliases=())
     cached = resolve_to_local(f"{uri}/opt-tiny@3")
     rclone_s3.kill()
     _no_requests(monkeypatch)
@@ -152,10 +155,7 @@ def test_offline_never_contacts_the_registry(rclone_s3, opt_artifact, tmp_path, 
 
 @pytest.mark.integration
 def test_refused_credentials_and_missing_aliases_are_never_masked(rclone_s3, opt_artifact, tmp_path, monkeypatch):
-    _s3_env(monkeypatch, rclone_s3, tmp_path)
-    uri = f"s3://{BUCKET}/reg"
-    with open_registry(uri) as reg:
-        reg.publish(opt_artifact, name="opt-tiny", version="1", aliases=["prod"])
+    uri = _published(monkeypatch, rclone_s3, tmp_path, opt_artifact)
     resolve_to_local("opt-tiny@prod", registry=uri)
     with open_registry(uri) as reg:  # the alias is deleted on the server: that is not "unreachable"
         reg.backend.delete("models/opt-tiny/aliases/prod")
@@ -169,10 +169,7 @@ def test_refused_credentials_and_missing_aliases_are_never_masked(rclone_s3, opt
 
 @pytest.mark.integration
 def test_damaged_cache_entry_is_not_opened_offline(rclone_s3, opt_artifact, tmp_path, monkeypatch):
-    _s3_env(monkeypatch, rclone_s3, tmp_path)
-    uri = f"s3://{BUCKET}/reg"
-    with open_registry(uri) as reg:
-        reg.publish(opt_artifact, name="opt-tiny", version="1", aliases=["prod"])
+    uri = _published(monkeypatch, rclone_s3, tmp_path, opt_artifact)
     cached = resolve_to_local("opt-tiny@prod", registry=uri)
     victim = next(p for p in sorted(cached.iterdir()) if p.name != "manifest.json" and p.is_file())
     victim.unlink()
