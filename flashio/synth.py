@@ -194,9 +194,10 @@ def artifact_bytes(shape: Shape, dtype: str, predictors: bool = True) -> int:
 
 def write_synthetic(shape: str | Shape, out_dir: str | Path, *, scale: float = 1.0, seed: int = 0,
                     dtype: str = "float16", predictors: bool = True, overwrite: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+                    quantize: str | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a random-weight artifact of `shape` (a SHAPES name or a Shape) and return its path.
-    Refuses when the filesystem lacks the space, before writing anything."""
+    quantize: the writer's bundle-row scheme ('int8' | 'int4', resident matrices int8 too; None:
+    float rows). Refuses when the filesystem lacks the space, before writing anything."""
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise FlashError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -224,5 +225,5 @@ def write_synthetic(shape: str | Shape, out_dir: str | Path, *, scale: float = 1
                    "n_heads": shape.n_heads, "vocab_size": shape.vocab_size}}}
     source = ModelSource(shape.model_type, ckpt.config, shape.n_layers, resident, ffn, [], lineage)
     preds = random_predictors(shape, seed) if predictors else None
-    return write_artifact(source, out_dir, dtype=dtype, predictors=preds, overwrite=overwrite,
+    return write_artifact(source, out_dir, dtype=dtype, predictors=preds, overwrite=overwrite, quantize=quantize,
                           progress=progress)

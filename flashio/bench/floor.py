@@ -12,8 +12,12 @@ the compute dtype at open):
     resident   = every floating tensor of resident.safetensors read whole (attention's projections
                  and biases, norms, the FFN's down bias, resident gate rows), the head (lm_head, or
                  the tied embedding matrix: all of it) and one row of each embedding table (tokens,
-                 learnt positions); integer tensors (the stored neuron order) are not read per token
-    ffn        = rows computed x (bundle width x itemsize + one entry per FFN bias vector [N])
+                 learnt positions); integer tensors (the stored neuron order) are not read per token,
+                 except the int8 codes of quantized resident matrices (1 byte per element, as held)
+    ffn        = rows computed x (bundle width x itemsize + one entry per FFN bias vector [N]);
+                 quantized rows (format version 3) are held as stored in every mode: row_bytes
+                 each (codes + scales), counted under the compute dtype (the product dequantizes
+                 a chunk of rows at a time into it)
                  dense:          neurons_active rows (all), compute dtype
                  naive / hybrid: neurons_loaded streamed rows in the storage dtype (the read buffer)
                                  + (neurons_active - neurons_loaded) pinned rows in the compute dtype
@@ -68,15 +72,19 @@ def _numel(info: TensorInfo) -> int:
     return n
 
 
-def resident_terms(infos: Mapping[str, TensorInfo], itemsize: int, *, tied_head: bool) -> tuple[dict[str, int], int]:
+def resident_terms(infos: Mapping[str, TensorInfo], itemsize: int, *, tied_head: bool,
+                   quantized: frozenset[str] = frozenset()) -> tuple[dict[str, int], int]:
     """Bytes read per token from the resident weights, by term, and the FFN bias entries per row
-    (elements), for tensors held at `itemsize` bytes per element."""
+    (elements), for tensors held at `itemsize` bytes per element; `quantized`: the matrices stored
+    (and held) as int8 codes, 1 byte per element (their scales are floating tensors of their own)."""
     terms = dict.fromkeys(("attention", "norms", "head", "embeddings", "other_resident"), 0)
     per_row = 0
     for name, info in infos.items():
-        if not SAFETENSORS_TORCH.get(info.dtype, None) or not SAFETENSORS_TORCH[info.dtype].is_floating_point:
+        codes = name in quantized
+        if not codes and (not SAFETENSORS_TORCH.get(info.dtype, None)
+                          or not SAFETENSORS_TORCH[info.dtype].is_floating_point):
             continue  # integer tensors (the stored neuron order) serve the open, not the token
-        whole = _numel(info) * itemsize
+        whole = _numel(info) * (1 if codes else itemsize)
         if name in ("tok_embeddings.weight", "pos_embeddings.weight"):
             terms["embeddings"] += info.shape[-1] * itemsize  # one row per token
             if name == "tok_embeddings.weight" and tied_head:
@@ -103,13 +111,14 @@ class TokenTraffic:
     storage_dtype: str
     resident: Mapping[str, int]  # bytes per token by term (compute dtype)
     bias_entries_per_row: int  # FFN bias vectors indexed per computed row (summed over layers: per row)
-    row_elements: int  # bundle width
+    row_elements: int  # elements of a float bundle row (the bundle layout's end)
     predictor_bytes: int  # per token, compute dtype (0 when the mode runs none)
     oracle_bytes: int  # per token, compute dtype (oracle mode's exact-activation rows)
     kv_bytes_per_position: int  # keys + values of one layer for one position, compute dtype
     n_layers: int
     sliding_window: int | None = None
     windowed_layers: int = 0  # layers whose attention reads at most sliding_window positions
+    quant_row_bytes: int | None = None  # quantized rows: bytes of a row as stored and held (Manifest.row_bytes)
 
     @classmethod
     def of(cls, art: Artifact, mode: str, compute_dtype: str) -> TokenTraffic:
@@ -119,17 +128,18 @@ class TokenTraffic:
         c_item = ITEMSIZE[compute_dtype]
         infos = tensor_infos(art.file(m.resident_file))
         tied = "lm_head.weight" not in infos and bool(getattr(args, "tie_embeddings", False))
-        resident, per_row = resident_terms(infos, c_item, tied_head=tied)
+        quantized = frozenset(m.resident_quant.scales) if m.resident_quant is not None else frozenset()
+        resident, per_row = resident_terms(infos, c_item, tied_head=tied, quantized=quantized)
         preds = 0
         if mode == "sparse" and m.predictors_file:
             pinfo = tensor_infos(art.file(m.predictors_file))
             preds = sum(_numel(i) for i in pinfo.values()
                         if SAFETENSORS_TORCH.get(i.dtype) is not None and SAFETENSORS_TORCH[i.dtype].is_floating_point)
             preds *= c_item
-        width = m.ffn_layers[0].bundle_width
+        width = m.bundle_layout[-1][2]  # elements; a quantized row's bundle_width is its bytes
         oracle = 0
         if mode == "oracle":
-            part = width // len(m.bundle_layout)
+            part = m.bundle_layout[0][2] - m.bundle_layout[0][1]
             oracle = sum(L.n_neurons for L in m.ffn_layers) * part * c_item
         kv = 2 * args.n_kv_heads * args.head_dim * c_item
         window = getattr(args, "sliding_window", None)
@@ -139,7 +149,7 @@ class TokenTraffic:
         # bias entries: one per layer's vector, counted per computed row of that layer (rows are
         # summed over layers in the step statistics, so entries per row = vectors per layer)
         return cls(mode, compute_dtype, m.dtype, resident, per_row // max(m.n_layers, 1), width, preds, oracle,
-                   kv, args.n_layers, window, windowed)
+                   kv, args.n_layers, window, windowed, m.row_bytes if m.quant is not None else None)
 
     def ffn_rows(self, step: Mapping[str, float]) -> dict[str, float]:
         """Rows the FFN multiplies this step (all layers), by the dtype they are held in."""
@@ -169,7 +179,10 @@ class TokenTraffic:
         by_dtype = {c: float(sum(self.resident.values()))}
         bias_bytes = self.bias_entries_per_row * ITEMSIZE[c]
         for dt, rows in self.ffn_rows(step).items():
-            b = rows * self.row_elements * ITEMSIZE[dt]
+            if self.quant_row_bytes:  # held as stored in every mode, dequantized into the compute dtype
+                dt, b = c, rows * self.quant_row_bytes
+            else:
+                b = rows * self.row_elements * ITEMSIZE[dt]
             terms["ffn"] += b + rows * bias_bytes
             by_dtype[dt] = by_dtype.get(dt, 0.0) + b
             by_dtype[c] += rows * bias_bytes
@@ -177,7 +190,7 @@ class TokenTraffic:
         terms["oracle"] = float(self.oracle_bytes)
         terms["kv"] = float(self.kv_bytes_per_position * positions)
         by_dtype[c] += terms["predictors"] + terms["oracle"] + terms["kv"]
-        active = float(step["neurons_active"]) * (self.row_elements * ITEMSIZE[c] + bias_bytes)
+        active = float(step["neurons_active"]) * ((self.quant_row_bytes or self.row_elements * ITEMSIZE[c]) + bias_bytes)
         return {"terms": terms, "by_dtype": by_dtype, "total": sum(terms.values()), "ffn_active": active}
 
 

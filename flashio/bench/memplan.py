@@ -120,7 +120,7 @@ def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str 
     rows = min(L.n_neurons, 4096)
     parts = {name: slice(a, b) for name, a, b in m.bundle_layout}
     gen = torch.Generator().manual_seed(0)
-    base = torch.randn(rows, L.bundle_width, generator=gen) * 0.02
+    base = torch.randn(rows, m.bundle_layout[-1][2], generator=gen) * 0.02  # a float row's elements
     h = torch.randn(1, art.args.dim, generator=gen)
     ms = {}
     for name in ("float16", "bfloat16"):

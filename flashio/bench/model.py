@@ -310,7 +310,7 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
            "the runtime's dram_budget is the only limit"))
     profile = DeviceProfile.load(opts.profile) if opts.profile else None
     cm = CostModel(profile)
-    row_bytes = m.ffn_layers[0].bundle_width * m.itemsize
+    row_bytes = m.row_bytes  # as stored: a quantized row is bundle_width bytes
     tuned_threads = cm.best_threads(row_bytes)
     tuned_gap = cm.best_max_gap(row_bytes, tuned_threads)
     cost = {"profile": str(opts.profile) if opts.profile else None, "source": cm.profile.source,

@@ -22,6 +22,7 @@ from flashio.costmodel import (
     find_profile,
 )
 from flashio.errors import FlashError
+from flashio.format import Artifact
 from flashio.synth import write_synthetic
 
 BASELINE = 400 << 20  # the interpreter's RSS, fixed here instead of measured in a child (3 s)
@@ -127,6 +128,41 @@ def test_bench_model_smoke_all_rows(synth_art, tmp_path):
     assert saved["dense"]["dram_bytes_per_token"] == dense
     assert saved["+bundling"]["dram_bytes_per_token"] < saved["naive"]["dram_bytes_per_token"]
     assert "| floor (ms) |" in table and "BUILT-IN DEFAULTS" in table
+
+
+def test_bench_model_on_a_quantized_artifact(tmp_path):
+    """int8 rows: the bytes the trace requires are rows x Manifest.row_bytes (codes + scales), what
+    the runtime reads, and the floor's FFN term holds the rows as stored."""
+    art = write_synthetic("opt-6.7b", tmp_path / "int8", scale=0.05, seed=0, quantize="int8")
+    res = run_model_bench(ModelBenchOptions(art, tmp_path / "out", configs=("+bundling", "dense"), tokens=3, weights_fraction=0.9,
+                                            baseline_tokens=1, in_process=True, process_baseline_bytes=BASELINE))
+    rows = {r["name"]: r for r in res["configs"]}
+    assert all(r["ok"] for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
+    a = res["artifact"]
+    d, L, N = a["dim"], a["layers"], a["ffn_neurons"]
+    row_bytes = Artifact(art).manifest.row_bytes
+    assert 2 * d <= row_bytes < 2 * d * 2 * 0.6  # int8 up + down with their scales: about half of fp16's
+    b = rows["+bundling"]
+    assert b["required_bytes_per_token"] == pytest.approx(row_bytes * b["per_token"]["neurons_loaded"], rel=1e-9)
+    # a 576-byte row is not whole 512-byte blocks: its O_DIRECT read takes the blocks around it
+    assert row_bytes * b["per_token"]["neurons_loaded"] <= b["per_token"]["bytes_read"] \
+        <= (-(-row_bytes // 512) + 1) * 512 * b["per_token"]["neurons_loaded"]
+    assert rows["dense"]["dram_terms"]["ffn"] == L * N * (row_bytes + 2)  # rows as stored + the up bias entry
+
+
+def test_compute_dtype_is_timed_on_float_rows_of_a_quantized_artifact(tmp_path, monkeypatch):
+    """The fp16-vs-bf16 choice times float rows of the layout's width: an int4 row's bundle_width
+    (its bytes) is narrower than its up + down elements, and the down part would be cut short."""
+    import flashio.bench.memplan as memplan
+
+    art = Artifact(write_synthetic("opt-6.7b", tmp_path / "int4", scale=0.05, seed=0, quantize="int4"))
+    m = art.manifest
+    assert m.row_bytes < m.bundle_layout[-1][2]
+    timed = []
+    real = memplan.ffn_compute
+    monkeypatch.setattr(memplan, "ffn_compute", lambda x, w, parts, *a: timed.append(w.shape) or real(x, w, parts, *a))
+    assert memplan.choose_compute_dtype(art)["chosen"] in ("float16", "bfloat16")
+    assert timed and all(shape[1] == m.bundle_layout[-1][2] == 2 * art.args.dim for shape in timed)
 
 
 def test_bench_model_cgroup_fallback(synth_art, tmp_path, monkeypatch):

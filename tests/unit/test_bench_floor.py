@@ -39,6 +39,12 @@ def llama(tmp_path_factory):
     return Artifact(write_synthetic("llama-2-7b", tmp_path_factory.mktemp("floor") / "llama", scale=0.05, seed=0))
 
 
+@pytest.fixture(scope="module")
+def opt_int4(tmp_path_factory):
+    return Artifact(write_synthetic("opt-6.7b", tmp_path_factory.mktemp("floor") / "int4", scale=0.05, seed=0,
+                                    quantize="int4"))
+
+
 def step(active=0, loaded=0, cache_rows=0, io_ms=0.0, total_ms=10.0) -> dict:
     return {"tokens": 1, "neurons_active": active, "neurons_loaded": loaded, "cache_rows": cache_rows,
             "io_ms": io_ms, "total_ms": total_ms}
@@ -95,6 +101,22 @@ def test_naive_streams_in_the_storage_dtype_and_llama_has_no_biases(llama):
     assert out["total"] == sum(out["by_dtype"].values())
     mmap = TokenTraffic.of(llama, "mmap", "bfloat16").step_bytes(step(active=L * N), context=1)
     assert mmap["by_dtype"]["float16"] == L * N * 3 * d * 2
+
+
+def test_quantized_rows_and_resident_codes_count_as_held(opt, opt_int4):
+    """int4 rows are held as stored in every mode (row_bytes: codes + scales), not bundle_width
+    elements of the compute dtype; the attention's int8 codes are 1 byte each, plus their scales."""
+    a, m = opt_int4.args, opt_int4.manifest
+    d, L, N = a.dim, a.n_layers, a.ffn_dim
+    assert m.row_bytes == m.ffn_layers[0].bundle_width < 2 * d * 2 / 3  # about a quarter of fp16's row
+    out = TokenTraffic.of(opt_int4, "sparse", "bfloat16").step_bytes(step(active=120, cache_rows=300), context=3)
+    assert out["terms"]["ffn"] == 300 * (m.row_bytes + 2) and out["ffn_active"] == 120 * (m.row_bytes + 2)
+    naive = TokenTraffic.of(opt_int4, "naive", "bfloat16").step_bytes(step(active=L * N, loaded=L * N - 100), 1)
+    assert naive["terms"]["ffn"] == L * N * (m.row_bytes + 2) and set(naive["by_dtype"]) == {"bfloat16"}
+    plain = TokenTraffic.of(opt, "sparse", "bfloat16").step_bytes(step(active=120, cache_rows=300), context=3)
+    assert plain["terms"]["attention"] == L * (4 * d * d + 4 * d) * 2
+    assert out["terms"]["attention"] == L * (4 * d * d * 1 + 4 * d * 2 + 4 * d * 2)  # codes, scales, biases
+    assert out["terms"]["head"] == plain["terms"]["head"]  # tied: the float embedding matrix
 
 
 def mem_profile(**kw) -> DeviceProfile:
