@@ -40,13 +40,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from prefect import get_run_logger, task
 
 import flashio
@@ -57,6 +55,7 @@ from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import AccuracyBudgetError, InputError
 from tasks.predictors import LayerPredictor
 from tasks.progress import StageProgress
+from tasks.scoring import NextTokenTally, QuantizationLoss, check_reference, quantization_loss
 from tasks.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -122,40 +121,6 @@ class Comparison:
 
 
 @dataclass(frozen=True)
-class QuantizationLoss:
-    """A quantized artifact against the float weights it was made from, on the main comparison's
-    rows: dense float (the reference), dense quantized and sparse quantized; top-1 agreement and
-    KL(float dense || x) of the quantized dense and of the sparse model."""
-
-    scheme: str  # the bundle rows' ("int8" | "int4")
-    group_size: int
-    resident: str  # the resident matrices' scheme, "none" when they kept the float dtype
-    tokens: int
-    perplexity_float: float
-    perplexity_quantized: float  # dense
-    perplexity_sparse: float  # sparse quantized (= Comparison.perplexity_sparse)
-    top1_quantized: float  # dense quantized vs dense float
-    mean_kl_quantized: float
-    top1_sparse: float  # sparse quantized vs dense float
-    mean_kl_sparse: float
-
-    @property
-    def quantization_increase(self) -> float:
-        """Relative perplexity increase of the dense model from quantization."""
-        return self.perplexity_quantized / self.perplexity_float - 1.0
-
-    @property
-    def sparsity_increase(self) -> float:
-        """Relative perplexity increase from sparsity, both quantized."""
-        return self.perplexity_sparse / self.perplexity_quantized - 1.0
-
-    @property
-    def total_increase(self) -> float:
-        """Both together: (1 + quantization) x (1 + sparsity) - 1."""
-        return self.perplexity_sparse / self.perplexity_float - 1.0
-
-
-@dataclass(frozen=True)
 class HeldoutSample:
     """The text the main comparison's perplexity is measured on."""
 
@@ -202,33 +167,6 @@ def _sum_stats(steps: Sequence[StepStats]) -> StepStats:
     return sum(steps, StepStats())
 
 
-def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """NLL of ids[1:] given the logits of ids[:-1]: a row's first token is context only."""
-    return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")  # [L-1]
-
-
-class _Tally:
-    """Running sums of a model's next-token predictions against a reference's on the same rows."""
-
-    def __init__(self) -> None:
-        self.nll_ref = self.nll = self.kl = self.agree = 0.0
-        self.n_pred = self.n_tok = 0
-
-    def add(self, ref: torch.Tensor, out: torch.Tensor, row: torch.Tensor) -> None:
-        """ref, out: the logits of `row`, [L, V] each."""
-        self.nll_ref += float(_next_token_nll(ref, row).sum())
-        self.nll += float(_next_token_nll(out, row).sum())
-        lp_r, lp_o = F.log_softmax(ref.float(), -1), F.log_softmax(out.float(), -1)
-        self.kl += float((lp_r.exp() * (lp_r - lp_o)).sum())
-        self.agree += float((ref.argmax(-1) == out.argmax(-1)).sum())
-        self.n_pred += len(row) - 1
-        self.n_tok += len(row)
-
-    def perplexities(self) -> tuple[float, float]:
-        """(reference, model): per-token mean NLL of the scored tokens, exponentiated."""
-        return math.exp(self.nll_ref / self.n_pred), math.exp(self.nll / self.n_pred)
-
-
 def compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tensor, *, label: str,
             recall_target: float | None, thresholds: Sequence[float], n_neurons_total: int,
             progress: Callable[[int], None] | None = None) -> Comparison:
@@ -241,10 +179,10 @@ def compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tens
 def _compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tensor, *, label: str,
              recall_target: float | None, thresholds: Sequence[float], n_neurons_total: int,
              progress: Callable[[int], None] | None = None,
-             float_logits: Callable[[int], torch.Tensor] | None = None) -> tuple[Comparison, tuple[_Tally, _Tally] | None]:
+             float_logits: Callable[[int], torch.Tensor] | None = None) -> tuple[Comparison, tuple[NextTokenTally, NextTokenTally] | None]:
     """`compare`, and with `float_logits(k)` (a float reference's dense logits of row k) the
     tallies of the dense and of the sparse model against that reference."""
-    main, vs_float = _Tally(), (_Tally(), _Tally()) if float_logits else None
+    main, vs_float = NextTokenTally(), (NextTokenTally(), NextTokenTally()) if float_logits else None
     total = StepStats()
     for k, row in enumerate(ids):
         s_logits = sparse.forward(row, token_by_token=True)  # [L, V]
@@ -266,32 +204,6 @@ def _compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Ten
                       density=total.neurons_active / (n_tok * n_neurons_total),  # all layers' neurons
                       bytes_per_token=total.bytes_read / n_tok, reads_per_token=total.reads / n_tok,
                       cache_rows_per_token=total.cache_rows / n_tok), vs_float
-
-
-def quantization_loss(manifest, tallies: tuple[_Tally, _Tally]) -> QuantizationLoss:
-    """The quantized artifact's (its manifest's) dense and sparse figures against the float reference."""
-    dense, sparse = tallies
-    ppl_f, ppl_q = dense.perplexities()
-    q, rq = manifest.quant, manifest.resident_quant
-    return QuantizationLoss(scheme=q.scheme, group_size=q.group_size, resident=rq.scheme if rq else "none",
-                            tokens=dense.n_tok, perplexity_float=ppl_f, perplexity_quantized=ppl_q,
-                            perplexity_sparse=sparse.perplexities()[1], top1_quantized=dense.agree / dense.n_tok,
-                            mean_kl_quantized=dense.kl / dense.n_tok, top1_sparse=sparse.agree / sparse.n_tok,
-                            mean_kl_sparse=sparse.kl / sparse.n_tok)
-
-
-def check_reference(manifest, reference) -> None:
-    """The float reference must be an unquantized artifact of the same model as the quantized one."""
-    if manifest.quant is None:
-        raise InputError("a float reference was given for an artifact whose bundle rows are not quantized; "
-                         "evaluate a quantized artifact against it, or pass no reference")
-    same = (reference.architecture == manifest.architecture and reference.model_config == manifest.model_config
-            and [L.n_neurons for L in reference.ffn_layers] == [L.n_neurons for L in manifest.ffn_layers])
-    if reference.quant is not None or reference.resident_quant is not None or not same:
-        raise InputError(f"the float reference ({reference.architecture}, {reference.n_layers} layers, "
-                         f"{'quantized' if reference.quant or reference.resident_quant else reference.dtype}) is not "
-                         f"the unquantized form of the evaluated artifact ({manifest.architecture}, "
-                         f"{manifest.n_layers} layers): write it from the same source without quantize")
 
 
 def evaluate_artifact(artifact: Path, calib: CalibrationData, predictors: Sequence[LayerPredictor],

@@ -49,7 +49,7 @@ STAGE_RESULT_TYPES = frozenset({
     "tasks.evaluation.Evaluation",
     "tasks.evaluation.Comparison",
     "tasks.evaluation.HeldoutSample",
-    "tasks.evaluation.QuantizationLoss",
+    "tasks.scoring.QuantizationLoss",
     "tasks.allocation.LayerErrors",
     "tasks.frontier.OracleFrontier",
     "tasks.frontier.FrontierPoint",
