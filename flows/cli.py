@@ -77,8 +77,9 @@ def add_convert_command(sub) -> None:
                    help="DRAM the FFN's window caches may hold, as a fraction of its bytes (default 0.5)")
     g.add_argument("--methods", help="comma-separated methods to try: active (predictors on the gate's magnitude "
                                      "when gated), contribution (gated: predictors on |act(gate)·up|), exact-gate "
-                                     "(gated: gate rows resident, the gate computed densely); default all three "
-                                     "when gated. The cheapest configuration within the budget is published")
+                                     "(gated: gate rows resident, the gate computed densely), exact-gate-up (the same ranked "
+                                     "by |act(gate)·up| against a resident int4 copy of the up rows); default all "
+                                     "four when gated. The cheapest configuration within the budget is published")
     g.add_argument("--no-per-layer-density", action="store_true",
                    help="gated FFNs: one label density for every layer instead of the greedy per-layer allocation")
     g.add_argument("--frontier-samples", type=int,

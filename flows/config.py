@@ -112,11 +112,13 @@ class ConvertConfig(BaseModel):
                                                          "the fewest bytes read that fit ffn_dram_fraction)")
     ffn_dram_fraction: float = Field(0.5, gt=0.0, le=1.0, description="DRAM the FFN may hold (window caches), as a "
                                                                       "fraction of its bytes: limits the window")
-    methods: tuple[Literal["active", "contribution", "exact-gate"], ...] | None = Field(
+    methods: tuple[Literal["active", "contribution", "exact-gate", "exact-gate-up"], ...] | None = Field(
         None, description="what to try: predictors on 'active' labels (|act| above the threshold: gate magnitude "
                           "when gated) and, gated FFNs only, on 'contribution' labels (top-k by |act(gate)·up|), "
-                          "and 'exact-gate' (gate rows resident, the gate computed densely, up + down read); "
-                          "default all three when gated, else active; the cheapest within the budget is published")
+                          "'exact-gate' (gate rows resident, the gate computed densely, up + down read) and "
+                          "'exact-gate-up' (the same ranked by |act(gate)·up| against a resident int4 copy of "
+                          "the up rows); default all four when gated, else active; the cheapest within the "
+                          "budget is published")
     per_layer_density: bool = Field(True, description="gated FFNs: per-layer densities of the contribution labels "
                                                       "(greedy, as accurate as gated_density everywhere, fewer bytes)")
     frontier_samples: int = Field(4, ge=0, description="held-out sequences of the exact-oracle frontier (gated "
@@ -156,11 +158,11 @@ class ConvertConfig(BaseModel):
     def methods_for(self, gated: bool) -> tuple[str, ...]:
         """The predictor labels this conversion tries on a model (contribution needs a gated FFN)."""
         if self.methods is None:
-            return ("active", "contribution", "exact-gate") if gated else ("active",)
-        if not gated and {"contribution", "exact-gate"} & set(self.methods):
+            return ("active", "contribution", "exact-gate", "exact-gate-up") if gated else ("active",)
+        if not gated and {"contribution", "exact-gate", "exact-gate-up"} & set(self.methods):
             from tasks.errors import InputError
 
-            raise InputError("methods: 'contribution' and 'exact-gate' need a gated FFN (act(gate)·up); this "
+            raise InputError("methods: 'contribution', 'exact-gate' and 'exact-gate-up' need a gated FFN (act(gate)·up); this "
                              "model's FFN is not gated: use --methods active")
         return tuple(dict.fromkeys(self.methods))
 

@@ -68,7 +68,7 @@ from tasks.progress import StageProgress
 from tasks.publish import LINEAGE_KEY, find_published_task, publish_task
 from tasks.report import REPORT_DIR, Choice, layer_rows, render_markdown, report_task, summary_lines
 from tasks.selection import (
-    EXACT_GATE,
+    EXACT_METHODS,
     Candidate,
     choose_configuration,
     list_candidates,
@@ -78,7 +78,8 @@ from tasks.selection import (
 from tasks.source import SourceModel, inspect_source_task
 from tasks.windowing import window_task
 
-EXACT_GATE_DENSITIES = (0.5, 0.7, 0.8, 0.9)  # the exact gate's sweep (uniform densities), beside the allocation
+# the exact methods' sweep: per-layer densities allocated at each of these means, beside gated_density's
+EXACT_DENSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 STAGES = ("source", "calibration", "activations", "predictors", "bundle", "evaluate", "report", "publish")
 
 
@@ -167,14 +168,23 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         act = shard_act = config.activation_options(src.ffn_dim)  # shards: + the contribution label densities
         methods = config.methods_for(src.gated)
         budget = config.accuracy_budget()
-        allocation = gate_allocation = frontier = None
+        allocation = frontier = None
+        exact_allocs = {}  # exact method -> setting label -> per-layer densities (tasks.allocation)
         if src.gated:  # per-layer densities and the exact oracles: measured densely on the source model
             errs = refreshed(layer_errors_task, force)(src, calib, min(config.samples, 16), act, work)
             allocation = allocation_task(errs, config.gated_density, src.n_layers, src.ffn_dim,
                                          config.per_layer_density)
-            if EXACT_GATE in methods:
-                gate_allocation = allocation_task(errs, config.gated_density, src.n_layers, src.ffn_dim,
-                                                  config.per_layer_density, "gate")
+
+            def allocated(density: float, ranking: str):
+                if ranking == "contribution" and density == config.gated_density:
+                    return allocation
+                return allocation_task(errs, density, src.n_layers, src.ffn_dim, config.per_layer_density, ranking)
+
+            for method in (m for m in methods if m in EXACT_METHODS):
+                ranking = EXACT_METHODS[method].ranking
+                exact_allocs[method] = {"chosen": allocated(config.gated_density, ranking),
+                                        **{f"density {d:g}": allocated(d, ranking) for d in EXACT_DENSITIES
+                                           if d != config.gated_density}}
             if config.frontier_samples:
                 frontier = refreshed(frontier_task, force)(src, calib, FRONTIER_DENSITIES, config.frontier_samples,
                                                            allocation.densities, act, work)
@@ -191,7 +201,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         stages.advance()
 
         predictors, plans = {}, {}
-        for method in [m for m in methods if m != EXACT_GATE] or ["active"]:  # the exact gate bundles one set too
+        for method in [m for m in methods if m not in EXACT_METHODS] or ["active"]:  # exact ones bundle a set too
             popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim, labels=method, gated=src.gated)
             predictors[method] = refreshed(predictor_task, force).map(
                 unmapped(stats), list(range(src.n_layers)), unmapped(popts), unmapped(work)).result()
@@ -220,15 +230,17 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
                                                          config.eval_options(window, src.gated), work, reference)
 
-        def exact_gate(settings: list[tuple[str, tuple[float, ...]]]):
-            # gate rows resident, bundles of up + down; the main setting's densities go into the manifest
-            preds = next(iter(predictors.values()))
+        def exact_gate(method: str, settings: list[tuple[str, tuple[float, ...]]]):
+            # gate rows (and the up sketch) resident, bundles of up + down; the main setting's densities
+            # go into the manifest
+            preds, spec = next(iter(predictors.values())), EXACT_METHODS[method]
             cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
                                                  {"calibration": lineage["calibration"]}, None, None, work,
-                                                 True, list(settings[0][1]), "gate",
-                                                 quantize=config.quantization())
+                                                 True, list(settings[0][1]), spec.selection,
+                                                 quantize=config.quantization(), up_sketch=spec.up_sketch)
             ev, plan = refreshed(exact_gate_task, force)(cand.manifest_sha256, cand.path, calib, settings,
-                                                         config.eval_options(1), config.ffn_dram_fraction, work)
+                                                         config.eval_options(1), config.ffn_dram_fraction, work,
+                                                         method)
             return cand, ev, plan
 
         # Gated FFNs are evaluated at the window that fits the DRAM limit (their cached neurons change the
@@ -236,13 +248,10 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         # with the DRAM-limited window and bytes reported beside them.
         evaluated = {m: bundled_and_evaluated(m, predictors[m], plans[m].chosen.window if src.gated else None)
                      for m in methods
-                     if m != EXACT_GATE}
-        gate_settings = {}
-        if EXACT_GATE in methods:
-            gate_settings = {"chosen": tuple(gate_allocation.densities),
-                             **{f"density {d:g}": (d,) * src.n_layers for d in EXACT_GATE_DENSITIES}}
-            cand, ev, plans[EXACT_GATE] = exact_gate(list(gate_settings.items()))
-            evaluated[EXACT_GATE] = (cand, ev)
+                     if m not in EXACT_METHODS}
+        for method, allocs in exact_allocs.items():
+            cand, ev, plans[method] = exact_gate(method, [(label, tuple(a.densities)) for label, a in allocs.items()])
+            evaluated[method] = (cand, ev)
         stages.advance()
 
         # Gated FFNs trade density for accuracy along the threshold sweep too; a fixed threshold, or a
@@ -252,10 +261,10 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         selection = choose_configuration(candidates, budget)
         pick = selection.chosen or selection.closest
         log.info("configuration: %s; %s", pick.describe(), selection.reason)
-        if pick.method == EXACT_GATE:
+        if pick.method in EXACT_METHODS:
             preds = next(iter(predictors.values()))
-            candidate, ev = evaluated[EXACT_GATE] if pick.label == "chosen" else \
-                exact_gate([("chosen", gate_settings[pick.label])])[:2]
+            candidate, ev = evaluated[pick.method] if pick.label == "chosen" else \
+                exact_gate(pick.method, [("chosen", tuple(exact_allocs[pick.method][pick.label].densities))])[:2]
         else:
             preds = predictors_at(predictors[pick.method], pick.recall_target)
             candidate, ev = (evaluated[pick.method] if pick.recall_target is None
@@ -266,7 +275,8 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
 
         choice = Choice(candidates=tuple(candidates), selection=selection,
                         ffn_dram_fraction=config.ffn_dram_fraction, frontier=frontier,
-                        allocation=gate_allocation if pick.method == EXACT_GATE else allocation)
+                        allocation=exact_allocs[pick.method][pick.label] if pick.method in EXACT_METHODS
+                        else allocation)
         window = config.window if config.window is not None else (pick.window if src.gated else 5)
         report, report_files = report_task(stats, preds, ev, budget, violations, window,
                                            lineage["calibration"], work, choice, publishable)

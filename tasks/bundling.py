@@ -103,7 +103,8 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
                     order: str, out_dir: Path, dtype: str | None = None, lineage: dict[str, Any] | None = None,
                     report: dict[str, Any] | None = None, report_files: dict[str, Path] | None = None,
                     progress=None, gate_resident: bool = False, densities: Sequence[float | None] | None = None,
-                    selection: str | None = None, quantize: dict[str, Any] | None = None) -> BundledArtifact:
+                    selection: str | None = None, quantize: dict[str, Any] | None = None,
+                    up_sketch: str | None = None) -> BundledArtifact:
     """Write the artifact (weights in the chosen order, predictors, active thresholds, lineage
     and report) into `out_dir/artifact` with flashio's writer.
 
@@ -111,7 +112,8 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     flashio.exact); densities[i]: the fraction of layer i's neurons an exact selection keeps per
     token (None: its active threshold); selection: mode='sparse''s default ('predictor', 'gate' or
     'gate+predictor'; None: 'gate' when gate_resident, else 'predictor'); quantize: the writer's
-    quantization options (quantize, group_size, quantize_resident), None for none."""
+    quantization options (quantize, group_size, quantize_resident), None for none; up_sketch: with
+    gate_resident, the scheme of the up rows' resident copy that selection 'gate+up' ranks by."""
     if len(predictors) != source.n_layers:
         raise InputError(f"{len(predictors)} predictors for {source.n_layers} layers")
     orders = choose_orders(stats, order)
@@ -121,7 +123,7 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     path = write_artifact(model_source, out_dir / ARTIFACT_DIR, dtype=dtype, orders=orders, predictors=preds,
                           active_thresholds=list(stats.active_thresholds), gate_resident=gate_resident,
                           densities=None if densities is None else list(densities), selection=selection,
-                          **(quantize or {}),
+                          up_sketch=up_sketch, **(quantize or {}),
                           lineage={"source": source.lineage(), **(lineage or {}), "neuron_order": order},
                           report=report, report_files=report_files, name=source.name, progress=progress)
     return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"), order=order, dtype=dtype)
@@ -132,14 +134,14 @@ def bundle_task(source: SourceModel, stats: ActivationStats, predictors: list[La
                 dtype: str | None, lineage: dict[str, Any], report: dict[str, Any] | None,
                 report_files: dict[str, Path] | None, work_dir: Path, gate_resident: bool = False,
                 densities: list[float | None] | None = None, selection: str | None = None,
-                quantize: dict[str, Any] | None = None) -> BundledArtifact:
+                quantize: dict[str, Any] | None = None, up_sketch: str | None = None) -> BundledArtifact:
     def compute(out: Path) -> BundledArtifact:
         label = "writing artifact" + (" (with report)" if report else "")
         with StageProgress(label, source.n_layers, unit="layer") as p:
             return bundle_artifact(source, stats, predictors, order=order, out_dir=out, dtype=dtype, lineage=lineage,
                                    report=report, report_files=report_files, progress=p.update,
                                    gate_resident=gate_resident, densities=densities, selection=selection,
-                                   quantize=quantize)
+                                   quantize=quantize, up_sketch=up_sketch)
 
     art = run_stage("bundle", [__name__], compute)
     get_run_logger().info("artifact %s (%s, order %s)", art.path, art.dtype, order)

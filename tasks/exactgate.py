@@ -1,18 +1,21 @@
-"""The exact-gate configuration of a gated FFN, evaluated in the runtime and costed by its window.
+"""The exact-gate configurations of a gated FFN, evaluated in the runtime and costed by their window.
 
-    ev, plan = evaluate_exact_gate(art.path, calib, [("chosen", alloc.densities), ("density 0.9", (0.9,) * L)],
-                                   EvalOptions(), ffn_dram_fraction=0.5, out_dir=Path("work/exact"))
+    ev, plan = evaluate_exact_gate(art.path, calib, [("chosen", alloc.densities), ("density 0.9", dens_09)],
+                                   EvalOptions(), ffn_dram_fraction=0.5, out_dir=Path("work/exact"),
+                                   method=EXACT_GATE_UP)
 
 The artifact is gate-resident (tasks.bundling's gate_resident: the gate rows stay in DRAM, the
-flash bundles hold up + down) and the runtime runs `selection='gate'` (flashio.exact.GateEngine):
-per token the gate is computed densely and the top `density` of each layer's neurons by
-|act(gate)| are kept; only their up + down rows are read. Each setting ((label, per-layer
+flash bundles hold up + down) and the runtime runs the method's selection (tasks.selection's
+EXACT_METHODS): 'gate' (flashio.exact.GateEngine: per token the gate is computed densely and the
+top `density` of each layer's neurons by |act(gate)| are kept) or 'gate+up' (GateUpEngine: the
+same ranked by |act(gate) * (x @ up)| against the artifact's resident 4-bit up sketch); only the
+kept neurons' up + down rows are read. Each setting ((label, per-layer
 densities); the first is the main one, on every held-out row, the others on the sweep rows) is
 compared with dense as tasks.evaluation.compare does, and its active sets are recorded
 (record_trace): the exact engines compute exactly what they select whatever the window holds,
 so the window is chosen afterwards, by tasks.windowing on those sets, with the resident gate rows
-counted in the FFN's DRAM (a third of a SwiGLU/GeGLU FFN's bytes) and reads of two thirds of a
-full bundle per neuron.
+(a third of a SwiGLU/GeGLU FFN's bytes) and up sketch (int4: ~0.09) counted in the FFN's DRAM and
+reads of two thirds of a full bundle per neuron.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
 from tasks.evaluation import Comparison, EvalOptions, Evaluation, HeldoutSample, _sum_stats, compare
 from tasks.progress import StageProgress
-from tasks.selection import EXACT_GATE
+from tasks.selection import EXACT_GATE, EXACT_METHODS
 from tasks.threads import torch_threads
 from tasks.windowing import WindowPlan, WindowPoint, WindowSim, choose_window, simulate_windows
 
@@ -55,14 +58,23 @@ def trace_masks(trace, n_layers: int, n_neurons: int, row_lengths: Sequence[int]
 
 def evaluate_exact_gate(artifact: Path, calib: CalibrationData, settings: Sequence[tuple[str, tuple[float, ...]]],
                         options: EvalOptions, *, ffn_dram_fraction: float, out_dir: Path,
-                        progress: Callable[[int], None] | None = None) -> tuple[Evaluation, WindowPlan]:
+                        progress: Callable[[int], None] | None = None,
+                        method: str = EXACT_GATE) -> tuple[Evaluation, WindowPlan]:
     ids = load_tokens(calib, "heldout")
     sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
     with torch_threads(options.torch_threads):
-        return _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress)
+        return _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress,
+                         method)
 
 
-def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress):
+def resident_share(manifest) -> float:
+    """The FFN's resident rows (gate rows, up sketch) as a fraction of the FFN's float bytes."""
+    per_neuron = 3 * (manifest.bundle_layout[0][2] - manifest.bundle_layout[0][1]) * manifest.itemsize
+    sketch = manifest.up_sketch.row_bytes / per_neuron if manifest.up_sketch is not None else 0.0
+    return GATE_SHARE + sketch
+
+
+def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress, method):
     base = dataclasses.replace(options.flash_config(), window=1, reuse=True)
     with flashio.open(artifact, base, mode="naive") as naive:
         row = ids[0][: max(1, options.naive_tokens)]
@@ -75,7 +87,7 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
         n_layers, n = m.n_layers, m.ffn_layers[0].n_neurons
         total_neurons = sum(L.n_neurons for L in m.ffn_layers)
         ffn_bytes = sum(L.length_bytes for L in m.ffn_layers)
-        gate_share = GATE_SHARE
+        resident = resident_share(m)
         dense_rows: dict[int, torch.Tensor] = {}
 
         def dense_logits(k: int) -> torch.Tensor:
@@ -85,15 +97,16 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
 
         for j, (label, dens) in enumerate(settings):
             rows = ids if j == 0 else sweep_ids
-            cfg = dataclasses.replace(base, selection="gate", density=tuple(dens), record_trace=True)
+            cfg = dataclasses.replace(base, selection=EXACT_METHODS[method].selection, density=tuple(dens),
+                                      record_trace=True)
             with flashio.open(artifact, cfg, mode="sparse") as sparse:
                 c = compare(dense_logits, sparse, rows, label=label, recall_target=None, thresholds=(),
                             n_neurons_total=total_neurons, progress=progress)
                 masks, seq = trace_masks(sparse.trace(), n_layers, n, [len(r) for r in rows])
             comps.append(c)
             sims: list[list[WindowSim]] = [simulate_windows(mk, seq) for mk in masks]
-            choice = choose_window(sims, row_bytes=[1.0 - gate_share] * n_layers, n_neurons=[n] * n_layers,
-                                   ffn_dram_fraction=ffn_dram_fraction, resident_fraction=gate_share,
+            choice = choose_window(sims, row_bytes=[1.0 - GATE_SHARE] * n_layers, n_neurons=[n] * n_layers,
+                                   ffn_dram_fraction=ffn_dram_fraction, resident_fraction=resident,
                                    ffn_bytes=float(n * n_layers))
             points.append(WindowPoint(label, None, choice))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +114,7 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
     ev = Evaluation(main=comps[0], sweep=tuple(comps[1:]), naive_bytes_per_token=naive_bpt, ffn_bytes=ffn_bytes,
                     zero_shot=(), json_path=out_dir / "evaluation.json", curve_json_path=out_dir / "curve.json",
                     curve_png_path=None, heldout=heldout)
-    plan = WindowPlan(labels=EXACT_GATE, tokens=int(ids.numel()), points=tuple(points))
+    plan = WindowPlan(labels=method, tokens=int(ids.numel()), points=tuple(points))
     ev.curve_json_path.write_text(json.dumps({"points": [dataclasses.asdict(c) for c in comps]}, indent=1))
     ev.json_path.write_text(json.dumps({**dataclasses.asdict(ev), "windows": dataclasses.asdict(plan)}, indent=1,
                                        default=str))
@@ -112,10 +125,10 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
                                                             "tasks.windowing"))
 def exact_gate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData,
                     settings: list[tuple[str, tuple[float, ...]]], options: EvalOptions, ffn_dram_fraction: float,
-                    work_dir: Path) -> tuple[Evaluation, WindowPlan]:
+                    work_dir: Path, method: str = EXACT_GATE) -> tuple[Evaluation, WindowPlan]:
     def compute(out: Path) -> tuple[Evaluation, WindowPlan]:
         total = calib.n_heldout + (len(settings) - 1) * min(options.sweep_sequences, calib.n_heldout)
-        with StageProgress("evaluating the exact gate", total, unit="seq") as p:
+        with StageProgress(f"evaluating the {EXACT_METHODS[method].title}", total, unit="seq") as p:
             done = [0]
 
             def tick(_k: int) -> None:
@@ -123,9 +136,9 @@ def exact_gate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData
                 p.update(done[0])
 
             return evaluate_exact_gate(artifact, calib, settings, options, ffn_dram_fraction=ffn_dram_fraction,
-                                       out_dir=out, progress=tick)
+                                       out_dir=out, progress=tick, method=method)
 
     ev, plan = run_stage("evaluate-exact-gate", [__name__, "tasks.evaluation", "tasks.windowing"], compute)
-    get_run_logger().info("exact gate: top-1 %.4f, perplexity %+.2f%% at density %.3f; %s", ev.main.top1_agreement,
+    get_run_logger().info("%s: top-1 %.4f, perplexity %+.2f%% at density %.3f; %s", method, ev.main.top1_agreement,
                           100 * ev.main.perplexity_increase, ev.main.density, plan.chosen.describe())
     return ev, plan

@@ -43,7 +43,7 @@ from tasks.caching import sha256_json, stage_dir
 from tasks.evaluation import AccuracyBudget, Evaluation, QuantizationLoss
 from tasks.frontier import OracleFrontier
 from tasks.predictors import LayerPredictor
-from tasks.selection import EXACT_GATE, Candidate, Selection
+from tasks.selection import Candidate, Selection, method_title
 from tasks.windowing import OFF
 
 REPORT_DIR = "report"
@@ -141,7 +141,7 @@ def _add_choice(report: dict[str, Any], choice: Choice, ev: Evaluation, measured
               "dram_held_bytes": c.held_fraction * ev.ffn_bytes,
               "bytes_per_token_sparse": measured_bpt})
     report["candidates"] = [dataclasses.asdict(x) | {"chosen": x == sel.chosen} for x in choice.candidates]
-    rows = [{"method": ("exact gate" if x.method == EXACT_GATE else f"predictor: {x.method}")
+    rows = [{"method": method_title(x.method)
              + ("" if x.label == "chosen" else f" ({x.label})"),
              "density": x.density, "top1_agreement": x.top1_agreement, "mean_kl": x.mean_kl,
              "perplexity_increase": x.perplexity_increase, "tokens": x.tokens} for x in choice.candidates]

@@ -22,7 +22,30 @@ from tasks.evaluation import AccuracyBudget, Comparison, Evaluation
 from tasks.predictors import LayerPredictor
 from tasks.windowing import OFF, WindowPlan, unlimited_choice
 
-EXACT_GATE = "exact-gate"  # tasks.exactgate's method name (defined here: exactgate imports the runtime)
+EXACT_GATE = "exact-gate"  # tasks.exactgate's method names (defined here: exactgate imports the runtime)
+EXACT_GATE_UP = "exact-gate-up"
+
+
+@dataclass(frozen=True)
+class ExactMethod:
+    """An exact selection the flow evaluates: gate rows resident, up + down bundles read."""
+
+    selection: str  # the runtime's (flashio.config.Selection)
+    up_sketch: str | None  # the artifact's up sketch scheme (flashio.format.write_artifact)
+    ranking: str  # the layer errors its per-layer densities are allocated by (tasks.allocation)
+    title: str
+
+
+EXACT_METHODS = {
+    EXACT_GATE: ExactMethod("gate", None, "gate", "exact gate (gate rows resident)"),
+    EXACT_GATE_UP: ExactMethod("gate+up", "int4", "contribution",
+                               "exact gate + int4 up sketch (gate rows and a 4-bit copy of the up rows resident)"),
+}
+
+
+def method_title(method: str) -> str:
+    """How the report names a method."""
+    return EXACT_METHODS[method].title if method in EXACT_METHODS else f"predictor: {method}"
 
 
 @dataclass(frozen=True)
@@ -48,9 +71,10 @@ class Candidate:
 
     def describe(self) -> str:
         w = "caching off" if self.window == OFF else f"window {self.window}"
-        if self.method == EXACT_GATE:
-            what = "exact gate (gate rows resident) at " + (self.label.removeprefix("density ") + " density per layer"
-                                                            if self.label != "chosen" else "the per-layer densities")
+        if self.method in EXACT_METHODS:
+            what = f"{EXACT_METHODS[self.method].title} at " + (
+                "per-layer densities of mean " + self.label.removeprefix("density ") if self.label != "chosen"
+                else "the per-layer densities")
         else:
             at = f"recall {self.recall_target:g}" if self.recall_target is not None else "its recall target"
             what = f"{self.method} predictors at {at}"
@@ -91,7 +115,7 @@ def list_candidates(evaluations: Mapping[str, Evaluation], plans: Mapping[str, W
                                  held_fraction=choice.held_fraction,
                                  read_fraction_unlimited=unlimited_choice(choice)[1],
                                  violations=violations_of(c, budget) + (() if choice.fits else (
-                                     f"resident gate rows ({100 * choice.resident_fraction:.0f}% of the FFN) exceed "
+                                     f"resident gate rows and sketch ({100 * choice.resident_fraction:.0f}% of the FFN) exceed "
                                      f"the DRAM limit of {100 * choice.ffn_dram_fraction:.0f}%",))))
     return out
 
@@ -131,8 +155,8 @@ def predictors_at(predictors: Sequence[LayerPredictor], recall_target: float | N
 def publish_flags(c: Candidate, budget: AccuracyBudget) -> str:
     """The `flashio convert` flags that would publish candidate `c` as it measured."""
     flags = [f"--methods {c.method}"]
-    if c.method == EXACT_GATE and c.label.startswith("density "):
-        flags += [f"--gated-density {c.label.removeprefix('density ')}", "--no-per-layer-density"]
+    if c.method in EXACT_METHODS and c.label.startswith("density "):
+        flags.append(f"--gated-density {c.label.removeprefix('density ')}")
     if c.recall_target is not None:
         flags.append(f"--recall {c.recall_target:g}")
     relax = []

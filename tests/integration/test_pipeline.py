@@ -159,16 +159,17 @@ def test_convert_tiny_llama(tiny, tmp_path):
 
 
 def test_convert_tiny_llama_side_by_side(tiny, tmp_path):
-    """Every method on a gated model: predictors on gate and on contribution labels, the exact gate;
-    the cheapest within the budget is published, and the report holds the frontier with the exact
+    """Every method on a gated model: predictors on gate and on contribution labels, the exact gate
+    alone and ranked against the up sketch; the cheapest within the budget is published, and the report holds the frontier with the exact
     oracles, the per-layer densities and both byte figures."""
     cfg = config(tiny, tmp_path, "llama", gated_density=0.4, name="tiny-llama-all")
     result = run_convert(cfg)
     s, report = result.report["summary"], result.report
     assert s["gate"] == "passed"
     assert s["ffn_dram_fraction"] == 0.5 and 0 < s["bytes_per_token_limited"] <= s["bytes_per_token_naive"]
-    assert s["configuration_passed"] and s["configuration_method"] in ("active", "contribution", "exact-gate")
-    assert {c["method"] for c in report["candidates"]} == {"active", "contribution", "exact-gate"}
+    all_methods = {"active", "contribution", "exact-gate", "exact-gate-up"}
+    assert s["configuration_passed"] and s["configuration_method"] in all_methods
+    assert {c["method"] for c in report["candidates"]} == all_methods
     assert sum(c["chosen"] for c in report["candidates"]) == 1
     chosen = next(c for c in report["candidates"] if c["chosen"])
     assert all(c["read_fraction_limited"] >= chosen["read_fraction_limited"] for c in report["candidates"]
@@ -181,10 +182,17 @@ def test_convert_tiny_llama_side_by_side(tiny, tmp_path):
     assert report["allocation"]["bytes_fraction"] <= 0.4 + 1e-9  # as accurate as 0.4 everywhere, no more bytes
     exact = [c for c in report["candidates"] if c["method"] == "exact-gate"]
     assert all(c["held_fraction"] >= 1 / 3 - 1e-9 for c in exact)  # the resident gate rows count as DRAM
+    # the int4 up sketch too: 36 of the 3 x 64 x 4 bytes of a tiny fp32 neuron (d_model 64, groups of 32)
+    sketched = [c for c in report["candidates"] if c["method"] == "exact-gate-up"]
+    assert len(sketched) == len(exact) == 6 and all(c["held_fraction"] >= 1 / 3 + 36 / 768 - 1e-9 for c in sketched)
+    # ranked by contribution (approximately), the sketch keeps top-1 at least the gate's at the same densities
+    by_label = {c["label"]: c for c in exact}
+    assert sum(c["top1_agreement"] >= by_label[c["label"]]["top1_agreement"] for c in sketched) >= 5
     with flashio.open(result.reference, registry=cfg.registry, mode="sparse") as model:
         m = model.artifact.manifest
         assert {"report/frontier.png"} <= set(m.files)
-        assert m.gate_resident == (s["configuration_method"] == "exact-gate")
+        assert m.gate_resident == s["configuration_method"].startswith("exact-gate")
+        assert (m.up_sketch is not None) == (s["configuration_method"] == "exact-gate-up")
         assert model.generate("def value", max_new_tokens=4).token_ids
 
 
