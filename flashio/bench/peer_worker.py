@@ -78,6 +78,7 @@ def run(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = L.llama_model_load_from_file(spec["gguf"].encode(), mp)
     if not model:
+        _restore_log(L)
         raise RuntimeError(f"llama.cpp could not load {spec['gguf']}: " + " | ".join(kept[-5:]))
     cp = L.llama_context_default_params()
     cp.n_ctx = max(64, len(tokens) + 8)
@@ -87,6 +88,7 @@ def run(spec: dict) -> dict:
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
         L.llama_model_free(model)
+        _restore_log(L)
         raise RuntimeError("llama.cpp could not create a context: " + " | ".join(kept[-5:]))
     try:
         open_s = time.perf_counter() - t0
@@ -121,6 +123,14 @@ def run(spec: dict) -> dict:
     finally:
         L.llama_free(ctx)
         L.llama_model_free(model)
+        _restore_log(L)
+
+
+def _restore_log(L) -> None:
+    """llama-cpp-python's own log callback again (ours dies with run's frame)."""
+    from llama_cpp import _logger
+
+    L.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p())
 
 
 def main(argv: list[str]) -> int:
