@@ -44,7 +44,6 @@ BUILD_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
                     "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
 INSTALL_COMMAND = (f'CMAKE_ARGS="{BUILD_CMAKE_ARGS}" pip install --no-cache-dir --no-binary llama-cpp-python '
                    "'flashio[bench]'")
-_FULL_CONFIGS = ("+overlap", "+reordering", "+coalescing", "+bundling")  # as flashio.bench.report
 
 
 class PeerUnavailableError(FlashError):
@@ -157,8 +156,10 @@ def peer_targets(configs: list[dict]) -> dict:
     """The issue's targets against llama.cpp, where both sides ran: the full configuration faster
     than llama.cpp all in DRAM, >= 20x faster than llama.cpp's mmap under the same limit, and
     flashio's dense within 1.2x of llama.cpp all in DRAM (value: flashio dense / llama.cpp)."""
+    from flashio.bench.report import FULL_CONFIGS
+
     rows = {r["name"]: r for r in configs if r.get("ok")}
-    full = next((rows[n] for n in _FULL_CONFIGS if n in rows), None)
+    full = next((rows[n] for n in FULL_CONFIGS if n in rows), None)
     ms = {n: r["per_token"]["total_ms"] for n, r in rows.items()}
     out = {}
     if full is not None and ROW_DRAM in rows:
