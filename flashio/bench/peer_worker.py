@@ -15,12 +15,9 @@ Only the standard library is imported before the cgroup is joined.
 from __future__ import annotations
 
 import ctypes
-import json
-import os
 import resource
 import sys
 import time
-import traceback
 
 LOAD_MODES = ("mmap", "none")
 # llama.cpp log lines kept in the result: where each buffer lives (CPU_Mapped: the file's pages,
@@ -134,22 +131,11 @@ def _restore_log(L) -> None:
 
 
 def main(argv: list[str]) -> int:
-    spec_path, out_path = argv
-    with open(spec_path) as f:
-        spec = json.load(f)
-    try:
-        if spec.get("cgroup"):
-            from flashio.bench.cgroup import join
+    from flashio.bench.worker import (
+        main as child_main,  # the standard library only, until the cgroup is joined
+    )
 
-            join(spec["cgroup"])
-        result = run(spec)
-    except Exception as exc:  # reported to the parent, which prints it in the table
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, out_path)
-    return 0 if result["ok"] else 1
+    return child_main(argv, run)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 
 
@@ -66,7 +67,9 @@ def run(spec: dict) -> dict:
                 "trace": source.description if source is not None else None}
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], run_spec: Callable[[dict], dict] | None = None) -> int:
+    """The child's body: read the spec, join its cgroup, `run_spec(spec)` (default: flashio's
+    run; the llama.cpp peer passes its own), write the result for the parent."""
     spec_path, out_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
@@ -75,7 +78,7 @@ def main(argv: list[str]) -> int:
             from flashio.bench.cgroup import join
 
             join(spec["cgroup"])
-        result = run(spec)
+        result = (run_spec or run)(spec)
     except Exception as exc:  # reported to the parent, which prints it in the table
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc(limit=8)}
