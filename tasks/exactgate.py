@@ -86,7 +86,11 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
         m = dense.artifact.manifest
         n_layers, n = m.n_layers, m.ffn_layers[0].n_neurons
         total_neurons = sum(L.n_neurons for L in m.ffn_layers)
-        ffn_bytes = sum(L.length_bytes for L in m.ffn_layers)
+        # the whole FFN: its flash bundles (up + down) and the resident gate rows; naive reads all of it per
+        # token (as it does an artifact whose bundles hold the gate), so the gate rows are added to its reads
+        gate_bytes = dense.artifact.resident_tensor_bytes([L.gate_tensor for L in m.ffn_layers])
+        ffn_bytes = sum(L.length_bytes for L in m.ffn_layers) + gate_bytes
+        naive_bpt += gate_bytes
         resident = resident_share(m)
         dense_rows: dict[int, torch.Tensor] = {}
 

@@ -43,7 +43,7 @@ from tasks.caching import sha256_json, stage_dir
 from tasks.evaluation import AccuracyBudget, Evaluation, QuantizationLoss
 from tasks.frontier import OracleFrontier
 from tasks.predictors import LayerPredictor
-from tasks.selection import Candidate, Selection, method_title
+from tasks.selection import EXACT_METHODS, Candidate, Selection, method_title
 from tasks.windowing import OFF
 
 REPORT_DIR = "report"
@@ -194,11 +194,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if s.get("heldout_few_documents") else ""
         held = [f"held-out text    {s['eval_tokens']} tokens from {s['heldout_documents']} document(s) of "
                 f"{s['heldout_spec']}{few}"]
+    exact = s.get("configuration_method") in EXACT_METHODS  # no predictor chooses the neurons
+    where = f"measured in the runtime, {'caching off' if s['window'] == OFF else 'window ' + str(s['window'])}"
     return [
-        f"sparsity         true {_pct(s['true_sparsity'])} (calibration), predicted {_pct(s['predicted_sparsity'])} "
-        f"(measured in the runtime, {'caching off' if s['window'] == OFF else 'window ' + str(s['window'])})",
-        f"predictor recall {s['predictor_recall_mean']:.4f} mean, {s['predictor_recall_min']:.4f} worst layer "
-        f"(held-out pairs), precision {s['predictor_precision_mean']:.3f}",
+        f"sparsity         true {_pct(s['true_sparsity'])} (calibration), "
+        + (f"{_pct(s['predicted_sparsity'])} of the neurons left out per token by the exact selection ({where})"
+           if exact else f"predicted {_pct(s['predicted_sparsity'])} ({where})"),
+        *([] if exact else [f"predictor recall {s['predictor_recall_mean']:.4f} mean, {s['predictor_recall_min']:.4f} "
+                            f"worst layer (held-out pairs), precision {s['predictor_precision_mean']:.3f}"]),
         f"perplexity       dense {s['perplexity_dense']:.3f}, sparse {s['perplexity_sparse']:.3f} "
         f"({100 * s['perplexity_increase']:+.2f}%, budget +{100 * b['max_perplexity_increase']:.2f}%)",
         *_quantization_lines(s),
