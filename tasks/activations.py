@@ -46,7 +46,7 @@ from flashio.models.base import FFNSpec
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import InputError
-from tasks.hooks import down_modules, ffn_spec, hooked_modules, load_model, model_lock, run_hooked  # noqa: F401 (tasks.frontier imports three here)
+from tasks.hooks import ffn_spec, load_model, run_hooked
 from tasks.progress import StageProgress
 from tasks.source import SourceModel
 from tasks.tensorfiles import save_tensors

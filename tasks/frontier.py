@@ -24,20 +24,13 @@ import torch
 import torch.nn.functional as F
 from prefect import get_run_logger, task
 
-from tasks.activations import (
-    ActivationOptions,
-    down_modules,
-    ffn_spec,
-    hooked_modules,
-    load_model,
-    model_lock,
-)
+from tasks.activations import ActivationOptions
 from tasks.allocation import topk_mask
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import InputError
+from tasks.hooks import ffn_hooks, ffn_spec, load_model
 from tasks.source import SourceModel
-from tasks.threads import torch_threads
 
 DENSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORACLE_GATE = "oracle: gate"
@@ -105,18 +98,12 @@ def measure_oracle_frontier(source: SourceModel, calib: CalibrationData, *, dens
             raise InputError(f"{len(per_layer)} per-layer densities for {n_layers} layers")
         configs.append((ORACLE_PER_LAYER, "contribution", sum(per_layer) / n_layers, list(per_layer)))
     points = []
-    with model_lock(), torch.inference_mode(), torch_threads(options.torch_threads):
-        handles = [m.register_forward_hook(gate_hook(i)) for i, m in enumerate(hooked_modules(model, source))]
-        handles += [d.register_forward_pre_hook(down_hook(i)) for i, d in enumerate(down_modules(model, source))]
-        try:
-            dense = logits_of(None, None)
-            ppl_dense = math.exp(_nll(dense, ids) / (ids.numel() - len(ids)))
-            for method, rank, d, dens in configs:
-                out = logits_of(rank, dens)
-                points.append(_point(method, d, dense, out, ids, ppl_dense))
-        finally:
-            for h in handles:
-                h.remove()
+    with ffn_hooks(model, source, gate=gate_hook, down=down_hook, threads=options.torch_threads):
+        dense = logits_of(None, None)
+        ppl_dense = math.exp(_nll(dense, ids) / (ids.numel() - len(ids)))
+        for method, rank, d, dens in configs:
+            out = logits_of(rank, dens)
+            points.append(_point(method, d, dense, out, ids, ppl_dense))
     return OracleFrontier(points=tuple(points), perplexity_dense=ppl_dense, tokens=int(ids.numel()))
 
 
