@@ -83,9 +83,10 @@ class MemoryBudget:
         rows = {L.gate_tensor: L.n_neurons for L in m.ffn_layers if L.gate_tensor}
         gate_bytes = sum(n * (art.args.dim + 2 if g in quant else art.args.dim * compute_dtype.itemsize)
                          for g, n in rows.items())
-        sketch = [n for n in m.ffn_resident_tensors() if n not in rows]  # uint8 codes + scales, as stored
-        stored = art.resident_tensor_bytes(list(quant) + list(quant.values()) + sketch) if quant or sketch else 0
-        gate_bytes += art.resident_tensor_bytes(sketch) if sketch else 0
+        # the up sketch: uint8 codes + scales, as stored whatever the compute dtype
+        sketch = sum(L.n_neurons for L in m.ffn_layers) * m.up_sketch.row_bytes if m.up_sketch is not None else 0
+        stored = (art.resident_tensor_bytes(list(quant) + list(quant.values())) if quant else 0) + sketch
+        gate_bytes += sketch
         resident = int((m.files[m.resident_file].size_bytes - stored) * scale) + stored
         return cls._build(art, mode, compute_dtype, max_len, pinned_fraction, selection,
                           resident_bytes=resident - gate_bytes,
