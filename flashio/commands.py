@@ -144,10 +144,13 @@ def add_commands(sub) -> None:
                         "neurons by contribution |act(gate) * (x @ up)| against it (selection 'gate+up'; "
                         "int4 holds ~0.28x the up rows' fp16 bytes)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="bundle rows quantized group-wise (symmetric, fp16 scales inside each row): about 1/2 "
-                        "(int8) or 1/4 (int4) of the fp16 bytes read and cached per neuron")
+                   help="bundle rows quantized group-wise, rounded to nearest (int8 symmetric, int4 with an "
+                        "offset per group; fp16 scales inside each row): about 1/2 (int8) or 1/4 (int4) of the fp16 "
+                        "bytes read and cached per neuron; `flashio convert --quantize` uses GPTQ on its "
+                        "calibration rows instead (more accurate at int4)")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
-                   help="elements per scale along d_model (default: d_model, one scale per part of a row)")
+                   help="elements per scale along d_model (default: int8 d_model, one scale per part of a "
+                        "row; int4 32 where it divides d_model)")
     p.add_argument("--quantize-resident", choices=["none", "int8"], default=None,
                    help="attention, an untied head and resident gate rows as int8 per output channel "
                         "(default: int8 with --quantize, else none); embeddings stay in --dtype")

@@ -39,6 +39,7 @@ from flashio.format.manifest import UP_SKETCH_TENSOR
 from flashio.models.base import ACTIVATIONS
 from flashio.predictor import PredictorWeights
 from flashio.quant import CHUNK_ROWS, RowScratch, quant_project
+from flashio.sketch import SketchScratch, UpSketch, chunk_rows_for
 from flashio.sparse import Coefficients, SparseEngine
 
 
@@ -145,10 +146,16 @@ class GateUpEngine(GateEngine):
 
     @classmethod
     def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
-        """The gate engine's, plus the fp32 scratch the sketch is dequantized through."""
+        """The gate engine's, plus the scratch the sketch is dequantized through (the sketch
+        itself is resident: the budget's gate_bytes)."""
         base = super().memory(manifest, compute_dtype)
-        dim = manifest.bundle_layout[0][2] - manifest.bundle_layout[0][1]
-        return dataclasses.replace(base, fixed_bytes=base.fixed_bytes + CHUNK_ROWS * dim * 4 + CHUNK_ROWS * dim // 2)
+        q, n = manifest.up_sketch, max(L.n_neurons for L in manifest.ffn_layers)
+        if q is not None and all(UpSketch.supports(q, L.n_neurons) for L in manifest.ffn_layers):
+            scratch = SketchScratch.nbytes_for(q, chunk_rows_for(n, q.dim))
+        else:
+            dim = manifest.bundle_layout[0][2] - manifest.bundle_layout[0][1]
+            scratch = CHUNK_ROWS * dim * 4 + CHUNK_ROWS * dim // 2
+        return dataclasses.replace(base, fixed_bytes=base.fixed_bytes + scratch)
 
     def __init__(self, ctx: EngineContext, **kw):
         q = ctx.art.manifest.up_sketch
@@ -158,11 +165,25 @@ class GateUpEngine(GateEngine):
                              "selection='gate'")
         super().__init__(ctx, **kw)
         self.sketch_quant = q
-        self.sketch = [ctx.resident[UP_SKETCH_TENSOR.format(i)] for i in range(len(self.layers))]
-        self.sketch_scratch = RowScratch(q, self.device)
+        names = [UP_SKETCH_TENSOR.format(i) for i in range(len(self.layers))]
+        self.sketch: list[torch.Tensor] = []  # the stored rows, where quant_project computes with them
+        self.packed: list[UpSketch] = []  # or the rows rearranged in place (flashio.sketch)
+        if all(UpSketch.supports(q, L.n_neurons) for L in self.layers):
+            # the resident dict drops the stored layout's name: the rows are the engine's, held once
+            self.packed = [UpSketch.pack(ctx.resident.pop(name), q) for name in names]
+            self.sketch_scratch = SketchScratch(q, max(s.chunk_rows for s in self.packed), self.device)
+        else:
+            self.sketch = [ctx.resident[name] for name in names]
+            self.sketch_scratch = RowScratch(q, self.device)
+
+    def sketch_up(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """[T, N] float32: h @ up.T against layer i's up sketch."""
+        if self.packed:
+            return self.packed[i].project(h, self.sketch_scratch)
+        return quant_project(h, self.sketch[i], self.sketch_quant, "up", self.sketch_scratch)
 
     def exact_scores(self, i: int, h: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        up = quant_project(h, self.sketch[i], self.sketch_quant, "up", self.sketch_scratch)
+        up = self.sketch_up(i, h)
         if self.b_up[i] is not None:
             up += self.b_up[i].float()
         return (key.float() * up).abs()

@@ -216,13 +216,22 @@ class FlashModel:
             self._lock.release()
 
     # -- the forward pass -----------------------------------------------------------------
+    # A step returns the final hidden states; `_logits` applies the head (final norm, lm_head,
+    # soft-capping: each position apart) where logits are needed: once over all positions after a
+    # token-by-token forward, on the last one while generating. Gemma 3 270M's 262144 x 640 head
+    # per step was ~73 ms of a ~124 ms dense step; over 64 positions, ~6 ms per position.
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """The model's device is the current one during a step (not across a stream()'s yields)."""
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            yield
+
     @torch.inference_mode()
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run T new tokens (one step) through the model; returns logits [T, V]."""
-        if self.device.type == "cuda":  # the model's device is the current one during the step
-            with torch.cuda.device(self.device):  # (not across a stream()'s yields: the caller's)
-                return self._run_step(tokens)
-        return self._run_step(tokens)
+        """Run T new tokens (one step) through the model; returns the final hidden states [T, D]
+        (before the final norm: `_logits` turns the rows that need logits into logits)."""
+        with self._on_device():
+            return self._run_step(tokens)
 
     def _run_step(self, tokens: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -236,13 +245,26 @@ class FlashModel:
             x = self.model.attention(i, x, self.kv, start)
             y = self.engine(i, self.model.ffn_input(i, x))
             x = self.model.ffn_output(i, x, y)
-        logits = self.model.head(x)
         self.kv.advance(len(tokens))
         # CUDA: wait for the step's kernels (so that its total time is real); the device time of
         # the rows' copies and of the cache's moves is reported beside the host's I/O and memory time
         times = self.transfer.finish_step()
         self.rec.upload_s, self.rec.device_mem_s = times.upload_s, times.mem_s
         self.stats.append(self.rec.finish(len(tokens), time.perf_counter() - t0))
+        return x  # [T, D]
+
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states [n, D] -> float32 logits [n, V]; its time is added to
+        the latest step's compute and total time."""
+        t0 = time.perf_counter()
+        with self._on_device():
+            logits = self.model.head(hidden).float()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        head_ms = 1e3 * (time.perf_counter() - t0)
+        last = self.stats[-1]
+        self.stats[-1] = dataclasses.replace(last, compute_ms=last.compute_ms + head_ms, total_ms=last.total_ms + head_ms)
         return logits
 
     def _ids(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -259,15 +281,22 @@ class FlashModel:
             raise FlashError(f"token ids {bad[:5]} are outside the vocabulary (size {self.args.vocab_size})")
         return torch.tensor(ids, dtype=torch.long)
 
-    def forward(self, input_ids: str | Sequence[int] | torch.Tensor, *, token_by_token: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: str | Sequence[int] | torch.Tensor, *, token_by_token: bool = False,
+                head_per_step: bool = False) -> torch.Tensor:
         """Logits [T, V] (float32, on the model's device) for a fresh sequence. token_by_token=True
-        feeds one token per step, as generation does, so the window cache and predictor act per token."""
+        feeds one token per step, as generation does, so the window cache and predictor act per token;
+        the head then runs once over all positions at the end (the same logits: nothing a step
+        does depends on them), and its time is counted in the last step's statistics.
+        head_per_step=True runs it within each step instead, as generation does: for per-token
+        latencies (flashio.bench) rather than logits."""
         with self._session():
             self.reset()
             ids = self._ids(input_ids)
-            if token_by_token:
-                return torch.cat([self._step(ids[j : j + 1]) for j in range(len(ids))]).float()
-            return self._step(ids).float()
+            if not token_by_token:
+                return self._logits(self._step(ids))
+            if head_per_step:
+                return torch.cat([self._logits(self._step(ids[j : j + 1])) for j in range(len(ids))])
+            return self._logits(torch.cat([self._step(ids[j : j + 1]) for j in range(len(ids))]))
 
     # -- generation -----------------------------------------------------------------------
     def generation_config(self, max_new_tokens: int | None = None, config: GenerationConfig | None = None, *,
@@ -296,7 +325,8 @@ class FlashModel:
                 yield GeneratedToken(t.token_id, t.text, self.stats[-1], t.finish_reason)
 
     def _next_logits(self, new_ids: list[int]) -> torch.Tensor:
-        return self._step(torch.tensor(new_ids, dtype=torch.long))[-1].float().cpu()  # [V]
+        hidden = self._step(torch.tensor(new_ids, dtype=torch.long))  # [T, D]
+        return self._logits(hidden[-1:])[0].cpu()  # [V]: the head on the last position only
 
     def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int | None = None,
                  config: GenerationConfig | None = None, **options: Any) -> Generation:

@@ -237,10 +237,13 @@ class SparseEngine(Engine):
 
     def _compute(self, i: int, h: torch.Tensor, matrix: torch.Tensor, lo: int, hi: int, idx: torch.Tensor,
                  coef: Coefficients, zero: torch.Tensor | None = None) -> torch.Tensor:
-        """The FFN over rows [lo, hi) of `matrix` (neurons idx), padded to a BUCKET_ROWS multiple."""
+        """The FFN over rows [lo, hi) of `matrix` (neurons idx), padded to a BUCKET_ROWS multiple
+        where oneDNN computes it (bf16/fp16 or quantized rows; CPU fp32 matmuls keep no primitive
+        per shape: unpadded, Gemma 3 270M's overlapped step computed up to 2 x 255 rows of 2048 less)."""
         if hi <= lo:
             return torch.zeros_like(h)
-        stop = min(matrix.shape[0], lo + -(-(hi - lo) // BUCKET_ROWS) * BUCKET_ROWS)
+        bucket = 1 if matrix.dtype == torch.float32 and matrix.device.type == "cpu" else BUCKET_ROWS
+        stop = min(matrix.shape[0], lo + -(-(hi - lo) // bucket) * bucket)
         b_up = None if self.b_up[i] is None else self.b_up[i][idx]
         b_gate = None if self.b_gate[i] is None else self.b_gate[i][idx]
         gate, mask = coef

@@ -67,7 +67,11 @@ def add_convert_command(sub) -> None:
     g.add_argument("--order", choices=["frequency", "coactivation", "identity"], help="neuron order (default frequency)")
     g.add_argument("--quantize", choices=["int8", "int4"], help="quantize the FFN bundle rows (scales inside each "
                                                               "row); the accuracy gate judges the quantized artifact")
-    g.add_argument("--group-size", type=int, help="with --quantize: elements per scale (default: the whole row part)")
+    g.add_argument("--group-size", type=int, help="with --quantize: elements per scale (default: int8 the whole row part, "
+                        "int4 32)")
+    g.add_argument("--quantize-method", choices=["gptq", "rtn"],
+                   help="with --quantize: gptq (default) compensates rounding errors on the calibration rows; rtn "
+                        "rounds to nearest")
     g.add_argument("--quantize-resident", choices=["none", "int8"],
                    help="with --quantize: resident attention/head matrices (default int8)")
     g = p.add_argument_group("evaluation")
@@ -127,7 +131,8 @@ def add_convert_command(sub) -> None:
 
 _FLAG_FIELDS = ("revision", "source_dtype", "dtype", "calibration", "heldout", "text_field", "samples", "seq_len",
                 "heldout_samples", "seed", "shard_samples", "batch_samples", "gated_density", "rank", "rank_last",
-                "last_layers", "max_rank", "max_escalations", "recall", "threshold", "epochs", "order", "quantize", "group_size", "quantize_resident", "window",
+                "last_layers", "max_rank", "max_escalations", "recall", "threshold", "epochs", "order", "quantize", "group_size", "quantize_resident", "quantize_method",
+                "window",
                 "zero_shot_limit", "ffn_dram_fraction", "frontier_samples", "registry", "registry_endpoint", "name", "version", "prompt", "max_new_tokens",
                 "work_dir", "workers", "torch_threads", "dask_address")
 

@@ -100,10 +100,15 @@ class ConvertConfig(BaseModel):
     # bundling and runtime
     order: Literal["frequency", "coactivation", "identity"] = "frequency"
     quantize: Literal["int8", "int4"] | None = Field(None, description="FFN bundle rows quantized group-wise "
-                                                                      "(symmetric, scales inside each row); the "
-                                                                      "accuracy gate judges the quantized artifact")
-    group_size: int | None = Field(None, ge=1, description="elements per scale along d_model (default: the whole "
-                                                           "part of the row)")
+                                                                      "(int8 symmetric, int4 with offsets; scales "
+                                                                      "inside each row); the accuracy gate judges "
+                                                                      "the quantized artifact")
+    quantize_method: Literal["gptq", "rtn"] = Field("gptq", description="with quantize: 'gptq' compensates each "
+                                                    "row's rounding on the calibration rows (flashio.gptq), 'rtn' "
+                                                    "rounds each weight to nearest")
+    group_size: int | None = Field(None, ge=1, description="elements per scale along d_model (default: int8 the "
+                                                           "whole part of the row, int4 32 where it divides "
+                                                           "d_model)")
     quantize_resident: Literal["none", "int8"] | None = Field(None, description="resident matrices (attention, "
                                                                                 "head): int8 with quantize unless "
                                                                                 "'none'")
@@ -126,6 +131,9 @@ class ConvertConfig(BaseModel):
     # evaluation
     budget: AccuracyBudgetConfig = Field(default_factory=AccuracyBudgetConfig)
     sweep_samples: int = Field(4, ge=1, description="held-out sequences per sweep point")
+    confirmations: int = Field(3, ge=1, description="configurations measured on every held-out row before "
+                                                    "publishing: the sweep's cheapest passing one, and when it "
+                                                    "misses the budget there, the next cheapest, up to this many")
     zero_shot: tuple[str, ...] = Field((), description="multiple-choice task specs '[name=]data'")
     zero_shot_limit: int = Field(100, ge=1)
     # publishing
@@ -206,7 +214,8 @@ class ConvertConfig(BaseModel):
         """The writer's quantization options (None: the artifact keeps the storage dtype)."""
         if self.quantize is None:
             return None
-        return {"quantize": self.quantize, "group_size": self.group_size, "quantize_resident": self.quantize_resident}
+        return {"quantize": self.quantize, "group_size": self.group_size, "quantize_resident": self.quantize_resident,
+                "method": self.quantize_method}
 
     def eval_options(self, window: int | None = None, gated: bool = False):
         """`window`: the one chosen from the trace (0: caching off), unless the config fixes one."""

@@ -14,13 +14,16 @@ failure in a late stage reuses the early ones.
 
 Gated FFNs (issue 16) add, before the activations: each layer's FFN-output error against density
 (tasks.allocation) -> per-layer densities as accurate as `gated_density` everywhere with fewer
-bytes -> the exact oracles' frontier (tasks.frontier). Then one predictor set per method
+bytes -> the exact oracles' frontier (tasks.frontier). Then one predictor set per predictor method
 (`methods`: "active" labels, i.e. the gate's magnitude, and "contribution" labels, top-k by
 |act(gate)·up| at the per-layer densities), each with its window chosen from the calibration trace
-under the DRAM limit (tasks.windowing), bundled and evaluated; the cheapest configuration within
-the budget (tasks.selection) is published, and the report says which and why. A failed gate
-still writes the report (frontier table and plot), then ends the flow run Failed with one
-AccuracyBudgetError naming the closest configuration and the flags that would publish it.
+under the DRAM limit (tasks.windowing), bundled and evaluated, and the exact methods swept over
+per-layer densities (tasks.exactgate); a conversion of exact methods only trains no predictors (its
+shards keep no predictor pairs, its artifacts hold no predictors). The cheapest configuration within
+the budget on the sweep rows (tasks.selection) is confirmed on every held-out row, falling back to the
+next cheapest when it misses there; the first confirmed is published, and the report says which and
+why. A failed gate still writes the report (frontier table and plot), then ends the flow run Failed
+with one AccuracyBudgetError naming the closest configuration and the flags that would publish it.
 
 Two conversions of one model name never run at once: the flow holds the Prefect global
 concurrency limit `flashio-convert-<name>` (created with one slot; see flows/locks.py), and a
@@ -35,6 +38,7 @@ Prefect's `refresh_cache`, which makes Prefect ignore and overwrite its cached r
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -70,7 +74,7 @@ from tasks.report import REPORT_DIR, Choice, layer_rows, render_markdown, report
 from tasks.selection import (
     EXACT_METHODS,
     Candidate,
-    choose_configuration,
+    confirm_configuration,
     list_candidates,
     predictors_at,
     publish_flags,
@@ -79,10 +83,13 @@ from tasks.source import SourceModel, inspect_source_task
 from tasks.windowing import window_task
 
 # the exact methods' sweep: per-layer densities allocated at each of these means, beside gated_density's.
-# Not finer: a sweep point is measured on the sweep rows only and the pick is then confirmed on every
-# held-out row; on Gemma 3 270M mean 0.75 passed on the 4 sweep rows (top-1 0.9707) and failed on all 8
-# (0.9658), so the conversion published nothing, where this grid publishes 0.9 (0.9775 on all 8).
-EXACT_DENSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
+# A sweep point is measured on the sweep rows only and the pick is then confirmed on every held-out row;
+# on Gemma 3 270M mean 0.75 passed on the 4 sweep rows (top-1 0.9707) and failed on all 8 (0.9658). With
+# one confirmation that published nothing (the grid was 0.1 steps then, publishing 0.9: 0.9775 on all 8);
+# now a failed confirmation falls back to the next cheapest that passed the sweep (confirm_configuration,
+# up to `confirmations`, 3 by default), so a sweep point that passes by luck costs one more evaluation on
+# every row instead of the conversion; only `confirmations` lucky points in a row still publish nothing.
+EXACT_DENSITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 STAGES = ("source", "calibration", "activations", "predictors", "bundle", "evaluate", "report", "publish")
 
 
@@ -170,6 +177,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
 
         act = shard_act = config.activation_options(src.ffn_dim)  # shards: + the contribution label densities
         methods = config.methods_for(src.gated)
+        trained = [m for m in methods if m not in EXACT_METHODS]  # predictor sets; exact-only conversions: none
         budget = config.accuracy_budget()
         allocation = frontier = None
         exact_allocs = {}  # exact method -> setting label -> per-layer densities (tasks.allocation)
@@ -193,6 +201,8 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                                            allocation.densities, act, work)
             if "contribution" in methods:
                 shard_act = replace(act, label_densities=allocation.densities)
+        if not trained:  # nothing trains on the predictor pairs: the shards keep the statistics only
+            shard_act = replace(shard_act, pairs=False)
         thresholds = refreshed(gate_thresholds_task, force)(
             src, calib, config.gated_density, min(config.samples, 16), act, work) if src.gated else (0.0,) * src.n_layers
         ranges = shard_ranges(config.samples, config.shard_samples)
@@ -204,7 +214,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         stages.advance()
 
         predictors, plans = {}, {}
-        for method in [m for m in methods if m not in EXACT_METHODS] or ["active"]:  # exact ones bundle a set too
+        for method in trained:
             popts = config.predictor_options(src.n_layers, src.dim, src.ffn_dim, labels=method, gated=src.gated)
             predictors[method] = refreshed(predictor_task, force).map(
                 unmapped(stats), list(range(src.n_layers)), unmapped(popts), unmapped(work)).result()
@@ -219,28 +229,36 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                 "config": config.lineage()},
                    LINEAGE_KEY: key}
 
-        # a quantized conversion's float reference: the same weights unquantized (its dense model only is used)
-        reference = refreshed(bundle_task, force)(src, stats, next(iter(predictors.values())), config.order,
+        # a quantized conversion's float reference: the same weights unquantized (its dense model only is used,
+        # by the predictor methods' evaluation; the exact methods' does not measure the quantization loss)
+        reference = refreshed(bundle_task, force)(src, stats, predictors[trained[0]], config.order,
                                                   config.dtype, {"calibration": lineage["calibration"]}, None, None,
-                                                  work).path if config.quantization() else None
+                                                  work).path if config.quantization() and trained else None
+
+        quant_calib = calib if config.quantization() else None  # GPTQ's rows (unquantized bundles: no input)
 
         def bundled_and_evaluated(method: str, preds: list, window: int):
             # The candidate that is evaluated carries only content lineage, so that changing what does not
             # change its bytes (budget, sweep...) reuses it and its evaluation from the cache.
             cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
                                                  {"calibration": lineage["calibration"]}, None, None, work,
-                                                 quantize=config.quantization())
+                                                 quantize=config.quantization(), calibration=quant_calib)
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
                                                          config.eval_options(window, src.gated), work, reference)
+
+        # the exact selections' artifacts carry the first predictor set (selection 'gate+predictor' can use
+        # it); none when no predictor was trained
+        exact_preds = predictors[trained[0]] if trained else []
 
         def exact_gate(method: str, settings: list[tuple[str, tuple[float, ...]]]):
             # gate rows (and the up sketch) resident, bundles of up + down; the main setting's densities
             # go into the manifest
-            preds, spec = next(iter(predictors.values())), EXACT_METHODS[method]
-            cand = refreshed(bundle_task, force)(src, stats, preds, config.order, config.dtype,
+            spec = EXACT_METHODS[method]
+            cand = refreshed(bundle_task, force)(src, stats, exact_preds, config.order, config.dtype,
                                                  {"calibration": lineage["calibration"]}, None, None, work,
                                                  True, list(settings[0][1]), spec.selection,
-                                                 quantize=config.quantization(), up_sketch=spec.up_sketch)
+                                                 quantize=config.quantization(), up_sketch=spec.up_sketch,
+                                                 calibration=quant_calib)
             ev, plan = refreshed(exact_gate_task, force)(cand.manifest_sha256, cand.path, calib, settings,
                                                          config.eval_options(1), config.ffn_dram_fraction, work,
                                                          method)
@@ -261,17 +279,29 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         # ReLU model (exact sparsity: its recall target is the user's accuracy knob), keeps its own.
         candidates = list_candidates({m: ev for m, (_, ev) in evaluated.items()}, plans, budget,
                                      sweep=src.gated and config.threshold is None)
-        selection = choose_configuration(candidates, budget)
+
+        def on_every_row(c: Candidate):
+            # a sweep point re-bundled (predictor thresholds) or re-evaluated (exact densities) on every
+            # held-out row; the "chosen" settings were measured there already
+            if c.method in EXACT_METHODS:
+                preds = exact_preds
+                cand, ev = evaluated[c.method] if c.label == "chosen" else \
+                    exact_gate(c.method, [("chosen", tuple(exact_allocs[c.method][c.label].densities))])[:2]
+            else:
+                preds = predictors_at(predictors[c.method], c.recall_target)
+                cand, ev = (evaluated[c.method] if c.recall_target is None
+                            else bundled_and_evaluated(c.method, preds, c.window))
+            return ev.main, (cand, ev, preds)
+
+        # the cheapest within the budget on the sweep rows, confirmed on every held-out row; when it misses
+        # there, the next cheapest that passed (tasks.selection.confirm_configuration)
+        outcome = confirm_configuration(candidates, budget, on_every_row, limit=config.confirmations)
+        for conf in outcome.confirmations:
+            log.log(logging.INFO if conf.passes else logging.WARNING, "confirmation %s", conf.describe())
+        selection = outcome.selection
         pick = selection.chosen or selection.closest
+        candidate, ev, preds = outcome.result
         log.info("configuration: %s; %s", pick.describe(), selection.reason)
-        if pick.method in EXACT_METHODS:
-            preds = next(iter(predictors.values()))
-            candidate, ev = evaluated[pick.method] if pick.label == "chosen" else \
-                exact_gate(pick.method, [("chosen", tuple(exact_allocs[pick.method][pick.label].densities))])[:2]
-        else:
-            preds = predictors_at(predictors[pick.method], pick.recall_target)
-            candidate, ev = (evaluated[pick.method] if pick.recall_target is None
-                             else bundled_and_evaluated(pick.method, preds, pick.window))
         violations = gate_task(ev, budget, config.budget.allow_loss)  # never raises: the report is written first
         publishable = not violations or config.budget.allow_loss
         stages.advance()

@@ -65,6 +65,7 @@ class ActivationOptions:
     batch_sequences: int = 8
     coactivation_stride: int = 16  # co-activation on every k-th position; 0 = not collected
     pair_stride: int = 1  # keep predictor pairs of every k-th position
+    pairs: bool = True  # False: statistics only, no pairs file content (nothing trains predictors on them)
     pairs_dtype: str = "float16"
     torch_threads: int | None = None  # None: torch's default (see tasks.threads)
     # gated FFNs: per layer, the density of the contribution labels (top-k by |act(gate)·up|); () = none
@@ -219,7 +220,7 @@ def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop:
         raise InputError(f"shard [{start}, {stop}) is outside the {len(ids)} calibration sequences")
     ids = ids[start:stop]
     col = _Collector(source.n_layers, source.ffn_dim, ffn=ffn_spec(source), thresholds=thresholds,
-                     options=options)
+                     options=options, keep_pairs=options.pairs)
     _run(source, ids, col, options, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {}
@@ -235,7 +236,7 @@ def collect_shard(source: SourceModel, calib: CalibrationData, start: int, stop:
     positions = len(range(0, length, options.pair_stride))
     seq_ids = torch.arange(start, stop, dtype=torch.int32).repeat_interleave(positions)
     pairs = {"seq_ids": seq_ids}
-    for i in range(source.n_layers):
+    for i in range(source.n_layers if col.keep_pairs else 0):
         pairs[f"layers.{i}.x"] = torch.cat(col.xs[i])
         pairs[f"layers.{i}.mask"] = torch.from_numpy(np.concatenate(col.masks[i]))
         if col.contrib[i]:
@@ -294,6 +295,9 @@ def load_pairs(shards: Sequence[ShardResult], layer: int, labels: str = "active"
         with safe_open(str(s.pairs_path), framework="pt") as f:
             n = int(f.metadata()["n_neurons"])
             key = f"layers.{layer}.{LABELS[labels]}"
+            if f"layers.{layer}.x" not in f.keys():  # noqa: SIM118
+                raise InputError(f"the activation shard {s.pairs_path} holds no predictor pairs (collected with "
+                                 "ActivationOptions(pairs=False)); collect them with pairs=True")
             if key not in f.keys():  # noqa: SIM118
                 raise InputError(f"the activation shard {s.pairs_path} has no {labels} labels; collect them with "
                                  "ActivationOptions.label_densities (gated FFNs only)")

@@ -28,7 +28,9 @@ from prefect import get_run_logger, task
 from flashio.format import finalize_artifact, sha256_file, source_from_checkpoint, write_artifact
 from tasks.activations import ActivationStats, read_stats
 from tasks.caching import run_stage, stage_cache
+from tasks.calibration import CalibrationData, load_tokens
 from tasks.errors import InputError
+from tasks.hessians import CalibrationHessians
 from tasks.predictors import LayerPredictor, load_layer_predictor
 from tasks.progress import StageProgress
 from tasks.source import SourceModel
@@ -104,7 +106,7 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
                     report: dict[str, Any] | None = None, report_files: dict[str, Path] | None = None,
                     progress=None, gate_resident: bool = False, densities: Sequence[float | None] | None = None,
                     selection: str | None = None, quantize: dict[str, Any] | None = None,
-                    up_sketch: str | None = None) -> BundledArtifact:
+                    up_sketch: str | None = None, calibration: CalibrationData | None = None) -> BundledArtifact:
     """Write the artifact (weights in the chosen order, predictors, active thresholds, lineage
     and report) into `out_dir/artifact` with flashio's writer.
 
@@ -112,18 +114,29 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     flashio.exact); densities[i]: the fraction of layer i's neurons an exact selection keeps per
     token (None: its active threshold); selection: mode='sparse''s default ('predictor', 'gate' or
     'gate+predictor'; None: 'gate' when gate_resident, else 'predictor'); quantize: the writer's
-    quantization options (quantize, group_size, quantize_resident), None for none; up_sketch: with
-    gate_resident, the scheme of the up rows' resident copy that selection 'gate+up' ranks by."""
-    if len(predictors) != source.n_layers:
+    quantization options (quantize, group_size, quantize_resident) and its method ('gptq', the
+    default, on the `calibration` rows, or 'rtn'), None for none; up_sketch: with
+    gate_resident, the scheme of the up rows' resident copy that selection 'gate+up' ranks by.
+    No predictors (an empty list): an artifact for the exact selections only (gate_resident)."""
+    if predictors and len(predictors) != source.n_layers:
         raise InputError(f"{len(predictors)} predictors for {source.n_layers} layers")
+    if not predictors and not gate_resident:
+        raise InputError("an artifact without predictors needs the gate-resident layout of the exact selections "
+                         "(gate_resident=True); train predictors for the predictor selection")
     orders = choose_orders(stats, order)
-    preds = [load_layer_predictor(p) for p in sorted(predictors, key=lambda p: p.layer)]
+    preds = [load_layer_predictor(p) for p in sorted(predictors, key=lambda p: p.layer)] if predictors else None
     model_source = source_from_checkpoint(source.path, hash_files=False)
+    quantize = dict(quantize or {})
+    hessians = None
+    if quantize.pop("method", "gptq") == "gptq" and quantize.get("quantize"):
+        if calibration is None:
+            raise InputError("GPTQ quantization needs the calibration rows; pass calibration or method 'rtn'")
+        hessians = CalibrationHessians(source, load_tokens(calibration, "calibration"))
     dtype = dtype or (source.config_dtype if source.config_dtype in ("float32", "float16", "bfloat16") else "float32")
     path = write_artifact(model_source, out_dir / ARTIFACT_DIR, dtype=dtype, orders=orders, predictors=preds,
                           active_thresholds=list(stats.active_thresholds), gate_resident=gate_resident,
                           densities=None if densities is None else list(densities), selection=selection,
-                          up_sketch=up_sketch, **(quantize or {}),
+                          up_sketch=up_sketch, hessians=hessians, **quantize,
                           lineage={"source": source.lineage(), **(lineage or {}), "neuron_order": order},
                           report=report, report_files=report_files, name=source.name, progress=progress)
     return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"), order=order, dtype=dtype)
@@ -134,14 +147,15 @@ def bundle_task(source: SourceModel, stats: ActivationStats, predictors: list[La
                 dtype: str | None, lineage: dict[str, Any], report: dict[str, Any] | None,
                 report_files: dict[str, Path] | None, work_dir: Path, gate_resident: bool = False,
                 densities: list[float | None] | None = None, selection: str | None = None,
-                quantize: dict[str, Any] | None = None, up_sketch: str | None = None) -> BundledArtifact:
+                quantize: dict[str, Any] | None = None, up_sketch: str | None = None,
+                calibration: CalibrationData | None = None) -> BundledArtifact:
     def compute(out: Path) -> BundledArtifact:
         label = "writing artifact" + (" (with report)" if report else "")
         with StageProgress(label, source.n_layers, unit="layer") as p:
             return bundle_artifact(source, stats, predictors, order=order, out_dir=out, dtype=dtype, lineage=lineage,
                                    report=report, report_files=report_files, progress=p.update,
                                    gate_resident=gate_resident, densities=densities, selection=selection,
-                                   quantize=quantize, up_sketch=up_sketch)
+                                   quantize=quantize, up_sketch=up_sketch, calibration=calibration)
 
     art = run_stage("bundle", [__name__], compute)
     get_run_logger().info("artifact %s (%s, order %s)", art.path, art.dtype, order)

@@ -68,13 +68,13 @@ def build_report(stats: ActivationStats, predictors: Sequence[LayerPredictor], e
     preds = sorted(predictors, key=lambda p: p.layer)
     m = ev.main
     true_density = sum(stats.density) / len(stats.density)
-    recalls = [p.recall for p in preds]
+    recalls = [p.recall for p in preds]  # none: an exact-only conversion trains no predictors
     summary = {
         "true_sparsity": 1.0 - true_density,
         "predicted_sparsity": 1.0 - m.density,
-        "predictor_recall_mean": sum(recalls) / len(recalls),
-        "predictor_recall_min": min(recalls),
-        "predictor_precision_mean": sum(p.precision for p in preds) / len(preds),
+        "predictor_recall_mean": sum(recalls) / len(recalls) if preds else None,
+        "predictor_recall_min": min(recalls, default=None),
+        "predictor_precision_mean": sum(p.precision for p in preds) / len(preds) if preds else None,
         "perplexity_dense": m.perplexity_dense,
         "perplexity_sparse": m.perplexity_sparse,
         "perplexity_increase": m.perplexity_increase,

@@ -10,13 +10,22 @@ the evaluation (top-1, perplexity, KL) and costed by the window simulation with 
 limited (tasks.windowing): FFN bytes read per token as a fraction of naive. Cheapest = fewest
 bytes read per token under that limit. When none passes, the closest is the one whose worst
 shortfall, relative to its budget's slack, is smallest.
+
+A sweep point is measured on a few held-out rows only, so the pick is confirmed on every row
+before it is published (`confirm_configuration`): when it misses the budget there, the next
+cheapest candidate that passed is confirmed, and so on (at most `limit` confirmations); the first
+that passes is chosen, else the confirmed one that missed by the least is the closest.
+
+    outcome = confirm_configuration(cands, budget, measure, limit=3)   # measure(c) -> (Comparison, T)
+    outcome.selection.chosen, outcome.result, outcome.confirmations
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from tasks.evaluation import AccuracyBudget, Comparison, Evaluation
 from tasks.predictors import LayerPredictor
@@ -120,11 +129,16 @@ def list_candidates(evaluations: Mapping[str, Evaluation], plans: Mapping[str, W
     return out
 
 
-def shortfall(c: Candidate, budget: AccuracyBudget) -> float:
+def shortfall(c: Candidate | Comparison, budget: AccuracyBudget) -> float:
     """The worst relative miss: 0 when within budget."""
     top1 = max(0.0, budget.min_top1_agreement - c.top1_agreement) / max(1e-6, 1.0 - budget.min_top1_agreement)
     ppl = max(0.0, c.perplexity_increase - budget.max_perplexity_increase) / max(1e-6, budget.max_perplexity_increase)
     return max(top1, ppl)
+
+
+def cost_order(c: Candidate) -> tuple[float, float, bool]:
+    """Cheapest first; ties: the better top-1, then the setting measured on every held-out row ("chosen")."""
+    return c.read_fraction_limited, -c.top1_agreement, c.label != "chosen"
 
 
 def choose_configuration(cands: Sequence[Candidate], budget: AccuracyBudget) -> Selection:
@@ -132,8 +146,7 @@ def choose_configuration(cands: Sequence[Candidate], budget: AccuracyBudget) -> 
         raise ValueError("no candidate configurations")
     passing = [c for c in cands if c.passes]
     if passing:
-        # ties: the better top-1, then the setting measured on every held-out row ("chosen")
-        best = min(passing, key=lambda c: (c.read_fraction_limited, -c.top1_agreement, c.label != "chosen"))
+        best = min(passing, key=cost_order)
         others = sorted({c.method for c in passing} - {best.method})
         reason = (f"the fewest FFN bytes per token ({100 * best.read_fraction_limited:.1f}% of naive, DRAM limited) "
                   f"of the {len(passing)} of {len(cands)} configurations within the budget"
@@ -143,6 +156,82 @@ def choose_configuration(cands: Sequence[Candidate], budget: AccuracyBudget) -> 
     return Selection(chosen=None, closest=closest,
                      reason=f"none of the {len(cands)} configurations is within the budget; the closest misses by "
                             f"{'; '.join(closest.violations)}")
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A candidate measured again on every held-out row (a sweep point's figures are a few rows')."""
+
+    candidate: Candidate  # as the sweep measured it
+    measured: Comparison  # on every held-out row
+    violations: tuple[str, ...]  # of `measured`
+
+    @property
+    def passes(self) -> bool:
+        return not self.violations
+
+    def describe(self) -> str:
+        c, m = self.candidate, self.measured
+        return (f"{c.method} / {c.label}: top-1 {m.top1_agreement:.4f}, perplexity {100 * m.perplexity_increase:+.2f}% "
+                f"on {m.tokens} held-out tokens (sweep: {c.top1_agreement:.4f}, {100 * c.perplexity_increase:+.2f}% "
+                f"on {c.tokens})" + (f": {'; '.join(self.violations)}" if self.violations else ""))
+
+
+@dataclass(frozen=True)
+class Confirmed(Generic[T]):
+    """What `confirm_configuration` found: the selection to publish, the measurement of its
+    configuration (chosen, else closest), and every confirmation made, in order."""
+
+    selection: Selection
+    result: T
+    confirmations: tuple[Confirmation, ...]
+
+
+def confirm_configuration(cands: Sequence[Candidate], budget: AccuracyBudget,
+                          measure: Callable[[Candidate], tuple[Comparison, T]], *, limit: int = 3) -> Confirmed[T]:
+    """Measure the cheapest passing candidate on every held-out row (`measure`: its comparison
+    there and whatever the caller keeps, e.g. the artifact and its evaluation); when it misses the
+    budget, the next cheapest passing one, up to `limit` measurements. With no passing candidate,
+    the closest is measured alone. The first that passes is chosen; else the measured one with the
+    smallest shortfall (on every row) is the closest."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1 confirmation; got {limit}")
+    first = choose_configuration(cands, budget)
+    order = sorted((c for c in cands if c.passes), key=cost_order) or [first.closest]
+    tried: list[tuple[Confirmation, T]] = []
+    for c in order[:limit]:
+        measured, result = measure(c)
+        tried.append((Confirmation(c, measured, violations_of(measured, budget)), result))
+        if tried[-1][0].passes:
+            break
+    confs = tuple(conf for conf, _ in tried)
+    failed = [conf for conf in confs if not conf.passes]
+    missed = f"{len(failed)} failed on every held-out row ({'; '.join(f.describe() for f in failed)})" if failed else ""
+    last, result = tried[-1]
+    if last.passes:
+        tokens = last.measured.tokens
+        if not failed:
+            reason = f"{first.reason}; confirmed on all {tokens} held-out tokens"
+        else:  # first.reason names the cheapest on the sweep, which is not the one published
+            n_pass = sum(c.passes for c in cands)
+            reason = (f"{n_pass} of {len(cands)} configurations passed on the sweep rows; confirmed in cost order: "
+                      f"{missed}; {last.candidate.method} / {last.candidate.label} is the cheapest that passed on "
+                      f"all {tokens} held-out tokens (top-1 {last.measured.top1_agreement:.4f}, perplexity "
+                      f"{100 * last.measured.perplexity_increase:+.2f}%, "
+                      f"{100 * last.candidate.read_fraction_limited:.1f}% of naive FFN bytes per token, DRAM limited)")
+        return Confirmed(Selection(chosen=last.candidate, closest=last.candidate, reason=reason), result, confs)
+    k = min(range(len(tried)), key=lambda i: (shortfall(tried[i][0].measured, budget), i))
+    closest, result = tried[k]
+    if first.chosen is None:
+        reason = first.reason
+    else:
+        rest = len(order) - len(tried)
+        reason = (f"{first.reason}, but none passed on every held-out row: {missed}"
+                  + (f"; {rest} more passing candidate(s) not confirmed (at most {limit} confirmations)" if rest else ""))
+    return Confirmed(Selection(chosen=None, closest=closest.candidate, reason=reason), result, confs)
 
 
 def predictors_at(predictors: Sequence[LayerPredictor], recall_target: float | None) -> list[LayerPredictor]:

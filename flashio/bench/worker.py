@@ -5,8 +5,9 @@
 SPEC names the artifact, the FlashConfig to open it with (as `FlashConfig.to_dict()`; its
 torch_threads, when set, is applied at open, in this process only), the trace to replay, the
 token ids to feed and the cgroup to join. The process joins the cgroup before importing torch, so everything it ever
-allocates is charged to the limit; it then opens the model, feeds the tokens one step per token
-(`forward(..., token_by_token=True)`), and writes every step's statistics to RESULT.json.
+allocates is charged to the limit; it then opens the model, feeds the tokens one step per token with each step's
+head, as generation runs them (`forward(..., token_by_token=True, head_per_step=True)`), and writes every step's
+statistics to RESULT.json.
 Only the standard library is imported before the cgroup is joined.
 """
 
@@ -53,7 +54,7 @@ def run(spec: dict) -> dict:
                 evict_from_page_cache(model.artifact.file(name))
         rss_open = _rss_bytes()
         t1 = time.perf_counter()
-        model.forward(spec["tokens"], token_by_token=True)
+        model.forward(spec["tokens"], token_by_token=True, head_per_step=True)  # per-token latency: head in each step
         run_s = time.perf_counter() - t1
         steps = [asdict(s) for s in model.stats]
         cuda = model.device.type == "cuda"

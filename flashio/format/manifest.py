@@ -395,16 +395,19 @@ def _up_sketch(d: dict, layout: list[tuple[str, int, int]], gate_resident: bool,
 def _parse_row_quant(raw: dict, parts: tuple[str, ...], dim: int, w: str) -> RowQuant:
     """A RowQuant record of rows holding `parts` of `dim` elements, validated."""
     scheme = _get(raw, "scheme", str, w)
+    offsets = _optional(raw, "offsets", bool, w) or False  # asymmetric groups; absent: symmetric
+    n_fields = 7 if offsets else 5
     stored = []
     for k, p in enumerate(_get(raw, "parts", list, w)):
-        if (not isinstance(p, list) or len(p) != 5 or not isinstance(p[0], str)
+        if (not isinstance(p, list) or len(p) != n_fields or not isinstance(p[0], str)
                 or not all(type(x) is int and 0 <= x < 1 << 40 for x in p[1:])):
             raise FormatError(f"manifest.json: {w}.parts[{k}] = {str(p)[:80]} is not [part, codes_start, "
-                              "codes_end, scales_start, scales_end]")
+                              "codes_end, scales_start, scales_end" + (", offsets_start, offsets_end]" if offsets
+                                                                       else "]"))
         stored.append(PartQuant(*p))
     q = RowQuant(scheme=scheme, group_size=_nonneg_int(raw, "group_size", w),
                  scale_dtype=_get(raw, "scale_dtype", str, w), row_bytes=_nonneg_int(raw, "row_bytes", w),
-                 parts=tuple(stored))
+                 parts=tuple(stored), offsets=offsets)
     check_row_quant(q, parts, dim, f"manifest.json: {w}")
     return q
 

@@ -48,6 +48,7 @@ from flashio.format.manifest import (
     ResidentQuant,
     check_relative_name,
 )
+from flashio.gptq import gptq_neurons, gptq_rows
 from flashio.hashing import sha256_file
 from flashio.model_card import render_model_card, source_license
 from flashio.models import get_architecture
@@ -57,6 +58,8 @@ from flashio.quant import (
     RESIDENT_QUANTIZED,
     RESIDENT_SCHEMES,
     SCALE_DTYPE,
+    GroupCodes,
+    RowQuant,
     check_scheme,
     quantize_resident,
     quantize_rows,
@@ -180,6 +183,7 @@ def write_artifact(
     quantize_resident: str | None = None,
     up_sketch: str | None = None,
     up_sketch_group_size: int | None = None,
+    hessians: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     lineage: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
     report_files: dict[str, Path] | None = None,
@@ -199,9 +203,13 @@ def write_artifact(
       active_threshold decides).
     selection: mode='sparse''s default selection, one of flashio.format.manifest.SELECTIONS
       (None: 'gate' for gate_resident, else 'predictor').
-    quantize: 'int8' or 'int4': bundle rows quantized group-wise, symmetric, with fp16 scales inside
-      each row (flashio.quant; format version 3); group_size: elements per scale along d_model
-      (default d_model: one scale per part of a row). Predictors stay in `dtype`.
+    quantize: 'int8' or 'int4': bundle rows quantized group-wise (int8 symmetric, int4 with an offset
+      per group too), fp16 scales inside each row (flashio.quant; format version 3); group_size:
+      elements per scale along d_model (default: int8 d_model, one scale per part of a row; int4 32
+      where it divides d_model). Predictors stay in `dtype`.
+    hessians(i): with quantize, layer i's calibration matrices (H of the FFN input [D, D], of the
+      down projection's input [N, N]; tasks.hessians), asked for in layer order: the rows are then
+      quantized by GPTQ (flashio.gptq) instead of rounded to nearest.
     quantize_resident: 'int8' (the default when quantize is given) or 'none': the resident matrices
       (attention, an untied head, resident gate rows) per output channel; embeddings stay in `dtype`.
     up_sketch: gate-resident artifacts: 'int4' or 'int8': a quantized copy of every layer's up rows
@@ -256,7 +264,8 @@ def write_artifact(
     if up_sketch is not None:
         check_scheme(up_sketch, where="write_artifact up_sketch")
         g = up_sketch_group_size or (SKETCH_GROUP if d % SKETCH_GROUP == 0 else d)
-        sketch = row_quant(("up",), dim=d, scheme=up_sketch, group_size=g, aligned=False)
+        # symmetric: what the method was measured with (Gemma 3 270M, README); it only ranks neurons
+        sketch = row_quant(("up",), dim=d, scheme=up_sketch, group_size=g, aligned=False, offsets=False)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -280,7 +289,8 @@ def write_artifact(
                 mats = {"up": w.up, "gate": w.gate, "down": w.down}
                 bundles = torch.cat([mats[p].to(tdtype) for p in parts], dim=1)[order].contiguous()  # [N, W]
                 if rq is not None:  # from the float values the unquantized artifact would hold
-                    bundles = quantize_rows(bundles, rq)  # [N, row_bytes] uint8
+                    groups = _gptq_groups(mats, parts, rq, tdtype, order, *hessians(i)) if hessians else None
+                    bundles = quantize_rows(bundles, rq, groups)  # [N, row_bytes] uint8
                 info = placed[f"layers.{i}.bundles"]
                 pad = info.start - f.tell()
                 if pad:
@@ -364,6 +374,18 @@ def write_artifact(
         raise
     log.info("wrote artifact %s (%d layers, %s)", out_dir, n_layers, dtype)
     return out_dir
+
+
+def _gptq_groups(mats: dict[str, torch.Tensor], parts: Sequence[str], rq: RowQuant, tdtype: torch.dtype,
+                 order: torch.Tensor, h_in: torch.Tensor, h_act: torch.Tensor) -> dict[str, GroupCodes]:
+    """Each part of a layer's rows quantized by GPTQ on its calibration matrix, in stored order."""
+    out = {}
+    for p in parts:
+        w = mats[p].to(tdtype).float()  # the values the unquantized artifact would hold
+        solve = gptq_neurons if p == "down" else gptq_rows
+        out[p] = solve(w, h_act if p == "down" else h_in, bits=rq.bits, group_size=rq.group_size,
+                       offsets=rq.offsets)[order]
+    return out
 
 
 def _quantize_resident(resident: dict[str, torch.Tensor]) -> ResidentQuant | None:

@@ -13,7 +13,15 @@ import torch
 
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import UnsupportedArchitectureError
-from flashio.models.base import ConfigDims, FFNSpec, FFNWeights, KVCache, attend, linear
+from flashio.models.base import (
+    ConfigDims,
+    FFNSpec,
+    FFNWeights,
+    KVCache,
+    attend,
+    head_linear,
+    linear,
+)
 
 MODEL_TYPES = ("llama",)
 FFN = FFNSpec(parts=("up", "gate", "down"), activation="silu", hook_path="model.layers.{i}.mlp.gate_proj")
@@ -179,10 +187,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x: [H, T, Dh] rotated by freqs: [T, Dh/2] (fp32 angles; cos/sin in x's dtype, as transformers)."""
+def rope_table(inv_freq: torch.Tensor, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, Dh] of positions start .. start+T-1 (fp32 angles; cos/sin in `dtype`, as transformers)."""
+    pos = torch.arange(start, start + t, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(pos, inv_freq)  # [T, Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [H, T, Dh] rotated by a rope_table's cos, sin: [T, Dh]."""
     return x * cos + _rotate_half(x) * sin
 
 
@@ -200,17 +214,30 @@ class Model:
         ]
         self.inv_freq = rope_inv_freq(args).to(self.tok.device)  # [Dh/2]
         self.scale = args.head_dim**-0.5
+        # the step's rope tables, by frequencies and dtype: computed once per step instead of
+        # twice per layer (q and k), ~7 small ops each; they depend only on the key and (start, T)
+        self._rope_step: tuple[int, int] = (-1, 0)
+        self._rope_tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.args.norm_eps)
         return w * xf.to(x.dtype)
 
+    def _inv_freq(self, i: int) -> torch.Tensor:
+        """Layer i's rotary frequencies [Dh/2] (every Llama layer has the same; Gemma's do not)."""
+        return self.inv_freq
+
     def _rope(self, i: int, x: torch.Tensor, start: int) -> torch.Tensor:
-        # x: [H, T, Dh] of layer i (every Llama layer has the same frequencies; Gemma's do not)
-        pos = torch.arange(start, start + x.shape[1], dtype=torch.float32, device=x.device)
-        freqs = torch.outer(pos, self.inv_freq)  # [T, Dh/2]
-        return apply_rope(x, freqs)
+        # x: [H, T, Dh] of layer i
+        inv, t = self._inv_freq(i), x.shape[1]
+        if self._rope_step != (start, t):
+            self._rope_step, self._rope_tables = (start, t), {}
+        key = (id(inv), x.dtype)
+        table = self._rope_tables.get(key)
+        if table is None:
+            table = self._rope_tables[key] = rope_table(inv, start, t, x.dtype)
+        return apply_rope(x, *table)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         return self.tok[tokens]  # [T, D]
@@ -249,4 +276,4 @@ class Model:
         return x + (y if b is None else y + b)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self._rms(x, self.norm_w), self.lm_head)  # [T, V]
+        return head_linear(self._rms(x, self.norm_w), self.lm_head)  # [T, V]

@@ -13,7 +13,15 @@ import torch.nn.functional as F
 
 from flashio.checkpoint import HFCheckpoint
 from flashio.errors import UnsupportedArchitectureError
-from flashio.models.base import ConfigDims, FFNSpec, FFNWeights, KVCache, attend, linear
+from flashio.models.base import (
+    ConfigDims,
+    FFNSpec,
+    FFNWeights,
+    KVCache,
+    attend,
+    head_linear,
+    linear,
+)
 
 MODEL_TYPES = ("opt",)
 FFN = FFNSpec(parts=("up", "down"), activation="relu", hook_path="model.decoder.layers.{i}.fc1")
@@ -203,4 +211,4 @@ class Model:
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = F.layer_norm(x, (self.args.dim,), self.norm[0], self.norm[1], self.args.norm_eps)
-        return linear(x, self.lm_head)  # [T, V]
+        return head_linear(x, self.lm_head)  # [T, V]

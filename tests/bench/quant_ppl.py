@@ -7,7 +7,7 @@
 (from the repository root, with flashio installed: ``pip install -e .``, or ``PYTHONPATH=.``)
 
 Writes one artifact per ``--variants`` entry (``DTYPE:SCHEME``, scheme ``none``, ``int8`` or
-``int4``) from the Hugging Face checkpoint with flashio's writer into ``--out`` (an artifact whose
+``int4``, or ``int8+gptq`` / ``int4+gptq``: GPTQ on the token file's ``calibration`` rows) from the Hugging Face checkpoint with flashio's writer into ``--out`` (an artifact whose
 manifest is already there is reused), opens each with ``mode="dense"`` and scores the rows of
 ``TOKENS`` (a safetensors file, tensor ``--key``, int [n, L]: the pipeline's calibration file, whose
 held-out rows start with bos) the way the conversion's evaluation does (tasks.evaluation): each row
@@ -35,7 +35,7 @@ import flashio
 from flashio.format import Artifact, write_artifact
 from tasks.scoring import NextTokenTally
 
-SCHEMES = ("none", "int8", "int4")
+SCHEMES = ("none", "int8", "int4", "int8+gptq", "int4+gptq")  # +gptq: GPTQ on the token file's calibration rows
 
 
 def parse_variant(text: str) -> tuple[str, str | None]:
@@ -48,15 +48,23 @@ def parse_variant(text: str) -> tuple[str, str | None]:
 
 
 def artifact_for(ckpt: Path, out: Path, dtype: str, scheme: str | None, group_size: int | None,
-                 resident: str | None) -> Path:
-    """The variant's artifact under `out`, written unless its manifest is already there."""
-    name = f"{dtype}-{scheme or 'float'}" + (f"-g{group_size}" if scheme and group_size else "") \
+                 resident: str | None, calibration: torch.Tensor | None = None) -> Path:
+    """The variant's artifact under `out`, written unless its manifest is already there (scheme
+    'int4+gptq': GPTQ on the `calibration` rows)."""
+    name = f"{dtype}-{(scheme or 'float').replace('+', '-')}" + (f"-g{group_size}" if scheme and group_size else "") \
         + (f"-resident-{resident}" if scheme and resident else "")
     path = out / name
     if not (path / "manifest.json").is_file():
         t0 = time.perf_counter()
+        hessians = None
+        if scheme and scheme.endswith("+gptq"):
+            from tasks.hessians import CalibrationHessians
+            from tasks.source import inspect_source
+
+            scheme = scheme.removesuffix("+gptq")
+            hessians = CalibrationHessians(inspect_source(str(ckpt), hash_files=False), calibration)
         write_artifact(ckpt, path, dtype=dtype, quantize=scheme, group_size=group_size if scheme else None,
-                       quantize_resident=resident if scheme else None, overwrite=True)
+                       quantize_resident=resident if scheme else None, hessians=hessians, overwrite=True)
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
@@ -86,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = ids[: args.rows] if args.rows else ids
     variants = [parse_variant(v) for v in args.variants]
     args.out.mkdir(parents=True, exist_ok=True)
-    paths = [artifact_for(args.checkpoint, args.out, d, s, args.group_size, args.quantize_resident)
+    calibration = load_file(str(args.tokens))["calibration"].long() if any(
+        s and s.endswith("+gptq") for _, s in variants) else None
+    paths = [artifact_for(args.checkpoint, args.out, d, s, args.group_size, args.quantize_resident, calibration)
              for d, s in variants]
     tallies = [NextTokenTally() for _ in paths]
     t0 = time.perf_counter()

@@ -199,6 +199,33 @@ def test_convert_tiny_llama_side_by_side(tiny, tmp_path):
         assert model.generate("def value", max_new_tokens=4).token_ids
 
 
+def test_an_exact_only_conversion_trains_no_predictors(tiny, tmp_path):
+    """`--methods exact-gate,exact-gate-up`: no predictor is trained or windowed, the activation shards
+    keep statistics but no predictor pairs, and the published artifact holds no predictors."""
+    from safetensors import safe_open
+
+    cfg = config(tiny, tmp_path, "llama", gated_density=0.4, name="tiny-llama-exact",
+                 methods=("exact-gate", "exact-gate-up"))
+    state = convert(cfg, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    states = task_states(state, ("activations", "merge-activations", "evaluate-exact-gate", "bundle"))
+    assert not {"predictor", "windows", "evaluate"} & set(states), states
+    s = result.report["summary"]
+    assert s["gate"] == "passed" and s["configuration_method"] in {"exact-gate", "exact-gate-up"}
+    assert s["predictor_recall_mean"] is None and result.report["layers"] == []
+    assert not any(line.startswith("predictor recall") for line in result.summary_lines())
+    shards = sorted((tmp_path / "work").rglob("pairs.safetensors"))
+    assert len(shards) == 3  # 24 sequences in shards of 8
+    for path in shards:
+        with safe_open(str(path), framework="pt") as f:
+            assert set(f.keys()) == {"seq_ids"}
+    with flashio.open(result.reference, registry=cfg.registry, mode="sparse") as model:
+        m = model.artifact.manifest
+        assert m.gate_resident and m.predictors_file is None and m.predictor_layers is None
+        assert model.generate("def value", max_new_tokens=4).token_ids
+
+
 def test_failing_gate_writes_the_report_and_ends_with_one_line(tiny, tmp_path, capfd):
     from flashio.cli import main
 

@@ -121,6 +121,7 @@ def test_mutated_quantization_records_end_in_flash_errors(quant_victim):
     paths = [p for p in _paths(good) if p[:1] in (("resident_quant",), ("format_version",))
              or (len(p) > 2 and p[0] == "ffn_layers" and p[2] == "quant")]
     assert any("parts" in p for p in paths) and any(p[:1] == ("resident_quant",) for p in paths)
+    assert any("offsets" in p for p in paths)  # int4 rows are asymmetric: their offsets flag and fields
     values = json_values | st.sampled_from(["int8", "int4", "int3", "float16", "output", 0, 1, 3, 16, 2**31])
     seen = _fuzz_manifest(d, good, paths, values)
     print(f"\nquantization record fuzz cases: {dict(seen)}")

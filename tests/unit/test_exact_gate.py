@@ -149,7 +149,7 @@ def test_contribution_oracle(gate_artifact, llama_artifact, tiny_llama):
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_gate_up_ranks_by_contribution_against_the_sketch(tiny_llama, orders, tmp_path, scheme):
-    from flashio.quant import dequantize_rows
+    from flashio.quant import RowScratch, dequantize_rows, quant_project
 
     art = write_artifact(tiny_llama[1], tmp_path / "gu", orders=orders, gate_resident=True, up_sketch=scheme,
                          selection="gate+up", densities=[0.3, 0.3])
@@ -179,6 +179,15 @@ def test_gate_up_ranks_by_contribution_against_the_sketch(tiny_llama, orders, tm
         assert all(s.neurons_active == LAYERS * kept_count(0.3, N) for s in model.stats[1:])
         sketch_bytes = LAYERS * N * q.row_bytes
         assert model.memory_bytes()["ffn_resident"] == LAYERS * N * D * 4 + sketch_bytes  # the FFN's DRAM
+        # the sketch rearranged in place at open (flashio.sketch): the stored rows' product, the stored bytes
+        eng = model.engine
+        assert len(eng.packed) == LAYERS and sum(s.nbytes for s in eng.packed) == sketch_bytes
+        h = torch.randn(4, D)
+        for i in range(LAYERS):
+            stored = resident[f"layers.{i}.ffn.up_sketch"]
+            want_up = quant_project(h, stored, q, "up", RowScratch(q))
+            assert not torch.equal(eng.packed[i].rows, stored) or scheme == "int8"
+            torch.testing.assert_close(eng.sketch_up(i, h), want_up, rtol=1e-6, atol=1e-6)
     est = MemoryBudget.estimate(Artifact(art), "sparse", torch.float32, 64)
     assert est.gate_bytes == LAYERS * N * D * 4 + sketch_bytes
     with flashio.open(art, density=1.0) as full, flashio.open(art, mode="dense") as dense:

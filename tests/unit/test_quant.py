@@ -35,7 +35,7 @@ PROMPT = [2, 17, 101, 55, 9, 240, 33, 78, 12, 5, 99, 301]
 @pytest.mark.parametrize("group", [None, 16])
 def test_rows_round_trip_within_half_a_step(scheme, bound, group):
     torch.manual_seed(0)
-    q = row_quant(("up", "gate", "down"), dim=64, scheme=scheme, group_size=group)
+    q = row_quant(("up", "gate", "down"), dim=64, scheme=scheme, group_size=group, offsets=False)
     w = torch.randn(50, 3 * 64)
     rows = quantize_rows(w, q)
     assert rows.dtype == torch.uint8 and rows.shape == (50, q.row_bytes)
@@ -47,11 +47,44 @@ def test_rows_round_trip_within_half_a_step(scheme, bound, group):
         assert (err <= absmax * bound * 0.5 * 1.01 + 1e-6).all()  # half a step (fp16 scale rounding aside)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("group", [None, 16])
+def test_asymmetric_rows_beat_plain_min_max_rounding(scheme, group):
+    """Asymmetric groups: codes 0..2^bits-1 between an offset and offset + (2^bits-1) * scale; the
+    searched range's squared error is at most plain min/max rounding's (one of the candidates), and
+    well below the symmetric rows' on skewed weights."""
+    torch.manual_seed(0)
+    bits = 8 if scheme == "int8" else 4
+    q = row_quant(("up", "down"), dim=64, scheme=scheme, group_size=group, offsets=True)
+    assert q.offsets and q.to_json()["offsets"] is True and len(q.to_json()["parts"][0]) == 7
+    w = torch.randn(50, 2 * 64) * 0.1 + 0.05  # skewed: the symmetric grid wastes half its codes
+    rows = quantize_rows(w, q)
+    qs = row_quant(("up", "down"), dim=64, scheme=scheme, group_size=group, offsets=False)
+    sym_rows = quantize_rows(w, qs)
+    g = q.group_size
+    for k, p in enumerate(("up", "down")):
+        part = w[:, k * 64 : (k + 1) * 64].reshape(50, 64 // g, g)
+        lo, hi = part.amin(2, keepdim=True), part.amax(2, keepdim=True)
+        s = ((hi - lo) / ((1 << bits) - 1)).half().float()
+        z = lo.half().float()
+        plain = torch.round((part - z) / s).clamp(0, (1 << bits) - 1) * s + z
+        got = dequantize_rows(rows, q, p).view(50, 64 // g, g)
+        err, plain_err = (got - part).square().sum(2), (plain - part).square().sum(2)
+        assert (err <= plain_err * 1.001 + 1e-12).all()
+        sym_err = (dequantize_rows(sym_rows, qs, p).view(50, 64 // g, g) - part).square().sum()
+        assert err.sum() < 0.8 * sym_err
+
+
 def test_row_layout_keeps_opt_6_7b_rows_near_a_half_and_a_quarter():
     fp16 = 2 * 4096 * 2
-    q8, q4 = (row_quant(("up", "down"), dim=4096, scheme=s) for s in ("int8", "int4"))
+    q8 = row_quant(("up", "down"), dim=4096, scheme="int8")
+    q4 = row_quant(("up", "down"), dim=4096, scheme="int4", group_size=4096)
     assert q8.row_bytes == 8704 and q8.row_bytes % 512 == 0  # 8196 padded: aligned O_DIRECT reads
-    assert q4.row_bytes == 4160  # 4100 to a cache line: 512 would add 12%
+    assert q4.row_bytes == 4160  # 4104 to a cache line: 512 would add 12%
+    # int4's default: asymmetric groups of 32, a scale and an offset each: 2048 + 2 x 256 bytes a part
+    q4d = row_quant(("up", "down"), dim=4096, scheme="int4")
+    assert q4d.group_size == 32 and q4d.offsets and q4d.row_bytes == 5120
+    assert row_quant(("up", "down"), dim=4010, scheme="int4").group_size == 4010  # 32 does not divide it
     assert abs(q8.row_bytes / fp16 - 0.5) / 0.5 < 0.07 and abs(q4.row_bytes / fp16 - 0.25) / 0.25 < 0.05
     with pytest.raises(FlashError, match="positive divisor"):
         row_quant(("up", "down"), dim=4096, scheme="int4", group_size=100)
@@ -59,14 +92,14 @@ def test_row_layout_keeps_opt_6_7b_rows_near_a_half_and_a_quarter():
         row_quant(("up", "down"), dim=4096, scheme="int3")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme,offsets", [("int8", False), ("int4", False), ("int4", True), ("int8", True)])
 @pytest.mark.parametrize("group", [None, 16])
 @pytest.mark.parametrize("gated", [False, True])
-def test_chunked_product_equals_float_product_on_dequantized_rows(scheme, group, gated):
+def test_chunked_product_equals_float_product_on_dequantized_rows(scheme, offsets, group, gated):
     torch.manual_seed(1)
     parts = ("up", "gate", "down") if gated else ("up", "down")
     d, n, valid = 64, 300, 290
-    q = row_quant(parts, dim=d, scheme=scheme, group_size=group)
+    q = row_quant(parts, dim=d, scheme=scheme, group_size=group, offsets=offsets)
     rows = quantize_rows(torch.randn(n, len(parts) * d) * 0.1, q)
     deq = torch.cat([dequantize_rows(rows, q, p) for p in parts], dim=1)
     layout = {p: slice(k * d, (k + 1) * d) for k, p in enumerate(parts)}
@@ -83,6 +116,45 @@ def test_chunked_product_equals_float_product_on_dequantized_rows(scheme, group,
         got = quant_ffn_compute(h, rows, q, scratch, None, None, n_valid=valid, gate_act=g_act)
         want = ffn_compute(h, deq, layout, None, None, n_valid=valid, gate_act=g_act)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("group,chunk", [(32, None), (32, 300), (96, 16), (16, 10)])  # 96: one scale per row
+def test_up_sketch_product_equals_the_stored_rows_product(scheme, group, chunk):
+    """flashio.sketch: the sketch rearranged in place gives quant_project's x @ up.T on the stored
+    rows (the same float operations up to an exact factor 16), in chunks whose last one is short,
+    in the stored bytes; what it cannot rearrange it refuses."""
+    from flashio.quant import quant_project
+    from flashio.sketch import SketchScratch, UpSketch
+
+    torch.manual_seed(2)
+    n, d = 2048 if chunk == 300 else 194, 96
+    q = row_quant(("up",), dim=d, scheme=scheme, group_size=group, aligned=False, offsets=False)
+    rows = quantize_rows(torch.randn(n, d) * 0.05, q)
+    x = torch.randn(5, d)
+    want = quant_project(x, rows, q, "up", RowScratch(q))
+    deq = dequantize_rows(rows, q, "up")
+    packed = rows.clone()
+    sketch = UpSketch.pack(packed, q, chunk)
+    assert sketch.rows.data_ptr() == packed.data_ptr() and sketch.nbytes == rows.numel()  # in place
+    if scheme == "int4":
+        assert not torch.equal(packed, rows)  # codes rearranged ...
+        p = q.parts[0]
+        assert torch.equal(packed[:, p.scales_start :], rows[:, p.scales_start :])  # ... scales where they were
+        assert (packed.view(torch.int8)[:, : p.codes_end] < 0).any()  # signed nibbles
+    got = sketch.project(x, SketchScratch(q, sketch.chunk_rows))
+    assert got.shape == (5, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    torch.testing.assert_close(got, x @ deq.t(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if group == 32:  # groups of 32: the same operations as quant_project, bit for bit
+        assert torch.equal(got, want)
+        one = quant_project(x[:1], rows, q, "up", RowScratch(q))  # one token: a matrix-vector product
+        assert torch.equal(sketch.project(x[:1], SketchScratch(q, sketch.chunk_rows)), one)
+    with pytest.raises(FlashError, match="an even number of them"):
+        UpSketch.pack(rows[:-1].clone(), q)
+    asym = row_quant(("up",), dim=d, scheme=scheme, group_size=group, aligned=False, offsets=True)
+    with pytest.raises(FlashError, match="quant_project"):
+        UpSketch.pack(quantize_rows(torch.randn(n, d), asym), asym)
 
 
 def test_resident_weight_linear_matches_float_linear():

@@ -3,6 +3,7 @@ runtime feeds its predictors, gated thresholds hit their density."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -28,6 +29,7 @@ from tasks.activations import (  # noqa: E402
     shard_ranges,
 )
 from tasks.calibration import load_tokens, prepare_calibration, resolve_spec  # noqa: E402
+from tasks.errors import InputError  # noqa: E402
 from tasks.source import inspect_source  # noqa: E402
 from tasks.testing import build_tiny_model, build_tokenizer, write_corpus  # noqa: E402
 
@@ -79,6 +81,20 @@ def test_merged_shards_equal_one_pass(tmp_path, tiny, family):
         x1, m1, s1 = load_pairs(one.shards, layer)
         assert torch.equal(ms, m1) and torch.equal(ss, s1) and torch.equal(xs, x1)
         assert int(ms.sum()) == int(a[f"layers.{layer}.count"].sum())
+
+
+def test_statistics_without_pairs_are_the_same_statistics(tmp_path, tiny):
+    """pairs=False (exact-only conversions train no predictor): the same statistics, no pairs to train on."""
+    src, calib = tiny["llama"]
+    opts = ActivationOptions(batch_sequences=4, coactivation_stride=3)
+    th = calibrate_gate_thresholds(src, calib, density=0.4, n_sequences=N_SEQ, options=opts)
+    full = collect_shard(src, calib, 0, 4, th, opts, out_dir=tmp_path / "full")
+    bare = collect_shard(src, calib, 0, 4, th, dataclasses.replace(opts, pairs=False), out_dir=tmp_path / "bare")
+    a, b = read_stats(full.stats_path), read_stats(bare.stats_path)
+    assert a[1] == b[1] and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert bare.pairs_path.stat().st_size < full.pairs_path.stat().st_size / 10
+    with pytest.raises(InputError, match="holds no predictor pairs"):
+        load_pairs([bare], 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -66,6 +66,14 @@ def tiny_opt(tmp_path_factory):
     return inspect_source(str(build_tiny_model("opt", root / "m", tok, hidden=16, ffn=32, layers=2)))
 
 
+def test_no_predictors_only_for_the_exact_selections(tmp_path, tiny_opt):
+    """An artifact without predictors (exact-only conversions) needs the gate-resident layout; an
+    ungated model's predictor selection refuses it (the published one is tested in test_pipeline)."""
+    stats = stats_file(tmp_path, [np.arange(tiny_opt.ffn_dim) for _ in range(tiny_opt.n_layers)])
+    with pytest.raises(InputError, match="without predictors needs the gate-resident layout"):
+        bundle_artifact(tiny_opt, stats, [], order="frequency", out_dir=tmp_path / "out")
+
+
 def test_artifact_rows_and_predictors_follow_the_order(tmp_path, tiny_opt):
     src = tiny_opt
     rng = np.random.default_rng(1)
@@ -110,8 +118,11 @@ def test_quantized_bundle_is_what_the_runtime_opens(tmp_path, tiny_opt, scheme):
                   str(path))
         preds.append(LayerPredictor(i, path, "", 4, 0.3, 0.1, 0.2, 0.99, 0.5, 1.0, True, 0, 10, ()))
     quant = ConvertConfig(quantize=scheme).quantization()
-    assert quant == {"quantize": scheme, "group_size": None, "quantize_resident": None}
+    assert quant == {"quantize": scheme, "group_size": None, "quantize_resident": None, "method": "gptq"}
     assert ConvertConfig().quantization() is None
+    with pytest.raises(InputError, match="GPTQ quantization needs the calibration rows"):
+        bundle_artifact(src, stats, preds, order="identity", out_dir=tmp_path / "nocalib", quantize=quant)
+    quant = ConvertConfig(quantize=scheme, quantize_method="rtn").quantization()  # GPTQ: tests/unit/test_gptq.py
     plain = bundle_artifact(src, stats, preds, order="identity", out_dir=tmp_path / "plain")
     q = bundle_artifact(src, stats, preds, order="identity", out_dir=tmp_path / "q", quantize=quant)
     m = Artifact(q.path, verify=True).manifest

@@ -109,3 +109,76 @@ def test_oracle_density_at_a_top1_interpolates_the_frontier():
     assert oracle_density_at(fr, "oracle: contribution", 0.99) == pytest.approx(0.7 + 0.2 * 2 / 3)
     assert oracle_density_at(fr, "oracle: contribution", 0.5) == 0.5
     assert oracle_density_at(fr, "oracle: gate", 0.9) is None
+
+
+def sweep_candidates():
+    """Exact-method sweep points as Gemma 3 270M measured them on 4 sweep rows: cheaper = lower density."""
+    ev = evaluation(comparison("chosen", None, 0.99, 0.003, 0.9),
+                    *(comparison(f"density {d:g}", None, top1, 0.01, d)
+                      for d, top1 in ((0.6, 0.95), (0.7, 0.965), (0.75, 0.9707), (0.8, 0.975), (0.85, 0.98))))
+    reads = {"chosen": (0, 0.9, 0.0), **{f"density {d:g}": (0, d, 0.0) for d in (0.6, 0.7, 0.75, 0.8, 0.85)}}
+    pts = tuple(WindowPoint(label, None, WindowChoice(w, r, h, 0.5, ((w, r, h),))) for label, (w, r, h) in reads.items())
+    return list_candidates({"exact-gate": ev}, {"exact-gate": WindowPlan("exact-gate", 100, pts)}, BUDGET)
+
+
+def on_every_row(top1_by_label):
+    """A fake confirmation: the top-1 each label measures on every held-out row; records the order."""
+    asked = []
+
+    def measure(c):
+        asked.append(c.label)
+        m = comparison("chosen", c.recall_target, top1_by_label[c.label], c.perplexity_increase, c.density)
+        return m, f"artifact of {c.label}"
+
+    return measure, asked
+
+
+def test_a_pick_that_fails_on_every_row_falls_back_to_the_next_cheapest_that_passed_the_sweep():
+    from tasks.selection import confirm_configuration
+
+    cands = sweep_candidates()
+    assert choose_configuration(cands, BUDGET).chosen.label == "density 0.75"  # the sweep's pick
+    measure, asked = on_every_row({"density 0.75": 0.9658, "density 0.8": 0.968, "density 0.85": 0.9741,
+                                   "chosen": 0.99})
+    out = confirm_configuration(cands, BUDGET, measure, limit=3)
+    assert asked == ["density 0.75", "density 0.8", "density 0.85"]  # cost order, stops at the first that passes
+    assert out.selection.chosen.label == "density 0.85" and out.result == "artifact of density 0.85"
+    assert [c.passes for c in out.confirmations] == [False, False, True]
+    assert "top-1 0.9658, perplexity +1.00% on 128 held-out tokens (sweep: 0.9707" in out.selection.reason
+    assert "2 failed on every held-out row" in out.selection.reason
+    assert "exact-gate / density 0.85 is the cheapest that passed on all 128 held-out tokens (top-1 0.9741" \
+        in out.selection.reason
+    c85 = next(c for c in cands if c.label == "density 0.85")  # its bytes, not the failed sweep pick's
+    assert f"{100 * c85.read_fraction_limited:.1f}% of naive FFN bytes per token" in out.selection.reason
+    assert "the fewest FFN bytes" not in out.selection.reason
+
+
+def test_the_confirmations_are_bounded_and_the_closest_confirmed_is_named():
+    from tasks.selection import confirm_configuration
+
+    measure, asked = on_every_row({"density 0.75": 0.9658, "density 0.8": 0.968, "density 0.85": 0.9641,
+                                   "chosen": 0.99})
+    out = confirm_configuration(sweep_candidates(), BUDGET, measure, limit=2)
+    assert asked == ["density 0.75", "density 0.8"]
+    assert out.selection.chosen is None and out.selection.closest.label == "density 0.8"  # 0.968: the smaller miss
+    assert out.result == "artifact of density 0.8"
+    assert "none passed on every held-out row" in out.selection.reason
+    assert "2 more passing candidate(s) not confirmed (at most 2 confirmations)" in out.selection.reason
+
+
+def test_a_confirmed_pick_is_published_after_one_measurement():
+    from tasks.selection import confirm_configuration
+
+    measure, asked = on_every_row({"density 0.75": 0.972})
+    out = confirm_configuration(sweep_candidates(), BUDGET, measure)
+    assert asked == ["density 0.75"] and out.selection.chosen.label == "density 0.75"
+    assert out.selection.reason.endswith("confirmed on all 128 held-out tokens")
+    # with nothing passing on the sweep, the closest alone is measured, and published if it passes on every row
+    failing = [c for c in candidates() if not c.passes]
+    measure, asked = on_every_row({"recall 0.9": 0.98})
+    out = confirm_configuration(failing, BUDGET, measure)
+    assert asked == ["recall 0.9"] and out.selection.chosen is None  # +3% perplexity on every row too
+    closest = [c for c in candidates(top1_contrib=0.96) if c.method == "contribution"]
+    measure, asked = on_every_row({"chosen": 0.975})
+    out = confirm_configuration(closest, BUDGET, measure)
+    assert asked == ["chosen"] and out.selection.chosen == closest[0] and out.result == "artifact of chosen"
