@@ -82,6 +82,9 @@ class EvalOptions:
     sweep_recalls: tuple[float, ...] = ()  # recall targets with per-layer thresholds (LayerPredictor.sweep)
     sweep_sequences: int = 4  # held-out sequences per sweep point (the main point uses all)
     naive_tokens: int = 8
+    # the exact selections' reads per token: the runtime token by token on this many tokens of the first
+    # held-out row (their accuracy is measured a row per step, tasks.exactgate)
+    bytes_tokens: int = 64
     zero_shot: tuple[str, ...] = ()  # specs, see tasks.zeroshot
     zero_shot_limit: int = 100
     # The evaluation measures accuracy and bytes read, not latency: buffered reads on one reader
@@ -169,23 +172,26 @@ def _sum_stats(steps: Sequence[StepStats]) -> StepStats:
 
 def compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tensor, *, label: str,
             recall_target: float | None, thresholds: Sequence[float], n_neurons_total: int,
-            progress: Callable[[int], None] | None = None) -> Comparison:
+            progress: Callable[[int], None] | None = None, token_by_token: bool = True) -> Comparison:
     """Run the sparse model token by token on each row of `ids` and compare with the dense logits
-    of that row (`dense_logits(k)`: [L, V])."""
+    of that row (`dense_logits(k)`: [L, V]). token_by_token=False: each row in one step (selections
+    that keep per token exactly what they select, flashio.exact: the same logits up to the order of
+    float sums; the step's statistics then count each row's union of neurons, not a token's)."""
     return _compare(dense_logits, sparse, ids, label=label, recall_target=recall_target, thresholds=thresholds,
-                    n_neurons_total=n_neurons_total, progress=progress)[0]
+                    n_neurons_total=n_neurons_total, progress=progress, token_by_token=token_by_token)[0]
 
 
 def _compare(dense_logits: Callable[[int], torch.Tensor], sparse, ids: torch.Tensor, *, label: str,
              recall_target: float | None, thresholds: Sequence[float], n_neurons_total: int,
              progress: Callable[[int], None] | None = None,
-             float_logits: Callable[[int], torch.Tensor] | None = None) -> tuple[Comparison, tuple[NextTokenTally, NextTokenTally] | None]:
+             float_logits: Callable[[int], torch.Tensor] | None = None,
+             token_by_token: bool = True) -> tuple[Comparison, tuple[NextTokenTally, NextTokenTally] | None]:
     """`compare`, and with `float_logits(k)` (a float reference's dense logits of row k) the
     tallies of the dense and of the sparse model against that reference."""
     main, vs_float = NextTokenTally(), (NextTokenTally(), NextTokenTally()) if float_logits else None
     total = StepStats()
     for k, row in enumerate(ids):
-        s_logits = sparse.forward(row, token_by_token=True)  # [L, V]
+        s_logits = sparse.forward(row, token_by_token=token_by_token)  # [L, V]
         total = total + _sum_stats(sparse.stats)
         d_logits = dense_logits(k)
         main.add(d_logits, s_logits, row)
