@@ -15,9 +15,12 @@ import time, so that `flashio --help` works on a runtime-only install.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from importlib import metadata
 
@@ -90,6 +93,27 @@ def _add_unavailable(sub, name: str, exc: ImportError) -> None:
     p.set_defaults(func=_fail)
 
 
+def _terminated(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)  # the status a shell gives a process a signal ended
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """While a command runs, SIGTERM (kill, a container or service manager stopping it) ends the
+    process as an exception would: `finally` blocks and atexit handlers run, so the temporary
+    Prefect server a conversion started, reader threads and temporary files go with it (by
+    default SIGTERM ends Python at once and left the server running). Only where SIGTERM still has
+    its default action, in the main thread; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in ONEDNN_CACHE_ENV.items():  # this process is the command's: before any matmul
         os.environ.setdefault(key, value)
@@ -98,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        rc = args.func(args)
+        with _sigterm_exits():
+            rc = args.func(args)
     except FlashError as exc:
         print(f"flashio {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """A conversion killed mid-way (SIGKILL during predictor training) resumes from the cached
 results of the stages that finished: nothing before the kill is computed twice. A repeated
-conversion reuses every stage; `--force` recomputes every one."""
+conversion reuses every stage; `--force` recomputes every one. A conversion stopped by SIGTERM
+takes its temporary Prefect server with it."""
 
 from __future__ import annotations
 
@@ -80,6 +81,35 @@ def test_killed_conversion_resumes_from_cached_stages(tmp_path):
     # directories are the evidence, not the log.
     assert "tiny@1" in out
     assert any((tmp_path / "registry").rglob("manifest.json"))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_ends_the_conversion_and_its_temporary_server(tmp_path):
+    files = write_corpus(tmp_path / "text", n_files=2)
+    model = build_tiny_model("opt", tmp_path / "opt", build_tokenizer(files, tmp_path / "tok"))
+    run = _convert(model, tmp_path / "text", tmp_path, str(tmp_path / "prefect-home"))
+    try:  # the flow runs once the temporary server is up: wait for its first stage directory
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None and not (tmp_path / "work" / "calibration").is_dir():
+            time.sleep(0.05)
+        assert run.poll() is None, f"the conversion ended before it could be stopped:\n{run.stdout.read()}"
+        os.kill(run.pid, signal.SIGTERM)  # the command's process only, as `kill PID` or a service manager sends it
+        out, _ = run.communicate(timeout=120)
+        assert run.returncode == 128 + signal.SIGTERM, out[-3000:]
+        deadline = time.monotonic() + 60  # the server (a child in the command's process group) stops at exit
+        while time.monotonic() < deadline and _group_alive(run.pid):
+            time.sleep(0.1)
+        assert not _group_alive(run.pid), "a process of the stopped conversion (its Prefect server) still runs"
+    finally:
+        if _group_alive(run.pid):
+            os.killpg(run.pid, signal.SIGKILL)
 
 
 def test_repeated_conversion_reuses_every_stage_and_force_recomputes_them(tmp_path):
