@@ -182,3 +182,25 @@ def test_a_confirmed_pick_is_published_after_one_measurement():
     measure, asked = on_every_row({"chosen": 0.975})
     out = confirm_configuration(closest, BUDGET, measure)
     assert asked == ["chosen"] and out.selection.chosen == closest[0] and out.result == "artifact of chosen"
+
+
+def test_the_report_names_the_confirmed_figures_of_a_sweep_point():
+    """A sweep point measured on a few rows (top-1 0.99 there) is published with its measurement on
+    every held-out row (0.975): the summary's configuration line gives those, as its top-1 does."""
+    from tasks.activations import ActivationStats
+    from tasks.report import Choice, build_report
+
+    evs = {"active": evaluation(comparison("chosen", None, 0.99, 0.001, 0.9), comparison("recall 0.9", 0.9, 0.99,
+                                                                                        0.005, 0.6))}
+    cands = list_candidates(evs, {"active": plan("active", {"chosen": (0, 0.9, 0.0), "recall 0.9": (1, 0.5, 0.45)})},
+                            BUDGET)
+    sel = choose_configuration(cands, BUDGET)
+    assert sel.chosen.label == "recall 0.9"
+    every_row = comparison("chosen", None, 0.975, 0.015, 0.61)
+    stats = ActivationStats(path=Path("s"), shards=(), tokens=100, n_layers=1, n_neurons=8, active_thresholds=(0.1,),
+                            density=(0.5,), coactivation_tokens=0, sha256="")
+    report = build_report(stats, [], evaluation(every_row), budget=BUDGET, violations=[], window=1,
+                          choice=Choice(candidates=tuple(cands), selection=sel, ffn_dram_fraction=0.5))
+    line = report["summary"]["configuration"]
+    assert "recall 0.9" in line and "top-1 0.9750, perplexity +1.50%" in line and "density 61.0%" in line
+    assert "0.9900" not in line
