@@ -207,13 +207,13 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool) -> tuple[torch.Tens
     """Scales (and offsets) [..., 1], rounded to fp16 but as float32, for groups wg [..., g].
     Symmetric: absmax / qmax. Asymmetric: the [min, max] range over 2^bits - 1 steps, each end
     trimmed by the fraction (0, 3, 6 or 9%) of the range that gives the smallest squared error."""
-    if not offsets:
+    if not offsets:  # fp16 subnormals kept: a group of small weights keeps its own scale
         scale = (wg.abs().amax(dim=-1, keepdim=True) / ((1 << (bits - 1)) - 1)).half().float()
         return scale, None
     qm = (1 << bits) - 1
     lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
     span = hi - lo
-    tiny = torch.finfo(torch.float16).tiny
+    tiny = 2.0 ** -24  # fp16's smallest subnormal: small groups keep a scale of their own size
     best = None
     for a in range(OFFSET_SEARCH):
         for b in range(OFFSET_SEARCH):
@@ -230,8 +230,10 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool) -> tuple[torch.Tens
 
 
 def group_codes(wg: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Codes of wg [..., g] for group_params' scale and offset (int16: 0..255 fits)."""
-    s = scale.clamp_min(torch.finfo(torch.float16).tiny)
+    """Codes of wg [..., g] for group_params' scale and offset (int16: 0..255 fits): divided by
+    exactly the scale stored, so that codes x scale (+ offset) is what the runtime computes (a
+    scale of 0, an all-zero group, gives codes 0)."""
+    s = torch.where(scale > 0, scale, torch.ones_like(scale))
     if offset is None:
         qmax = (1 << (bits - 1)) - 1
         return torch.round(wg / s).clamp_(-qmax, qmax).to(torch.int16)

@@ -23,6 +23,7 @@ from flashio.quant import (
     RowScratch,
     dequantize_rows,
     quant_ffn_compute,
+    quantize_groups,
     quantize_resident,
     quantize_rows,
     row_quant,
@@ -45,6 +46,25 @@ def test_rows_round_trip_within_half_a_step(scheme, bound, group):
         absmax = part.view(50, 64 // g, g).abs().amax(dim=2, keepdim=True).expand(50, 64 // g, g).reshape(50, 64)
         err = (dequantize_rows(rows, q, p) - part).abs()
         assert (err <= absmax * bound * 0.5 * 1.01 + 1e-6).all()  # half a step (fp16 scale rounding aside)
+
+
+@pytest.mark.parametrize("bits,offsets,group,bound", [(8, False, 32, 0.01), (8, False, 640, 0.01), (4, True, 32, 0.1),
+                                                      (4, False, 32, 0.12)])
+@pytest.mark.parametrize("std", [1e-3, 2e-4])
+def test_small_weights_keep_their_scale(bits, offsets, group, bound, std):
+    """Groups whose scale is below fp16's smallest normal (int8: absmax < 7.7e-3) are stored with a
+    subnormal scale and their codes divided by exactly that scale: the values come back, not shrunk
+    (the codes were once taken against the smallest normal and decoded with the smaller stored one)."""
+    w = torch.randn(64, 640, generator=torch.Generator().manual_seed(0)) * std
+    gc = quantize_groups(w, bits, group, offsets)
+    n, d = w.shape
+    deq = gc.codes.float().view(n, d // group, group) * gc.scales.float()[..., None]
+    if offsets:
+        deq += gc.offsets.float()[..., None]
+    err = (deq.view(n, d) - w).norm() / w.norm()
+    assert err < bound
+    codes, scales = quantize_resident(w)
+    assert ((codes.float() * scales.float()[:, None] - w).norm() / w.norm()) < 0.01
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -93,7 +113,7 @@ def test_row_layout_keeps_opt_6_7b_rows_near_a_half_and_a_quarter():
 
 
 @pytest.mark.parametrize("scheme,offsets", [("int8", False), ("int4", False), ("int4", True), ("int8", True)])
-@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("group", [None, 16, 64])  # 64 = d: one scale (and offset) per part of a row
 @pytest.mark.parametrize("gated", [False, True])
 def test_chunked_product_equals_float_product_on_dequantized_rows(scheme, offsets, group, gated):
     torch.manual_seed(1)
