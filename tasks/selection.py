@@ -213,7 +213,12 @@ def confirm_configuration(cands: Sequence[Candidate], budget: AccuracyBudget,
     last, result = tried[-1]
     if last.passes:
         tokens = last.measured.tokens
-        if not failed:
+        if first.chosen is None:  # the closest of the sweep, measured on every row, is within the budget there
+            c = last.candidate
+            reason = (f"none of the {len(cands)} configurations passed on the sweep rows; the closest, {c.method} / "
+                      f"{c.label} ({'; '.join(c.violations)} there), passed on all {tokens} held-out tokens (top-1 "
+                      f"{last.measured.top1_agreement:.4f}, perplexity {100 * last.measured.perplexity_increase:+.2f}%)")
+        elif not failed:
             reason = f"{first.reason}; confirmed on all {tokens} held-out tokens"
         else:  # first.reason names the cheapest on the sweep, which is not the one published
             n_pass = sum(c.passes for c in cands)

@@ -423,6 +423,9 @@ def _check_quant_layers(layers: list[FFNLayer], version: int) -> None:
     if any(q is None for q in quant) or len({L.bundle_width for L in layers}) != 1:
         raise FormatError("manifest.json: ffn_layers mix quantized and float rows or rows of different widths; "
                           "every layer's rows must have the same stored width")
+    if len(set(quant)) != 1:  # the runtime decodes every layer with one record (Manifest.quant)
+        raise FormatError("manifest.json: ffn_layers' quant records differ (scheme, group size, offsets or "
+                          "layout); every layer's rows must be stored alike")
 
 
 def _resident_quant(d: dict) -> ResidentQuant | None:

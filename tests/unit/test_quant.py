@@ -273,6 +273,9 @@ def _edit(path, fn):
     (lambda m: m["ffn_layers"][0]["quant"].update(scale_dtype="float32"), "scale_dtype 'float32'"),
     (lambda m: m["ffn_layers"][0]["quant"]["parts"][1].__setitem__(2, 1), "do not hold"),
     (lambda m: m["ffn_layers"][0]["quant"].update(row_bytes=2), "row_bytes 2"),
+    # as wide as layer 0's rows (192 bytes) but two scales a part: decoded with layer 0's record
+    (lambda m: m["ffn_layers"][1].update(quant=row_quant(("up", "down"), dim=64, scheme="int8", group_size=32).to_json()),
+     "quant records differ"),
     (lambda m: m["ffn_layers"][0].pop("quant"), "length_bytes = 49152 but"),  # codes read as floats
     (lambda m: m["resident_quant"].update(scheme="int4"), "resident_quant scheme 'int4'"),
     (lambda m: m["resident_quant"]["tensors"].update({"layers.0.attn.q.weight": "layers.0.attn.k.scale"}),

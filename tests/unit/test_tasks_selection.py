@@ -204,3 +204,17 @@ def test_the_report_names_the_confirmed_figures_of_a_sweep_point():
     line = report["summary"]["configuration"]
     assert "recall 0.9" in line and "top-1 0.9750, perplexity +1.50%" in line and "density 61.0%" in line
     assert "0.9900" not in line
+
+
+def test_the_closest_that_passes_on_every_row_is_published_with_a_reason_that_says_so():
+    from tasks.selection import confirm_configuration
+
+    cands = [c for c in sweep_candidates() if c.label in ("density 0.6", "density 0.7")]  # none passes on the sweep
+    assert choose_configuration(cands, BUDGET).chosen is None
+    measure, asked = on_every_row({"density 0.7": 0.971})
+    out = confirm_configuration(cands, BUDGET, measure)
+    assert asked == ["density 0.7"] and out.selection.chosen.label == "density 0.7"
+    r = out.selection.reason
+    assert r.startswith("none of the 2 configurations passed on the sweep rows; the closest, exact-gate / density 0.7 "
+                        "(top-1 0.9650 < 0.9700 there), passed on all 128 held-out tokens (top-1 0.9710")
+    assert "misses by" not in r
