@@ -203,10 +203,12 @@ class GroupCodes:
                           None if self.offsets is None else self.offsets[index])
 
 
-def group_params(wg: torch.Tensor, bits: int, offsets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_params(wg: torch.Tensor, bits: int, offsets: bool,
+                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and offsets) [..., 1], rounded to fp16 but as float32, for groups wg [..., g].
     Symmetric: absmax / qmax. Asymmetric: the [min, max] range over 2^bits - 1 steps, each end
-    trimmed by the fraction (0, 3, 6 or 9%) of the range that gives the smallest squared error."""
+    trimmed by the fraction (0, 3, 6 or 9%) of the range that gives the smallest squared error,
+    each element's error weighted by `importance` (broadcast to wg; e.g. GPTQ's per-input weight)."""
     if not offsets:  # fp16 subnormals kept: a group of small weights keeps its own scale
         scale = (wg.abs().amax(dim=-1, keepdim=True) / ((1 << (bits - 1)) - 1)).half().float()
         return scale, None
@@ -220,7 +222,8 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool) -> tuple[torch.Tens
             low = lo + 0.03 * a * span
             s = ((hi - 0.03 * b * span - low) / qm).clamp_min(tiny).half().float()
             z = low.half().float()
-            err = (torch.round((wg - z) / s).clamp_(0, qm) * s + z - wg).square_().sum(dim=-1, keepdim=True)
+            err = (torch.round((wg - z) / s).clamp_(0, qm) * s + z - wg).square_()
+            err = (err if importance is None else err * importance).sum(dim=-1, keepdim=True)
             if best is None:
                 best = [err, s, z]
             else:
