@@ -142,7 +142,12 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"), order=order, dtype=dtype)
 
 
-@task(name="bundle", cache_key_fn=stage_cache("bundle", __name__, "tasks.hessians"))
+# besides this module, the code whose changes change a bundle's bytes (quantized rows: GPTQ on the
+# calibration matrices)
+BUNDLE_CODE = ("tasks.hessians", "flashio.quant", "flashio.gptq")
+
+
+@task(name="bundle", cache_key_fn=stage_cache("bundle", __name__, *BUNDLE_CODE))
 def bundle_task(source: SourceModel, stats: ActivationStats, predictors: list[LayerPredictor], order: str,
                 dtype: str | None, lineage: dict[str, Any], report: dict[str, Any] | None,
                 report_files: dict[str, Path] | None, work_dir: Path, gate_resident: bool = False,
@@ -157,7 +162,7 @@ def bundle_task(source: SourceModel, stats: ActivationStats, predictors: list[La
                                    gate_resident=gate_resident, densities=densities, selection=selection,
                                    quantize=quantize, up_sketch=up_sketch, calibration=calibration)
 
-    art = run_stage("bundle", [__name__, "tasks.hessians"], compute)
+    art = run_stage("bundle", [__name__, *BUNDLE_CODE], compute)
     get_run_logger().info("artifact %s (%s, order %s)", art.path, art.dtype, order)
     return art
 
