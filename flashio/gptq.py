@@ -16,7 +16,7 @@ output on those inputs moves as little as possible. The groups are the artifact'
   neurons are the columns, each quantized in groups along D by its own scales (`gptq_neurons`).
 
 Measured on Gemma 3 270M (GGUF Q4_K_M source; tests/bench/quant_ppl.py, resident matrices int8):
-int4 groups of 32 on 16 held-out rows of 480 tokens, calibration 128 x 256 tokens: round to nearest
+int4 groups of 32 on 16 held-out rows of 256 tokens, calibration 128 x 256 tokens: round to nearest
 +13.5% perplexity, GPTQ +3.08%, GPTQ with importance-weighted ranges (WEIGHTED_RANGES) +1.93%; int8
 groups of 32 on 8 x 128 held-out tokens, calibration 32 x 128: +0.20% and -0.01%.
 """
@@ -38,7 +38,7 @@ BLOCK = 128  # columns whose updates are applied to the rest at once (GPTQ's laz
 ACT_ORDER = False
 # an asymmetric group's range chosen for the inputs whose errors cost most (see gptq_rows): Gemma 3
 # 270M's int4 groups of 32 went from +3.08% to +1.93% held-out perplexity (128 x 256 calibration rows,
-# 16 x 480 held-out tokens, resident int8; tests/bench/quant_ppl.py)
+# 16 x 256 held-out tokens, resident int8; tests/bench/quant_ppl.py)
 WEIGHTED_RANGES = True
 
 
