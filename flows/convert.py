@@ -129,8 +129,10 @@ def registry_name(text: str) -> str:
 
 
 def model_name(config: ConvertConfig) -> str:
-    """The registry name a conversion publishes under: `name`, else the source's last path part."""
-    return config.name or registry_name(Path(config.model.rstrip("/")).name or "model")
+    """The registry name a conversion publishes under: `name`, else the source's last path part
+    (a GGUF file's without `.gguf` or `.gguf.partNN`)."""
+    base = re.sub(r"\.gguf(\.part\d+)?$", "", Path(config.model.rstrip("/")).name, flags=re.IGNORECASE)
+    return config.name or registry_name(base or "model")
 
 
 def lineage_key(source: SourceModel, calib: CalibrationData, config: ConvertConfig) -> str:

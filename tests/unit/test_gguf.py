@@ -189,3 +189,15 @@ def test_an_unsupported_architecture_is_refused(tiny_gguf, tmp_path):
         gguf_checkpoint(tmp_path / "other.gguf", cache_dir=tmp_path / "cache")
     with pytest.raises(UnsupportedArchitectureError, match="'falcon'"):
         inspect_source(str(tmp_path / "other.gguf"), hash_files=False)
+
+
+@pytest.mark.parametrize("source,name", [("/m/gemma-3-270m-q4_k_m.gguf", "gemma-3-270m-q4_k_m"),
+                                         ("/m/Model.Q8_0.GGUF", "Model.Q8_0"),
+                                         ("/m/model.gguf.part01", "model"), ("/m/dir-with-gguf/", "dir-with-gguf"),
+                                         ("org/Some Model", "Some-Model")])
+def test_the_registry_name_of_a_gguf_source_drops_its_extension(source, name):
+    from flows.config import ConvertConfig
+    from flows.convert import model_name
+
+    assert model_name(ConvertConfig(model=source)) == name
+    assert model_name(ConvertConfig(model=source, name="mine")) == "mine"
