@@ -92,7 +92,7 @@ def test_flashio_convert_gemma3_gguf_with_defaults(gemma_gguf, tmp_path, monkeyp
 
     names = open_registry(str(registry)).names()
     assert names == ["gemma-3-270m-q4_k_m"]
-    with flashio.open(f"{names[0]}:latest", registry=str(registry), mode="dense") as model:
+    with flashio.open(f"{names[0]}@latest", registry=str(registry), mode="dense") as model:
         files = set(model.artifact.manifest.files)
         assert set(LICENCES) <= files and "tokenizer.json" in files
         text = model.generate("The capital of France is", max_new_tokens=8).text
