@@ -77,7 +77,7 @@ def test_gemma3_270m_dense_logits_match_transformers(gemma_weights_dir, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3 * 3600)  # a real 270M conversion with every method: ~1.7 h on 2 cores (2026-12-03)
+@pytest.mark.timeout(3 * 3600)  # a real 270M conversion with every method: ~1.8 h on 2 busy cores (2026-12-03)
 @pytest.mark.usefixtures("prefect_session")
 def test_flashio_convert_gemma3_gguf_with_defaults(gemma_gguf, tmp_path, monkeypatch):
     from flashio.cli import main
