@@ -20,8 +20,8 @@ int4 rows are asymmetric by default (RowQuant.offsets, manifest "offsets": true)
 stores an fp16 offset after the part's scales, element = code * scale + offset with codes 0..15,
 the range [min, max] of the group trimmed at each end where that lowers the squared error (as
 llama.cpp's Q4_1 / Q4_K groups). On Gemma 3 270M's FFN rows (groups of 32, held-out perplexity,
-round to nearest) symmetric int4 was +27%, asymmetric +13.7% (tests/bench/quant_ppl.py; GPTQ,
-flashio.gptq, then +3.7%). Rows written before have no offsets and still open (symmetric).
+round to nearest) symmetric int4 was +27%, asymmetric +13.5% (tests/bench/quant_ppl.py; GPTQ,
+flashio.gptq, with importance-weighted ranges: +1.93%). Rows written before have no offsets and still open (symmetric).
 
 Why the product dequantizes chunks of rows instead of calling torch's weight-only kernels
 (measured on this project's 2-core CPU, one thread, 4096-wide rows, one token, up + down):
@@ -118,8 +118,9 @@ def check_scheme(scheme: str, *, where: str = "quantize") -> int:
 
 def default_group_size(scheme: str, dim: int) -> int:
     """int8: the whole row part (one scale); int4: INT4_GROUP where it divides d_model, else the
-    whole part. Measured on Gemma 3 270M (GPTQ, held-out perplexity): int8 one scale per part
-    -0.25%; int4 groups of 32 +3.7%, of 128 +11.9%, one scale per part +29%."""
+    whole part. Measured on Gemma 3 270M (GPTQ, held-out perplexity, README "Quantized artifacts"):
+    int8 one scale per part +0.05%; int4 groups of 32 +1.93%, of 128 +7.4% (one scale per part was
+    +29% before the weighted ranges)."""
     return INT4_GROUP if scheme == "int4" and dim % INT4_GROUP == 0 else dim
 
 
