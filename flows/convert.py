@@ -303,7 +303,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
         selection = outcome.selection
         pick = selection.chosen or selection.closest
         candidate, ev, preds = outcome.result
-        log.info("configuration: %s; %s", pick.describe(), selection.reason)
+        log.info("configuration: %s; %s", pick.measured(ev.main).describe(), selection.reason)
         violations = gate_task(ev, budget, config.budget.allow_loss)  # never raises: the report is written first
         publishable = not violations or config.budget.allow_loss
         stages.advance()

@@ -134,10 +134,7 @@ def _add_choice(report: dict[str, Any], choice: Choice, ev: Evaluation, measured
     naive = ev.naive_bytes_per_token
     # `ev` measured the configuration on every held-out row (a sweep point was confirmed there):
     # its figures, as the summary's top-1 and perplexity beside it, not the sweep rows'
-    m = ev.main
-    on_every_row = dataclasses.replace(c, density=m.density, top1_agreement=m.top1_agreement,
-                                       perplexity_increase=m.perplexity_increase, mean_kl=m.mean_kl, tokens=m.tokens)
-    s.update({"configuration": on_every_row.describe(), "configuration_method": c.method, "configuration_passed": sel.chosen
+    s.update({"configuration": c.measured(ev.main).describe(), "configuration_method": c.method, "configuration_passed": sel.chosen
               is not None, "configuration_reason": sel.reason, "window_limited": c.window,
               "window_caching": "off" if c.window == OFF else "on",
               "ffn_dram_fraction": choice.ffn_dram_fraction,

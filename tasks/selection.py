@@ -78,6 +78,11 @@ class Candidate:
     def passes(self) -> bool:
         return not self.violations
 
+    def measured(self, m: Comparison) -> Candidate:
+        """This configuration with the accuracy figures of `m` (its measurement on every held-out row)."""
+        return dataclasses.replace(self, density=m.density, top1_agreement=m.top1_agreement,
+                                   perplexity_increase=m.perplexity_increase, mean_kl=m.mean_kl, tokens=m.tokens)
+
     def describe(self) -> str:
         w = "caching off" if self.window == OFF else f"window {self.window}"
         if self.method in EXACT_METHODS:
