@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashio import kernels
 from flashio.models.base import ACTIVATIONS
 
 CONVERT_ROWS = 128  # rows per chunk of a dtype conversion: few ops, an fp32 scratch of a few MB
@@ -36,6 +37,8 @@ def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
     the gate rows are resident, flashio.exact); mask: [T, n_valid], 1 where a token keeps a row."""
     n = rows.shape[0] if n_valid is None else n_valid
     act_fn = ACTIVATIONS[activation] if activation else (F.silu if "gate" in parts else F.relu)
+    if h.shape[0] == 1 and kernels.supports(rows):
+        return _one_token(h, rows, parts, b_up, b_gate, zero, n, act_fn, gate_act, mask)
     x = h.to(rows.dtype)
     pre = F.linear(x, rows[:, parts["up"]])  # [T, R]
     if b_up is not None:  # streamed rows keep the storage dtype: cast the bias to theirs
@@ -61,6 +64,33 @@ def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
         # torch's CPU fp16 `act @ down` (no-transpose GEMV) is ~10x slower than mv on down.T
         return torch.mv(down.t(), act[0]).unsqueeze(0).to(h.dtype)
     return (act @ down).to(h.dtype)  # [T, D]
+
+
+def _one_token(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice], b_up: torch.Tensor | None,
+               b_gate: torch.Tensor | None, zero: torch.Tensor | None, n: int, act_fn,
+               gate_act: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """ffn_compute for one token on CPU rows, through flashio.kernels: the products read only the
+    n valid rows (no padding), the activations are float32, and the down product skips the rows
+    whose activation is zero."""
+    k = kernels.kernels()
+    x = h[0].to(torch.float32)
+    pre = k.dot(rows, parts["up"], x, n)
+    if b_up is not None:
+        pre += b_up.to(torch.float32)
+    if gate_act is not None:
+        act = pre.mul_(gate_act[0].to(torch.float32))
+    elif "gate" in parts:
+        gate = k.dot(rows, parts["gate"], x, n)
+        if b_gate is not None:
+            gate += b_gate.to(torch.float32)
+        act = act_fn(gate).mul_(pre)
+    else:
+        act = act_fn(pre)
+    if mask is not None:
+        act.mul_(mask[0].to(torch.float32))
+    if zero is not None and len(zero):
+        act.index_fill_(0, zero[zero < n], 0)
+    return k.axpy(rows, parts["down"], act, n).to(h.dtype).unsqueeze(0)
 
 
 def convert_rows(dst: torch.Tensor, src: torch.Tensor, scratch: torch.Tensor) -> None:

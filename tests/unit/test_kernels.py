@@ -1,0 +1,144 @@
+"""flashio.kernels: the one-token products on strided bundle rows, in each of rows.c's builds,
+against float64 references; and flashio.ffn's one-token path against torch's products."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from flashio import ffn, kernels
+from flashio.kernels import FLAGS, Kernels, build, load
+
+BASE = ("-O3", "-fPIC", "-shared", "-std=c11")
+VARIANTS = {"native": FLAGS, "portable": BASE}
+if platform.machine() in ("x86_64", "AMD64"):
+    VARIANTS["avx2"] = (*BASE, "-mavx2", "-mf16c", "-mfma", "-mno-avx512f")
+
+
+def _cpu_has(*flags: str) -> bool:
+    line = kernels._cpu_flags().split()
+    return all(f in line for f in flags)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def built(request, tmp_path_factory) -> Kernels:
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    if request.param == "avx2" and not _cpu_has("avx2", "f16c", "fma"):
+        pytest.skip("the CPU has no AVX2/F16C/FMA")
+    k = Kernels(load(build(VARIANTS[request.param], out_dir=tmp_path_factory.mktemp("kernels"))))
+    expected = {"portable": 0, "avx2": 256}.get(request.param)
+    if expected is not None:
+        assert k.vector_bits == expected
+    return k
+
+
+def _rows(n: int, width: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, width, generator=g) * 0.05).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, length", [(1, 5), (7, 64), (37, 200), (130, 1027)])
+def test_dot_and_axpy_match_float64_on_strided_rows(built, dtype, n, length):
+    # a bundle of three parts of `length` plus 3 odd elements: rows are strided, parts unaligned
+    rows = _rows(n, 3 * length + 3, dtype)
+    part = slice(length + 3, 2 * length + 3)
+    g = torch.Generator().manual_seed(1)
+    x, a = torch.randn(length, generator=g), torch.randn(n, generator=g)
+    a[::3] = 0.0
+    sub = rows[:, part].double()
+    want_dot = sub @ x.double()
+    want_axpy = a.double() @ sub
+    got_dot = built.dot(rows, part, x)
+    got_axpy = built.axpy(rows, part, a)
+    assert got_dot.dtype == got_axpy.dtype == torch.float32
+    tol = 1e-5 * (1 + length ** 0.5)
+    torch.testing.assert_close(got_dot.double(), want_dot, rtol=0, atol=tol * float(want_dot.abs().max()))
+    torch.testing.assert_close(got_axpy.double(), want_axpy, rtol=0, atol=tol * float(want_axpy.abs().max()))
+    # the first m rows only
+    m = max(1, n // 2)
+    torch.testing.assert_close(built.dot(rows, part, x, m).double(), want_dot[:m], rtol=0,
+                               atol=tol * float(want_dot.abs().max()))
+    torch.testing.assert_close(built.axpy(rows, part, a[:m], m).double(), a[:m].double() @ sub[:m], rtol=0,
+                               atol=tol * float(want_axpy.abs().max()))
+
+
+def test_half_special_values_widen_exactly(built):
+    # subnormals, the largest half, signed zeros, infinities: the portable path's own widening
+    vals = torch.tensor([2.0 ** -24, -(2.0 ** -20), 6.1e-5, 65504.0, -0.0, 0.0, 1.0, -2.5, float("inf")],
+                        dtype=torch.float16)
+    rows = vals.reshape(-1, 1).contiguous()
+    got = built.dot(rows, slice(0, 1), torch.ones(1))
+    assert torch.equal(got, vals.float())
+    nan_row = torch.tensor([[float("nan")]], dtype=torch.float16)
+    assert torch.isnan(built.dot(nan_row, slice(0, 1), torch.ones(1))).all()
+
+
+def test_axpy_does_not_read_rows_with_zero_coefficient(built):
+    rows = _rows(9, 16, torch.float16)
+    rows[4] = float("nan")  # a row whose neuron did not fire: never read, so it cannot poison the sum
+    a = torch.ones(9)
+    a[4] = 0.0
+    got = built.axpy(rows, slice(0, 16), a)
+    assert torch.isfinite(got).all()
+    keep = torch.tensor([i != 4 for i in range(9)])
+    torch.testing.assert_close(got, rows[keep].float().sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_refused(built):
+    rows = _rows(4, 8, torch.float16)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        built.dot(rows.t(), slice(0, 2), torch.ones(2))
+    with pytest.raises(ValueError, match="rows asked"):
+        built.dot(rows, slice(0, 8), torch.ones(8), n=5)
+    with pytest.raises(ValueError, match="expected"):
+        built.axpy(rows, slice(0, 8), torch.ones(3))
+    with pytest.raises(ValueError, match="kernels take"):
+        built.dot(rows.to(torch.int16), slice(0, 8), torch.ones(8))
+    with pytest.raises(ValueError, match="contiguous slice"):
+        built.dot(rows, slice(0, 8, 2), torch.ones(4))
+
+
+def test_a_broken_compiler_says_why(tmp_path, monkeypatch):
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake && exit 0\necho 'no such target' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    with pytest.raises(RuntimeError, match="no such target"):
+        build(out_dir=tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # no half-written library left behind
+    monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        build(out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["relu", "gated", "gate_act+mask", "bias+zero"])
+def test_one_token_ffn_equals_torch_products(dtype, case, monkeypatch):
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    D, R, n = 96, 70, 61  # rows past n pad the matmul and are ignored
+    names = ("up", "gate", "down") if case == "gated" else ("up", "down")
+    parts = {p: slice(j * D, (j + 1) * D) for j, p in enumerate(names)}
+    rows = _rows(R, len(names) * D, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(1, D, generator=g).to(dtype)
+    kw = {}
+    b_up = b_gate = zero = None
+    if case == "gate_act+mask":
+        kw = dict(gate_act=torch.rand(1, n, generator=g).to(dtype), mask=(torch.rand(1, n, generator=g) > 0.5).to(dtype))
+    if case == "bias+zero":
+        b_up = (torch.randn(n, generator=g) * 0.1).to(dtype)
+        zero = torch.tensor([0, 5, 60])
+    activation = "silu" if case == "gated" else "relu"
+    got = ffn.ffn_compute(h, rows, parts, b_up, b_gate, zero, n, activation, **kw)
+    monkeypatch.setattr(kernels, "supports", lambda rows: False)
+    want = ffn.ffn_compute(h.double(), rows.double(), parts, None if b_up is None else b_up.double(), None, zero, n,
+                           activation, **{k: v.double() for k, v in kw.items()})
+    assert got.dtype == dtype and got.shape == (1, D)
+    scale = float(want.abs().max())
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
