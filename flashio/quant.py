@@ -45,7 +45,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flashio import kernels
 from flashio.errors import FlashError, FormatError
+from flashio.kernels import QuantLayout
 
 SCHEMES = {"int8": 8, "int4": 4}  # scheme -> bits per element
 ASYMMETRIC = {"int8": False, "int4": True}  # a scheme's default: int4 groups keep an offset (see below)
@@ -100,6 +102,12 @@ class RowQuant:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def layout(self, name: str) -> QuantLayout:
+        """Part `name` as flashio.kernels takes it."""
+        p = self.part(name)
+        return QuantLayout(self.row_bytes, self.dim, self.bits, self.group_size, p.codes_start, p.scales_start,
+                           p.offsets_start if self.offsets else -1)
 
     def to_json(self) -> dict:
         d = {"scheme": self.scheme, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
@@ -392,6 +400,8 @@ def quant_ffn_compute(h: torch.Tensor, rows: torch.Tensor, q: RowQuant, scratch:
     n = rows.shape[0] if n_valid is None else n_valid
     gated = any(p.name == "gate" for p in q.parts)
     act_fn = act_fn or (F.silu if gated else F.relu)
+    if h.shape[0] == 1 and rows.device.type == "cpu" and kernels.available():
+        return _one_token(h, rows, q, b_up, b_gate, zero, n, act_fn, gated, gate_act, mask)
     x = h.float()
     y = torch.zeros(h.shape[0], q.dim, dtype=torch.float32, device=h.device)
     zero_mask = None
@@ -424,6 +434,33 @@ def quant_ffn_compute(h: torch.Tensor, rows: torch.Tensor, q: RowQuant, scratch:
             act = act * scale
         y.addmm_(act, m)
     return y.to(h.dtype)
+
+
+def _one_token(h: torch.Tensor, rows: torch.Tensor, q: RowQuant, b_up: torch.Tensor | None,
+               b_gate: torch.Tensor | None, zero: torch.Tensor | None, n: int, act_fn, gated: bool,
+               gate_act: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """quant_ffn_compute for one token on the CPU through flashio.kernels: each row's codes are
+    widened as they are read (nothing dequantized into a scratch), the n valid rows only, and the
+    down product skips rows whose activation is zero."""
+    k = kernels.kernels()
+    x = h[0].to(torch.float32)
+    act = k.qdot(rows, q.layout("up"), x, n)
+    if b_up is not None:
+        act += b_up.float()
+    if gate_act is not None:
+        act.mul_(gate_act[0].float())
+    elif gated:
+        g = k.qdot(rows, q.layout("gate"), x, n)
+        if b_gate is not None:
+            g += b_gate.float()
+        act = act_fn(g).mul_(act)
+    else:
+        act = act_fn(act)
+    if mask is not None:
+        act.mul_(mask[0].float())
+    if zero is not None and len(zero):
+        act.index_fill_(0, zero[zero < n], 0)
+    return k.qaxpy(rows, q.layout("down"), act, n).to(h.dtype).unsqueeze(0)
 
 
 @dataclass(frozen=True)

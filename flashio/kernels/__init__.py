@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,6 +98,11 @@ def load(path: Path) -> ctypes.CDLL:
     for name in ("flashio_dot", "flashio_axpy"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    qargs = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    for name in ("flashio_qdot", "flashio_qaxpy"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = qargs, None
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
     return lib
 
@@ -174,6 +180,54 @@ class Kernels:
         y = torch.empty(length, dtype=torch.float32)
         self.lib.flashio_axpy(ptr, stride, n, length, code, a.data_ptr(), y.data_ptr())
         return y
+
+
+    def _qargs(self, rows: torch.Tensor, layout: QuantLayout, n: int) -> tuple:
+        if rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.dim() != 2:
+            raise ValueError(f"quantized rows are 2-D uint8 on the CPU, got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
+        if rows.shape[0] > 1 and (rows.stride(1) != 1 or rows.stride(0) < layout.row_bytes):
+            raise ValueError("rows must be contiguous rows of at least row_bytes")
+        if rows.shape[1] < layout.row_bytes or n > rows.shape[0]:
+            raise ValueError(f"{n} rows of {layout.row_bytes} bytes asked of {tuple(rows.shape)}")
+        return (rows.data_ptr(), rows.stride(0), n, layout.dim, layout.bits, layout.group, layout.codes,
+                layout.scales, layout.offsets)
+
+    def qdot(self, rows: torch.Tensor, layout: QuantLayout, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """[n] float32: the part's dequantized rows[:n] @ x (x: [dim] float32)."""
+        n = rows.shape[0] if n is None else n
+        args = self._qargs(rows, layout, n)
+        x = _f32_vector(x, layout.dim)
+        xg = torch.empty(layout.dim // layout.group, dtype=torch.float32)
+        out = torch.empty(n, dtype=torch.float32)
+        self.lib.flashio_qdot(*args, x.data_ptr(), xg.data_ptr(), out.data_ptr())
+        return out
+
+    def qaxpy(self, rows: torch.Tensor, layout: QuantLayout, a: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """[dim] float32: a @ the part's dequantized rows[:n] (a: [n] float32); rows with a == 0 are not read."""
+        n = rows.shape[0] if n is None else n
+        args = self._qargs(rows, layout, n)
+        a = _f32_vector(a, n)
+        og = torch.empty(layout.dim // layout.group, dtype=torch.float32)
+        y = torch.empty(layout.dim, dtype=torch.float32)
+        self.lib.flashio_qaxpy(*args, a.data_ptr(), og.data_ptr(), y.data_ptr())
+        return y
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Where one part of a quantized row lies (flashio.quant.PartQuant with its RowQuant's figures)."""
+
+    row_bytes: int
+    dim: int
+    bits: int  # 8 or 4
+    group: int  # elements per scale
+    codes: int  # byte positions in the row
+    scales: int
+    offsets: int  # -1: none (int8: signed codes; int4: codes offset by 8)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or self.group <= 0 or self.dim % self.group or (self.bits == 4 and self.dim % 2):
+            raise ValueError(f"unsupported quantized layout {self}")
 
 
 def _f32_vector(v: torch.Tensor, length: int) -> torch.Tensor:

@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #if defined(__AVX512F__) && defined(__F16C__)
 #define FLASHIO_AVX512 1
 #include <immintrin.h>
@@ -47,6 +50,12 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
+#if defined(__F16C__)
+#define HALF(h) _cvtsh_ss(h)
+#else
+#define HALF(h) half_to_float(h)
+#endif
+
 static inline float bf16_to_float(uint16_t b) {
     uint32_t bits = (uint32_t)b << 16;
     float f;
@@ -56,7 +65,7 @@ static inline float bf16_to_float(uint16_t b) {
 
 static inline float load1(const void *p, int64_t i, int dtype) {
     if (dtype == 0) return ((const float *)p)[i];
-    if (dtype == 1) return half_to_float(((const uint16_t *)p)[i]);
+    if (dtype == 1) return HALF(((const uint16_t *)p)[i]);
     return bf16_to_float(((const uint16_t *)p)[i]);
 }
 
@@ -198,6 +207,310 @@ void flashio_axpy(const void *rows, int64_t stride, int64_t n_rows, int64_t len,
         }
     }
     for (int i = 0; i < m; i++) axpy1(y, r[i], c[i], len, dtype);
+}
+
+/* ---- quantized rows (flashio.quant): codes, then fp16 scales (one per group), then fp16 offsets ----
+ * element k of a part = code_k * scale_g + offset_g, g = k / group. int8: codes signed (symmetric,
+ * no offsets) or unsigned (with offsets). int4: byte j holds element j in its low nibble and element
+ * j + dim/2 in its high one, codes 0..15; symmetric int4 has no stored offsets: offset_g = -8 scale_g.
+ * The vector paths need group % VW == 0 (and, for int4, (dim / 2) % group == 0); else scalar. */
+
+typedef struct {
+    int64_t row_bytes, dim, group, codes, scales, offsets; /* offsets: byte position, or -1 */
+    int bits, sym4;
+} qlayout;
+
+static inline float h16(const uint8_t *p, int64_t i) {
+    uint16_t v;
+    memcpy(&v, p + 2 * i, 2);
+    return HALF(v);
+}
+
+static inline float qscale(const uint8_t *row, const qlayout *L, int64_t g) { return h16(row + L->scales, 0 + g); }
+static inline float qoffset(const uint8_t *row, const qlayout *L, int64_t g) {
+    if (L->offsets >= 0) return h16(row + L->offsets, g);
+    return L->sym4 ? -8.0f * qscale(row, L, g) : 0.0f;
+}
+
+static inline float qcode(const uint8_t *row, const qlayout *L, int64_t k) {
+    const uint8_t *c = row + L->codes;
+    if (L->bits == 8) return L->offsets >= 0 ? (float)c[k] : (float)(int8_t)c[k];
+    int64_t half = L->dim / 2;
+    return k < half ? (float)(c[k] & 15) : (float)(c[k - half] >> 4);
+}
+
+static int qvector_ok(const qlayout *L) {
+#if defined(VW)
+    if (L->group % VW) return 0;
+    return L->bits == 8 || (L->dim / 2) % VW == 0;
+#else
+    (void)L;
+    return 0;
+#endif
+}
+
+/* int4: the end of the segment of bytes from j on whose elements j.. (low nibbles) and half + j..
+ * (high nibbles) each stay in one group */
+static inline int64_t seg_end(int64_t j, int64_t half, int64_t G) {
+    int64_t e = (j / G + 1) * G, h = ((half + j) / G + 1) * G - half;
+    e = e < h ? e : h;
+    return e < half ? e : half;
+}
+
+#if defined(VW)
+/* VW codes starting at byte j as floats: int8 (signed or not), or int4's low and high nibbles */
+static inline vec vcodes8(const uint8_t *c, int sgn) {
+#if FLASHIO_AVX512
+    __m128i b = _mm_loadu_si128((const __m128i *)c);
+    return _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#else
+    __m128i b = _mm_loadl_epi64((const __m128i *)c);
+    return _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#endif
+}
+static inline void vcodes4(const uint8_t *c, vec *lo, vec *hi) {
+#if FLASHIO_AVX512
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+#else
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+#endif
+}
+#endif
+
+/* sum_g offset_g * xg[g] (vectorised over the fp16 offsets, or the scales for symmetric int4) */
+static float qoffsets_dot(const uint8_t *row, const qlayout *L, const float *xg) {
+    int64_t ng = L->dim / L->group;
+    if (L->offsets >= 0) return dot1(row + L->offsets, xg, ng, 1);
+    return L->sym4 ? -8.0f * dot1(row + L->scales, xg, ng, 1) : 0.0f;
+}
+
+/* og[g] += a * offset_g */
+static void qoffsets_axpy(const uint8_t *row, const qlayout *L, float a, float *og) {
+    int64_t ng = L->dim / L->group;
+    if (L->offsets >= 0)
+        axpy1(og, row + L->offsets, a, ng, 1);
+    else if (L->sym4)
+        axpy1(og, row + L->scales, -8.0f * a, ng, 1);
+}
+
+/* sum_k x[k] * element_k of one row; xg[g] = sum of x over group g (for the offsets) */
+static float qdot1(const uint8_t *row, const qlayout *L, const float *x, const float *xg) {
+    int64_t G = L->group, ng = L->dim / G;
+    float s = 0.0f;
+    if (qvector_ok(L)) {
+#if defined(VW)
+        const uint8_t *c = row + L->codes;
+        vec tot = vzero();
+        if (L->bits == 8) {
+            int sgn = L->offsets < 0;
+            for (int64_t g = 0; g < ng; g++) {
+                vec acc = vzero();
+                for (int64_t k = g * G; k < (g + 1) * G; k += VW) acc = vfmadd(vcodes8(c + k, sgn), vloadf(x + k), acc);
+                tot = vfmadd(acc, vset1(qscale(row, L, g)), tot);
+            }
+        } else { /* segments of bytes whose low and high nibbles each stay in one group */
+            int64_t half = L->dim / 2;
+            for (int64_t j = 0; j < half;) {
+                int64_t end = seg_end(j, half, G);
+                vec alo = vzero(), ahi = vzero(), lo, hi;
+                for (int64_t i = j; i < end; i += VW) {
+                    vcodes4(c + i, &lo, &hi);
+                    alo = vfmadd(lo, vloadf(x + i), alo);
+                    ahi = vfmadd(hi, vloadf(x + half + i), ahi);
+                }
+                tot = vfmadd(alo, vset1(qscale(row, L, j / G)), tot);
+                tot = vfmadd(ahi, vset1(qscale(row, L, (half + j) / G)), tot);
+                j = end;
+            }
+        }
+        s = vsum(tot);
+#endif
+    } else {
+        for (int64_t g = 0; g < ng; g++) {
+            float acc = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) acc += qcode(row, L, k) * x[k];
+            s += acc * qscale(row, L, g);
+        }
+    }
+    return s + qoffsets_dot(row, L, xg);
+}
+
+/* y[k] += a * (code_k * scale_g) over one row; the offsets' part goes to og[g] += a * offset_g */
+static void qaxpy1(const uint8_t *row, const qlayout *L, float a, float *y, float *og) {
+    int64_t G = L->group, ng = L->dim / G;
+    if (qvector_ok(L)) {
+#if defined(VW)
+        const uint8_t *c = row + L->codes;
+        if (L->bits == 8) {
+            int sgn = L->offsets < 0;
+            for (int64_t g = 0; g < ng; g++) {
+                vec b = vset1(a * qscale(row, L, g));
+                for (int64_t k = g * G; k < (g + 1) * G; k += VW)
+                    vstoref(y + k, vfmadd(vcodes8(c + k, sgn), b, vloadf(y + k)));
+            }
+        } else {
+            int64_t half = L->dim / 2;
+            vec lo, hi;
+            for (int64_t j = 0; j < half;) {
+                int64_t end = seg_end(j, half, G);
+                vec blo = vset1(a * qscale(row, L, j / G)), bhi = vset1(a * qscale(row, L, (half + j) / G));
+                for (int64_t i = j; i < end; i += VW) {
+                    vcodes4(c + i, &lo, &hi);
+                    vstoref(y + i, vfmadd(lo, blo, vloadf(y + i)));
+                    vstoref(y + half + i, vfmadd(hi, bhi, vloadf(y + half + i)));
+                }
+                j = end;
+            }
+        }
+#endif
+    } else {
+        for (int64_t g = 0; g < ng; g++) {
+            float b = a * qscale(row, L, g);
+            for (int64_t k = g * G; k < (g + 1) * G; k++) y[k] += b * qcode(row, L, k);
+        }
+    }
+    qoffsets_axpy(row, L, a, og);
+}
+
+static qlayout qmake(int64_t row_bytes, int64_t dim, int bits, int64_t group, int64_t codes, int64_t scales,
+                     int64_t offsets) {
+    qlayout L = {row_bytes, dim, group, codes, scales, offsets, bits, bits == 4 && offsets < 0};
+    return L;
+}
+
+#if defined(VW)
+/* qdot1 for four rows at once: independent accumulator chains, four streams in flight */
+static void qdot4(const uint8_t *const *row, const qlayout *L, const float *x, const float *xg, float *out) {
+    int64_t G = L->group;
+    vec tot[4] = {vzero(), vzero(), vzero(), vzero()};
+    const uint8_t *c[4] = {row[0] + L->codes, row[1] + L->codes, row[2] + L->codes, row[3] + L->codes};
+    if (L->bits == 8) {
+        int sgn = L->offsets < 0;
+        for (int64_t g = 0; g < L->dim / G; g++) {
+            vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t k = g * G; k < (g + 1) * G; k += VW) {
+                vec xv = vloadf(x + k);
+                for (int r = 0; r < 4; r++) acc[r] = vfmadd(vcodes8(c[r] + k, sgn), xv, acc[r]);
+            }
+            for (int r = 0; r < 4; r++) tot[r] = vfmadd(acc[r], vset1(qscale(row[r], L, g)), tot[r]);
+        }
+    } else {
+        int64_t half = L->dim / 2;
+        for (int64_t j = 0; j < half;) {
+            int64_t end = seg_end(j, half, G), glo = j / G, ghi = (half + j) / G;
+            vec alo[4] = {vzero(), vzero(), vzero(), vzero()}, ahi[4] = {vzero(), vzero(), vzero(), vzero()}, lo, hi;
+            for (int64_t i = j; i < end; i += VW) {
+                vec xl = vloadf(x + i), xh = vloadf(x + half + i);
+                for (int r = 0; r < 4; r++) {
+                    vcodes4(c[r] + i, &lo, &hi);
+                    alo[r] = vfmadd(lo, xl, alo[r]);
+                    ahi[r] = vfmadd(hi, xh, ahi[r]);
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                tot[r] = vfmadd(alo[r], vset1(qscale(row[r], L, glo)), tot[r]);
+                tot[r] = vfmadd(ahi[r], vset1(qscale(row[r], L, ghi)), tot[r]);
+            }
+            j = end;
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = vsum(tot[r]) + qoffsets_dot(row[r], L, xg);
+}
+
+/* qaxpy1 for four rows at once: one pass over y */
+static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, float *y, float *og) {
+    int64_t G = L->group;
+    const uint8_t *c[4] = {row[0] + L->codes, row[1] + L->codes, row[2] + L->codes, row[3] + L->codes};
+    if (L->bits == 8) {
+        int sgn = L->offsets < 0;
+        for (int64_t g = 0; g < L->dim / G; g++) {
+            vec b[4];
+            for (int r = 0; r < 4; r++) b[r] = vset1(a[r] * qscale(row[r], L, g));
+            for (int64_t k = g * G; k < (g + 1) * G; k += VW) {
+                vec acc = vloadf(y + k);
+                for (int r = 0; r < 4; r++) acc = vfmadd(vcodes8(c[r] + k, sgn), b[r], acc);
+                vstoref(y + k, acc);
+            }
+        }
+    } else {
+        int64_t half = L->dim / 2;
+        for (int64_t j = 0; j < half;) {
+            int64_t end = seg_end(j, half, G), glo = j / G, ghi = (half + j) / G;
+            vec blo[4], bhi[4], lo, hi;
+            for (int r = 0; r < 4; r++) {
+                blo[r] = vset1(a[r] * qscale(row[r], L, glo));
+                bhi[r] = vset1(a[r] * qscale(row[r], L, ghi));
+            }
+            for (int64_t i = j; i < end; i += VW) {
+                vec yl = vloadf(y + i), yh = vloadf(y + half + i);
+                for (int r = 0; r < 4; r++) {
+                    vcodes4(c[r] + i, &lo, &hi);
+                    yl = vfmadd(lo, blo[r], yl);
+                    yh = vfmadd(hi, bhi[r], yh);
+                }
+                vstoref(y + i, yl);
+                vstoref(y + half + i, yh);
+            }
+            j = end;
+        }
+    }
+    for (int r = 0; r < 4; r++) qoffsets_axpy(row[r], L, a[r], og);
+}
+#endif
+
+/* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets */
+void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
+                  int64_t codes, int64_t scales, int64_t offsets, const float *x, float *xg, float *out) {
+    qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
+    for (int64_t g = 0; g < dim / group; g++) {
+        float t = 0.0f;
+        for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[k];
+        xg[g] = t;
+    }
+    int64_t n = 0;
+#if defined(VW)
+    if (qvector_ok(&L))
+        for (; n + 4 <= n_rows; n += 4) {
+            const uint8_t *r[4] = {rows + n * row_bytes, rows + (n + 1) * row_bytes, rows + (n + 2) * row_bytes,
+                                   rows + (n + 3) * row_bytes};
+            qdot4(r, &L, x, xg, out + n);
+        }
+#endif
+    for (; n < n_rows; n++) out[n] = qdot1(rows + n * row_bytes, &L, x, xg);
+}
+
+/* y[k] = sum_n a[n] * element_k of row n; rows with a[n] == 0 are not read. og: dim / group scratch */
+void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
+                   int64_t codes, int64_t scales, int64_t offsets, const float *a, float *og, float *y) {
+    qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
+    int64_t ng = dim / group;
+    memset(y, 0, (size_t)dim * sizeof(float));
+    memset(og, 0, (size_t)ng * sizeof(float));
+    const uint8_t *r[4];
+    float c[4];
+    int m = 0;
+    for (int64_t n = 0; n < n_rows; n++) {
+        if (a[n] == 0.0f) continue; /* inactive neuron: its row is not read */
+#if defined(VW)
+        if (qvector_ok(&L)) {
+            r[m] = rows + n * row_bytes;
+            c[m++] = a[n];
+            if (m == 4) {
+                qaxpy4(r, &L, c, y, og);
+                m = 0;
+            }
+            continue;
+        }
+#endif
+        qaxpy1(rows + n * row_bytes, &L, a[n], y, og);
+    }
+    for (int i = 0; i < m; i++) qaxpy1(r[i], &L, c[i], y, og);
+    if (L.offsets >= 0 || L.sym4)
+        for (int64_t k = 0; k < dim; k++) y[k] += og[k / group];
 }
 
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */

@@ -142,3 +142,73 @@ def test_one_token_ffn_equals_torch_products(dtype, case, monkeypatch):
     scale = float(want.abs().max())
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+
+QUANT_CASES = [  # scheme, dim, group size, offsets
+    ("int8", 96, None, None), ("int8", 96, 32, None), ("int8", 64, 16, True),
+    ("int4", 128, 32, None), ("int4", 128, 32, False), ("int4", 192, 192, None),  # a group across both halves
+    ("int4", 96, 16, None), ("int4", 40, 8, None), ("int4", 36, 36, False),  # the last two: scalar (half not vector-wide)
+]
+
+
+@pytest.mark.parametrize("scheme, dim, group, offsets", QUANT_CASES)
+def test_quantized_products_match_dequantized_rows(built, scheme, dim, group, offsets):
+    from flashio.quant import dequantize_rows, quantize_rows, row_quant
+    q = row_quant(("up", "gate", "down"), dim=dim, scheme=scheme, group_size=group, offsets=offsets)
+    n = 23  # not a multiple of 4: the four-row paths and the single-row tail
+    g = torch.Generator().manual_seed(5)
+    rows = quantize_rows(torch.randn(n, 3 * dim, generator=g) * 0.05, q)
+    x, a = torch.randn(dim, generator=g), torch.randn(n, generator=g)
+    a[1::4] = 0.0
+    for part in ("up", "gate", "down"):
+        w = dequantize_rows(rows, q, part).double()
+        want_dot, want_axpy = w @ x.double(), a.double() @ w
+        got_dot = built.qdot(rows, q.layout(part), x)
+        got_axpy = built.qaxpy(rows, q.layout(part), a)
+        tol = 2e-6 * dim
+        torch.testing.assert_close(got_dot.double(), want_dot, rtol=0, atol=tol * float(want_dot.abs().max()))
+        torch.testing.assert_close(got_axpy.double(), want_axpy, rtol=0, atol=tol * float(want_axpy.abs().max()))
+        m = 6
+        torch.testing.assert_close(built.qaxpy(rows, q.layout(part), a[:m], m).double(), a[:m].double() @ w[:m],
+                                   rtol=0, atol=tol * float(want_axpy.abs().max()))
+
+
+def test_quantized_arguments_are_refused(built):
+    from flashio.quant import row_quant
+    q = row_quant(("up", "down"), dim=64, scheme="int8")
+    rows = torch.zeros(4, q.row_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        built.qdot(rows.float(), q.layout("up"), torch.ones(64))
+    with pytest.raises(ValueError, match="bytes asked"):
+        built.qdot(rows[:, :-1], q.layout("up"), torch.ones(64))
+    with pytest.raises(ValueError, match="expected"):
+        built.qaxpy(rows, q.layout("down"), torch.ones(5))
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.QuantLayout(q.row_bytes, 64, 3, 64, 0, 64, -1)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("case", ["gated", "gate_act+mask+zero", "bias"])
+def test_one_token_quantized_ffn_equals_chunked_products(scheme, case, monkeypatch):
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    import torch.nn.functional as F
+
+    from flashio.quant import RowScratch, quant_ffn_compute, quantize_rows, row_quant
+    D, R, n = 128, 50, 45
+    names = ("up", "gate", "down") if case == "gated" else ("up", "down")
+    q = row_quant(names, dim=D, scheme=scheme)
+    g = torch.Generator().manual_seed(6)
+    rows = quantize_rows(torch.randn(R, len(names) * D, generator=g) * 0.05, q)
+    h = torch.randn(1, D, generator=g)
+    kw, b_up, zero = {}, None, None
+    if case == "gate_act+mask+zero":
+        kw = dict(gate_act=torch.rand(1, n, generator=g), mask=(torch.rand(1, n, generator=g) > 0.5).float())
+        zero = torch.tensor([2, 44])
+    if case == "bias":
+        b_up = torch.randn(n, generator=g) * 0.1
+    scratch = RowScratch(q, rows=16)
+    got = quant_ffn_compute(h, rows, q, scratch, b_up, None, zero, n, F.silu, **kw)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    want = quant_ffn_compute(h, rows, q, scratch, b_up, None, zero, n, F.silu, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
