@@ -95,6 +95,9 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-predictors", action="store_true")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="bundle rows quantized (rounded to nearest; int8 one scale per part, int4 groups of 32 "
+                        "with offsets) and the resident matrices int8, as `flashio pack --quantize`")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -174,6 +177,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"\rwriting layers {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     out = write_synthetic(args.shape, args.out, scale=args.scale, seed=args.seed, dtype=args.dtype,
-                          predictors=not args.no_predictors, overwrite=args.overwrite, progress=progress)
+                          predictors=not args.no_predictors, overwrite=args.overwrite, quantize=args.quantize,
+                          progress=progress)
     print(out)
     return 0

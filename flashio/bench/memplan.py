@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from flashio.budget import MemoryBudget
 from flashio.config import Mode
@@ -26,6 +27,7 @@ from flashio.dtypes import TORCH_DTYPES
 from flashio.errors import FlashError
 from flashio.ffn import ffn_compute
 from flashio.format import Artifact
+from flashio.format.ffnfile import read_safetensors_header
 from flashio.sizes import format_size
 
 SLACK_BYTES = 256 << 20  # allocator caches, thread stacks, activations, reader scratch
@@ -105,8 +107,11 @@ def _free_device_bytes(device: str) -> int:
 
 def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str = "cpu") -> dict:
     """The dtype of weights in memory and of the matmuls. 'auto': the storage dtype, except for
-    float16 storage on the CPU, where the FFN matmul of a cache-sized block is timed in float16
-    and bfloat16 and the faster one is chosen (float32 would double the DRAM)."""
+    float16 storage on the CPU, where one layer's one-token work is timed in float16 and bfloat16
+    and the faster is chosen (float32 would double the DRAM): the FFN on a cache-sized block of
+    bundle rows (flashio.ffn.ffn_compute) plus the attention's projections (F.linear on matrices
+    of the artifact's q/k/v/o shapes). Both count: on CPUs whose bfloat16 matmuls are slow the
+    FFN products can be even while the projections differ 2x."""
     m = art.manifest
     if requested != "auto":
         if requested not in TORCH_DTYPES:
@@ -122,19 +127,39 @@ def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(rows, m.bundle_layout[-1][2], generator=gen) * 0.02  # a float row's elements
     h = torch.randn(1, art.args.dim, generator=gen)
+    proj = [torch.randn(*shape, generator=gen) * 0.02 for shape in _projection_shapes(art)]
     ms = {}
     for name in ("float16", "bfloat16"):
-        w, x = base.to(TORCH_DTYPES[name]), h.to(TORCH_DTYPES[name])
-        ffn_compute(x, w, parts, None, None)
+        dt = TORCH_DTYPES[name]
+        w, x, ps = base.to(dt), h.to(dt), [p.to(dt) for p in proj]
+
+        _layer(x, w, parts, ps)
         times = []
         for _ in range(7):
             t0 = time.perf_counter()
-            ffn_compute(x, w, parts, None, None)
+            _layer(x, w, parts, ps)
             times.append(time.perf_counter() - t0)
         ms[name] = round(1e3 * statistics.median(times), 3)
     chosen = min(ms, key=ms.get)
-    return {"chosen": chosen, "reason": f"FFN matmul of {rows} rows: " + ", ".join(f"{k} {v} ms" for k, v in ms.items()),
-            "ffn_ms": ms}
+    what = f"one layer (FFN on {rows} rows + {len(proj)} attention projections)"
+    return {"chosen": chosen, "reason": f"{what}: " + ", ".join(f"{k} {v} ms" for k, v in ms.items()),
+            "layer_ms": ms}
+
+
+def _layer(x: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice], projections: list[torch.Tensor]) -> None:
+    ffn_compute(x, rows, parts, None, None)
+    for p in projections:
+        F.linear(x.new_ones(1, p.shape[1]), p)
+
+
+def _projection_shapes(art: Artifact) -> list[tuple[int, ...]]:
+    """Shapes of layer 0's 2-D attention matrices (q, k, v, o; those present)."""
+    m = art.manifest
+    path = art.file(m.resident_file)
+    with open(path, "rb") as f:
+        infos = read_safetensors_header(f, m.files[m.resident_file].size_bytes, str(path))
+    return [tuple(info.shape) for key, info in sorted(infos.items())
+            if key.startswith("layers.0.attn.") and key.endswith(".weight") and len(info.shape) == 2]
 
 
 def row_line(row: dict) -> str:
