@@ -21,6 +21,8 @@ SERIAL_ELEMENTS = 32767
 # rows, because oneDNN (torch's bf16 CPU matmul) caches a primitive of ~1 MB per shape: unpadded,
 # the cache grew by ~0.6 GB in a few hundred steps.
 BUCKET_ROWS = 256
+# the activations flashio.kernels computes itself, by function
+KERNEL_ACTIVATIONS = {ACTIVATIONS[name]: name for name in ("relu", "silu", "gelu_pytorch_tanh")}
 
 
 def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
@@ -37,8 +39,8 @@ def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
     the gate rows are resident, flashio.exact); mask: [T, n_valid], 1 where a token keeps a row."""
     n = rows.shape[0] if n_valid is None else n_valid
     act_fn = ACTIVATIONS[activation] if activation else (F.silu if "gate" in parts else F.relu)
-    if h.shape[0] == 1 and kernels.supports(rows):
-        return _one_token(h, rows, parts, b_up, b_gate, zero, n, act_fn, gate_act, mask)
+    if h.shape[0] == 1 and kernels.supports(rows) and act_fn in KERNEL_ACTIVATIONS:
+        return _one_token(h, rows, parts, b_up, b_gate, zero, n, KERNEL_ACTIVATIONS[act_fn], gate_act, mask)
     x = h.to(rows.dtype)
     pre = F.linear(x, rows[:, parts["up"]])  # [T, R]
     if b_up is not None:  # streamed rows keep the storage dtype: cast the bias to theirs
@@ -67,30 +69,17 @@ def ffn_compute(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice],
 
 
 def _one_token(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice], b_up: torch.Tensor | None,
-               b_gate: torch.Tensor | None, zero: torch.Tensor | None, n: int, act_fn,
+               b_gate: torch.Tensor | None, zero: torch.Tensor | None, n: int, activation: str,
                gate_act: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-    """ffn_compute for one token on CPU rows, through flashio.kernels: the products read only the
-    n valid rows (no padding), the activations are float32, and the down product skips the rows
-    whose activation is zero."""
-    k = kernels.kernels()
-    x = h[0].to(torch.float32)
-    pre = k.dot(rows, parts["up"], x, n)
-    if b_up is not None:
-        pre += b_up.to(torch.float32)
-    if gate_act is not None:
-        act = pre.mul_(gate_act[0].to(torch.float32))
-    elif "gate" in parts:
-        gate = k.dot(rows, parts["gate"], x, n)
-        if b_gate is not None:
-            gate += b_gate.to(torch.float32)
-        act = act_fn(gate).mul_(pre)
-    else:
-        act = act_fn(pre)
-    if mask is not None:
-        act.mul_(mask[0].to(torch.float32))
+    """ffn_compute for one token on CPU rows through flashio.kernels: one pass over each of the n
+    valid rows (no padding), activations in float32; rows that a mask or `zero` drops are not read,
+    and a row whose activation is zero is not read past its up (and gate) part."""
     if zero is not None and len(zero):
-        act.index_fill_(0, zero[zero < n], 0)
-    return k.axpy(rows, parts["down"], act, n).to(h.dtype).unsqueeze(0)
+        mask = (torch.ones(1, n) if mask is None else mask.float().clone()).index_fill_(1, zero[zero < n], 0)
+    y, _ = kernels.kernels().ffn(rows, parts, h[0], activation, n, b_up=b_up, b_gate=b_gate,
+                                 gate_act=None if gate_act is None else gate_act[0],
+                                 mask=None if mask is None else mask[0])
+    return y.to(h.dtype).unsqueeze(0)
 
 
 def convert_rows(dst: torch.Tensor, src: torch.Tensor, scratch: torch.Tensor) -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("rows.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACTIVATION_CODES = {"relu": 0, "silu": 1, "gelu_pytorch_tanh": 2}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -81,7 +82,7 @@ def build(flags: tuple[str, ...] = FLAGS, *, out_dir: Path | None = None) -> Pat
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".rows-", suffix=".so")  # then renamed: concurrent builds are safe
     os.close(fd)
     try:
-        r = subprocess.run([exe, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([exe, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
         os.replace(tmp, target)
@@ -103,6 +104,9 @@ def load(path: Path) -> ctypes.CDLL:
     for name in ("flashio_qdot", "flashio_qaxpy"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = qargs, None
+    lib.flashio_ffn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 7
+    lib.flashio_ffn.restype = None
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
     return lib
 
@@ -181,6 +185,31 @@ class Kernels:
         self.lib.flashio_axpy(ptr, stride, n, length, code, a.data_ptr(), y.data_ptr())
         return y
 
+
+    def ffn(self, rows: torch.Tensor, parts: dict[str, slice], x: torch.Tensor, activation: str, n: int | None = None, *,
+            b_up: torch.Tensor | None = None, b_gate: torch.Tensor | None = None, gate_act: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-token FFN over rows[:n] in one pass per row (rows.c's flashio_ffn): returns y [len]
+        and the activations a [n] (float32). activation: relu, silu or gelu_pytorch_tanh (of the gate
+        when `parts` has one, else of up); gate_act: act(gate) computed elsewhere, [n]; mask [n]: rows
+        at 0 are not read. Vectors are [n] float32 or None."""
+        n = rows.shape[0] if n is None else n
+        _, stride, n, length, code = self._args(rows, parts["up"], n)
+        offset = {name: part.indices(rows.shape[1])[0] for name, part in parts.items()}
+        for name, part in parts.items():
+            a0, b0, st = part.indices(rows.shape[1])
+            if st != 1 or b0 - a0 != length:
+                raise ValueError(f"part {name} {part} is not {length} contiguous elements")
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATION_CODES)}")
+        vecs = [None if v is None else _f32_vector(v, n) for v in (b_up, b_gate, gate_act, mask)]
+        x = _f32_vector(x, length)
+        a = torch.empty(n, dtype=torch.float32)
+        y = torch.empty(length, dtype=torch.float32)
+        self.lib.flashio_ffn(rows.data_ptr(), stride, n, length, code, offset["up"], offset.get("gate", -1), offset["down"],
+                             ACTIVATION_CODES[activation], x.data_ptr(),
+                             *[None if v is None else v.data_ptr() for v in vecs], a.data_ptr(), y.data_ptr())
+        return y, a
 
     def _qargs(self, rows: torch.Tensor, layout: QuantLayout, n: int) -> tuple:
         if rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.dim() != 2:

@@ -16,6 +16,7 @@
  * compiler's target flags choose (flashio.kernels compiles with -march=native).
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__F16C__)
@@ -207,6 +208,81 @@ void flashio_axpy(const void *rows, int64_t stride, int64_t n_rows, int64_t len,
         }
     }
     for (int i = 0; i < m; i++) axpy1(y, r[i], c[i], len, dtype);
+}
+
+/* ---- the whole one-token FFN over bundle rows, one pass over each row ----
+ * a_n = act(gate_n . x + b_gate_n) * (up_n . x + b_up_n)    (gated: gate >= 0)
+ *     = (up_n . x + b_up_n) * gate_act_n                      (the gate computed elsewhere: gate_act)
+ *     = act(up_n . x + b_up_n)                                (otherwise)
+ * times mask_n; y = sum_n a_n down_n. Rows whose mask is 0 are not read at all, rows whose a_n is 0
+ * only for their up (and gate) part. b_up, b_gate, gate_act, mask may be NULL; a (the activations,
+ * [n_rows]) is written. act: 0 ReLU, 1 SiLU, 2 GELU (tanh approximation). */
+
+static inline float activation(int act, float g) {
+    if (act == 0) return g > 0.0f ? g : 0.0f;
+    if (act == 1) return g / (1.0f + expf(-g));
+    float t = tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g));
+    return 0.5f * g * (1.0f + t);
+}
+
+void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, int64_t up,
+                 int64_t gate, int64_t down, int act, const float *x, const float *b_up, const float *b_gate,
+                 const float *gate_act, const float *mask, float *a, float *y) {
+    int64_t size = dtype == 0 ? 4 : 2;
+    memset(y, 0, (size_t)len * sizeof(float));
+    int64_t idx[4];
+    int m = 0;
+    const void *r[4];
+    float c[4];
+    int k = 0; /* rows queued for the down product */
+    for (int64_t n = 0; n <= n_rows; n++) {
+        if (n < n_rows) {
+            if (mask && mask[n] == 0.0f) {
+                a[n] = 0.0f;
+                continue;
+            }
+            idx[m++] = n;
+            if (m < 4) continue;
+        }
+        if (m == 0) break;
+        /* the up (and gate) dot products of the m queued rows */
+        float u[4] = {0, 0, 0, 0}, g[4] = {0, 0, 0, 0};
+        const char *row[4];
+        for (int i = 0; i < m; i++) row[i] = row_at(rows, idx[i], stride, dtype);
+        if (m == 4) {
+            dot4(row[0] + up * size, row[1] + up * size, row[2] + up * size, row[3] + up * size, x, len, dtype, u);
+            if (gate >= 0)
+                dot4(row[0] + gate * size, row[1] + gate * size, row[2] + gate * size, row[3] + gate * size, x, len,
+                     dtype, g);
+        } else {
+            for (int i = 0; i < m; i++) {
+                u[i] = dot1(row[i] + up * size, x, len, dtype);
+                if (gate >= 0) g[i] = dot1(row[i] + gate * size, x, len, dtype);
+            }
+        }
+        for (int i = 0; i < m; i++) {
+            int64_t j = idx[i];
+            float v = u[i] + (b_up ? b_up[j] : 0.0f), out;
+            if (gate >= 0)
+                out = activation(act, g[i] + (b_gate ? b_gate[j] : 0.0f)) * v;
+            else if (gate_act)
+                out = v * gate_act[j];
+            else
+                out = activation(act, v);
+            if (mask) out *= mask[j];
+            a[j] = out;
+            if (out != 0.0f) {
+                r[k] = row[i] + down * size;
+                c[k++] = out;
+                if (k == 4) {
+                    axpy4(y, r[0], r[1], r[2], r[3], c[0], c[1], c[2], c[3], len, dtype);
+                    k = 0;
+                }
+            }
+        }
+        m = 0;
+    }
+    for (int i = 0; i < k; i++) axpy1(y, r[i], c[i], len, dtype);
 }
 
 /* ---- quantized rows (flashio.quant): codes, then fp16 scales (one per group), then fp16 offsets ----

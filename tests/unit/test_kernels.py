@@ -116,12 +116,12 @@ def test_a_broken_compiler_says_why(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["relu", "gated", "gate_act+mask", "bias+zero"])
+@pytest.mark.parametrize("case", ["relu", "gated", "gated-gelu", "gate_act+mask", "bias+zero"])
 def test_one_token_ffn_equals_torch_products(dtype, case, monkeypatch):
     if not kernels.available():
         pytest.skip(f"no kernels here: {kernels.why_not()}")
     D, R, n = 96, 70, 61  # rows past n pad the matmul and are ignored
-    names = ("up", "gate", "down") if case == "gated" else ("up", "down")
+    names = ("up", "gate", "down") if case.startswith("gated") else ("up", "down")
     parts = {p: slice(j * D, (j + 1) * D) for j, p in enumerate(names)}
     rows = _rows(R, len(names) * D, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -133,7 +133,7 @@ def test_one_token_ffn_equals_torch_products(dtype, case, monkeypatch):
     if case == "bias+zero":
         b_up = (torch.randn(n, generator=g) * 0.1).to(dtype)
         zero = torch.tensor([0, 5, 60])
-    activation = "silu" if case == "gated" else "relu"
+    activation = {"gated": "silu", "gated-gelu": "gelu_pytorch_tanh"}.get(case, "relu")
     got = ffn.ffn_compute(h, rows, parts, b_up, b_gate, zero, n, activation, **kw)
     monkeypatch.setattr(kernels, "supports", lambda rows: False)
     want = ffn.ffn_compute(h.double(), rows.double(), parts, None if b_up is None else b_up.double(), None, zero, n,
