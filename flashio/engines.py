@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from flashio.arena import private_tensor
 from flashio.config import FlashConfig
 from flashio.device import HostTransfer, TransferPath
 from flashio.dtypes import torch_dtype
@@ -212,7 +213,10 @@ class Engine:
             t = self._arena_tensor(n, width) if keep else torch.empty(n, width, dtype=self.dtype)
             self.reader.read_layer(i, t, (start, stop))
             return t
-        out = torch.empty(n, width, dtype=self.rows_dtype, device=self.device)
+        if keep and self.device.type == "cpu":
+            out = private_tensor((n, width), self.rows_dtype)  # huge pages: read every token
+        else:
+            out = torch.empty(n, width, dtype=self.rows_dtype, device=self.device)
         if keep:
             self.owned.append(out)
         step = max(1, (64 << 20) // (width * self.dtype.itemsize))  # 64 MiB staging at a time

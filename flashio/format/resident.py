@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flashio.arena import AlignedArena
+from flashio.arena import AlignedArena, private_tensor
 from flashio.dtypes import SAFETENSORS_TORCH
 from flashio.errors import ChecksumError, FormatError
 from flashio.ffn import CONVERT_ROWS, convert_rows
@@ -52,7 +52,7 @@ def read_resident(path: Path, dtype: torch.dtype | None, want_sha256: str | None
             skip_to(info.start)
             src_dtype = SAFETENSORS_TORCH[info.dtype]
             target = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
-            t = torch.empty(info.shape, dtype=target)
+            t = private_tensor(tuple(info.shape), target)
             n = info.end - info.start
             if n and target == src_dtype:
                 view = memoryview(t.reshape(-1).view(torch.uint8).numpy())

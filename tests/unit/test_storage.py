@@ -385,3 +385,39 @@ def test_arena_tensors_are_page_aligned_views():
     with pytest.raises(ValueError, match="closed"):
         arena.tensor(torch.uint8, (1,))
     assert AlignedArena(0).tensor(torch.float16, (0, 8)).shape == (0, 8)
+
+
+def test_private_tensor_is_writable_memory_that_outlives_its_arena():
+    from flashio.arena import HUGE_PAGE_MIN_BYTES, private_tensor
+    small = private_tensor((4, 4), torch.float16)
+    assert small.shape == (4, 4) and small.dtype == torch.float16
+    rows = HUGE_PAGE_MIN_BYTES // (2 * 1024) + 3  # over the huge-page size: an arena's mapping
+    t = private_tensor((rows, 1024), torch.float16)
+    assert t.shape == (rows, 1024) and t.is_contiguous()
+    t.fill_(1.5)
+    t[-1, -1] = 3.0
+    assert float(t.float().sum()) == rows * 1024 * 1.5 + 1.5  # every page mapped and writable
+    v = t[1:3]
+    del t
+    assert float(v.float().sum()) == 2 * 1024 * 1.5  # a view keeps the mapping
+
+
+def test_arenas_ask_for_huge_pages_only_when_large(monkeypatch):
+    import mmap as mmap_module
+
+    from flashio import arena as arena_module
+    asked = []
+
+    class Recorder(mmap_module.mmap):
+        def madvise(self, option, *args):
+            asked.append(option)
+            return super().madvise(option, *args)
+
+    monkeypatch.setattr(arena_module.mmap, "mmap", Recorder)
+    if not hasattr(mmap_module, "MADV_HUGEPAGE"):
+        pytest.skip("this platform has no MADV_HUGEPAGE")
+    AlignedArena(4096).close()
+    assert asked == []
+    AlignedArena(arena_module.HUGE_PAGE_MIN_BYTES).close()
+    AlignedArena(4096, huge=True).close()
+    assert asked == [mmap_module.MADV_HUGEPAGE] * 2
