@@ -481,7 +481,11 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out]; on the CPU torch's weight-only int8 kernel (bf16 in, fastest
         measured), elsewhere the codes converted in x's dtype."""
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and self.scale.dtype == torch.float16 and kernels.available():
+            # one token: flashio.kernels, float32 input (torch's kernel below takes bf16) and a little
+            # faster: 4096 x 4096 in 1.30 ms against 1.41 (torch int8) and 1.83 (fp16 F.linear)
+            y = kernels.kernels().i8_matvec(self.codes, self.scale, x.reshape(-1)).view(*x.shape[:-1], -1).to(x.dtype)
+        elif x.device.type == "cpu":
             xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(xb, self.codes, self.scale.to(torch.bfloat16))
             y = y.view(*x.shape[:-1], -1).to(x.dtype)

@@ -107,6 +107,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_ffn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 7
     lib.flashio_ffn.restype = None
+    lib.flashio_i8_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
+    lib.flashio_i8_matvec.restype = None
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
     return lib
 
@@ -210,6 +212,19 @@ class Kernels:
                              ACTIVATION_CODES[activation], x.data_ptr(),
                              *[None if v is None else v.data_ptr() for v in vecs], a.data_ptr(), y.data_ptr())
         return y, a
+
+    def i8_matvec(self, codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[out] float32: (codes [out, in] int8 * scales [out] fp16, per row) @ x [in]."""
+        if (codes.device.type != "cpu" or codes.dtype != torch.int8 or codes.dim() != 2
+                or not codes.is_contiguous()):
+            raise ValueError(f"codes must be a contiguous 2-D int8 CPU tensor, got {codes.dtype} {tuple(codes.shape)}")
+        if scales.shape != codes.shape[:1] or scales.dtype != torch.float16 or not scales.is_contiguous():
+            raise ValueError(f"scales must be float16 [{codes.shape[0]}], got {scales.dtype} {tuple(scales.shape)}")
+        x = _f32_vector(x, codes.shape[1])
+        out = torch.empty(codes.shape[0], dtype=torch.float32)
+        self.lib.flashio_i8_matvec(codes.data_ptr(), codes.shape[0], codes.shape[1], scales.data_ptr(), x.data_ptr(),
+                                   out.data_ptr())
+        return out
 
     def _qargs(self, rows: torch.Tensor, layout: QuantLayout, n: int) -> tuple:
         if rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.dim() != 2:

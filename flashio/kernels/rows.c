@@ -589,6 +589,35 @@ void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
         for (int64_t k = 0; k < dim; k++) y[k] += og[k / group];
 }
 
+/* ---- resident int8 matrices (flashio.quant.QuantizedWeight): out[n] = scale_n * sum_k codes[n, k] x[k],
+ * codes [n_rows, len] int8 contiguous, scales [n_rows] fp16 ---- */
+void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const uint16_t *scales, const float *x,
+                       float *out) {
+    int64_t n = 0;
+#if defined(VW)
+    for (; n + 4 <= n_rows; n += 4) {
+        const uint8_t *c[4];
+        vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+        for (int r = 0; r < 4; r++) c[r] = (const uint8_t *)(codes + (n + r) * len);
+        int64_t k = 0;
+        for (; k + VW <= len; k += VW) {
+            vec xv = vloadf(x + k);
+            for (int r = 0; r < 4; r++) acc[r] = vfmadd(vcodes8(c[r] + k, 1), xv, acc[r]);
+        }
+        for (int r = 0; r < 4; r++) {
+            float s = vsum(acc[r]);
+            for (int64_t j = k; j < len; j++) s += (float)(int8_t)c[r][j] * x[j];
+            out[n + r] = s * HALF(scales[n + r]);
+        }
+    }
+#endif
+    for (; n < n_rows; n++) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < len; k++) s += (float)codes[n * len + k] * x[k];
+        out[n] = s * HALF(scales[n]);
+    }
+}
+
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */
 int flashio_vector_bits(void) {
 #if FLASHIO_AVX512
