@@ -212,3 +212,34 @@ def test_one_token_quantized_ffn_equals_chunked_products(scheme, case, monkeypat
     monkeypatch.setattr(kernels, "available", lambda: False)
     want = quant_ffn_compute(h, rows, q, scratch, b_up, None, zero, n, F.silu, **kw)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("n, length", [(1, 7), (9, 64), (33, 300)])
+def test_int8_matvec_matches_float64(built, n, length):
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-127, 128, (n, length), generator=g, dtype=torch.int8)
+    scales = (torch.rand(n, generator=g) * 0.01 + 1e-4).half()
+    x = torch.randn(length, generator=g)
+    want = (codes.double() * scales.double()[:, None]) @ x.double()
+    got = built.i8_matvec(codes, scales, x)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="int8"):
+        built.i8_matvec(codes[:, ::2], scales, x[::2].contiguous())
+    with pytest.raises(ValueError, match="scales"):
+        built.i8_matvec(codes, scales.float(), x)
+
+
+def test_quantized_resident_linear_one_token_equals_torch_kernel(monkeypatch):
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    from flashio.quant import QuantizedWeight, quantize_resident
+    g = torch.Generator().manual_seed(8)
+    codes, scales = quantize_resident(torch.randn(48, 80, generator=g) * 0.05)
+    w = QuantizedWeight(codes, scales)
+    x, b = torch.randn(1, 80, generator=g), torch.randn(48, generator=g)
+    got = w.linear(x, b)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    want = w.linear(x, b)  # torch's int8 kernel (bf16 input: its rounding is the tolerance)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
+    exact = x.double() @ (codes.double() * scales.double()[:, None]).T + b.double()
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
