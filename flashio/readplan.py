@@ -163,6 +163,33 @@ def plan_pieces(ids: np.ndarray, ext: LayerExtent, *, max_gap: int,
     return list(zip(offsets, nbytes.tolist(), dests, segments)), nbytes
 
 
+def scatter_pieces(pieces: list[Piece], rows: np.ndarray, row_bytes: int) -> list[Piece]:
+    """`pieces` planned for rows landing contiguously (id j at byte j * row_bytes of out) sent to
+    out's rows `rows` instead (id j at row rows[j]): a piece whose rows stay consecutive keeps one
+    destination, the others get one segment per row (IOV_MAX holds: a piece has at most
+    (iov_max - 1) // 2 rows, and a row gets one iovec, a gap at most one more)."""
+    rb = row_bytes
+    dest_of = rows.tolist()
+    out: list[Piece] = []
+    for off, n, dest, segs in pieces:
+        if segs is None:
+            segs = ((0, dest, n),)
+        new: list[tuple[int, int, int]] = []
+        for src, d, k in segs:
+            j0, count = d // rb, k // rb
+            for t in range(count):
+                real = dest_of[j0 + t] * rb
+                if new and new[-1][0] + new[-1][2] == src + t * rb and new[-1][1] + new[-1][2] == real:
+                    new[-1] = (new[-1][0], new[-1][1], new[-1][2] + rb)  # still consecutive: extend
+                else:
+                    new.append((src + t * rb, real, rb))
+        if len(new) == 1 and new[0][0] == 0 and new[0][2] == n:
+            out.append((off, n, new[0][1], None))
+        else:
+            out.append((off, n, -1, tuple(new)))
+    return out
+
+
 def plan_split_pieces(ids: np.ndarray, ext: LayerExtent, split: int) -> tuple[list[Piece], np.ndarray]:
     """One piece per row part: every row's part 0, then every row's part 1, ..."""
     part = ext.row_bytes // split

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from flashio import kernels
 from flashio.cache import FillingWindowCache, FillUpdate, WindowCache, rows_view
 from flashio.config import FlashConfig
 from flashio.dtypes import torch_dtype
@@ -86,7 +87,13 @@ class SparseEngine(Engine):
         self.staging = None  # CPU: reads land here first when the cache holds another dtype
         self.landing = None  # CUDA: uploads land here first when the cache holds another dtype
         cache_cls = WindowCache
-        if self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
+        # CPU, rows kept as stored: new neurons are read straight into the rows freed this step
+        # (FillingWindowCache, scattered reads), so the paper's row moves (at 7B ~400 rows, 2 x 10 MB
+        # of copies per layer and token) are left only for a surplus of leavers
+        self.fill_in_place = self.rows_dtype == self.dtype and self.transfer.in_place and self.split == 1
+        if self.fill_in_place:
+            cache_cls = FillingWindowCache
+        elif self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
             if self.transfer.in_place:
                 self.staging = self._arena_tensor(capacity, width)
                 cache_cls = FillingWindowCache
@@ -140,7 +147,7 @@ class SparseEngine(Engine):
         t0 = time.perf_counter()
         if not self.options.reuse:
             cache.reset()  # no window: the whole active set is loaded again
-        up = cache.update(ids_np) if self.staging is None else cache.update_fill(ids_np)
+        up = cache.update_fill(ids_np) if isinstance(cache, FillingWindowCache) else cache.update(ids_np)
         self.transfer.fence()  # this layer's uploads follow its row moves, not its compute
         self.rec.mem_s += time.perf_counter() - t0
         m = len(up.missing)
@@ -149,6 +156,8 @@ class SparseEngine(Engine):
         self.rec.cache_hits += up.hits
         self.rec.cache_rows += cache.n_used
         try:
+            if self.fill_in_place:
+                return self._filled(i, h, cache, up, coef)
             if self.staging is None:
                 return self._appended(i, h, cache, up.start, m, up.missing, coef)
             return self._staged(i, h, cache, up, coef)
@@ -200,6 +209,28 @@ class SparseEngine(Engine):
             with self.transfer.span():
                 rows.copy_(land)
 
+    def _filled(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,
+                coef: Coefficients) -> torch.Tensor:
+        """New rows read straight into their cache rows (up.dest). Overlap: everything cached is
+        computed while the reads fly, the arriving rows masked out; then those rows alone."""
+        n, m = cache.n_used, len(up.missing)
+        idx = torch.from_numpy(cache.neurons)
+        if m and not self.options.overlap:
+            self._account(self.reader.read_rows(i, up.missing, cache.matrix, rows=up.dest))
+        if not m or not self.options.overlap:
+            return self._compute(i, h, cache.matrix, 0, n, idx, coef)
+        pending = self.reader.submit_rows(i, up.missing, cache.matrix, rows=up.dest)
+        dest = torch.from_numpy(up.dest)
+        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest)
+        self._wait(pending)
+        if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
+            keep = torch.zeros(n)
+            keep[dest] = 1.0
+            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep)
+        fresh = self.shared[:m]  # torch's products: the new rows gathered, then computed
+        torch.index_select(cache.matrix, 0, dest, out=fresh)
+        return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
+
     def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,
                 coef: Coefficients) -> torch.Tensor:
         n, m = cache.n_used, len(up.missing)
@@ -236,7 +267,7 @@ class SparseEngine(Engine):
         self.rec.mem_s += time.perf_counter() - t0
 
     def _compute(self, i: int, h: torch.Tensor, matrix: torch.Tensor, lo: int, hi: int, idx: torch.Tensor,
-                 coef: Coefficients, zero: torch.Tensor | None = None) -> torch.Tensor:
+                 coef: Coefficients, zero: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The FFN over rows [lo, hi) of `matrix` (neurons idx), padded to a BUCKET_ROWS multiple
         where oneDNN computes it (bf16/fp16 or quantized rows; CPU fp32 matmuls keep no primitive
         per shape: unpadded, Gemma 3 270M's overlapped step computed up to 2 x 255 rows of 2048 less)."""
@@ -247,8 +278,11 @@ class SparseEngine(Engine):
         b_up = None if self.b_up[i] is None else self.b_up[i][idx]
         b_gate = None if self.b_gate[i] is None else self.b_gate[i][idx]
         gate, mask = coef
+        mask = None if mask is None else mask[:, idx]
+        if keep is not None:  # [hi - lo]: 1 for the rows to compute
+            mask = keep[None].to(h.dtype) if mask is None else mask * keep.to(mask.dtype)
         return self.rows_ffn(h, matrix[lo:stop], b_up, b_gate, zero=zero, n_valid=hi - lo,
-                             gate_act=None if gate is None else gate[:, idx], mask=None if mask is None else mask[:, idx])
+                             gate_act=None if gate is None else gate[:, idx], mask=mask)
 
     def begin_step(self) -> None:
         super().begin_step()

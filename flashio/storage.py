@@ -57,6 +57,7 @@ from flashio.readplan import (
     plan_range,
     plan_runs,
     plan_split_pieces,
+    scatter_pieces,
     split_pieces,
 )
 
@@ -200,21 +201,27 @@ class BundleReader:
 
     # -- public reads -------------------------------------------------------------------------
 
-    def read_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, *, split: int = 1) -> ReadResult:
+    def read_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, *, split: int = 1,
+                  rows: np.ndarray | None = None) -> ReadResult:
         """Read rows ``ids`` (sorted unique) of ``layer`` into ``out``: row j receives row ids[j].
 
         ``out``: C-contiguous CPU tensor of ``len(ids) * row_bytes`` bytes, viewed as
         ``[len(ids), row_bytes]`` uint8 when its dtype is wider. ``split=k`` reads every row as
         k separate requests of ``row_bytes / k`` (all first parts, then all second parts...),
         never coalesced: how the paper's unbundled layout reads up and down projections.
+        ``rows``: where each id lands instead, out's row rows[j] (distinct; out then holds any
+        number of rows of row_bytes, e.g. a whole window cache whose freed rows take the new
+        neurons); runs are still read as one request each, into one iovec per row.
         """
-        return self._rows(layer, ids, out, split, wait_all=True)
+        return self._rows(layer, ids, out, split, wait_all=True, rows=rows)
 
-    def submit_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, *, split: int = 1) -> PendingRead:
+    def submit_rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, *, split: int = 1,
+                    rows: np.ndarray | None = None) -> PendingRead:
         """As ``read_rows``, but return at once; the pool reads while the caller works."""
-        return self._rows(layer, ids, out, split, wait_all=False)
+        return self._rows(layer, ids, out, split, wait_all=False, rows=rows)
 
-    def _rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, split: int, wait_all: bool):
+    def _rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, split: int, wait_all: bool,
+              rows: np.ndarray | None = None):
         t0 = time.perf_counter()
         ext = self._extent(layer)
         ids = check_ids(ids)
@@ -224,12 +231,23 @@ class BundleReader:
             )
         if split < 1 or ext.row_bytes % split:
             raise ValueError(f"split={split} must be >= 1 and divide the row size {ext.row_bytes}")
-        out_mv = byte_view(out, ids.size * ext.row_bytes)
+        if rows is None:
+            out_mv = byte_view(out, ids.size * ext.row_bytes)
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            n_out = (out.numel() * out.element_size()) // ext.row_bytes
+            if split != 1 or rows.shape != ids.shape:
+                raise ValueError(f"rows must give one destination per id ({ids.size}), with split=1")
+            if rows.size and (rows.min() < 0 or rows.max() >= n_out or np.unique(rows).size != rows.size):
+                raise ValueError(f"rows must be distinct rows of out [0, {n_out})")
+            out_mv = byte_view(out, n_out * ext.row_bytes)
         if ids.size == 0:
             r = ReadResult(0, 0, self.direct, time.perf_counter() - t0, 0.0)
             return r if wait_all else PendingRead([], 0, self.direct, t0, 0.0)
         if split == 1:
             pieces, nbytes = plan_pieces(ids, ext, max_gap=self.max_gap, iov_max=self._iov_max)
+            if rows is not None:
+                pieces = scatter_pieces(pieces, rows, ext.row_bytes)
         else:
             pieces, nbytes = plan_split_pieces(ids, ext, split)
         return self._execute(pieces, nbytes, out, out_mv, ext.offset_bytes, ext.row_bytes // split,

@@ -421,3 +421,52 @@ def test_arenas_ask_for_huge_pages_only_when_large(monkeypatch):
     AlignedArena(arena_module.HUGE_PAGE_MIN_BYTES).close()
     AlignedArena(4096, huge=True).close()
     assert asked == [mmap_module.MADV_HUGEPAGE] * 2
+
+
+@pytest.mark.parametrize("max_gap", [0, 3])
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap):
+    """rows=: id j lands in out's row rows[j] (a window cache's freed rows), every read path;
+    the other rows of out are untouched."""
+    path, data = ffn_file
+    ext = EXTENTS[layer]
+    expected_block = _block(data, layer)
+    rng = np.random.default_rng(100 + layer * 10 + max_gap)
+    with (_direct_reader(path, max_gap=max_gap, threads=3) as direct,
+          BundleReader(path, EXTENTS, max_gap=max_gap, threads=3, direct=False) as buffered):
+        for _ in range(4):
+            ids = _random_ids(rng, ext.n_rows)
+            capacity = len(ids) + 7
+            dest = rng.permutation(capacity)[: len(ids)]
+            dest[: len(ids) // 2] = np.sort(dest[: len(ids) // 2])  # some consecutive stretches too
+            with AlignedArena(capacity * ext.row_bytes) as arena:
+                aligned = arena.tensor(torch.uint8, (capacity, ext.row_bytes))
+                misaligned = torch.zeros(capacity * ext.row_bytes + 1, dtype=torch.uint8)[1:].view(capacity, -1)
+                plain = torch.zeros(capacity, ext.row_bytes, dtype=torch.uint8)
+                for reader, out in ((direct, aligned), (direct, misaligned), (buffered, plain)):
+                    out.fill_(0xA5)
+                    if reader is direct and out is aligned:
+                        r = reader.submit_rows(layer, ids, out, rows=dest).result()
+                    else:
+                        r = reader.read_rows(layer, ids, out, rows=dest)
+                    assert r.bytes_read >= len(ids) * ext.row_bytes
+                    np.testing.assert_array_equal(out.numpy()[dest], expected_block[ids])
+                    untouched = np.setdiff1d(np.arange(capacity), dest)
+                    assert (out.numpy()[untouched] == 0xA5).all()
+                del aligned
+
+
+def test_read_rows_scattered_refuses_bad_rows(ffn_file):
+    path, _ = ffn_file
+    ext = EXTENTS[0]
+    ids = np.array([1, 2, 5], dtype=np.int64)
+    out = torch.zeros(4, ext.row_bytes, dtype=torch.uint8)
+    with BundleReader(path, EXTENTS, direct=False) as reader:
+        with pytest.raises(ValueError, match="distinct rows"):
+            reader.read_rows(0, ids, out, rows=np.array([0, 0, 1]))
+        with pytest.raises(ValueError, match="distinct rows"):
+            reader.read_rows(0, ids, out, rows=np.array([0, 1, 4]))
+        with pytest.raises(ValueError, match="one destination per id"):
+            reader.read_rows(0, ids, out, rows=np.array([0, 1]))
+        with pytest.raises(ValueError, match="one destination per id"):
+            reader.read_rows(0, ids, out, rows=np.array([0, 1, 2]), split=2)
