@@ -1,8 +1,10 @@
 """The windowed sparse FFN (LLM in a flash, sections 3.1-3.3) and its oracle.
 
 Per layer and step: the active set (predictor, or an ActiveSource such as a trace replay) ->
-the window cache update (deletion by moving the last rows into freed slots, insertion at the
-end) -> reads of the missing bundles only -> the FFN on the cache's used rows.
+the window cache update -> reads of the missing bundles only -> the FFN on the cache's used rows.
+On the CPU with rows kept as stored, arriving neurons are read straight into the rows freed in
+the same step (FillingWindowCache); elsewhere deletion moves the last rows into the freed slots
+and insertion appends (the paper's layout), or rows pass through a staging buffer.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class SparseEngine(Engine):
 
     The active set is the predictor's, or `source`'s when given; with both, the predictor still
     runs (its cost is part of every real step) and the source's set is used. When the cache holds
-    the storage dtype, reads land straight in its rows (appended, the paper's layout; on CUDA via
-    the pinned staging and an asynchronous copy). When it holds another dtype, on the CPU reads
-    land in a staging buffer and are converted into the rows freed this step (FillingWindowCache);
-    on CUDA they land in a device buffer and one copy kernel converts them into the appended rows.
+    the storage dtype, reads land straight in its rows: on the CPU in the rows freed this step, on
+    CUDA appended (the paper's layout) via the pinned staging and an asynchronous copy. When it
+    holds another dtype, on the CPU reads land in a staging buffer and are converted into the rows
+    freed this step (FillingWindowCache); on CUDA they land in a device buffer and one copy kernel
+    converts them into the appended rows.
     """
 
     needs_predictors = True
