@@ -25,7 +25,8 @@ PAGE_BYTES = mmap.PAGESIZE
 # Arenas of at least this size ask the kernel for transparent huge pages (madvise: the default
 # THP mode of many distributions backs only regions that ask). Weights are read with few TLB
 # misses: a one-token FFN over 7B-layer-sized rows read 15-18% faster (15.2 -> 17.6 GB/s, one
-# thread, 2-vCPU AMD EPYC); the cost is at most one partly used 2 MiB page per arena.
+# thread, 2-vCPU AMD EPYC). The cost: a huge-page fault backs up to 2 MiB at once, so rows of an
+# arena never written (unused cache capacity) may be resident sooner than with 4 KiB pages.
 HUGE_PAGE_MIN_BYTES = 4 << 20
 _FALLBACK_BLOCK_BYTES = 4096  # when sysfs cannot tell: every device accepts 4096-aligned I/O
 

@@ -179,8 +179,9 @@ class FillingWindowCache(WindowCache):
     The paper deletes by moving the last used rows into the freed slots and appends the new
     ones (at 7B scale ~400 rows, 2 x 6.5 MB of copies per layer and token). In steady state about
     as many neurons arrive as leave, so here they simply take the freed rows; only a surplus of
-    leavers is compacted. Rows in use stay compact in [:n_used], but new rows are scattered:
-    the engine reads them into a staging buffer and scatters them (fused with a dtype conversion).
+    leavers is compacted. Rows in use stay compact in [:n_used], but new rows are scattered: the
+    engine reads them straight into their rows (flashio.storage reads with `rows=`: rows kept as
+    stored), or into a staging buffer that it scatters, fused with a dtype conversion.
     """
 
     def update_fill(self, active: np.ndarray) -> FillUpdate:

@@ -226,7 +226,7 @@ class SparseEngine(Engine):
         dest = torch.from_numpy(up.dest)
         y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest)
         self._wait(pending)
-        if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
+        if h.shape[0] == 1 and self.quant is None and kernels.available():  # float rows: the kernel reads only the rows a mask keeps
             keep = torch.zeros(n)
             keep[dest] = 1.0
             return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep)

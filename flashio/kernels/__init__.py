@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -64,11 +65,13 @@ def build(flags: tuple[str, ...] = FLAGS, *, out_dir: Path | None = None) -> Pat
     """Compile rows.c with `flags` (cached: an existing build of the same key is returned).
     Raises RuntimeError with the compiler's message when it cannot be built."""
     cc = os.environ.get("CC") or "cc"
-    exe = shutil.which(cc)
+    cmd = shlex.split(cc)  # e.g. CC="ccache gcc"
+    exe = shutil.which(cmd[0]) if cmd else None
     if exe is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
+    cmd[0] = exe
     try:
-        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"{cc} --version failed: {exc}") from None
     src = SOURCE.read_bytes()
@@ -82,7 +85,11 @@ def build(flags: tuple[str, ...] = FLAGS, *, out_dir: Path | None = None) -> Pat
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".rows-", suffix=".so")  # then renamed: concurrent builds are safe
     os.close(fd)
     try:
-        r = subprocess.run([exe, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        try:
+            r = subprocess.run([*cmd, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                               timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:  # e.g. TimeoutExpired
+            raise RuntimeError(f"{cc} failed: {exc}") from None
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
         os.replace(tmp, target)
@@ -125,7 +132,7 @@ def library() -> ctypes.CDLL | None:
             else:
                 try:
                     _lib = load(build())
-                except (RuntimeError, OSError) as exc:
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     _why = str(exc)
                     log.warning("flashio: native FFN kernels unavailable, using torch's products (slower "
                                 "for float16/bfloat16 on the CPU): %s", exc)
@@ -146,7 +153,7 @@ def why_not() -> str | None:
 def supports(rows: torch.Tensor) -> bool:
     """Whether `rows` ([R, W] bundle rows) can go through the kernels."""
     return (rows.device.type == "cpu" and rows.dtype in DTYPE_CODES and rows.dim() == 2
-            and (rows.shape[0] <= 1 or rows.stride(1) == 1) and available())
+            and (rows.shape[1] <= 1 or rows.stride(1) == 1) and available())
 
 
 class Kernels:
@@ -159,7 +166,7 @@ class Kernels:
     def _args(self, rows: torch.Tensor, part: slice, n: int) -> tuple:
         if rows.device.type != "cpu" or rows.dtype not in DTYPE_CODES:
             raise ValueError(f"kernels take CPU float32/float16/bfloat16 rows, got {rows.dtype} on {rows.device}")
-        if rows.dim() != 2 or (rows.shape[0] > 1 and rows.stride(1) != 1):
+        if rows.dim() != 2 or (rows.shape[1] > 1 and rows.stride(1) != 1):
             raise ValueError("rows must be a 2-D tensor with contiguous rows")
         if n > rows.shape[0]:
             raise ValueError(f"{n} rows asked of {rows.shape[0]}")
@@ -229,7 +236,7 @@ class Kernels:
     def _qargs(self, rows: torch.Tensor, layout: QuantLayout, n: int) -> tuple:
         if rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.dim() != 2:
             raise ValueError(f"quantized rows are 2-D uint8 on the CPU, got {rows.dtype} {tuple(rows.shape)} on {rows.device}")
-        if rows.shape[0] > 1 and (rows.stride(1) != 1 or rows.stride(0) < layout.row_bytes):
+        if (rows.shape[1] > 1 and rows.stride(1) != 1) or (rows.shape[0] > 1 and rows.stride(0) < layout.row_bytes):
             raise ValueError("rows must be contiguous rows of at least row_bytes")
         if rows.shape[1] < layout.row_bytes or n > rows.shape[0]:
             raise ValueError(f"{n} rows of {layout.row_bytes} bytes asked of {tuple(rows.shape)}")

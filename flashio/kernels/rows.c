@@ -289,7 +289,8 @@ void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, 
  * element k of a part = code_k * scale_g + offset_g, g = k / group. int8: codes signed (symmetric,
  * no offsets) or unsigned (with offsets). int4: byte j holds element j in its low nibble and element
  * j + dim/2 in its high one, codes 0..15; symmetric int4 has no stored offsets: offset_g = -8 scale_g.
- * The vector paths need group % VW == 0 (and, for int4, (dim / 2) % group == 0); else scalar. */
+ * The vector paths need group % VW == 0 (and, for int4, (dim / 2) % VW == 0: segments whose low
+ * and high nibbles each stay in one group then end on vector boundaries, see seg_end); else scalar. */
 
 typedef struct {
     int64_t row_bytes, dim, group, codes, scales, offsets; /* offsets: byte position, or -1 */

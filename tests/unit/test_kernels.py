@@ -243,3 +243,40 @@ def test_quantized_resident_linear_one_token_equals_torch_kernel(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
     exact = x.double() @ (codes.double() * scales.double()[:, None]).T + b.double()
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_rows_with_strided_elements_are_not_taken():
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    rows = torch.randn(24, 2)[:, :1].t()  # one row whose elements are 2 apart
+    assert not kernels.supports(rows)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        kernels.kernels().dot(rows, slice(0, 24), torch.ones(24))
+    parts = {"up": slice(0, 12), "down": slice(12, 24)}
+    h = torch.randn(1, 12)
+    got = ffn.ffn_compute(h, rows, parts, None, None)  # torch's products: the right values
+    want = _relu_ffn(h, rows.contiguous(), parts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _relu_ffn(h: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice]) -> torch.Tensor:
+    return torch.relu(h @ rows[:, parts["up"]].T) @ rows[:, parts["down"]]
+
+
+def test_a_compiler_that_hangs_is_a_failed_build(tmp_path, monkeypatch):
+    import subprocess
+    real = subprocess.run
+
+    def run(cmd, *a, **kw):
+        if "--version" in cmd:
+            return real(cmd, *a, **kw)
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+
+    monkeypatch.setattr(kernels.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match="timed out"):
+        build(out_dir=tmp_path)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_why", None)
+    monkeypatch.setattr(kernels, "cache_dir", lambda: tmp_path / "fresh")
+    assert kernels.library() is None and "timed out" in kernels.why_not()  # once, then torch's products
