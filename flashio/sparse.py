@@ -230,8 +230,8 @@ class SparseEngine(Engine):
             keep = torch.zeros(n)
             keep[dest] = 1.0
             return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep)
-        fresh = self.shared[:m]  # torch's products: the new rows gathered, then computed
-        torch.index_select(cache.matrix, 0, dest, out=fresh)
+        fresh = self.shared[:m]  # otherwise the new rows are gathered (numpy: see rows_view), then computed
+        np.take(rows_view(cache.matrix), up.dest, axis=0, out=rows_view(fresh))
         return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
 
     def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,

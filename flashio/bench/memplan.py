@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flashio.bench.floor import tensor_infos
 from flashio.budget import MemoryBudget
 from flashio.config import Mode
 from flashio.dtypes import TORCH_DTYPES
 from flashio.errors import FlashError
 from flashio.ffn import ffn_compute
 from flashio.format import Artifact
-from flashio.format.ffnfile import read_safetensors_header
 from flashio.sizes import format_size
 
 SLACK_BYTES = 256 << 20  # allocator caches, thread stacks, activations, reader scratch
@@ -154,10 +154,7 @@ def _layer(x: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice], project
 
 def _projection_shapes(art: Artifact) -> list[tuple[int, ...]]:
     """Shapes of layer 0's 2-D attention matrices (q, k, v, o; those present)."""
-    m = art.manifest
-    path = art.file(m.resident_file)
-    with open(path, "rb") as f:
-        infos = read_safetensors_header(f, m.files[m.resident_file].size_bytes, str(path))
+    infos = tensor_infos(art.file(art.manifest.resident_file))
     return [tuple(info.shape) for key, info in sorted(infos.items())
             if key.startswith("layers.0.attn.") and key.endswith(".weight") and len(info.shape) == 2]
 
