@@ -440,26 +440,27 @@ def _one_token(h: torch.Tensor, rows: torch.Tensor, q: RowQuant, b_up: torch.Ten
                b_gate: torch.Tensor | None, zero: torch.Tensor | None, n: int, act_fn, gated: bool,
                gate_act: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
     """quant_ffn_compute for one token on the CPU through flashio.kernels: each row's codes are
-    widened as they are read (nothing dequantized into a scratch), the n valid rows only, and the
-    down product skips rows whose activation is zero."""
+    widened as they are read (nothing dequantized into a scratch), the n valid rows only; rows that
+    a mask or `zero` drops are not read, and the down product skips rows whose activation is zero."""
     k = kernels.kernels()
     x = h[0].to(torch.float32)
-    act = k.qdot(rows, q.layout("up"), x, n)
+    keep = None if mask is None else mask[0].float()
+    if zero is not None and len(zero):
+        keep = (torch.ones(n) if keep is None else keep.clone()).index_fill_(0, zero[zero < n], 0)
+    act = k.qdot(rows, q.layout("up"), x, n, mask=keep)
     if b_up is not None:
         act += b_up.float()
     if gate_act is not None:
         act.mul_(gate_act[0].float())
     elif gated:
-        g = k.qdot(rows, q.layout("gate"), x, n)
+        g = k.qdot(rows, q.layout("gate"), x, n, mask=keep)
         if b_gate is not None:
             g += b_gate.float()
         act = act_fn(g).mul_(act)
     else:
         act = act_fn(act)
-    if mask is not None:
-        act.mul_(mask[0].float())
-    if zero is not None and len(zero):
-        act.index_fill_(0, zero[zero < n], 0)
+    if keep is not None:
+        act.mul_(keep)
     return k.qaxpy(rows, q.layout("down"), act, n).to(h.dtype).unsqueeze(0)
 
 

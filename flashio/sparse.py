@@ -226,11 +226,11 @@ class SparseEngine(Engine):
         dest = torch.from_numpy(up.dest)
         y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest)
         self._wait(pending)
-        if h.shape[0] == 1 and self.quant is None and kernels.available():  # float rows: the kernel reads only the rows a mask keeps
+        if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
             keep = torch.zeros(n)
             keep[dest] = 1.0
             return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep)
-        fresh = self.shared[:m]  # otherwise the new rows are gathered (numpy: see rows_view), then computed
+        fresh = self.shared[:m]  # torch's products: the new rows gathered (numpy: see rows_view), then computed
         np.take(rows_view(cache.matrix), up.dest, axis=0, out=rows_view(fresh))
         return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
 

@@ -107,10 +107,9 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     qargs = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    for name in ("flashio_qdot", "flashio_qaxpy"):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = qargs, None
+             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.flashio_qdot.argtypes, lib.flashio_qdot.restype = qargs + [ctypes.c_void_p] * 4, None
+    lib.flashio_qaxpy.argtypes, lib.flashio_qaxpy.restype = qargs + [ctypes.c_void_p] * 3, None
     lib.flashio_ffn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 7
     lib.flashio_ffn.restype = None
@@ -243,14 +242,18 @@ class Kernels:
         return (rows.data_ptr(), rows.stride(0), n, layout.dim, layout.bits, layout.group, layout.codes,
                 layout.scales, layout.offsets)
 
-    def qdot(self, rows: torch.Tensor, layout: QuantLayout, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        """[n] float32: the part's dequantized rows[:n] @ x (x: [dim] float32)."""
+    def qdot(self, rows: torch.Tensor, layout: QuantLayout, x: torch.Tensor, n: int | None = None, *,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] float32: the part's dequantized rows[:n] @ x (x: [dim] float32); rows where `mask`
+        ([n]) is 0 are not read and give 0."""
         n = rows.shape[0] if n is None else n
         args = self._qargs(rows, layout, n)
         x = _f32_vector(x, layout.dim)
+        mask = None if mask is None else _f32_vector(mask, n)
         xg = torch.empty(layout.dim // layout.group, dtype=torch.float32)
         out = torch.empty(n, dtype=torch.float32)
-        self.lib.flashio_qdot(*args, x.data_ptr(), xg.data_ptr(), out.data_ptr())
+        self.lib.flashio_qdot(*args, None if mask is None else mask.data_ptr(), x.data_ptr(), xg.data_ptr(),
+                              out.data_ptr())
         return out
 
     def qaxpy(self, rows: torch.Tensor, layout: QuantLayout, a: torch.Tensor, n: int | None = None) -> torch.Tensor:

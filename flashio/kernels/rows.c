@@ -540,24 +540,41 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
 #endif
 
 /* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets */
+/* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets; rows whose
+ * mask is 0 (mask may be NULL) are not read and get 0 */
 void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
-                  int64_t codes, int64_t scales, int64_t offsets, const float *x, float *xg, float *out) {
+                  int64_t codes, int64_t scales, int64_t offsets, const float *mask, const float *x, float *xg,
+                  float *out) {
     qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
     for (int64_t g = 0; g < dim / group; g++) {
         float t = 0.0f;
         for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[k];
         xg[g] = t;
     }
-    int64_t n = 0;
+    int64_t idx[4];
+    int m = 0;
+    for (int64_t n = 0; n < n_rows; n++) {
+        if (mask && mask[n] == 0.0f) {
+            out[n] = 0.0f;
+            continue;
+        }
+        idx[m++] = n;
 #if defined(VW)
-    if (qvector_ok(&L))
-        for (; n + 4 <= n_rows; n += 4) {
-            const uint8_t *r[4] = {rows + n * row_bytes, rows + (n + 1) * row_bytes, rows + (n + 2) * row_bytes,
-                                   rows + (n + 3) * row_bytes};
-            qdot4(r, &L, x, xg, out + n);
+        if (m == 4 && qvector_ok(&L)) {
+            const uint8_t *r[4] = {rows + idx[0] * row_bytes, rows + idx[1] * row_bytes, rows + idx[2] * row_bytes,
+                                   rows + idx[3] * row_bytes};
+            float o[4];
+            qdot4(r, &L, x, xg, o);
+            for (int i = 0; i < 4; i++) out[idx[i]] = o[i];
+            m = 0;
         }
 #endif
-    for (; n < n_rows; n++) out[n] = qdot1(rows + n * row_bytes, &L, x, xg);
+        if (m == 4) { /* no vector path */
+            for (int i = 0; i < 4; i++) out[idx[i]] = qdot1(rows + idx[i] * row_bytes, &L, x, xg);
+            m = 0;
+        }
+    }
+    for (int i = 0; i < m; i++) out[idx[i]] = qdot1(rows + idx[i] * row_bytes, &L, x, xg);
 }
 
 /* y[k] = sum_n a[n] * element_k of row n; rows with a[n] == 0 are not read. og: dim / group scratch */

@@ -171,6 +171,11 @@ def test_quantized_products_match_dequantized_rows(built, scheme, dim, group, of
         m = 6
         torch.testing.assert_close(built.qaxpy(rows, q.layout(part), a[:m], m).double(), a[:m].double() @ w[:m],
                                    rtol=0, atol=tol * float(want_axpy.abs().max()))
+        keep = (torch.arange(n) % 3 != 1).float()  # rows at 0 are not read and give 0
+        masked = built.qdot(rows, q.layout(part), x, mask=keep)
+        assert (masked[keep == 0] == 0).all()
+        torch.testing.assert_close(masked[keep == 1].double(), want_dot[keep == 1], rtol=0,
+                                   atol=tol * float(want_dot.abs().max()))
 
 
 def test_quantized_arguments_are_refused(built):
