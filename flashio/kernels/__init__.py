@@ -116,6 +116,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_i8_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
     lib.flashio_i8_matvec.restype = None
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
+    lib.flashio_q8_path.argtypes, lib.flashio_q8_path.restype = [ctypes.c_int64, ctypes.c_int, ctypes.c_int64], ctypes.c_int
     return lib
 
 
@@ -161,6 +162,12 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         self.vector_bits = lib.flashio_vector_bits()
+
+    def int8_activations(self, dim: int, bits: int, group: int) -> bool:
+        """Whether qdot on a part of `dim` elements (`bits` 8 or 4, `group` elements per scale), and
+        i8_matvec with `bits` 8 and group == dim, multiply int8 activations (rows.c's vnni_rows,
+        AVX-512 VNNI builds; x as `int8_activations(x)` gives it back) rather than float ones."""
+        return bool(self.lib.flashio_q8_path(dim, bits, group))
 
     def _args(self, rows: torch.Tensor, part: slice, n: int) -> tuple:
         if rows.device.type != "cpu" or rows.dtype not in DTYPE_CODES:
@@ -282,6 +289,18 @@ class QuantLayout:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group <= 0 or self.dim % self.group or (self.bits == 4 and self.dim % 2):
             raise ValueError(f"unsupported quantized layout {self}")
+
+
+Q8_BLOCK = 32  # rows.c's QB
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [len] (len % 32 == 0) as the kernels' int8 path sees it: each block of 32 elements rounded
+    to a multiple of d = max |x| / 127 over the block (as llama.cpp's Q8_0), returned in float32."""
+    xb = x.to(torch.float32).reshape(-1, Q8_BLOCK)
+    amax = xb.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv).clamp(-127, 127) * (amax / 127.0)).reshape(-1)
 
 
 def _f32_vector(v: torch.Tensor, length: int) -> torch.Tensor:

@@ -17,6 +17,7 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__F16C__)
@@ -539,6 +540,199 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
 }
 #endif
 
+/* The rows a product reads are a few KiB each, scattered through the window cache: too short for the
+ * hardware's stream prefetcher, which starts over on each. The loops below prefetch the next batch of
+ * rows (`pf`, `np` of them) while they compute the current one: the `len` bytes of codes from `start`
+ * (and `extra` more after them: the scales and offsets) advance by 64 bytes per step. */
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+typedef struct {
+    const uint8_t *row[4];
+    int n;
+} batch;
+
+/* the next up to four rows from *n on whose w (mask or coefficient; NULL: all) is nonzero */
+static inline batch take4(const uint8_t *rows, int64_t row_bytes, const float *w, int64_t *n, int64_t n_rows,
+                          int64_t *idx) {
+    batch b = {{0, 0, 0, 0}, 0};
+    for (; *n < n_rows && b.n < 4; (*n)++)
+        if (!w || w[*n] != 0.0f) {
+            idx[b.n] = *n;
+            b.row[b.n++] = rows + *n * row_bytes;
+        }
+    return b;
+}
+
+/* ---- int8 activations (AVX-512 VNNI): quantized rows' dot products in integers ----
+ * x is quantized once per call to int8 in blocks of 32 elements (d_b = max |x| / 127 over block b,
+ * as llama.cpp's Q8_0), and every 64 bytes of codes go through one vpdpbusd (unsigned codes times
+ * signed activations, four products summed per 32-bit lane: lanes 0-7 hold block 2p's sum, 8-15
+ * block 2p+1's), widened to float and scaled by d_b once per 64 codes instead of converting each
+ * code. Signed int8 codes are read as unsigned (xor 0x80: code + 128) and 128 * sum_b d_b * sum(xq_b)
+ * is subtracted after; the offsets' part (int4, asymmetric int8) takes the quantized x's group sums,
+ * so the result is the dequantized rows times the quantized x (flashio.kernels.int8_activations).
+ * Taken when dim % 64 == 0, group 32 or a multiple of 64 and, for int4, (dim / 2) % 64 == 0 (vnni_ok). */
+#if FLASHIO_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define FLASHIO_VNNI 1
+#define QB 32
+
+typedef struct {
+    int8_t *q;   /* [dim] */
+    float *dv;   /* [dim / 64][16]: d of the pair's two blocks, eight lanes each */
+    float *gs;   /* [dim / group]: sum over the group's blocks of d_b * sum(xq_b) */
+    int32_t *gb; /* [dim / 32]: the group of block b */
+} qx;
+
+static int vnni_ok(const qlayout *L) {
+    return L->dim % 64 == 0 && (L->group == QB || L->group % 64 == 0) && (L->bits == 8 || (L->dim / 2) % 64 == 0);
+}
+
+/* X from x (len % 64 == 0, group % 32 == 0); buf: at least len + len * 2 + len / group * 4 + len / 8 bytes,
+ * 64-byte aligned */
+static qx quantize_x(const float *x, int64_t len, int64_t group, uint8_t *buf) {
+    qx X;
+    X.dv = (float *)buf;
+    X.q = (int8_t *)(buf + len * 1);
+    X.gs = (float *)(buf + len * 2);
+    X.gb = (int32_t *)(buf + len * 2 + len / group * 4);
+    /* dv: len / 4 floats = len bytes; q: len bytes */
+    for (int64_t g = 0; g < len / group; g++) X.gs[g] = 0.0f;
+    for (int64_t b = 0; b < len / QB; b++) {
+        const float *xb = x + b * QB;
+        float amax = 0.0f;
+        for (int i = 0; i < QB; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < QB; i++) {
+            int32_t v = (int32_t)nearbyintf(xb[i] * id);
+            v = v > 127 ? 127 : (v < -127 ? -127 : v);
+            X.q[b * QB + i] = (int8_t)v;
+            sum += v;
+        }
+        for (int i = 0; i < 8; i++) X.dv[(b / 2) * 16 + (b % 2) * 8 + i] = d;
+        X.gb[b] = (int32_t)(b * QB / group);
+        X.gs[X.gb[b]] += d * (float)sum;
+    }
+    return X;
+}
+
+static inline __m512 h16x1(const uint8_t *sc, int64_t g) {
+    uint16_t v;
+    memcpy(&v, sc + 2 * g, 2);
+    return _mm512_set1_ps(_cvtsh_ss(v));
+}
+
+/* [s_{g0} x 8, s_{g1} x 8] */
+static inline __m512 h16x2(const uint8_t *sc, int64_t g0, int64_t g1) {
+    uint16_t a, b;
+    memcpy(&a, sc + 2 * g0, 2);
+    memcpy(&b, sc + 2 * g1, 2);
+    __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)a | ((int)b << 16)));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(f));
+}
+
+#define DP(c, xq) _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), (c), (xq)))
+
+/* out[r] = sum_k code_k * scale_g * xq_k * d_b over nr (<= 4) rows, without the offsets' part */
+static inline void vnni_rows(int nr, const uint8_t *const *row, const batch *pf, const qlayout *L, const qx *X,
+                             float *out) {
+    const int64_t extra = (L->dim / L->group) * (L->offsets >= 0 ? 4 : 2);
+    const int64_t G = L->group, half = L->dim / 2;
+    const int int4 = L->bits == 4, flip = L->bits == 8 && L->offsets < 0;
+    const int64_t nbytes = int4 ? half : L->dim;
+    const __m512i m4 = _mm512_set1_epi8(15), x80 = _mm512_set1_epi8((char)0x80);
+    __m512 tot[4], alo[4], ahi[4];
+    for (int r = 0; r < nr; r++) tot[r] = alo[r] = ahi[r] = _mm512_setzero_ps();
+    if (G == QB) { /* two groups in each 64 codes: a scale per eight lanes */
+        for (int64_t j = 0; j < nbytes; j += 64) {
+            for (int r = 0; r < pf->n; r++) {
+                PREFETCH(pf->row[r] + L->codes + j);
+                if (j < extra) PREFETCH(pf->row[r] + L->codes + nbytes + j);
+            }
+            const int64_t blo = j / QB, bhi = (half + j) / QB;
+            const __m512i xl = _mm512_loadu_si512(X->q + j);
+            const __m512 dl = _mm512_loadu_ps(X->dv + j / 4);
+            __m512i xh = xl;
+            __m512 dh = dl;
+            if (int4) xh = _mm512_loadu_si512(X->q + half + j), dh = _mm512_loadu_ps(X->dv + (half + j) / 4);
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *sc = row[r] + L->scales;
+                __m512i c = _mm512_loadu_si512(row[r] + L->codes + j);
+                if (int4) {
+                    __m512i lo = _mm512_and_si512(c, m4), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m4);
+                    tot[r] = _mm512_fmadd_ps(DP(lo, xl), _mm512_mul_ps(dl, h16x2(sc, blo, blo + 1)), tot[r]);
+                    tot[r] = _mm512_fmadd_ps(DP(hi, xh), _mm512_mul_ps(dh, h16x2(sc, bhi, bhi + 1)), tot[r]);
+                } else {
+                    if (flip) c = _mm512_xor_si512(c, x80);
+                    tot[r] = _mm512_fmadd_ps(DP(c, xl), _mm512_mul_ps(dl, h16x2(sc, blo, blo + 1)), tot[r]);
+                }
+            }
+        }
+    } else { /* groups of 64 or more: each 64 codes in one group, its scale applied when the group ends */
+        int64_t glo = X->gb[0], ghi = X->gb[half / QB];
+        for (int64_t j = 0; j < nbytes; j += 64) {
+            for (int r = 0; r < pf->n; r++) {
+                PREFETCH(pf->row[r] + L->codes + j);
+                if (j < extra) PREFETCH(pf->row[r] + L->codes + nbytes + j);
+            }
+            const int64_t gl = X->gb[j / QB], gh = int4 ? X->gb[(half + j) / QB] : 0;
+            if (gl != glo) {
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm512_fmadd_ps(alo[r], h16x1(row[r] + L->scales, glo), tot[r]), alo[r] = _mm512_setzero_ps();
+                glo = gl;
+            }
+            if (int4 && gh != ghi) {
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(row[r] + L->scales, ghi), tot[r]), ahi[r] = _mm512_setzero_ps();
+                ghi = gh;
+            }
+            const __m512i xl = _mm512_loadu_si512(X->q + j);
+            const __m512 dl = _mm512_loadu_ps(X->dv + j / 4);
+            if (int4) {
+                const __m512i xh = _mm512_loadu_si512(X->q + half + j);
+                const __m512 dh = _mm512_loadu_ps(X->dv + (half + j) / 4);
+                for (int r = 0; r < nr; r++) {
+                    __m512i c = _mm512_loadu_si512(row[r] + L->codes + j);
+                    alo[r] = _mm512_fmadd_ps(DP(_mm512_and_si512(c, m4), xl), dl, alo[r]);
+                    ahi[r] = _mm512_fmadd_ps(DP(_mm512_and_si512(_mm512_srli_epi16(c, 4), m4), xh), dh, ahi[r]);
+                }
+            } else {
+                for (int r = 0; r < nr; r++) {
+                    __m512i c = _mm512_loadu_si512(row[r] + L->codes + j);
+                    if (flip) c = _mm512_xor_si512(c, x80);
+                    alo[r] = _mm512_fmadd_ps(DP(c, xl), dl, alo[r]);
+                }
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            tot[r] = _mm512_fmadd_ps(alo[r], h16x1(row[r] + L->scales, glo), tot[r]);
+            if (int4) tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(row[r] + L->scales, ghi), tot[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float s = _mm512_reduce_add_ps(tot[r]);
+        if (flip) s -= 128.0f * dot1(row[r] + L->scales, X->gs, L->dim / G, 1);
+        out[r] = s;
+    }
+}
+#endif
+
+static int use_vnni(const qlayout *L) {
+#if defined(FLASHIO_VNNI)
+    return vnni_ok(L);
+#else
+    (void)L;
+    return 0;
+#endif
+}
+
+/* Whether a part of `dim` elements in groups of `group` takes the int8-activation path (1) or
+ * float activations (0), for `bits` 8 or 4 */
+int flashio_q8_path(int64_t dim, int bits, int64_t group) {
+    qlayout L = {0, dim, group, 0, 0, -1, bits, 0};
+    return use_vnni(&L);
+}
+
 /* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets */
 /* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets; rows whose
  * mask is 0 (mask may be NULL) are not read and get 0 */
@@ -553,6 +747,32 @@ void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_
     }
     int64_t idx[4];
     int m = 0;
+#if defined(FLASHIO_VNNI)
+    if (vnni_ok(&L)) { /* int8 activations, the next rows prefetched */
+        uint8_t *buf = malloc((size_t)(2 * dim + 4 * dim / group + dim / 8));
+        if (buf) {
+            qx X = quantize_x(x, dim, group, buf);
+            if (mask)
+                for (int64_t n = 0; n < n_rows; n++)
+                    if (mask[n] == 0.0f) out[n] = 0.0f;
+            int64_t pos = 0, nidx[4];
+            float o[4];
+            batch cur = take4(rows, row_bytes, mask, &pos, n_rows, idx);
+            while (cur.n > 0) {
+                batch next = take4(rows, row_bytes, mask, &pos, n_rows, nidx);
+                if (cur.n == 4)
+                    vnni_rows(4, cur.row, &next, &L, &X, o);
+                else
+                    for (int i = 0; i < cur.n; i++) vnni_rows(1, cur.row + i, &next, &L, &X, o + i);
+                for (int i = 0; i < cur.n; i++) out[idx[i]] = o[i] + qoffsets_dot(cur.row[i], &L, X.gs);
+                cur = next;
+                memcpy(idx, nidx, sizeof idx);
+            }
+            free(buf);
+            return;
+        }
+    }
+#endif
     for (int64_t n = 0; n < n_rows; n++) {
         if (mask && mask[n] == 0.0f) {
             out[n] = 0.0f;
@@ -612,6 +832,29 @@ void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
 void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const uint16_t *scales, const float *x,
                        float *out) {
     int64_t n = 0;
+#if defined(FLASHIO_VNNI)
+    uint8_t *buf = len % 64 == 0 ? malloc((size_t)(2 * len + 4 + len / 8)) : NULL;
+    if (buf) { /* int8 activations (see vnni_rows) */
+        qx X = quantize_x(x, len, len, buf);
+        const __m512i x80 = _mm512_set1_epi8((char)0x80);
+        for (; n < n_rows; n += 4) {
+            int nr = n_rows - n < 4 ? (int)(n_rows - n) : 4;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t k = 0; k < len; k += 64) {
+                const __m512i xl = _mm512_loadu_si512(X.q + k);
+                const __m512 dl = _mm512_loadu_ps(X.dv + k / 4);
+                for (int r = 0; r < nr; r++) {
+                    __m512i c = _mm512_xor_si512(_mm512_loadu_si512(codes + (n + r) * len + k), x80);
+                    acc[r] = _mm512_fmadd_ps(DP(c, xl), dl, acc[r]);
+                }
+            }
+            for (int r = 0; r < nr; r++)
+                out[n + r] = (_mm512_reduce_add_ps(acc[r]) - 128.0f * X.gs[0]) * HALF(scales[n + r]);
+        }
+        free(buf);
+        return;
+    }
+#endif
 #if defined(VW)
     for (; n + 4 <= n_rows; n += 4) {
         const uint8_t *c[4];

@@ -148,7 +148,20 @@ QUANT_CASES = [  # scheme, dim, group size, offsets
     ("int8", 96, None, None), ("int8", 96, 32, None), ("int8", 64, 16, True),
     ("int4", 128, 32, None), ("int4", 128, 32, False), ("int4", 192, 192, None),  # a group across both halves
     ("int4", 96, 16, None), ("int4", 40, 8, None), ("int4", 36, 36, False),  # the last two: scalar (half not vector-wide)
+    # int8 activations where the build has them (AVX-512 VNNI): groups of 32, of 64 and more, across both halves
+    ("int8", 128, None, None), ("int8", 128, 32, None), ("int8", 128, 64, True), ("int4", 256, 64, None),
+    ("int4", 256, 256, None), ("int4", 256, 32, False),
 ]
+
+
+def _qdot_reference(built, rows: torch.Tensor, q, part: str, x: torch.Tensor) -> torch.Tensor:
+    """float64 [n]: the part's rows times x as the kernels compute it: x rounded to int8 blocks
+    (kernels.int8_activations) where the build takes that path"""
+    from flashio.quant import dequantize_rows
+    w = dequantize_rows(rows, q, part).double()
+    if built.int8_activations(q.dim, q.bits, q.group_size):
+        x = kernels.int8_activations(x)
+    return w @ x.double()
 
 
 @pytest.mark.parametrize("scheme, dim, group, offsets", QUANT_CASES)
@@ -162,7 +175,9 @@ def test_quantized_products_match_dequantized_rows(built, scheme, dim, group, of
     a[1::4] = 0.0
     for part in ("up", "gate", "down"):
         w = dequantize_rows(rows, q, part).double()
-        want_dot, want_axpy = w @ x.double(), a.double() @ w
+        want_dot, want_axpy = _qdot_reference(built, rows, q, part, x), a.double() @ w
+        # int8 activations or not, the product is near the float one
+        torch.testing.assert_close(want_dot, w @ x.double(), rtol=0, atol=0.02 * float(want_dot.abs().max()))
         got_dot = built.qdot(rows, q.layout(part), x)
         got_axpy = built.qaxpy(rows, q.layout(part), a)
         tol = 2e-6 * dim
@@ -214,18 +229,22 @@ def test_one_token_quantized_ffn_equals_chunked_products(scheme, case, monkeypat
         b_up = torch.randn(n, generator=g) * 0.1
     scratch = RowScratch(q, rows=16)
     got = quant_ffn_compute(h, rows, q, scratch, b_up, None, zero, n, F.silu, **kw)
+    if kernels.kernels().int8_activations(D, q.bits, q.group_size):  # the up and gate products take h in int8 blocks
+        h = kernels.int8_activations(h[0])[None]
     monkeypatch.setattr(kernels, "available", lambda: False)
     want = quant_ffn_compute(h, rows, q, scratch, b_up, None, zero, n, F.silu, **kw)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("n, length", [(1, 7), (9, 64), (33, 300)])
+@pytest.mark.parametrize("n, length", [(1, 7), (9, 64), (33, 300), (6, 256)])
 def test_int8_matvec_matches_float64(built, n, length):
     g = torch.Generator().manual_seed(7)
     codes = torch.randint(-127, 128, (n, length), generator=g, dtype=torch.int8)
     scales = (torch.rand(n, generator=g) * 0.01 + 1e-4).half()
     x = torch.randn(length, generator=g)
-    want = (codes.double() * scales.double()[:, None]) @ x.double()
+    w = codes.double() * scales.double()[:, None]
+    want = w @ (kernels.int8_activations(x) if built.int8_activations(length, 8, length) else x).double()
+    torch.testing.assert_close(want, w @ x.double(), rtol=0, atol=0.02 * float(want.abs().max()))
     got = built.i8_matvec(codes, scales, x)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
     with pytest.raises(ValueError, match="int8"):
