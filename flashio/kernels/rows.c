@@ -112,6 +112,28 @@ static inline const char *row_at(const void *rows, int64_t n, int64_t stride, in
     return (const char *)rows + n * stride * (dtype == 0 ? 4 : 2);
 }
 
+/* The rows a product reads are a few KiB each, scattered through the window cache: too short for the
+ * hardware's stream prefetcher, which starts over on each. The loops below prefetch the next batch of
+ * rows (`pf`, `np` of them) while they compute the current one: the `len` bytes of codes from `start`
+ * (and `extra` more after them: the scales and offsets) advance by 64 bytes per step. */
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+typedef struct {
+    const uint8_t *row[4];
+    int n;
+} batch;
+
+/* the next up to four rows from *n on whose w (mask or coefficient; NULL: all) is nonzero */
+static inline batch take4(const uint8_t *rows, int64_t row_bytes, const float *w, int64_t *n, int64_t n_rows,
+                          int64_t *idx) {
+    batch b = {{0, 0, 0, 0}, 0};
+    for (; *n < n_rows && b.n < 4; (*n)++)
+        if (!w || w[*n] != 0.0f) {
+            idx[b.n] = *n;
+            b.row[b.n++] = rows + *n * row_bytes;
+        }
+    return b;
+}
+
 static float dot1(const void *row, const float *x, int64_t len, int dtype) {
     int64_t k = 0;
     float s = 0.0f;
@@ -132,12 +154,14 @@ static float dot1(const void *row, const float *x, int64_t len, int dtype) {
 
 /* four rows at once: four independent streams keep more of the memory's requests in flight */
 static void dot4(const void *r0, const void *r1, const void *r2, const void *r3, const float *x, int64_t len,
-                 int dtype, float *out) {
-    int64_t k = 0;
+                 int dtype, float *out, const batch *pf, int64_t pf_off) {
+    int64_t k = 0, size = dtype == 0 ? 4 : 2;
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #if defined(VW)
     vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
     for (; k + VW <= len; k += VW) {
+        if (((k * size) & 63) == 0) /* the next rows' part, a line at a time */
+            for (int p = 0; p < pf->n; p++) PREFETCH(pf->row[p] + pf_off + k * size);
         vec xv = vloadf(x + k);
         a0 = vfmadd(vload(r0, k, dtype), xv, a0);
         a1 = vfmadd(vload(r1, k, dtype), xv, a1);
@@ -157,10 +181,14 @@ static void dot4(const void *r0, const void *r1, const void *r2, const void *r3,
 
 void flashio_dot(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype,
                  const float *x, float *out) {
-    int64_t n = 0;
-    for (; n + 4 <= n_rows; n += 4)
+    int64_t n = 0, pos = 4, idx[4];
+    batch next = take4((const uint8_t *)rows, stride * (dtype == 0 ? 4 : 2), NULL, &pos, n_rows, idx);
+    for (; n + 4 <= n_rows; n += 4) {
+        batch pf = next;
+        next = take4((const uint8_t *)rows, stride * (dtype == 0 ? 4 : 2), NULL, &pos, n_rows, idx);
         dot4(row_at(rows, n, stride, dtype), row_at(rows, n + 1, stride, dtype), row_at(rows, n + 2, stride, dtype),
-             row_at(rows, n + 3, stride, dtype), x, len, dtype, out + n);
+             row_at(rows, n + 3, stride, dtype), x, len, dtype, out + n, &pf, 0);
+    }
     for (; n < n_rows; n++) out[n] = dot1(row_at(rows, n, stride, dtype), x, len, dtype);
 }
 
@@ -229,39 +257,35 @@ static inline float activation(int act, float g) {
 void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, int64_t up,
                  int64_t gate, int64_t down, int act, const float *x, const float *b_up, const float *b_gate,
                  const float *gate_act, const float *mask, float *a, float *y) {
-    int64_t size = dtype == 0 ? 4 : 2;
+    int64_t size = dtype == 0 ? 4 : 2, row_bytes = stride * size;
     memset(y, 0, (size_t)len * sizeof(float));
-    int64_t idx[4];
-    int m = 0;
+    if (mask)
+        for (int64_t n = 0; n < n_rows; n++)
+            if (mask[n] == 0.0f) a[n] = 0.0f; /* rows not read */
     const void *r[4];
     float c[4];
     int k = 0; /* rows queued for the down product */
-    for (int64_t n = 0; n <= n_rows; n++) {
-        if (n < n_rows) {
-            if (mask && mask[n] == 0.0f) {
-                a[n] = 0.0f;
-                continue;
-            }
-            idx[m++] = n;
-            if (m < 4) continue;
-        }
-        if (m == 0) break;
-        /* the up (and gate) dot products of the m queued rows */
+    int64_t pos = 0, idx[4], nidx[4];
+    batch cur = take4((const uint8_t *)rows, row_bytes, mask, &pos, n_rows, idx);
+    while (cur.n > 0) {
+        batch next = take4((const uint8_t *)rows, row_bytes, mask, &pos, n_rows, nidx);
+        /* the up (and gate) dot products of the batch; the next batch's parts prefetched meanwhile */
         float u[4] = {0, 0, 0, 0}, g[4] = {0, 0, 0, 0};
         const char *row[4];
-        for (int i = 0; i < m; i++) row[i] = row_at(rows, idx[i], stride, dtype);
-        if (m == 4) {
-            dot4(row[0] + up * size, row[1] + up * size, row[2] + up * size, row[3] + up * size, x, len, dtype, u);
+        for (int i = 0; i < cur.n; i++) row[i] = (const char *)cur.row[i];
+        if (cur.n == 4) {
+            dot4(row[0] + up * size, row[1] + up * size, row[2] + up * size, row[3] + up * size, x, len, dtype, u,
+                 &next, up * size);
             if (gate >= 0)
                 dot4(row[0] + gate * size, row[1] + gate * size, row[2] + gate * size, row[3] + gate * size, x, len,
-                     dtype, g);
+                     dtype, g, &next, gate * size);
         } else {
-            for (int i = 0; i < m; i++) {
+            for (int i = 0; i < cur.n; i++) {
                 u[i] = dot1(row[i] + up * size, x, len, dtype);
                 if (gate >= 0) g[i] = dot1(row[i] + gate * size, x, len, dtype);
             }
         }
-        for (int i = 0; i < m; i++) {
+        for (int i = 0; i < cur.n; i++) {
             int64_t j = idx[i];
             float v = u[i] + (b_up ? b_up[j] : 0.0f), out;
             if (gate >= 0)
@@ -281,7 +305,8 @@ void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, 
                 }
             }
         }
-        m = 0;
+        cur = next;
+        memcpy(idx, nidx, sizeof idx);
     }
     for (int i = 0; i < k; i++) axpy1(y, r[i], c[i], len, dtype);
 }
@@ -499,16 +524,24 @@ static void qdot4(const uint8_t *const *row, const qlayout *L, const float *x, c
     for (int r = 0; r < 4; r++) out[r] = vsum(tot[r]) + qoffsets_dot(row[r], L, xg);
 }
 
-/* qaxpy1 for four rows at once: one pass over y */
-static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, float *y, float *og) {
+/* qaxpy1 for four rows at once: one pass over y; the next batch's rows prefetched */
+static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, float *y, float *og, const batch *pf) {
     int64_t G = L->group;
     const uint8_t *c[4] = {row[0] + L->codes, row[1] + L->codes, row[2] + L->codes, row[3] + L->codes};
+    const int64_t nbytes = L->bits == 8 ? L->dim : L->dim / 2, extra = (L->dim / G) * (L->offsets >= 0 ? 4 : 2);
+#define PF(i)                                                                          \
+    if (((i) & 63) == 0)                                                               \
+        for (int p = 0; p < pf->n; p++) {                                              \
+            PREFETCH(pf->row[p] + L->codes + (i));                                     \
+            if ((i) < extra) PREFETCH(pf->row[p] + L->codes + nbytes + (i));           \
+        }
     if (L->bits == 8) {
         int sgn = L->offsets < 0;
         for (int64_t g = 0; g < L->dim / G; g++) {
             vec b[4];
             for (int r = 0; r < 4; r++) b[r] = vset1(a[r] * qscale(row[r], L, g));
             for (int64_t k = g * G; k < (g + 1) * G; k += VW) {
+                PF(k)
                 vec acc = vloadf(y + k);
                 for (int r = 0; r < 4; r++) acc = vfmadd(vcodes8(c[r] + k, sgn), b[r], acc);
                 vstoref(y + k, acc);
@@ -516,14 +549,17 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
         }
     } else {
         int64_t half = L->dim / 2;
-        for (int64_t j = 0; j < half;) {
-            int64_t end = seg_end(j, half, G), glo = j / G, ghi = (half + j) / G;
+        const int aligned = half % G == 0; /* segments are the groups: no divisions */
+        for (int64_t j = 0, g = 0; j < half; g++) {
+            int64_t end = aligned ? j + G : seg_end(j, half, G);
+            int64_t glo = aligned ? g : j / G, ghi = aligned ? half / G + g : (half + j) / G;
             vec blo[4], bhi[4], lo, hi;
             for (int r = 0; r < 4; r++) {
                 blo[r] = vset1(a[r] * qscale(row[r], L, glo));
                 bhi[r] = vset1(a[r] * qscale(row[r], L, ghi));
             }
             for (int64_t i = j; i < end; i += VW) {
+                PF(i)
                 vec yl = vloadf(y + i), yh = vloadf(y + half + i);
                 for (int r = 0; r < 4; r++) {
                     vcodes4(c[r] + i, &lo, &hi);
@@ -536,31 +572,10 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
             j = end;
         }
     }
+#undef PF
     for (int r = 0; r < 4; r++) qoffsets_axpy(row[r], L, a[r], og);
 }
 #endif
-
-/* The rows a product reads are a few KiB each, scattered through the window cache: too short for the
- * hardware's stream prefetcher, which starts over on each. The loops below prefetch the next batch of
- * rows (`pf`, `np` of them) while they compute the current one: the `len` bytes of codes from `start`
- * (and `extra` more after them: the scales and offsets) advance by 64 bytes per step. */
-#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
-typedef struct {
-    const uint8_t *row[4];
-    int n;
-} batch;
-
-/* the next up to four rows from *n on whose w (mask or coefficient; NULL: all) is nonzero */
-static inline batch take4(const uint8_t *rows, int64_t row_bytes, const float *w, int64_t *n, int64_t n_rows,
-                          int64_t *idx) {
-    batch b = {{0, 0, 0, 0}, 0};
-    for (; *n < n_rows && b.n < 4; (*n)++)
-        if (!w || w[*n] != 0.0f) {
-            idx[b.n] = *n;
-            b.row[b.n++] = rows + *n * row_bytes;
-        }
-    return b;
-}
 
 /* ---- int8 activations (AVX-512 VNNI): quantized rows' dot products in integers ----
  * x is quantized once per call to int8 in blocks of 32 elements (d_b = max |x| / 127 over block b,
@@ -804,25 +819,21 @@ void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
     int64_t ng = dim / group;
     memset(y, 0, (size_t)dim * sizeof(float));
     memset(og, 0, (size_t)ng * sizeof(float));
-    const uint8_t *r[4];
-    float c[4];
-    int m = 0;
-    for (int64_t n = 0; n < n_rows; n++) {
-        if (a[n] == 0.0f) continue; /* inactive neuron: its row is not read */
+    int64_t pos = 0, idx[4], nidx[4];
+    batch cur = take4(rows, row_bytes, a, &pos, n_rows, idx); /* inactive neurons (a == 0): not read */
+    while (cur.n > 0) {
+        batch next = take4(rows, row_bytes, a, &pos, n_rows, nidx);
+        float c[4];
+        for (int i = 0; i < cur.n; i++) c[i] = a[idx[i]];
 #if defined(VW)
-        if (qvector_ok(&L)) {
-            r[m] = rows + n * row_bytes;
-            c[m++] = a[n];
-            if (m == 4) {
-                qaxpy4(r, &L, c, y, og);
-                m = 0;
-            }
-            continue;
-        }
+        if (cur.n == 4 && qvector_ok(&L))
+            qaxpy4(cur.row, &L, c, y, og, &next);
+        else
 #endif
-        qaxpy1(rows + n * row_bytes, &L, a[n], y, og);
+            for (int i = 0; i < cur.n; i++) qaxpy1(cur.row[i], &L, c[i], y, og);
+        cur = next;
+        memcpy(idx, nidx, sizeof idx);
     }
-    for (int i = 0; i < m; i++) qaxpy1(r[i], &L, c[i], y, og);
     if (L.offsets >= 0 || L.sym4)
         for (int64_t k = 0; k < dim; k++) y[k] += og[k / group];
 }
