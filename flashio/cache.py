@@ -46,16 +46,24 @@ class CacheUpdate:
 
 
 class WindowCache:
-    """Neurons active in the last `window` steps, as compact rows of a preallocated matrix."""
+    """Neurons active in the last `window` steps, as compact rows of a preallocated matrix.
+
+    retain=True: neurons whose activity left the window keep their rows while the capacity has
+    room (the least recently active leave first when it has not): DRAM the budget gives beyond
+    the window saves reads (a model whose FFN fits reads each neuron once). The window still says
+    what is computed: `live()` marks the rows of neurons active in the last `window` steps.
+    """
 
     def __init__(self, matrix: torch.Tensor, n_neurons: int, window: int, *,
                  indices: Indices = host_indices,
-                 span: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 span: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 retain: bool = False):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.matrix = matrix  # [capacity, W]
         self.capacity = matrix.shape[0]
         self.window = window
+        self.retain = retain
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)  # neuron -> row, -1 if absent
         self.neuron_at = np.full(self.capacity, -1, dtype=np.int64)  # row -> neuron
         self.last_active = np.full(n_neurons, _NEVER, dtype=np.int64)
@@ -77,6 +85,14 @@ class WindowCache:
     @property
     def neurons(self) -> np.ndarray:
         return self.neuron_at[: self.n_used]
+
+    def live(self) -> np.ndarray | None:
+        """[n_used] bool: the rows whose neuron was active in the last `window` steps (those the
+        step computes); None when that is every row (always so without `retain`)."""
+        if not self.retain:
+            return None
+        live = self.last_active[self.neurons] > self.step - 1 - self.window
+        return None if live.all() else live
 
     def update(self, active: np.ndarray) -> CacheUpdate:
         """Advance one step with `active` (sorted unique neuron ids, len <= capacity).
@@ -106,10 +122,11 @@ class WindowCache:
         expired = np.empty(0, dtype=np.int64)
         if len(self.history) > self.window:
             old = self.history.popleft()  # the set of step s - window
-            expired = old[(self.last_active[old] == s - self.window) & (self.slot_of[old] >= 0)]
+            if not self.retain:  # retained: they leave only when the capacity needs their rows
+                expired = old[(self.last_active[old] == s - self.window) & (self.slot_of[old] >= 0)]
         missing = active[self.slot_of[active] < 0]
         overflow = self.n_used - len(expired) + len(missing) - self.capacity
-        if overflow > 0:  # the window does not fit: drop the least recently active neurons too
+        if overflow > 0:  # the window (or what was retained) does not fit: the least recently active leave too
             keep = np.ones(self.n_used, dtype=bool)
             keep[self.slot_of[expired]] = False
             keep[self.slot_of[active[self.slot_of[active] >= 0]]] = False

@@ -48,10 +48,11 @@ class SparseOptions:
     reuse: bool = True  # window cache; False: every step loads its whole active set ("+predictor")
     bundled: bool = True  # False: up and down parts of a neuron read as two requests ("unbundled")
     overlap: bool = False  # start the reads, compute the cached rows while they fly
+    retain: bool = False  # rows that left the window stay while the cache has room (WindowCache)
 
     @classmethod
     def of(cls, config: FlashConfig) -> SparseOptions:
-        return cls(reuse=config.reuse, bundled=config.bundled, overlap=config.overlap)
+        return cls(reuse=config.reuse, bundled=config.bundled, overlap=config.overlap, retain=config.retain)
 
 
 class ActiveSource(Protocol):

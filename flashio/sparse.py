@@ -103,7 +103,8 @@ class SparseEngine(Engine):
             else:
                 self.landing = self._buffer(capacity, width)
         self.caches = [cache_cls(self._buffer(capacity, L.bundle_width, self.rows_dtype),
-                                 L.n_neurons, window, indices=self.transfer.indices, span=self.transfer.span)
+                                 L.n_neurons, window, indices=self.transfer.indices, span=self.transfer.span,
+                                 retain=options.retain and options.reuse)
                        for L in self.layers]
         # one scratch for all layers (they update one at a time), sized for the worst step so
         # that no cache grows its own (32 private ones were ~0.4 GB at 7B scale); it also holds
@@ -158,12 +159,14 @@ class SparseEngine(Engine):
         self.rec.neurons_loaded += m
         self.rec.cache_hits += up.hits
         self.rec.cache_rows += cache.n_used
+        live = cache.live()  # retained rows outside the window are kept, not computed
+        live = None if live is None else torch.from_numpy(live.astype(np.float32))
         try:
             if self.fill_in_place:
-                return self._filled(i, h, cache, up, coef)
+                return self._filled(i, h, cache, up, coef, live)
             if self.staging is None:
-                return self._appended(i, h, cache, up.start, m, up.missing, coef)
-            return self._staged(i, h, cache, up, coef)
+                return self._appended(i, h, cache, up.start, m, up.missing, coef, live)
+            return self._staged(i, h, cache, up, coef, live)
         except BaseException:
             cache.reset()  # rows were reserved for bundles that never arrived
             raise
@@ -183,7 +186,7 @@ class SparseEngine(Engine):
         self._account(r, waited_s=time.perf_counter() - t1)
 
     def _appended(self, i: int, h: torch.Tensor, cache: WindowCache, start: int, m: int,
-                  missing: np.ndarray, coef: Coefficients) -> torch.Tensor:
+                  missing: np.ndarray, coef: Coefficients, live: torch.Tensor | None) -> torch.Tensor:
         n = cache.n_used
         (idx,) = self.transfer.indices(cache.neurons)
         rows = cache.matrix[start : start + m]
@@ -192,11 +195,11 @@ class SparseEngine(Engine):
         pending = self._read(i, missing, host)
         if pending is None:
             self._arrive(slot, host, land, rows)
-            return self._compute(i, h, cache.matrix, 0, n, idx, coef)
+            return self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=live)
         # overlap: the cached rows are computed while the missing ones are read (and on CUDA
         # uploaded: the copy waits only for the row moves). That compute's padding rows may be
         # rows being written meanwhile: any finite values do, their activations are zeroed
-        y = self._compute(i, h, cache.matrix, 0, start, idx[:start], coef)
+        y = self._compute(i, h, cache.matrix, 0, start, idx[:start], coef, keep=None if live is None else live[:start])
         self._wait(pending)
         self._arrive(slot, host, land, rows)
         return y + self._compute(i, h, cache.matrix, start, n, idx[start:n], coef)
@@ -213,7 +216,7 @@ class SparseEngine(Engine):
                 rows.copy_(land)
 
     def _filled(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,
-                coef: Coefficients) -> torch.Tensor:
+                coef: Coefficients, live: torch.Tensor | None) -> torch.Tensor:
         """New rows read straight into their cache rows (up.dest). Overlap: everything cached is
         computed while the reads fly, the arriving rows masked out; then those rows alone."""
         n, m = cache.n_used, len(up.missing)
@@ -221,10 +224,10 @@ class SparseEngine(Engine):
         if m and not self.options.overlap:
             self._account(self.reader.read_rows(i, up.missing, cache.matrix, rows=up.dest))
         if not m or not self.options.overlap:
-            return self._compute(i, h, cache.matrix, 0, n, idx, coef)
+            return self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=live)
         pending = self.reader.submit_rows(i, up.missing, cache.matrix, rows=up.dest)
         dest = torch.from_numpy(up.dest)
-        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest)
+        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest, keep=live)
         self._wait(pending)
         if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
             keep = torch.zeros(n)
@@ -235,17 +238,17 @@ class SparseEngine(Engine):
         return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
 
     def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,
-                coef: Coefficients) -> torch.Tensor:
+                coef: Coefficients, live: torch.Tensor | None) -> torch.Tensor:
         n, m = cache.n_used, len(up.missing)
         idx = torch.from_numpy(cache.neurons)
         stage, fresh, dest = self.staging[:m], self.shared[:m], torch.from_numpy(up.dest)
         pending = self._read(i, up.missing, stage)
         if pending is None:
             self._scatter(cache, stage, None, dest)
-            return self._compute(i, h, cache.matrix, 0, n, idx, coef)
+            return self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=live)
         # overlap: everything cached is computed while the reads fly, the arriving rows masked
         # out (their slots still hold what left); then the new rows, from the converted buffer
-        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest)
+        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest, keep=live)
         self._wait(pending)
         self._scatter(cache, stage, fresh, dest)
         return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
@@ -283,6 +286,7 @@ class SparseEngine(Engine):
         gate, mask = coef
         mask = None if mask is None else mask[:, idx]
         if keep is not None:  # [hi - lo]: 1 for the rows to compute
+            keep = keep.to(h.device, non_blocking=True)
             mask = keep[None].to(h.dtype) if mask is None else mask * keep.to(mask.dtype)
         return self.rows_ffn(h, matrix[lo:stop], b_up, b_gate, zero=zero, n_valid=hi - lo,
                              gate_act=None if gate is None else gate[:, idx], mask=mask)

@@ -61,6 +61,7 @@ class Config:
     reuse: bool = True
     bundled: bool = True
     overlap: bool = False
+    retain: bool = False  # rows past the window kept while the cache has room (the product's default)
     ordered: bool = False  # the trace in the calibrated neuron order
     tuned: bool = False  # threads and coalescing gap from the device cost model
     pinned: bool = False  # naive with DRAM filled by pinned rows ("hybrid")
@@ -79,8 +80,8 @@ CONFIGS = (
     Config("+bundling", "sparse", "a neuron's up and down rows in one read"),
     Config("+coalescing", "sparse", "threads and gap reads chosen by the device cost model", tuned=True),
     Config("+reordering", "sparse", "neurons ordered by calibrated load frequency", tuned=True, ordered=True),
-    Config("+overlap", "sparse", "reads in flight while the cached rows are computed", tuned=True,
-           ordered=True, overlap=True),
+    Config("+overlap", "sparse", "reads in flight while the cached rows are computed; rows past the window kept "
+           "while the cache has room (flashio run's defaults)", tuned=True, ordered=True, overlap=True, retain=True),
     Config("mmap", "mmap", "FFN memory-mapped, paged by the OS (as llama.cpp)"),
     Config("dense", "dense", "everything in DRAM (reference; only when it fits)"),
 )
@@ -356,7 +357,7 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
             if cfg.pinned:
                 config = config.replace(pinned_fraction=plan["hybrid_pinned_fraction"])
             if cfg.sparse:
-                config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap)
+                config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap, retain=cfg.retain)
                 spec["trace"] = str(traces.ordered if cfg.ordered else traces.unordered)
             spec["config"] = config.to_dict()
             for f in files:

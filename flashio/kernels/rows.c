@@ -12,8 +12,17 @@
  * and bfloat16 matrix-vector products are fast only for a contiguous matrix multiplied from the
  * right; these run at the memory's speed on the strided rows in both directions.
  *
- * Three builds of one source: AVX-512 (F + F16C), AVX2 (+ F16C + FMA), and portable C; the
- * compiler's target flags choose (flashio.kernels compiles with -march=native).
+ * Quantized rows (flashio.quant) have their own products below; on CPUs with AVX-512 VNNI their dot
+ * products take x rounded to int8 in blocks of 32 (as llama.cpp's Q8_0 activations) and multiply
+ * in integers (vnni_rows), which keeps int4 and int8 rows at the memory's speed instead of the
+ * conversion instructions'.
+ *
+ * The rows a token reads are scattered a few KiB at a time through a window cache, too short for
+ * the hardware's stream prefetcher: each loop prefetches the next batch of rows while it computes
+ * the current one (take4, PREFETCH). A contiguous matrix is read a row at a time instead, in order.
+ *
+ * Three builds of one source: AVX-512 (F + F16C, + VNNI where the CPU has it), AVX2 (+ F16C + FMA),
+ * and portable C; the compiler's target flags choose (flashio.kernels compiles with -march=native).
  */
 #include <stdint.h>
 #include <math.h>
@@ -857,12 +866,15 @@ void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const u
             __m512 a0 = _mm512_setzero_ps(), a1 = a0;
             const int8_t *c = codes + n * len;
             int64_t k = 0;
+#define I8STEP(acc, k) \
+    acc = _mm512_fmadd_ps(DP(_mm512_xor_si512(_mm512_loadu_si512(c + (k)), x80), _mm512_loadu_si512(X.q + (k))), \
+                          _mm512_loadu_ps(X.dv + (k) / 4), acc)
             for (; k + 128 <= len; k += 128) {
-                a0 = _mm512_fmadd_ps(DP(_mm512_xor_si512(_mm512_loadu_si512(c + k), x80), _mm512_loadu_si512(X.q + k)), _mm512_loadu_ps(X.dv + k / 4), a0);
-                a1 = _mm512_fmadd_ps(DP(_mm512_xor_si512(_mm512_loadu_si512(c + k + 64), x80), _mm512_loadu_si512(X.q + k + 64)), _mm512_loadu_ps(X.dv + k / 4 + 16), a1);
+                I8STEP(a0, k);
+                I8STEP(a1, k + 64);
             }
-            for (; k < len; k += 64)
-                a0 = _mm512_fmadd_ps(DP(_mm512_xor_si512(_mm512_loadu_si512(c + k), x80), _mm512_loadu_si512(X.q + k)), _mm512_loadu_ps(X.dv + k / 4), a0);
+            for (; k < len; k += 64) I8STEP(a0, k);
+#undef I8STEP
             out[n] = (_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) - 128.0f * X.gs[0]) * HALF(scales[n]);
         }
         free(buf);

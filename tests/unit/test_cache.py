@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashio.cache import WindowCache
+from flashio.cache import FillingWindowCache, WindowCache
 
 N = 40
 
@@ -67,3 +67,52 @@ def test_row_moves_reuse_one_growing_scratch_buffer():
             reallocations, ptr = reallocations + 1, cache._scratch.data_ptr()
     assert moved > 200  # the test did exercise row moves
     assert reallocations <= int(np.log2(N)) + 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(window=st.integers(1, 4), capacity=st.integers(8, N), filling=st.booleans(),
+       steps=st.lists(st.sets(st.integers(0, N - 1), max_size=8), min_size=1, max_size=30))
+def test_retained_rows_stay_while_there_is_room_and_only_the_window_is_live(window, capacity, filling, steps):
+    """retain=True: a neuron that left the window keeps its row until the capacity needs it (the
+    least recently active leave first), so it is not read again; live() marks exactly the rows of
+    the window's neurons, the rows a step computes."""
+    cls = FillingWindowCache if filling else WindowCache
+    cache = cls(torch.full((capacity, 3), -1.0), N, window, retain=True)
+    plain = WindowCache(torch.full((capacity, 3), -1.0), N, window)  # the same steps without retention
+    seen: list[int] = []  # neurons in order of last activity
+    for s, active_set in enumerate(steps):
+        active = np.array(sorted(active_set), dtype=np.int64)
+        before = set(cache.neurons.tolist())
+        if filling:
+            up = cache.update_fill(active)
+            cache.matrix[torch.from_numpy(up.dest)] = torch.from_numpy(up.missing).float()[:, None]
+        else:
+            up = cache.update(active)
+            _fill(cache, up.start, up.missing)
+        _fill(plain, *(lambda u: (u.start, u.missing))(plain.update(active)))
+        seen = [n for n in seen if n not in active_set] + sorted(active_set)
+        held = cache.neurons.tolist()
+        assert set(up.missing.tolist()) == set(active_set) - before
+        # the most recently active neurons that fit: a retained cache holds them all
+        assert set(held) == set(seen[-min(len(seen), capacity):]) or len(held) == capacity
+        assert set(active_set) <= set(held) and len(held) <= capacity
+        assert set(plain.neurons.tolist()) <= set(held) or len(held) == capacity
+        window_ids = set().union(*map(set, steps[max(0, s - window + 1) : s + 1]))
+        live = cache.live()
+        live_ids = set(held) if live is None else {n for n, keep in zip(held, live) if keep}
+        assert live_ids == window_ids & set(held)
+        for slot, neuron in enumerate(held):
+            assert torch.all(cache.matrix[slot] == neuron)
+
+
+def test_a_cache_with_room_for_every_neuron_reads_each_once():
+    rng = np.random.default_rng(1)
+    cache = WindowCache(torch.zeros(N, 2), N, window=2, retain=True)
+    plain = WindowCache(torch.zeros(N, 2), N, window=2)
+    loaded = plain_loaded = 0
+    for _ in range(50):
+        active = np.sort(rng.choice(N, 6, replace=False))
+        loaded += len(cache.update(active).missing)
+        plain_loaded += len(plain.update(active).missing)
+    assert loaded == len(set(cache.neurons.tolist())) <= N  # each neuron read once
+    assert plain_loaded > 2 * loaded

@@ -78,6 +78,22 @@ def test_sparse_reads_only_missing_bundles(tiny_opt, tmp_path):
         assert sum(s.cache_hits for s in model.stats) > 0  # the window saved reads
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_retained_rows_save_reads_and_change_nothing_computed(tiny_opt, tmp_path, overlap):
+    """Rows kept past the window (retain, the default) are not computed: the same logits as
+    dropping them with the window, with fewer neurons read."""
+    torch.manual_seed(2)
+    preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
+    out, loaded = {}, {}
+    for retain in (True, False):
+        with flashio.open(art, mode="sparse", window=1, overlap=overlap, retain=retain) as model:
+            out[retain] = model.forward(PROMPT, token_by_token=True)
+            loaded[retain] = sum(s.neurons_loaded for s in model.stats)
+    assert (out[True] - out[False]).abs().max().item() <= 1e-5
+    assert loaded[True] < loaded[False]
+
+
 def test_sparse_needs_predictors(opt_artifact):
     with pytest.raises(FlashError, match="needs predictors"):
         flashio.open(opt_artifact, mode="sparse")
