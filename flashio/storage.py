@@ -10,7 +10,11 @@ Why it is built this way (measured on the target machine class, DESIGN.md sectio
   O_DIRECT reads exactly the bytes asked for and keeps the page cache out of the DRAM budget.
 - Small random reads are IOPS-bound and a virtio disk needs 16-32 reads in flight, so a persistent
   pool issues them; the Python cost per read (~10 us) is the ceiling, so each call submits ONE task
-  per thread with a contiguous share of the reads (one future per read caps near 48 k IOPS) and the
+  per thread with a contiguous share of the reads (one future per read caps near 48 k IOPS). Where
+  flashio's native library is built (flashio.kernels), a share's ``preadv`` calls run in one C call
+  (``flashio_read_pieces``) with the GIL released throughout: a read per Python call took the
+  interpreter lock back after every read, and the compute thread that the reads overlap with
+  waited for it (at half-scale Llama int4, overlap made a token's compute 40 -> 90 ms); else the
   per-read loop does little more than slice a memoryview and call ``os.preadv``.
 - Adjacent neuron ids are coalesced into one read (``plan_runs``); the few unneeded rows inside a
   run land in a per-thread scratch buffer, so the needed rows still go straight into ``out``.
@@ -32,6 +36,7 @@ Which reads a batch needs (coalescing, cutting, sharing out over threads) is pla
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -43,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
+from flashio import kernels
 from flashio.arena import PAGE_BYTES, AlignedArena, byte_view, logical_block_size, round_up
 from flashio.costmodel import CostModel
 from flashio.errors import FlashReadError, FormatError
@@ -66,6 +72,8 @@ __all__ = ["DEFAULT_THREADS", "MAX_READ_BYTES", "AlignedArena", "BundleReader", 
 
 log = logging.getLogger(__name__)
 
+# the reads of a thread's share in one native call (flashio.kernels; see above); "0": Python's preadv
+NATIVE_READS = os.environ.get("FLASHIO_NATIVE_READS", "1") != "0"
 DEFAULT_THREADS = 16  # DESIGN.md section 7: 16-32 threads saturate the virtio disk at 16 KiB
 
 
@@ -322,6 +330,9 @@ class BundleReader:
 
     def _read_into(self, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
         """preadv straight into out's memory; rows of a run that were not asked for go to scratch."""
+        lib = kernels.library() if NATIVE_READS else None
+        if lib is not None:
+            return self._read_native(lib, fd, work, out_mv, scratch_bytes)
         preadv = os.preadv
         scratch = None
         total = 0
@@ -340,6 +351,36 @@ class BundleReader:
         except OSError as e:
             raise self._os_error(e, off, n) from e
         return total
+
+    def _read_native(self, lib, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
+        """_read_into's reads in one call of the native library (GIL released for all of them)."""
+        base = ctypes.addressof(ctypes.c_char.from_buffer(out_mv))
+        sbase = None
+        offs, first, iov = [], [0], []
+        for off, n, dest, segs in work:
+            offs.append(off)
+            if segs is None:
+                iov += (base + dest, n)
+            else:
+                if sbase is None:
+                    sbase = ctypes.addressof(ctypes.c_char.from_buffer(self._scratch(scratch_bytes)))
+                pos = 0  # bytes of the piece already covered: gaps go to scratch
+                for src, d, k in segs:
+                    if src > pos:
+                        iov += (sbase, src - pos)
+                    iov += (base + d, k)
+                    pos = src + k
+                if pos < n:
+                    iov += (sbase, n - pos)
+            first.append(len(iov) // 2)
+        o, f, v = np.array(offs, np.int64), np.array(first, np.int64), np.array(iov, np.uint64)
+        got = lib.flashio_read_pieces(fd, len(offs), o.ctypes.data, f.ctypes.data, v.ctypes.data)
+        if got <= -1_000_000:  # the file ended inside piece i
+            off, n = work[-1_000_000 - got][:2]
+            raise self._short_read(off, n, 0)
+        if got < 0:
+            raise self._os_error(OSError(-got, os.strerror(-got)), work[0][0], sum(p[1] for p in work))
+        return got
 
     def _read_staged(self, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
         """O_DIRECT of each piece's block-aligned superset into scratch, then copy the rows out."""

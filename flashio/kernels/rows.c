@@ -24,8 +24,11 @@
  * Three builds of one source: AVX-512 (F + F16C, + VNNI where the CPU has it), AVX2 (+ F16C + FMA),
  * and portable C; the compiler's target flags choose (flashio.kernels compiles with -march=native).
  */
+#define _GNU_SOURCE /* preadv */
 #include <stdint.h>
 #include <math.h>
+#include <errno.h>
+#include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -914,4 +917,38 @@ int flashio_vector_bits(void) {
 #else
     return 0;
 #endif
+}
+
+/* ---- flash reads (flashio.storage): one reader thread's share of a step's pieces in one call ----
+ * piece i reads off[i] with the iovecs iov[first[i] .. first[i + 1]) (each piece fits IOV_MAX; a
+ * short read is retried from where it stopped). Called through ctypes, which releases the GIL for
+ * the whole share: the step's reads no longer take the interpreter lock once per read, which on a
+ * 2-core machine stalled the compute thread they overlap with. Returns the bytes read; on an error
+ * -errno, or -1000000 - i when piece i hit the end of the file. */
+int64_t flashio_read_pieces(int fd, int64_t n, const int64_t *off, const int64_t *first, struct iovec *iov) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        struct iovec *v = iov + first[i];
+        int cnt = (int)(first[i + 1] - first[i]);
+        int64_t pos = off[i];
+        while (cnt > 0) {
+            ssize_t got = preadv(fd, v, cnt, pos);
+            if (got < 0) {
+                if (errno == EINTR) continue;
+                return -(int64_t)errno;
+            }
+            if (got == 0) return -1000000 - i;
+            total += got;
+            pos += got;
+            while (cnt > 0 && (size_t)got >= v->iov_len) { /* whole iovecs done */
+                got -= (ssize_t)v->iov_len;
+                v++, cnt--;
+            }
+            if (cnt > 0 && got > 0) { /* partway into one: the rest of it next (the caller's table is scratch) */
+                v->iov_base = (char *)v->iov_base + got;
+                v->iov_len -= (size_t)got;
+            }
+        }
+    }
+    return total;
 }

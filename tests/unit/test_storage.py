@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flashio import kernels, storage
 from flashio.errors import FlashReadError, FormatError
 from flashio.storage import (
     MAX_READ_BYTES,
@@ -46,6 +47,15 @@ def _extents() -> list[LayerExtent]:
 
 
 EXTENTS = _extents()
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def read_loop(request, monkeypatch):
+    """Every test twice: a share's reads in flashio's native library (when it is built) and in Python."""
+    if request.param == "native" and not kernels.available():
+        pytest.skip(f"no native library here: {kernels.why_not()}")
+    monkeypatch.setattr(storage, "NATIVE_READS", request.param == "native")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -269,13 +279,18 @@ def test_file_truncated_underneath_raises_not_garbage(ffn_file, tmp_path, direct
     _, data = ffn_file
     path = tmp_path / "victim.bin"
     data.tofile(path)
-    with BundleReader(path, EXTENTS, threads=2, direct=direct) as reader:
+    with BundleReader(path, EXTENTS, threads=2, direct=direct) as reader, AlignedArena(4 * 1024) as arena:
         ids = np.array([0, 1, 1100, 1199], dtype=np.int64)
         out = torch.empty(4, 1024, dtype=torch.uint8)
+        aligned = arena.tensor(torch.uint8, (4, 1024))  # read straight into it (the native loop's path)
         reader.read_rows(0, ids, out)  # fine while the file is whole
+        reader.read_rows(0, ids, aligned)
         os.truncate(path, EXTENTS[0].offset_bytes + 600 * 1024 + 100)
         with pytest.raises(FlashReadError, match=r"victim\.bin.*offset \d+ expected \d+ bytes, got"):
             reader.read_rows(0, ids, out)
+        with pytest.raises(FlashReadError, match=r"victim\.bin.*offset \d+ expected \d+ bytes, got"):
+            reader.read_rows(0, ids, aligned)
+        del aligned
         with pytest.raises(FlashReadError, match="short read"):
             reader.read_rows(2, np.array([5], dtype=np.int64), torch.empty(1, 1024, dtype=torch.uint8))
         with pytest.raises(FlashReadError):
