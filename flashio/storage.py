@@ -375,6 +375,10 @@ class BundleReader:
             first.append(len(iov) // 2)
         o, f, v = np.array(offs, np.int64), np.array(first, np.int64), np.array(iov, np.uint64)
         got = lib.flashio_read_pieces(fd, len(offs), o.ctypes.data, f.ctypes.data, v.ctypes.data)
+        return self._native_result(got, work)
+
+    def _native_result(self, got: int, work: list[Piece]) -> int:
+        """The bytes a native read call returned, or its error raised as FlashReadError."""
         if got <= -1_000_000:  # the file ended inside piece i
             off, n = work[-1_000_000 - got][:2]
             raise self._short_read(off, n, 0)
@@ -387,6 +391,22 @@ class BundleReader:
         preadv = os.preadv
         block = self._block
         stage = self._scratch(scratch_bytes)
+        lib = kernels.library() if NATIVE_READS else None
+        if lib is not None:  # in one native call, as _read_native
+            base = ctypes.addressof(ctypes.c_char.from_buffer(out_mv))
+            lo, span, need, first, seg = [], [], [], [0], []
+            for off, n, dest, segs in work:
+                a = off - off % block
+                lo.append(a)
+                span.append(round_up(off + n, block) - a)
+                need.append(off - a + n)
+                for src, d, k in ((0, dest, n),) if segs is None else segs:
+                    seg += (off - a + src, base + d, k)
+                first.append(len(seg) // 3)
+            arrays = [np.array(v, np.int64) for v in (lo, span, need, first, seg)]
+            got = lib.flashio_read_staged(fd, len(lo), *[v.ctypes.data for v in arrays],
+                                          ctypes.addressof(ctypes.c_char.from_buffer(stage)))
+            return self._native_result(got, work)
         total = 0
         off, n = -1, 0
         try:

@@ -124,6 +124,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_q8_path.argtypes, lib.flashio_q8_path.restype = [ctypes.c_int64, ctypes.c_int, ctypes.c_int64], ctypes.c_int
     lib.flashio_read_pieces.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3
     lib.flashio_read_pieces.restype = ctypes.c_int64
+    lib.flashio_read_staged.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 6
+    lib.flashio_read_staged.restype = ctypes.c_int64
     return lib
 
 

@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <errno.h>
+#include <unistd.h>
 #include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -949,6 +950,32 @@ int64_t flashio_read_pieces(int fd, int64_t n, const int64_t *off, const int64_t
                 v->iov_len -= (size_t)got;
             }
         }
+    }
+    return total;
+}
+
+/* The same for reads that are not block-aligned (O_DIRECT): piece i reads span[i] bytes from lo[i]
+ * (its block-aligned superset) into `stage`, then copies its segments seg[j] = (position in the
+ * superset, destination address, bytes), j in first[i] .. first[i + 1], out of it. The superset
+ * may pass the end of the file; the piece itself (need[i] bytes from lo[i]) may not. */
+int64_t flashio_read_staged(int fd, int64_t n, const int64_t *lo, const int64_t *span, const int64_t *need,
+                            const int64_t *first, const int64_t *seg, uint8_t *stage) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t done = 0;
+        while (done < span[i]) {
+            ssize_t got = pread(fd, stage + done, (size_t)(span[i] - done), lo[i] + done);
+            if (got < 0) {
+                if (errno == EINTR) continue;
+                return -(int64_t)errno;
+            }
+            if (got == 0) break; /* the end of the file */
+            done += got;
+        }
+        if (done < need[i]) return -1000000 - i;
+        total += done;
+        for (int64_t j = first[i]; j < first[i + 1]; j++)
+            memcpy((void *)(uintptr_t)seg[3 * j + 1], stage + seg[3 * j], (size_t)seg[3 * j + 2]);
     }
     return total;
 }

@@ -300,16 +300,30 @@ def test_file_truncated_underneath_raises_not_garbage(ffn_file, tmp_path, direct
         np.testing.assert_array_equal(out[:2].numpy(), _block(data, 0)[:2])
 
 
-def test_os_error_is_wrapped(ffn_file, monkeypatch):
+def test_os_error_is_wrapped(ffn_file, monkeypatch, read_loop, tmp_path):
     path, _ = ffn_file
 
     def failing_preadv(fd, buffers, offset, *args):
         raise OSError(errno.EIO, "Input/output error")
 
-    with BundleReader(path, EXTENTS, threads=2) as reader:
-        monkeypatch.setattr(os, "preadv", failing_preadv)
-        with pytest.raises(FlashReadError, match="errno 5"):
-            reader.read_rows(0, np.array([1, 2], dtype=np.int64), torch.empty(2, 1024, dtype=torch.uint8))
+    with BundleReader(path, EXTENTS, threads=2) as reader, AlignedArena(2 * 1024) as arena:
+        aligned = arena.tensor(torch.uint8, (2, 1024))
+        ids = np.array([1, 2], dtype=np.int64)
+        if read_loop == "native":  # a directory under the reader's descriptor: reads fail with EISDIR
+            real, reader._fd_direct = reader._fd_direct, os.open(tmp_path, os.O_RDONLY)
+            try:
+                for out in (aligned, torch.empty(2, 1024, dtype=torch.uint8)):  # straight in, and staged
+                    with pytest.raises(FlashReadError, match=f"errno {errno.EISDIR}"):
+                        reader.read_rows(0, ids, out)
+            finally:
+                os.close(reader._fd_direct)
+                reader._fd_direct = real
+        else:
+            monkeypatch.setattr(os, "preadv", failing_preadv)
+            for out in (aligned, torch.empty(2, 1024, dtype=torch.uint8)):
+                with pytest.raises(FlashReadError, match="errno 5"):
+                    reader.read_rows(0, ids, out)
+        del aligned
 
 
 def test_bad_arguments(ffn_file):
