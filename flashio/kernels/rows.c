@@ -170,6 +170,7 @@ static void dot4(const void *r0, const void *r1, const void *r2, const void *r3,
                  int dtype, float *out, const batch *pf, int64_t pf_off) {
     int64_t k = 0, size = dtype == 0 ? 4 : 2;
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    (void)size, (void)pf, (void)pf_off; /* the portable build has no vector loop */
 #if defined(VW)
     vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
     for (; k + VW <= len; k += VW) {
