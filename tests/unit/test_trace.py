@@ -92,6 +92,7 @@ def packed(tiny_opt, tmp_path_factory):
 def test_replay_drives_the_runtime_and_loads_what_the_trace_requires(packed, window):
     t = synthesize(2, 256, len(PROMPT), TraceParams.preset("opt-6.7b"), seed=5)
     with flashio.open(packed, mode="sparse", window=window, max_gap=0,  # no gap reads: the trace's rows only
+                      retain=False,  # rows leave with the window, as the trace's count assumes
                       active_source=TraceReplay(t)) as model:
         model.forward(PROMPT, token_by_token=True)
         loaded = [s.neurons_loaded for s in model.stats]
@@ -101,6 +102,12 @@ def test_replay_drives_the_runtime_and_loads_what_the_trace_requires(packed, win
         assert [s.neurons_loaded for s in model.stats] == loaded
     assert loaded == t.required_rows(window).sum(axis=1).tolist()
     assert active == t.required_rows(None).sum(axis=1).tolist()
+    with flashio.open(packed, mode="sparse", window=window, max_gap=0, active_source=TraceReplay(t)) as model:
+        model.forward(PROMPT, token_by_token=True)  # retain (the default): rows stay while the cache has room
+        kept = [s.neurons_loaded for s in model.stats]
+        assert model.capacity == 256  # room for every neuron: each one is read once
+    distinct = sum(len(np.unique(np.concatenate([t.active(s, layer) for s in range(t.steps)]))) for layer in range(2))
+    assert sum(kept) == distinct < sum(loaded)
 
 
 def test_record_then_replay_reproduces_the_run(packed, tmp_path):
