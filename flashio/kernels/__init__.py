@@ -8,11 +8,10 @@ thread, 5504 rows of a Llama layer at half scale), up 4.9 GB/s and down 0.3-3.9 
 8 and 5 GB/s in bfloat16, against 17 GB/s for a contiguous `F.linear`. rows.c computes both
 products on the strided rows, widening each element to float32 as it is loaded and accumulating
 in float32; the down product skips rows whose coefficient is zero (neurons that did not fire).
-Rows a token reads are a few KiB each, scattered through the window cache, too short for the
-hardware's stream prefetcher: the loops prefetch the next four rows while computing the current
-four (fp16 FFN over 8192 Llama-shaped rows: 19.7 -> 25.7 GB/s). Quantized rows' dot products take
-x rounded to int8 in blocks of 32 on CPUs with AVX-512 VNNI and multiply in integers (see
-`int8_activations`), as llama.cpp does with its Q8 activations.
+A gated FFN's gate and up products share one pass over the rows. Quantized rows' dot products
+take x rounded to int8 in blocks of 32 on CPUs with AVX-512 VNNI and multiply in integers (see
+`int8_activations`), as llama.cpp does with its Q8 activations; their loops prefetch the next
+four rows (a quantized part, 2-4 KiB, is too short for the hardware's stream prefetcher).
 
 The source is compiled once per machine with the system's C compiler (`$CC`, else `cc`;
 `-O3 -march=native`) into a cache directory (`$FLASHIO_KERNEL_CACHE`, default

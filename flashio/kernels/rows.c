@@ -17,9 +17,10 @@
  * in integers (vnni_rows), which keeps int4 and int8 rows at the memory's speed instead of the
  * conversion instructions'.
  *
- * The rows a token reads are scattered a few KiB at a time through a window cache, too short for
- * the hardware's stream prefetcher: each loop prefetches the next batch of rows while it computes
- * the current one (take4, PREFETCH). A contiguous matrix is read a row at a time instead, in order.
+ * Quantized rows are short (a part of 2-4 KiB): their loops prefetch the next batch of rows while
+ * they compute the current one (take4, PREFETCH; 10-35% faster). Float rows of 8 KiB and more
+ * stream well without (prefetching made them 5-10% slower). A contiguous matrix is read a row at a
+ * time, in order.
  *
  * Three builds of one source: AVX-512 (F + F16C, + VNNI where the CPU has it), AVX2 (+ F16C + FMA),
  * and portable C; the compiler's target flags choose (flashio.kernels compiles with -march=native).
@@ -125,10 +126,9 @@ static inline const char *row_at(const void *rows, int64_t n, int64_t stride, in
     return (const char *)rows + n * stride * (dtype == 0 ? 4 : 2);
 }
 
-/* The rows a product reads are a few KiB each, scattered through the window cache: too short for the
- * hardware's stream prefetcher, which starts over on each. The loops below prefetch the next batch of
- * rows (`pf`, `np` of them) while they compute the current one: the `len` bytes of codes from `start`
- * (and `extra` more after them: the scales and offsets) advance by 64 bytes per step. */
+/* A quantized part is a few KiB, too short for the hardware's stream prefetcher, which starts over on
+ * each row: the quantized loops prefetch the next batch of rows (`pf`) while they compute the
+ * current one, a line of codes (and of the scales and offsets after them) per 64 bytes computed. */
 #define PREFETCH(p) __builtin_prefetch((p), 0, 3)
 typedef struct {
     const uint8_t *row[4];
@@ -167,15 +167,12 @@ static float dot1(const void *row, const float *x, int64_t len, int dtype) {
 
 /* four rows at once: four independent streams keep more of the memory's requests in flight */
 static void dot4(const void *r0, const void *r1, const void *r2, const void *r3, const float *x, int64_t len,
-                 int dtype, float *out, const batch *pf, int64_t pf_off) {
-    int64_t k = 0, size = dtype == 0 ? 4 : 2;
+                 int dtype, float *out) {
+    int64_t k = 0;
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    (void)size, (void)pf, (void)pf_off; /* the portable build has no vector loop */
 #if defined(VW)
     vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
     for (; k + VW <= len; k += VW) {
-        if (((k * size) & 63) == 0) /* the next rows' part, a line at a time */
-            for (int p = 0; p < pf->n; p++) PREFETCH(pf->row[p] + pf_off + k * size);
         vec xv = vloadf(x + k);
         a0 = vfmadd(vload(r0, k, dtype), xv, a0);
         a1 = vfmadd(vload(r1, k, dtype), xv, a1);
@@ -197,16 +194,10 @@ static void dot4(const void *r0, const void *r1, const void *r2, const void *r3,
 #if defined(VW)
 /* dot4 on two parts (gate and up) of the same four rows in one pass: eight streams, x loaded once */
 static void dot4x2(const char *const *row, int64_t o1, int64_t o2, const float *x, int64_t len, int dtype, float *out1,
-                   float *out2, const batch *pf) {
-    int64_t size = dtype == 0 ? 4 : 2;
+                   float *out2) {
     vec a[4] = {vzero(), vzero(), vzero(), vzero()}, b[4] = {vzero(), vzero(), vzero(), vzero()};
     int64_t k = 0;
     for (; k + VW <= len; k += VW) {
-        if (((k * size) & 63) == 0)
-            for (int p = 0; p < pf->n; p++) {
-                PREFETCH(pf->row[p] + o1 + k * size);
-                PREFETCH(pf->row[p] + o2 + k * size);
-            }
         vec xv = vloadf(x + k);
         for (int r = 0; r < 4; r++) {
             a[r] = vfmadd(vload(row[r] + o1, k, dtype), xv, a[r]);
@@ -226,18 +217,14 @@ static void dot4x2(const char *const *row, int64_t o1, int64_t o2, const float *
 
 void flashio_dot(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype,
                  const float *x, float *out) {
-    int64_t n = 0, pos = 4, idx[4];
+    int64_t n = 0;
     if (stride == len) { /* a contiguous matrix: a row at a time, in order (the hardware's stream; 16 -> 22 GB/s) */
         for (; n < n_rows; n++) out[n] = dot1(row_at(rows, n, stride, dtype), x, len, dtype);
         return;
     }
-    batch next = take4((const uint8_t *)rows, stride * (dtype == 0 ? 4 : 2), NULL, &pos, n_rows, idx);
-    for (; n + 4 <= n_rows; n += 4) {
-        batch pf = next;
-        next = take4((const uint8_t *)rows, stride * (dtype == 0 ? 4 : 2), NULL, &pos, n_rows, idx);
+    for (; n + 4 <= n_rows; n += 4)
         dot4(row_at(rows, n, stride, dtype), row_at(rows, n + 1, stride, dtype), row_at(rows, n + 2, stride, dtype),
-             row_at(rows, n + 3, stride, dtype), x, len, dtype, out + n, &pf, 0);
-    }
+             row_at(rows, n + 3, stride, dtype), x, len, dtype, out + n);
     for (; n < n_rows; n++) out[n] = dot1(row_at(rows, n, stride, dtype), x, len, dtype);
 }
 
@@ -314,25 +301,24 @@ void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, 
     const void *r[4];
     float c[4];
     int k = 0; /* rows queued for the down product */
-    int64_t pos = 0, idx[4], nidx[4];
+    int64_t pos = 0, idx[4];
     batch cur = take4((const uint8_t *)rows, row_bytes, mask, &pos, n_rows, idx);
     while (cur.n > 0) {
-        batch next = take4((const uint8_t *)rows, row_bytes, mask, &pos, n_rows, nidx);
-        /* the up (and gate) dot products of the batch; the next batch's parts prefetched meanwhile */
+        /* the up (and gate) dot products of the batch (not prefetched: rows of 8 KiB and more stream
+         * well; prefetching the next batch made them 5-10% slower) */
         float u[4] = {0, 0, 0, 0}, g[4] = {0, 0, 0, 0};
         const char *row[4];
         for (int i = 0; i < cur.n; i++) row[i] = (const char *)cur.row[i];
 #if defined(VW)
         if (cur.n == 4 && gate >= 0) { /* gate and up in one pass (5-8% faster than one after the other) */
-            dot4x2(row, gate * size, up * size, x, len, dtype, g, u, &next);
+            dot4x2(row, gate * size, up * size, x, len, dtype, g, u);
         } else
 #endif
         if (cur.n == 4) {
-            dot4(row[0] + up * size, row[1] + up * size, row[2] + up * size, row[3] + up * size, x, len, dtype, u,
-                 &next, up * size);
+            dot4(row[0] + up * size, row[1] + up * size, row[2] + up * size, row[3] + up * size, x, len, dtype, u);
             if (gate >= 0)
                 dot4(row[0] + gate * size, row[1] + gate * size, row[2] + gate * size, row[3] + gate * size, x, len,
-                     dtype, g, &next, gate * size);
+                     dtype, g);
         } else {
             for (int i = 0; i < cur.n; i++) {
                 u[i] = dot1(row[i] + up * size, x, len, dtype);
@@ -359,8 +345,7 @@ void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, 
                 }
             }
         }
-        cur = next;
-        memcpy(idx, nidx, sizeof idx);
+        cur = take4((const uint8_t *)rows, row_bytes, mask, &pos, n_rows, idx);
     }
     for (int i = 0; i < k; i++) axpy1(y, r[i], c[i], len, dtype);
 }
