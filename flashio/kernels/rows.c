@@ -18,7 +18,7 @@
  * conversion instructions'.
  *
  * Quantized rows are short (a part of 2-4 KiB): their loops prefetch the next batch of rows while
- * they compute the current one (take4, PREFETCH; 10-35% faster). Float rows of 8 KiB and more
+ * they compute the current one (take4, PREFETCH; 5-50% faster). Float rows of 8 KiB and more
  * stream well without (prefetching made them 5-10% slower). A contiguous matrix is read a row at a
  * time, in order.
  *
