@@ -158,8 +158,8 @@ class SparseEngine(Engine):
         self.rec.neurons_active += len(ids_np)
         self.rec.neurons_loaded += m
         self.rec.cache_hits += up.hits
-        self.rec.cache_rows += cache.n_used
         live = cache.live()  # retained rows outside the window are kept, not computed
+        self.rec.cache_rows += cache.n_used if live is None else int(np.count_nonzero(live))
         live = None if live is None else torch.from_numpy(live.astype(np.float32))
         try:
             if self.fill_in_place:

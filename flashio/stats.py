@@ -14,7 +14,7 @@ class StepStats:
     neurons_active: int = 0  # neurons the FFN used (predicted/oracle set, all layers)
     neurons_loaded: int = 0  # neurons read from flash (missing from the window)
     cache_hits: int = 0  # active neurons already in the window cache
-    cache_rows: int = 0  # rows held by the window caches after the step (all layers)
+    cache_rows: int = 0  # window-cache rows the step computed (all layers): the window's; rows retained past it are not counted
     truncated: int = 0  # active neurons dropped because the cache capacity was reached
     buffered_reads: int = 0  # reads that could not use O_DIRECT
     io_ms: float = 0.0  # time the step waited for reads (overlapped reads count only their wait)

@@ -22,9 +22,10 @@ the compute dtype at open):
                  naive / hybrid: neurons_loaded streamed rows in the storage dtype (the read buffer)
                                  + (neurons_active - neurons_loaded) pinned rows in the compute dtype
                  mmap:           neurons_active rows (all) in the storage dtype (the page cache)
-                 sparse, oracle: cache_rows, the window cache's used rows: the FFN runs on
-                                 matrix[:n_used] (its padding to a BUCKET_ROWS multiple is overhead,
-                                 not floor); only active rows would be `ffn_active` (reported apart)
+                 sparse, oracle: cache_rows, the window cache's rows of the window: the FFN runs
+                                 on them (its padding to a BUCKET_ROWS multiple is overhead, not
+                                 floor; rows retained past the window are masked out and not read);
+                                 only active rows would be `ffn_active` (reported apart)
     predictors = A + B + bias of every layer (sparse, when the artifact has predictors: they run
                  even when a trace supplies the active set)
     oracle     = the exact activation's rows (the up or gate part of every row), oracle mode only

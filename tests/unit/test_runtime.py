@@ -85,13 +85,15 @@ def test_retained_rows_save_reads_and_change_nothing_computed(tiny_opt, tmp_path
     torch.manual_seed(2)
     preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
     art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
-    out, loaded = {}, {}
+    out, loaded, computed = {}, {}, {}
     for retain in (True, False):
         with flashio.open(art, mode="sparse", window=1, overlap=overlap, retain=retain) as model:
             out[retain] = model.forward(PROMPT, token_by_token=True)
             loaded[retain] = sum(s.neurons_loaded for s in model.stats)
+            computed[retain] = [s.cache_rows for s in model.stats]  # the window's rows, retained or not
     assert (out[True] - out[False]).abs().max().item() <= 1e-5
     assert loaded[True] < loaded[False]
+    assert computed[True] == computed[False]
 
 
 def test_sparse_needs_predictors(opt_artifact):
