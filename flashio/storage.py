@@ -364,14 +364,8 @@ class BundleReader:
             else:
                 if sbase is None:
                     sbase = ctypes.addressof(ctypes.c_char.from_buffer(self._scratch(scratch_bytes)))
-                pos = 0  # bytes of the piece already covered: gaps go to scratch
-                for src, d, k in segs:
-                    if src > pos:
-                        iov += (sbase, src - pos)
-                    iov += (base + d, k)
-                    pos = src + k
-                if pos < n:
-                    iov += (sbase, n - pos)
+                for d, k in _spans(segs, n):
+                    iov += (sbase if d is None else base + d, k)
             first.append(len(iov) // 2)
         o, f, v = np.array(offs, np.int64), np.array(first, np.int64), np.array(iov, np.uint64)
         got = lib.flashio_read_pieces(fd, len(offs), o.ctypes.data, f.ctypes.data, v.ctypes.data)
@@ -474,17 +468,23 @@ def _timed(worker: Callable[..., int], *args: object) -> tuple[int, float]:
     return worker(*args), time.perf_counter()
 
 
+def _spans(segs: tuple[tuple[int, int, int], ...], n: int) -> list[tuple[int | None, int]]:
+    """One gapped piece of n bytes in read order: (destination offset in out, bytes) for its
+    segments, (None, bytes) for the gaps between them (read into scratch)."""
+    spans: list[tuple[int | None, int]] = []
+    pos = 0  # bytes of the piece already covered
+    for src, dest, k in segs:
+        if src > pos:
+            spans.append((None, src - pos))
+        spans.append((dest, k))
+        pos = src + k
+    if pos < n:
+        spans.append((None, n - pos))
+    return spans
+
+
 def _iovecs(
     segs: tuple[tuple[int, int, int], ...], n: int, out_mv: memoryview, scratch: memoryview
 ) -> list[memoryview]:
     """Buffers for one gapped piece of n bytes: out's rows for segments, scratch for the gaps."""
-    bufs = []
-    pos = 0  # bytes of the piece already covered
-    for src, dest, k in segs:
-        if src > pos:
-            bufs.append(scratch[: src - pos])
-        bufs.append(out_mv[dest : dest + k])
-        pos = src + k
-    if pos < n:
-        bufs.append(scratch[: n - pos])
-    return bufs
+    return [scratch[:k] if d is None else out_mv[d : d + k] for d, k in _spans(segs, n)]

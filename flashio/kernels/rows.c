@@ -643,7 +643,7 @@ static int vnni_ok(const qlayout *L) {
 /* X from x (len % 64 == 0, group % 32 == 0); buf: at least len + len * 2 + len / group * 4 + len / 8 bytes,
  * 64-byte aligned */
 static qx quantize_x(const float *x, int64_t len, int64_t group, uint8_t *buf) {
-    qx X;
+    qx X = {NULL, NULL, NULL, NULL};
     X.dv = (float *)buf;
     X.q = (int8_t *)(buf + len * 1);
     X.gs = (float *)(buf + len * 2);
@@ -799,56 +799,40 @@ void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_
         for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[k];
         xg[g] = t;
     }
-    int64_t idx[4];
-    int m = 0;
+    if (mask)
+        for (int64_t n = 0; n < n_rows; n++)
+            if (mask[n] == 0.0f) out[n] = 0.0f; /* rows not read */
+    uint8_t *buf = NULL; /* int8 activations (VNNI builds), the next rows prefetched */
 #if defined(FLASHIO_VNNI)
-    if (vnni_ok(&L)) { /* int8 activations, the next rows prefetched */
-        uint8_t *buf = malloc((size_t)(2 * dim + 4 * dim / group + dim / 8));
+    qx X = {NULL, NULL, NULL, NULL};
+    if (vnni_ok(&L) && (buf = malloc((size_t)(2 * dim + 4 * dim / group + dim / 8))) != NULL)
+        X = quantize_x(x, dim, group, buf);
+#endif
+    int64_t pos = 0, idx[4], nidx[4];
+    float o[4];
+    batch cur = take4(rows, row_bytes, mask, &pos, n_rows, idx);
+    while (cur.n > 0) {
+        batch next = take4(rows, row_bytes, mask, &pos, n_rows, nidx);
+#if defined(FLASHIO_VNNI)
         if (buf) {
-            qx X = quantize_x(x, dim, group, buf);
-            if (mask)
-                for (int64_t n = 0; n < n_rows; n++)
-                    if (mask[n] == 0.0f) out[n] = 0.0f;
-            int64_t pos = 0, nidx[4];
-            float o[4];
-            batch cur = take4(rows, row_bytes, mask, &pos, n_rows, idx);
-            while (cur.n > 0) {
-                batch next = take4(rows, row_bytes, mask, &pos, n_rows, nidx);
-                if (cur.n == 4)
-                    vnni_rows(4, cur.row, &next, &L, &X, o);
-                else
-                    for (int i = 0; i < cur.n; i++) vnni_rows(1, cur.row + i, &next, &L, &X, o + i);
-                for (int i = 0; i < cur.n; i++) out[idx[i]] = o[i] + qoffsets_dot(cur.row[i], &L, X.gs);
-                cur = next;
-                memcpy(idx, nidx, sizeof idx);
-            }
-            free(buf);
-            return;
-        }
-    }
+            if (cur.n == 4)
+                vnni_rows(4, cur.row, &next, &L, &X, o);
+            else
+                for (int i = 0; i < cur.n; i++) vnni_rows(1, cur.row + i, &next, &L, &X, o + i);
+            for (int i = 0; i < cur.n; i++) o[i] += qoffsets_dot(cur.row[i], &L, X.gs);
+        } else
 #endif
-    for (int64_t n = 0; n < n_rows; n++) {
-        if (mask && mask[n] == 0.0f) {
-            out[n] = 0.0f;
-            continue;
-        }
-        idx[m++] = n;
 #if defined(VW)
-        if (m == 4 && qvector_ok(&L)) {
-            const uint8_t *r[4] = {rows + idx[0] * row_bytes, rows + idx[1] * row_bytes, rows + idx[2] * row_bytes,
-                                   rows + idx[3] * row_bytes};
-            float o[4];
-            qdot4(r, &L, x, xg, o);
-            for (int i = 0; i < 4; i++) out[idx[i]] = o[i];
-            m = 0;
-        }
+        if (cur.n == 4 && qvector_ok(&L))
+            qdot4(cur.row, &L, x, xg, o);
+        else
 #endif
-        if (m == 4) { /* no vector path */
-            for (int i = 0; i < 4; i++) out[idx[i]] = qdot1(rows + idx[i] * row_bytes, &L, x, xg);
-            m = 0;
-        }
+            for (int i = 0; i < cur.n; i++) o[i] = qdot1(cur.row[i], &L, x, xg);
+        for (int i = 0; i < cur.n; i++) out[idx[i]] = o[i];
+        cur = next;
+        memcpy(idx, nidx, sizeof idx);
     }
-    for (int i = 0; i < m; i++) out[idx[i]] = qdot1(rows + idx[i] * row_bytes, &L, x, xg);
+    free(buf);
 }
 
 /* y[k] = sum_n a[n] * element_k of row n; rows with a[n] == 0 are not read. og: dim / group scratch */
