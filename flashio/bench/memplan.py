@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flashio.bench.floor import tensor_infos
 from flashio.budget import MemoryBudget
@@ -28,6 +27,7 @@ from flashio.dtypes import TORCH_DTYPES
 from flashio.errors import FlashError
 from flashio.ffn import ffn_compute
 from flashio.format import Artifact
+from flashio.quant import linear
 from flashio.sizes import format_size
 
 SLACK_BYTES = 256 << 20  # allocator caches, thread stacks, activations, reader scratch
@@ -109,7 +109,7 @@ def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str 
     """The dtype of weights in memory and of the matmuls. 'auto': the storage dtype, except for
     float16 storage on the CPU, where one layer's one-token work is timed in float16 and bfloat16
     and the faster is chosen (float32 would double the DRAM): the FFN on a cache-sized block of
-    bundle rows (flashio.ffn.ffn_compute) plus the attention's projections (F.linear on matrices
+    bundle rows (flashio.ffn.ffn_compute) plus the attention's projections (the runtime's linear on matrices
     of the artifact's q/k/v/o shapes). Both count: on CPUs whose bfloat16 matmuls are slow the
     FFN products can be even while the projections differ 2x."""
     m = art.manifest
@@ -149,7 +149,7 @@ def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str 
 def _layer(x: torch.Tensor, rows: torch.Tensor, parts: dict[str, slice], projections: list[torch.Tensor]) -> None:
     ffn_compute(x, rows, parts, None, None)
     for p in projections:
-        F.linear(x.new_ones(1, p.shape[1]), p)
+        linear(x.new_ones(1, p.shape[1]), p)
 
 
 def _projection_shapes(art: Artifact) -> list[tuple[int, ...]]:

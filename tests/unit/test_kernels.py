@@ -269,6 +269,30 @@ def test_quantized_resident_linear_one_token_equals_torch_kernel(monkeypatch):
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float_resident_linear_one_token_takes_the_kernels(dtype, monkeypatch):
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    from flashio.quant import linear
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(70, 96, generator=g) * 0.1).to(dtype)
+    x, b = torch.randn(1, 96, generator=g).to(dtype), torch.randn(70, generator=g).to(dtype)
+    calls = []
+    dot = kernels.Kernels.dot
+    monkeypatch.setattr(kernels.Kernels, "dot", lambda self, *a, **k: calls.append(1) or dot(self, *a, **k))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    got = linear(x, w, b)
+    assert calls and got.dtype == dtype and got.shape == (1, 70)
+    exact = x.double() @ w.double().T
+    # the kernels accumulate in float32: only the final rounding to dtype (and the bias add) differ
+    eps = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.double(), exact + b.double(), rtol=0, atol=eps * float(exact.abs().max() + 1))
+    calls.clear()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's GEMV uses its threads; the kernels one
+    torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert not calls
+
+
 def test_rows_with_strided_elements_are_not_taken():
     if not kernels.available():
         pytest.skip(f"no kernels here: {kernels.why_not()}")
