@@ -125,6 +125,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_read_pieces.restype = ctypes.c_int64
     lib.flashio_read_staged.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 6
     lib.flashio_read_staged.restype = ctypes.c_int64
+    lib.flashio_uring_open.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int)]
+    lib.flashio_uring_open.restype = ctypes.c_void_p
+    lib.flashio_uring_close.argtypes, lib.flashio_uring_close.restype = [ctypes.c_void_p], None
+    lib.flashio_uring_read_pieces.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64]
+    lib.flashio_uring_read_pieces.restype = ctypes.c_int64
     return lib
 
 

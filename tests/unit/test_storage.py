@@ -6,6 +6,7 @@ tmp_path is on a disk filesystem here (ext4), so O_DIRECT works; tests that need
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -49,13 +50,25 @@ def _extents() -> list[LayerExtent]:
 EXTENTS = _extents()
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
+@pytest.fixture(autouse=True, params=["uring", "native", "python"])
 def read_loop(request, monkeypatch):
-    """Every test twice: a share's reads in flashio's native library (when it is built) and in Python."""
-    if request.param == "native" and not kernels.available():
+    """Every test three times: aligned reads through an io_uring, a share's reads in flashio's
+    native library (when it is built), and in Python."""
+    if request.param != "python" and not kernels.available():
         pytest.skip(f"no native library here: {kernels.why_not()}")
-    monkeypatch.setattr(storage, "NATIVE_READS", request.param == "native")
+    if request.param == "uring" and not _uring_works():
+        pytest.skip("the kernel refuses io_uring here")
+    monkeypatch.setattr(storage, "NATIVE_READS", request.param != "python")
+    monkeypatch.setattr(storage, "URING_READS", request.param == "uring")
     return request.param
+
+
+def _uring_works() -> bool:
+    err = ctypes.c_int(0)
+    ring = kernels.library().flashio_uring_open(8, ctypes.byref(err))
+    if ring:
+        kernels.library().flashio_uring_close(ring)
+    return bool(ring)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +253,43 @@ def test_concurrent_callers_get_their_own_rows(ffn_file):
     assert not errors, errors[0]
 
 
+def test_uring_reads_are_one_share_on_one_ring_per_thread(ffn_file, read_loop):
+    if read_loop != "uring":
+        pytest.skip("io_uring only")
+    path, data = ffn_file
+    ids = np.arange(0, EXTENTS[0].n_rows, 3, dtype=np.int64)
+    with _direct_reader(path, threads=4) as reader, AlignedArena(len(ids) * EXTENTS[0].row_bytes) as arena:
+        out = arena.tensor(torch.uint8, (len(ids), EXTENTS[0].row_bytes))
+        r = reader.read_rows(0, ids, out)  # on the calling thread's ring
+        np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
+        assert r.reads == len(ids) and len(reader._rings) == 1
+        out.zero_()
+        pending = reader.submit_rows(0, ids, out)  # one share, on a pool thread's ring
+        assert len(pending._futures) == 1
+        pending.result()
+        np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
+        assert len(reader._rings) == 2
+        del out
+    assert reader._rings == []  # closed with the reader
+
+
+def test_without_a_ring_the_threads_read(ffn_file, read_loop, monkeypatch, caplog):
+    if read_loop != "uring":
+        pytest.skip("io_uring only")
+    path, data = ffn_file
+    monkeypatch.setattr(kernels.library(), "flashio_uring_open", lambda entries, err: None)  # e.g. seccomp
+    ids = np.array([0, 2, 5, 9], dtype=np.int64)
+    with (caplog.at_level(logging.INFO, logger="flashio.storage"), _direct_reader(path, threads=2) as reader,
+          AlignedArena(len(ids) * EXTENTS[0].row_bytes) as arena):
+        out = arena.tensor(torch.uint8, (len(ids), EXTENTS[0].row_bytes))
+        for _ in range(2):
+            reader.read_rows(0, ids, out)
+            np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
+        assert not reader._uring and reader._rings == []
+        del out
+    assert sum("no io_uring" in r.message for r in caplog.records) == 1
+
+
 # -- read_layer --------------------------------------------------------------------------------
 
 
@@ -309,7 +359,7 @@ def test_os_error_is_wrapped(ffn_file, monkeypatch, read_loop, tmp_path):
     with BundleReader(path, EXTENTS, threads=2) as reader, AlignedArena(2 * 1024) as arena:
         aligned = arena.tensor(torch.uint8, (2, 1024))
         ids = np.array([1, 2], dtype=np.int64)
-        if read_loop == "native":  # a directory under the reader's descriptor: reads fail with EISDIR
+        if read_loop != "python":  # a directory under the reader's descriptor: reads fail with EISDIR
             real, reader._fd_direct = reader._fd_direct, os.open(tmp_path, os.O_RDONLY)
             try:
                 for out in (aligned, torch.empty(2, 1024, dtype=torch.uint8)):  # straight in, and staged
