@@ -82,6 +82,10 @@ log = logging.getLogger(__name__)
 NATIVE_READS = os.environ.get("FLASHIO_NATIVE_READS", "1") != "0"
 # aligned reads through one io_uring per reading thread (native library; see above); "0": threads
 URING_READS = os.environ.get("FLASHIO_URING", "1") != "0"
+# a ring's reads in flight: in flight they cost no CPU (threads would), and the virtio disk of
+# DESIGN.md section 7 kept gaining past 64 (Llama-2-7B shape, half DRAM: a token's unhidden I/O
+# 97-103 ms at 64, 83-91 at 128)
+URING_DEPTH = int(os.environ.get("FLASHIO_URING_DEPTH", "128"))
 DEFAULT_THREADS = 16  # DESIGN.md section 7: 16-32 threads saturate the virtio disk at 16 KiB
 
 
@@ -375,7 +379,7 @@ class BundleReader:
         ring = getattr(self._tls, "ring", None)
         if ring is None and self._uring:
             err = ctypes.c_int(0)
-            ring = lib.flashio_uring_open(max(8, 1 << (self._threads - 1).bit_length()), ctypes.byref(err))
+            ring = lib.flashio_uring_open(max(8, 1 << (self._depth() - 1).bit_length()), ctypes.byref(err))
             if not ring:
                 self._uring = False
                 log.info("%s: no io_uring (%s): reading with %d threads", self._path, os.strerror(err.value),
@@ -386,6 +390,10 @@ class BundleReader:
             self._tls.ring = ring
         return ring
 
+    def _depth(self) -> int:
+        """Reads a ring keeps in flight: at least the threads', at least URING_DEPTH."""
+        return max(self._threads, URING_DEPTH)
+
     def _read_uring(self, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
         """_read_into's reads through this thread's io_uring, `threads` of them in flight."""
         lib = kernels.library()
@@ -394,7 +402,7 @@ class BundleReader:
             return self._read_native(lib, fd, work, out_mv, scratch_bytes)
         o, f, v = self._native_tables(work, out_mv, scratch_bytes)
         got = lib.flashio_uring_read_pieces(ring, fd, len(o), o.ctypes.data, f.ctypes.data, v.ctypes.data,
-                                            self._threads)
+                                            self._depth())
         return self._native_result(got, work)
 
     def _read_native(self, lib, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:

@@ -165,6 +165,14 @@ def test_compute_dtype_is_timed_on_float_rows_of_a_quantized_artifact(tmp_path, 
     assert timed and all(shape[1] == m.bundle_layout[-1][2] == 2 * art.args.dim for shape in timed)
 
 
+def test_bfloat16_must_pay_for_converting_the_reads():
+    import flashio.bench.memplan as memplan
+
+    assert memplan.pick_dtype({"float16": 10.0, "bfloat16": 9.0}) == "float16"  # 10% faster: not enough
+    assert memplan.pick_dtype({"float16": 10.0, "bfloat16": 5.0}) == "bfloat16"  # torch's slow fp16 GEMV
+    assert memplan.pick_dtype({"float16": 9.0, "bfloat16": 10.0}) == "float16"
+
+
 def test_bench_model_cgroup_fallback(synth_art, tmp_path, monkeypatch):
     """Without a v1 memory controller the benchmark says so and relies on the runtime's budget."""
     import flashio.bench.model as bm
