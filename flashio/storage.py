@@ -17,11 +17,11 @@ Why it is built this way (measured on the target machine class, DESIGN.md sectio
   waited for it (at half-scale Llama int4, overlap made a token's compute 40 -> 90 ms); else the
   per-read loop does little more than slice a memoryview and call ``os.preadv``.
 - Where the kernel has io_uring (Linux 5.1+, not disabled), reads straight into ``out`` go
-  through one ring instead: ``threads`` reads in flight, submitted and reaped in batches by ONE
-  thread (``flashio_uring_read_pieces``). Random 24 KiB O_DIRECT reads, 64 in flight: the same
-  ~1 GB/s as 64 threads, 3.4 against 8.4 us of CPU per read (the blocked threads' wake-ups and
-  context switches), CPU that the overlapped compute shares two cores with.
-  ``FLASHIO_URING=0``: the threads.
+  through one ring instead: URING_DEPTH (at least ``threads``) reads in flight, submitted and
+  reaped in batches by ONE thread (``flashio_uring_read_pieces``). Random 24 KiB O_DIRECT reads,
+  64 in flight: the same ~1 GB/s as 64 threads, 3.4 against 8.4 us of CPU per read (the blocked
+  threads' wake-ups and context switches), CPU that the overlapped compute shares two cores
+  with. ``FLASHIO_URING=0``: the threads.
 - Adjacent neuron ids are coalesced into one read (``plan_runs``); the few unneeded rows inside a
   run land in a per-thread scratch buffer, so the needed rows still go straight into ``out``.
 
@@ -82,9 +82,9 @@ log = logging.getLogger(__name__)
 NATIVE_READS = os.environ.get("FLASHIO_NATIVE_READS", "1") != "0"
 # aligned reads through one io_uring per reading thread (native library; see above); "0": threads
 URING_READS = os.environ.get("FLASHIO_URING", "1") != "0"
-# a ring's reads in flight: in flight they cost no CPU (threads would), and the virtio disk of
-# DESIGN.md section 7 kept gaining past 64 (Llama-2-7B shape, half DRAM: a token's unhidden I/O
-# 97-103 ms at 64, 83-91 at 128)
+# a ring's reads in flight (FLASHIO_URING_DEPTH; waiting on a ring costs no CPU, unlike a
+# blocked thread's wake-up). Llama-2-7B shape, half DRAM, a token's unhidden I/O: 83-91 ms at 128
+# against 111-120 at 64 (bfloat16 compute), 97-98 at 128 against 105-108 at 256 (float16)
 URING_DEPTH = int(os.environ.get("FLASHIO_URING_DEPTH", "128"))
 DEFAULT_THREADS = 16  # DESIGN.md section 7: 16-32 threads saturate the virtio disk at 16 KiB
 
