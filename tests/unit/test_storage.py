@@ -253,9 +253,8 @@ def test_concurrent_callers_get_their_own_rows(ffn_file):
     assert not errors, errors[0]
 
 
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
 def test_uring_reads_are_one_share_on_one_ring_per_thread(ffn_file, read_loop):
-    if read_loop != "uring":
-        pytest.skip("io_uring only")
     path, data = ffn_file
     ids = np.arange(0, EXTENTS[0].n_rows, 3, dtype=np.int64)
     with _direct_reader(path, threads=4) as reader, AlignedArena(len(ids) * EXTENTS[0].row_bytes) as arena:
@@ -273,9 +272,8 @@ def test_uring_reads_are_one_share_on_one_ring_per_thread(ffn_file, read_loop):
     assert reader._rings == []  # closed with the reader
 
 
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
 def test_without_a_ring_the_threads_read(ffn_file, read_loop, monkeypatch, caplog):
-    if read_loop != "uring":
-        pytest.skip("io_uring only")
     path, data = ffn_file
     monkeypatch.setattr(kernels.library(), "flashio_uring_open", lambda entries, err: None)  # e.g. seccomp
     ids = np.array([0, 2, 5, 9], dtype=np.int64)
