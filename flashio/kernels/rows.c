@@ -48,18 +48,18 @@
 /* the float loops are inlined into a copy per dtype (FOR_DTYPE): the element conversion is then
  * chosen once, not per vector load (fp16 rows, a Llama-2-7B layer's FFN: 24 -> 27-28 GB/s) */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-#define FOR_DTYPE(dtype, call)    \
-    do {                          \
-        if ((dtype) == 1) {       \
-            const int dt_ = 1;    \
-            call;                 \
+#define FOR_DTYPE(dtype, call)     \
+    do {                           \
+        if ((dtype) == 1) {        \
+            const int dt_ = 1;     \
+            call;                  \
         } else if ((dtype) == 2) { \
-            const int dt_ = 2;    \
-            call;                 \
-        } else {                  \
-            const int dt_ = 0;    \
-            call;                 \
-        }                         \
+            const int dt_ = 2;     \
+            call;                  \
+        } else {                   \
+            const int dt_ = 0;     \
+            call;                  \
+        }                          \
     } while (0)
 
 static inline float half_to_float(uint16_t h) {
