@@ -316,7 +316,7 @@ class BundleReader:
         else:
             worker, fd, scratch_bytes = self._read_into, self._fd, int(nbytes.max())
         if worker == self._read_into and self._uring_library() is not None:
-            worker = self._read_uring  # one share: the ring keeps `threads` of its reads in flight
+            worker = self._read_uring  # one share: the ring keeps _depth() of its reads in flight
             groups = [pieces]
         else:
             groups = split_pieces(pieces, nbytes, self._threads)
@@ -372,7 +372,7 @@ class BundleReader:
 
     def _uring_library(self):
         """The native library when reads go through io_uring, else None."""
-        return kernels.library() if self._uring and URING_READS and NATIVE_READS else None
+        return kernels.library() if self._uring and NATIVE_READS else None
 
     def _ring(self, lib) -> int | None:
         """This thread's io_uring (opened on first use), or None when the kernel refuses one."""
@@ -395,7 +395,7 @@ class BundleReader:
         return max(self._threads, URING_DEPTH)
 
     def _read_uring(self, fd: int, work: list[Piece], out_mv: memoryview, scratch_bytes: int) -> int:
-        """_read_into's reads through this thread's io_uring, `threads` of them in flight."""
+        """_read_into's reads through this thread's io_uring, _depth() of them in flight."""
         lib = kernels.library()
         ring = self._ring(lib)
         if ring is None:
