@@ -1037,7 +1037,7 @@ int64_t flashio_read_staged(int fd, int64_t n, const int64_t *lo, const int64_t 
 typedef struct {
     int fd;
     unsigned entries;
-    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+    unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
     struct io_uring_sqe *sqes;
     struct io_uring_cqe *cqes;
     void *sq_ptr, *cq_ptr;
@@ -1089,7 +1089,6 @@ static flashio_ring *uring_open(unsigned entries) {
     r->sqes = mmap(NULL, r->sqe_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
     if (r->sqes == MAP_FAILED) goto fail;
     char *sq = r->sq_ptr, *cq = r->cq_ptr;
-    r->sq_head = (unsigned *)(sq + p.sq_off.head);
     r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
     r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
     r->sq_array = (unsigned *)(sq + p.sq_off.array);
