@@ -1,7 +1,8 @@
 """The windowed sparse FFN (LLM in a flash, sections 3.1-3.3) and its oracle.
 
 Per layer and step: the active set (predictor, or an ActiveSource such as a trace replay) ->
-the window cache update -> reads of the missing bundles only -> the FFN on the cache's used rows.
+the window cache update -> reads of the missing bundles only -> the FFN on the active set's rows
+(the cache holds the window's; FlashConfig.compute_window computes all of those).
 On the CPU with rows kept as stored, arriving neurons are read straight into the rows freed in
 the same step (FillingWindowCache); elsewhere deletion moves the last rows into the freed slots
 and insertion appends (the paper's layout), or rows pass through a staging buffer.
@@ -160,7 +161,7 @@ class SparseEngine(Engine):
         self.rec.cache_hits += up.hits
         live = cache.live()  # retained rows outside the window are kept, not computed
         self.rec.cache_rows += cache.n_used if live is None else int(np.count_nonzero(live))
-        live = None if live is None else torch.from_numpy(live.astype(np.float32))
+        live = self._computed_rows(cache, ids_np, live)
         try:
             if self.fill_in_place:
                 return self._filled(i, h, cache, up, coef, live)
@@ -170,6 +171,19 @@ class SparseEngine(Engine):
         except BaseException:
             cache.reset()  # rows were reserved for bundles that never arrived
             raise
+
+    def _computed_rows(self, cache: WindowCache, ids: np.ndarray, live: np.ndarray | None) -> torch.Tensor | None:
+        """[n_used] 1.0 for the cache rows the step computes (None: all of them): the active set's,
+        or with compute_window the window's (`live`); counted in rec.rows_computed."""
+        if self.options.compute_window:
+            self.rec.rows_computed += cache.n_used if live is None else int(np.count_nonzero(live))
+            return None if live is None else torch.from_numpy(live.astype(np.float32))
+        self.rec.rows_computed += len(ids)
+        if len(ids) == cache.n_used:
+            return None
+        keep = np.zeros(cache.n_used, dtype=np.float32)
+        keep[cache.slot_of[ids]] = 1.0
+        return torch.from_numpy(keep)
 
     def _read(self, i: int, ids: np.ndarray, dest: torch.Tensor):
         """Start (overlap) or do the reads; returns the pending read or None when done."""

@@ -22,10 +22,11 @@ the compute dtype at open):
                  naive / hybrid: neurons_loaded streamed rows in the storage dtype (the read buffer)
                                  + (neurons_active - neurons_loaded) pinned rows in the compute dtype
                  mmap:           neurons_active rows (all) in the storage dtype (the page cache)
-                 sparse, oracle: cache_rows, the window cache's rows of the window: the FFN runs
-                                 on them (its padding to a BUCKET_ROWS multiple is overhead, not
-                                 floor; rows retained past the window are masked out and not read);
-                                 only active rows would be `ffn_active` (reported apart)
+                 sparse, oracle: rows_computed, the step's active rows (or the window's rows with
+                                 compute_window; results written before that stat: cache_rows, the
+                                 window's), in the window cache: the FFN runs on them (its padding
+                                 to a BUCKET_ROWS multiple is overhead, not floor; other cached rows
+                                 are masked out and not read); active rows alone are `ffn_active`
     predictors = A + B + bias of every layer (sparse, when the artifact has predictors: they run
                  even when a trace supplies the active set)
     oracle     = the exact activation's rows (the up or gate part of every row), oracle mode only
@@ -157,7 +158,7 @@ class TokenTraffic:
         c, s = self.compute_dtype, self.storage_dtype
         active, loaded = float(step["neurons_active"]), float(step["neurons_loaded"])
         if self.mode in WINDOWED_MODES:
-            return {c: float(step["cache_rows"])}
+            return {c: float(step.get("rows_computed", step["cache_rows"]))}  # results before rows_computed: the window's
         if self.mode == "dense":
             return {c: active}
         if self.mode == "naive":

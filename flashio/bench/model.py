@@ -65,6 +65,7 @@ class Config:
     ordered: bool = False  # the trace in the calibrated neuron order
     tuned: bool = False  # threads and coalescing gap from the device cost model
     pinned: bool = False  # naive with DRAM filled by pinned rows ("hybrid")
+    compute_window: bool = False  # the FFN on the window's rows, not the step's active set only
 
     @property
     def sparse(self) -> bool:
@@ -82,6 +83,8 @@ CONFIGS = (
     Config("+reordering", "sparse", "neurons ordered by calibrated load frequency", tuned=True, ordered=True),
     Config("+overlap", "sparse", "reads in flight while the cached rows are computed; rows past the window kept "
            "while the cache has room (flashio run's defaults)", tuned=True, ordered=True, overlap=True, retain=True),
+    Config("window-compute", "sparse", "+overlap, the FFN on every row of the window instead of the active set's "
+           "(compute_window)", tuned=True, ordered=True, overlap=True, retain=True, compute_window=True),
     Config("mmap", "mmap", "FFN memory-mapped, paged by the OS (as llama.cpp)"),
     Config("dense", "dense", "everything in DRAM (reference; only when it fits)"),
 )
@@ -247,7 +250,7 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
     steps = result["steps"][warmup:]
     n = len(steps)
     keys = ("io_ms", "mem_ms", "compute_ms", "total_ms", "io_busy_ms", "io_predicted_ms", "bytes_read",
-            "reads", "neurons_active", "neurons_loaded", "cache_hits", "cache_rows", "truncated",
+            "reads", "neurons_active", "neurons_loaded", "cache_hits", "cache_rows", "rows_computed", "truncated",
             "upload_ms", "device_mem_ms")
     per = {k: float(np.mean([s[k] for s in steps])) for k in keys}
     mem = result["memory"]
@@ -357,7 +360,8 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
             if cfg.pinned:
                 config = config.replace(pinned_fraction=plan["hybrid_pinned_fraction"])
             if cfg.sparse:
-                config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap, retain=cfg.retain)
+                config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap, retain=cfg.retain,
+                                        compute_window=cfg.compute_window)
                 spec["trace"] = str(traces.ordered if cfg.ordered else traces.unordered)
             spec["config"] = config.to_dict()
             for f in files:

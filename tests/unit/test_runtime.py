@@ -96,6 +96,27 @@ def test_retained_rows_save_reads_and_change_nothing_computed(tiny_opt, tmp_path
     assert computed[True] == computed[False]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_sparse_computes_the_active_set_and_compute_window_the_window(tiny_opt, tmp_path, overlap):
+    """The FFN runs on the step's predicted neurons whatever else the window cache holds: the
+    same logits as a window of one step (whose cache holds nothing else); compute_window runs
+    it on the whole window instead (other logits, more rows)."""
+    torch.manual_seed(3)
+    preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
+    runs = {}
+    for key, kw in {"one": dict(window=1, retain=False), "active": dict(window=4),
+                    "window": dict(window=4, compute_window=True)}.items():
+        with flashio.open(art, mode="sparse", overlap=overlap, **kw) as model:
+            runs[key] = (model.forward(PROMPT, token_by_token=True), model.stats)
+    (one, _), (active, active_stats), (window, window_stats) = runs["one"], runs["active"], runs["window"]
+    assert (active - one).abs().max().item() <= 1e-5
+    assert [s.rows_computed for s in active_stats] == [s.neurons_active for s in active_stats]
+    assert [s.rows_computed for s in window_stats] == [s.cache_rows for s in window_stats]
+    assert sum(s.rows_computed for s in window_stats) > sum(s.rows_computed for s in active_stats)
+    assert (window - one).abs().max().item() > 1e-3  # the window's other neurons were computed
+
+
 def test_sparse_needs_predictors(opt_artifact):
     with pytest.raises(FlashError, match="needs predictors"):
         flashio.open(opt_artifact, mode="sparse")
