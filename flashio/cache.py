@@ -82,6 +82,24 @@ class WindowCache:
         self.n_used = 0
         self.step = 0
 
+    def fill_all(self) -> None:
+        """Hold every neuron, neuron j in row j (the caller reads the layer's rows into
+        matrix[:n_neurons]), none of them recently active: a retaining cache then never reads."""
+        n = len(self.slot_of)
+        if n > self.capacity:
+            raise ValueError(f"{n} neurons exceed the cache capacity {self.capacity}")
+        self.reset()
+        self.slot_of[:] = np.arange(n)
+        self.neuron_at[:n] = np.arange(n)
+        self.n_used = n
+
+    def forget(self) -> None:
+        """A new sequence on the rows as they are: every row keeps its neuron's bundle, and no
+        neuron counts as recently active (none is computed until it is active again)."""
+        self.last_active.fill(_NEVER)
+        self.history.clear()
+        self.step = 0
+
     @property
     def neurons(self) -> np.ndarray:
         return self.neuron_at[: self.n_used]

@@ -96,6 +96,10 @@ class FlashConfig:
     compute_window: the FFN runs on every row of the window (neurons active in any of the last
       `window` steps) instead of the step's active set only (default, the paper's): more accurate
       where the predictor misses neurons, at about twice the FFN's DRAM traffic per token.
+    preload: with a dram_budget whose window caches hold every FFN row (and retain), read all of
+      them when the model is opened, a layer at a time in large sequential reads, and keep them
+      across sequences: no step reads from flash (default). False: read on demand, as without a
+      budget.
     pinned_fraction: naive mode only: this fraction of every layer's rows stays in memory ("hybrid").
     record_trace: keep every step's active sets (`model.trace()` returns them).
     torch_threads: torch.set_num_threads(n) once when the model is opened. torch's thread count is
@@ -124,6 +128,7 @@ class FlashConfig:
     overlap: bool = True
     retain: bool = True
     compute_window: bool = False
+    preload: bool = True
     pinned_fraction: float = 0.0
     record_trace: bool = False
     torch_threads: int | None = None
@@ -175,7 +180,8 @@ class FlashConfig:
         elif self.device_profile is not None and not isinstance(self.device_profile, (str, DeviceProfile)):
             raise FlashError(f"device_profile must be a file path or a DeviceProfile, got "
                              f"{type(self.device_profile).__name__}")
-        for name in ("verify", "direct", "reuse", "bundled", "overlap", "retain", "compute_window", "record_trace"):
+        for name in ("verify", "direct", "reuse", "bundled", "overlap", "retain", "compute_window", "preload",
+                     "record_trace"):
             if not isinstance(getattr(self, name), bool):
                 raise FlashError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_selection()

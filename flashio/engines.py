@@ -251,6 +251,11 @@ class Engine:
     def reset(self) -> None:
         pass
 
+    def preload(self) -> int:
+        """Read at open what the engine would otherwise read step by step, where its memory holds
+        all of it (FlashConfig.preload); returns the bytes read (0: nothing to preload)."""
+        return 0
+
     def dram_bytes(self) -> int:
         """Memory the engine holds on the model's device (host arenas on the CPU)."""
         return sum(a.nbytes for a in self.arenas) + sum(t.numel() * t.element_size() for t in self.owned)

@@ -44,6 +44,7 @@ from flashio.models.base import KVCache
 from flashio.modes import engine_class
 from flashio.predictor import PredictorWeights
 from flashio.quant import assemble_resident
+from flashio.sizes import format_size
 from flashio.stats import StatsRecorder, StepStats
 from flashio.storage import BundleReader, LayerExtent, evict_from_page_cache
 from flashio.tokenizer import TextCodec
@@ -131,6 +132,13 @@ class FlashModel:
                                             source=active_source)
             self.kv = KVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
                               max_len=max_len, dtype=self.compute_dtype, device=device)
+            self.preload_bytes = 0  # FFN rows read at open (FlashConfig.preload)
+            if config.preload and config.dram_budget is not None:
+                t0 = time.perf_counter()
+                self.preload_bytes = self.engine.preload()
+                if self.preload_bytes:
+                    log.info("preloaded the whole FFN (%s) in %.1f s: the budget holds every row",
+                             format_size(self.preload_bytes), time.perf_counter() - t0)
         except BaseException:  # e.g. out of device memory: give back the pinned staging and the files
             transfer.close()
             self.reader.close()

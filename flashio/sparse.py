@@ -82,6 +82,7 @@ class SparseEngine(Engine):
         super().__init__(ctx)
         self.predictors = predictors
         self.source = source
+        self.preloaded = False  # every row read at open (preload)
         self.options = options = options or SparseOptions()
         self.split = 1 if options.bundled else len(self.parts)
         if self.quant is not None and self.split > 1:
@@ -305,13 +306,37 @@ class SparseEngine(Engine):
         return self.rows_ffn(h, matrix[lo:stop], b_up, b_gate, zero=zero, n_valid=hi - lo,
                              gate_act=None if gate is None else gate[:, idx], mask=mask)
 
+    def preload(self) -> int:
+        """Where every layer's cache holds all its neurons and keeps rows past the window (retain),
+        on the CPU with rows kept as stored: read every row now, a layer at a time in large
+        sequential reads, so that no step reads (new sequences keep the rows: `reset`). Returns
+        the bytes read; 0 where the caches cannot hold the FFN."""
+        o = self.options
+        if not (o.retain and o.reuse and self.fill_in_place) or any(
+                c.capacity < L.n_neurons for c, L in zip(self.caches, self.layers)):
+            return 0
+        nbytes = 0
+        try:
+            for i, c in enumerate(self.caches):
+                c.fill_all()
+                nbytes += self.reader.read_layer(i, c.matrix).bytes_read
+        except BaseException:
+            for c in self.caches:
+                c.reset()
+            raise
+        self.preloaded = True
+        return nbytes
+
     def begin_step(self) -> None:
         super().begin_step()
         if self.source is not None:
             self.source.begin_step()
 
     def reset(self) -> None:
-        for c in self.caches:
-            c.reset()
+        for c in self.caches:  # preloaded rows stay (a step that failed reset its own cache)
+            if self.preloaded and c.n_used == len(c.slot_of):
+                c.forget()
+            else:
+                c.reset()
         if self.source is not None:
             self.source.reset()

@@ -259,7 +259,7 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
                total_ms_std=float(np.std([s["total_ms"] for s in steps])),
                dram_bytes=int(sum(mem.values())), memory=mem, cgroup=result.get("cgroup"),
                threads=result["threads"], max_gap=result["max_gap"], capacity=result["capacity"],
-               open_s=result["open_s"], compute_dtype=result["compute_dtype"],
+               open_s=result["open_s"], preload_bytes=result.get("preload_bytes", 0), compute_dtype=result["compute_dtype"],
                rss_peak_bytes=result["rss_peak_bytes"], staging_bytes=result.get("staging_bytes", 0),
                device_peak_bytes=result.get("device_peak_bytes"))
     if traffic is not None:

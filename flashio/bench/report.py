@@ -135,6 +135,12 @@ def markdown(results: dict) -> str:
     lines += ["", f"{where}: what the runtime holds (resident weights, window caches, KV cache); "
               "I/O: time the step waited for reads (+overlap hides part of it; the I/O / cost model "
               "column compares the reads' wall time with the cost model's prediction for the same reads)."]
+    preloaded = [r for r in results["configs"] if r.get("ok") and r.get("preload_bytes")]
+    if preloaded:
+        lines += ["", "Preloaded (FlashConfig.preload: the budget holds every FFN row, read at open in large "
+                  "sequential reads, so that no token reads): " + "; ".join(
+                      f"{r['name']} {_gb(r['preload_bytes'])} GB, open {r['open_s']:.1f} s" for r in preloaded)
+                  + ". flash->DRAM counts the tokens' reads only."]
     if any(r.get("mode") == "llama.cpp" for r in results["configs"]):
         lines += ["", "llama.cpp rows (`--peer llama.cpp`, flashio.bench.peer): the same weights as an F16 GGUF, fed "
                   "the same token ids with the same threads; flash->DRAM: the bytes the process read from "

@@ -117,6 +117,30 @@ def test_sparse_computes_the_active_set_and_compute_window_the_window(tiny_opt, 
     assert (window - one).abs().max().item() > 1e-3  # the window's other neurons were computed
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_budget_that_holds_the_ffn_preloads_it_and_no_step_reads(tiny_opt, tmp_path, quantize):
+    """With a dram_budget whose window caches hold every row, the whole FFN is read at open and
+    kept across sequences: no step reads, and the logits are those of reading on demand."""
+    torch.manual_seed(4)
+    preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds, quantize=quantize)
+    with flashio.open(art, mode="sparse", window=2, dram_budget="1GiB", preload=False) as lazy:
+        want = lazy.forward(PROMPT, token_by_token=True)
+        assert lazy.preload_bytes == 0 and sum(s.bytes_read for s in lazy.stats) > 0
+    with flashio.open(art, mode="sparse", window=2, dram_budget="1GiB") as model:
+        m = model.artifact.manifest
+        assert model.capacity == 256
+        rows = sum(L.n_neurons for L in m.ffn_layers) * m.row_bytes  # every layer's rows, once
+        assert rows <= model.preload_bytes <= rows + 2 * 4096 * m.n_layers  # (+ O_DIRECT alignment)
+        for _ in range(2):  # a new sequence keeps the rows
+            got = model.forward(PROMPT, token_by_token=True)
+            assert sum(s.bytes_read for s in model.stats) == 0
+            assert sum(s.neurons_loaded for s in model.stats) == 0
+            assert (got - want).abs().max().item() <= 1e-5
+    with flashio.open(art, mode="sparse", window=2) as unbounded:  # no budget: on demand
+        assert unbounded.preload_bytes == 0
+
+
 def test_sparse_needs_predictors(opt_artifact):
     with pytest.raises(FlashError, match="needs predictors"):
         flashio.open(opt_artifact, mode="sparse")
