@@ -79,13 +79,19 @@ class MemoryBudget:
         engine = engine_class(mode, _selection(m, mode, selection))
         preds = m.files[m.predictors_file].size_bytes if m.predictors_file and engine.needs_predictors else 0
         # quantized matrices keep their codes and fp16 scales whatever the compute dtype
-        quant = m.resident_quant.scales if m.resident_quant is not None else {}
+        rq = m.resident_quant
+        quant = rq.matrices if rq is not None else ()
         rows = {L.gate_tensor: L.n_neurons for L in m.ffn_layers if L.gate_tensor}
-        gate_bytes = sum(n * (art.args.dim + 2 if g in quant else art.args.dim * compute_dtype.itemsize)
-                         for g, n in rows.items())
+
+        def gate_row_bytes(g: str) -> int:
+            if g not in quant:
+                return art.args.dim * compute_dtype.itemsize
+            return rq.rows[g].row_bytes if rq.scheme == "int4" else art.args.dim + 2
+
+        gate_bytes = sum(n * gate_row_bytes(g) for g, n in rows.items())
         # the up sketch: uint8 codes + scales, as stored whatever the compute dtype
         sketch = sum(L.n_neurons for L in m.ffn_layers) * m.up_sketch.row_bytes if m.up_sketch is not None else 0
-        stored = (art.resident_tensor_bytes(list(quant) + list(quant.values())) if quant else 0) + sketch
+        stored = (art.resident_tensor_bytes(list(rq.stored_tensors)) if quant else 0) + sketch
         gate_bytes += sketch
         resident = int((m.files[m.resident_file].size_bytes - stored) * scale) + stored
         return cls._build(art, mode, compute_dtype, max_len, pinned_fraction, selection,

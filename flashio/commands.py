@@ -151,9 +151,10 @@ def add_commands(sub) -> None:
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="elements per scale along d_model (default: int8 d_model, one scale per part of a "
                         "row; int4 32 where it divides d_model)")
-    p.add_argument("--quantize-resident", choices=["none", "int8"], default=None,
-                   help="attention, an untied head and resident gate rows as int8 per output channel "
-                        "(default: int8 with --quantize, else none); embeddings stay in --dtype")
+    p.add_argument("--quantize-resident", choices=["none", "int8", "int4"], default=None,
+                   help="attention, an untied head and resident gate rows: int8 per output channel, or int4 "
+                        "in groups of 32 along the input (default: int8 with --quantize, else none); embeddings "
+                        "stay in --dtype")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 

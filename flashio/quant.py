@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +50,20 @@ from flashio import kernels
 from flashio.errors import FlashError, FormatError
 from flashio.kernels import QuantLayout
 
+if TYPE_CHECKING:
+    from flashio.format.manifest import ResidentQuant
+
 SCHEMES = {"int8": 8, "int4": 4}  # scheme -> bits per element
 ASYMMETRIC = {"int8": False, "int4": True}  # a scheme's default: int4 groups keep an offset (see below)
 INT4_GROUP = 32  # int4's default elements per scale (see default_group_size), as llama.cpp's blocks
 OFFSET_SEARCH = 4  # asymmetric groups: each end of the [min, max] range trimmed by 0..3 steps of 3% (MSE)
-RESIDENT_SCHEMES = ("int8",)  # per-output-channel
+RESIDENT_SCHEMES = ("int8", "int4")  # int8 per output channel; int4 in groups along the input, as bundle rows
 SCALE_DTYPE = "float16"
 ROW_ALIGN_BYTES = 512  # O_DIRECT's block: float rows that were a multiple stay one where it is cheap
 MAX_PAD_FRACTION = 1 / 16  # ... i.e. where the padding adds at most this much to the row
 MIN_ALIGN_BYTES = 64
 CHUNK_ROWS = 256  # rows dequantized at once: an fp32 scratch of 4 MiB at 4096 wide (fastest measured)
-# the resident matrices quantized by --quantize-resident int8: attention, untied head, resident gate
+# the resident matrices quantized by --quantize-resident int8|int4: attention, untied head, resident gate
 # rows. Embeddings stay in float: they are gathered, not multiplied, and a tied head shares them.
 RESIDENT_QUANTIZED = re.compile(r"(^lm_head\.weight$)|(\.attn\.[qkvo]\.weight$)|(\.ffn\.gate$)")
 
@@ -301,6 +305,19 @@ def quantize_resident(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gc.codes.to(torch.int8), gc.scales[:, 0].contiguous()
 
 
+def resident_row_quant(in_features: int) -> RowQuant:
+    """The row layout of an int4 resident matrix: one part ("w") of its input width, int4's
+    default groups (32 where they divide it) with offsets, as the FFN's bundle rows; padded to an
+    even length only (the rows are never read from flash)."""
+    return row_quant(("w",), dim=in_features, scheme="int4", aligned=False)
+
+
+def quantize_resident_rows(w: torch.Tensor) -> tuple[torch.Tensor, RowQuant]:
+    """A [out, in] matrix -> int4 rows [out, row_bytes] uint8 and their layout (round to nearest)."""
+    q = resident_row_quant(w.shape[1])
+    return quantize_rows(w, q), q
+
+
 # -- computing (the runtime) ---------------------------------------------------------------------------
 
 def _scales(rows: torch.Tensor, p: PartQuant) -> torch.Tensor:
@@ -495,6 +512,34 @@ class QuantizedWeight:
         return y if bias is None else y + bias
 
 
+@dataclass(frozen=True)
+class QuantizedRows:
+    """A resident [out, in] matrix as int4 rows (codes, scales and offsets per group of the input,
+    laid out by `q`, one part "w"); `linear` as F.linear, the codes dequantized a chunk at a time
+    (one token on the CPU: flashio.kernels' integer dot products, nothing dequantized)."""
+
+    rows: torch.Tensor  # [out, row_bytes] uint8
+    q: RowQuant
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows.shape[0], self.q.dim))
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel()
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype."""
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and kernels.available():
+            y = kernels.kernels().qdot(self.rows, self.q.layout("w"), x.reshape(-1)).view(*x.shape[:-1], -1)
+        else:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = quant_project(x2, self.rows, self.q, "w", RowScratch(self.q, x.device)).view(*x.shape[:-1], -1)
+        y = y.to(x.dtype)
+        return y if bias is None else y + bias
+
+
 # float dtypes whose one-token product goes through flashio.kernels rather than F.linear
 KERNEL_LINEAR_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -505,7 +550,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, b: torch.Tensor |
     flashio.kernels' row-at-a-time dot products (float32 accumulation), which read the matrix
     faster than torch's GEMV: 4096 x 4096, one thread, float16 25-27 GB/s against 23.5, bfloat16
     24 against 12; the result is rounded to x's dtype as F.linear's is."""
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, (QuantizedWeight, QuantizedRows)):
         return w.linear(x, b)
     if (x.numel() == x.shape[-1] and w.dtype in KERNEL_LINEAR_DTYPES and x.device.type == "cpu"
             and w.dim() == 2 and w.is_contiguous() and kernels.available() and torch.get_num_threads() == 1):
@@ -515,14 +560,17 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, b: torch.Tensor |
     return F.linear(x, w, b)
 
 
-def assemble_resident(resident: dict[str, torch.Tensor], scales: dict[str, str]) -> dict:
-    """The resident dict with each quantized matrix (codes under its name, scale tensor named by
-    `scales`, the manifest's record) replaced by a QuantizedWeight."""
-    out = {k: v for k, v in resident.items() if k not in set(scales.values())}
-    for name, scale_name in scales.items():
+def assemble_resident(resident: dict[str, torch.Tensor], rq: ResidentQuant) -> dict:
+    """The resident dict with each quantized matrix (the manifest's record `rq`) replaced by a
+    QuantizedWeight (int8: codes under its name, its scale tensor named by the record) or a
+    QuantizedRows (int4: rows under its name)."""
+    if rq.scheme == "int4":
+        return {k: QuantizedRows(v, rq.rows[k]) if k in rq.rows else v for k, v in resident.items()}
+    out = {k: v for k, v in resident.items() if k not in set(rq.scales.values())}
+    for name, scale_name in rq.scales.items():
         out[name] = QuantizedWeight(resident[name], resident[scale_name])
     return out
 
 
-def weight_bytes(w: torch.Tensor | QuantizedWeight) -> int:
-    return w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+def weight_bytes(w: torch.Tensor | QuantizedWeight | QuantizedRows) -> int:
+    return w.nbytes if isinstance(w, (QuantizedWeight, QuantizedRows)) else w.numel() * w.element_size()

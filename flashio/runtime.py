@@ -92,8 +92,8 @@ class FlashModel:
         resident = art.load_resident(dtype=self.compute_dtype)  # private memory, sha256 checked
         for name in list(resident):  # one tensor at a time: the host copy is freed as it moves
             resident[name] = resident[name].to(device)
-        if m.resident_quant is not None:  # int8 codes + scales -> QuantizedWeight (flashio.quant)
-            resident = assemble_resident(resident, m.resident_quant.scales)
+        if m.resident_quant is not None:  # codes + scales -> QuantizedWeight / QuantizedRows (flashio.quant)
+            resident = assemble_resident(resident, m.resident_quant)
         self.model = art.arch.Model(self.args, resident)
         predictors = art.load_predictors() if engine_cls.needs_predictors else None
         if predictors is not None:  # private copies: the file's mapping and page cache are let go

@@ -72,7 +72,7 @@ def add_convert_command(sub) -> None:
     g.add_argument("--quantize-method", choices=["gptq", "rtn"],
                    help="with --quantize: gptq (default) compensates rounding errors on the calibration rows; rtn "
                         "rounds to nearest")
-    g.add_argument("--quantize-resident", choices=["none", "int8"],
+    g.add_argument("--quantize-resident", choices=["none", "int8", "int4"],
                    help="with --quantize: resident attention/head matrices (default int8)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--window", type=int, help="sliding window in tokens (default: chosen per model from the "

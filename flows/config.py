@@ -109,7 +109,7 @@ class ConvertConfig(BaseModel):
     group_size: int | None = Field(None, ge=1, description="elements per scale along d_model (default: int8 the "
                                                            "whole part of the row, int4 32 where it divides "
                                                            "d_model)")
-    quantize_resident: Literal["none", "int8"] | None = Field(None, description="resident matrices (attention, "
+    quantize_resident: Literal["none", "int8", "int4"] | None = Field(None, description="resident matrices (attention, "
                                                                                 "head): int8 with quantize unless "
                                                                                 "'none'")
     window: int | None = Field(None, ge=1, description="sliding window (tokens) for evaluation and generation "

@@ -98,6 +98,8 @@ def add_commands(sub) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="bundle rows quantized (rounded to nearest; int8 one scale per part, int4 groups of 32 "
                         "with offsets) and the resident matrices int8, as `flashio pack --quantize`")
+    p.add_argument("--quantize-resident", default=None, choices=["none", "int8", "int4"],
+                   help="with --quantize: the resident matrices (default int8), as `flashio pack`")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -178,6 +180,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     out = write_synthetic(args.shape, args.out, scale=args.scale, seed=args.seed, dtype=args.dtype,
                           predictors=not args.no_predictors, overwrite=args.overwrite, quantize=args.quantize,
-                          progress=progress)
+                          quantize_resident=args.quantize_resident, progress=progress)
     print(out)
     return 0

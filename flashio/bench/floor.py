@@ -78,7 +78,8 @@ def resident_terms(infos: Mapping[str, TensorInfo], itemsize: int, *, tied_head:
                    quantized: frozenset[str] = frozenset()) -> tuple[dict[str, int], int]:
     """Bytes read per token from the resident weights, by term, and the FFN bias entries per row
     (elements), for tensors held at `itemsize` bytes per element; `quantized`: the matrices stored
-    (and held) as int8 codes, 1 byte per element (their scales are floating tensors of their own)."""
+    (and held) as they are stored, 1 byte per element of the stored tensor (int8 codes, whose
+    scales are floating tensors of their own; int4 rows, codes and scales together)."""
     terms = dict.fromkeys(("attention", "norms", "head", "embeddings", "other_resident"), 0)
     per_row = 0
     for name, info in infos.items():
@@ -130,7 +131,7 @@ class TokenTraffic:
         c_item = ITEMSIZE[compute_dtype]
         infos = tensor_infos(art.file(m.resident_file))
         tied = "lm_head.weight" not in infos and bool(getattr(args, "tie_embeddings", False))
-        quantized = frozenset(m.resident_quant.scales) if m.resident_quant is not None else frozenset()
+        quantized = frozenset(m.resident_quant.matrices) if m.resident_quant is not None else frozenset()
         resident, per_row = resident_terms(infos, c_item, tied_head=tied, quantized=quantized)
         preds = 0
         if mode == "sparse" and m.predictors_file:

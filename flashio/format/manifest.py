@@ -87,15 +87,31 @@ class FFNLayer:
 
 @dataclass(frozen=True)
 class ResidentQuant:
-    """Which resident matrices are stored quantized (per output channel): codes under the matrix's
-    own name, int8 [out, in], and its scales [out] under the name given here."""
+    """Which resident matrices are stored quantized, and how.
 
-    scheme: str  # "int8"
+    int8 (per output channel): codes under the matrix's own name, int8 [out, in], and its fp16
+    scales [out] under the name in `scales`. int4 (groups along the input, as the FFN's bundle
+    rows): one uint8 tensor [out, row_bytes] under the matrix's name, each row its codes, scales
+    and offsets as the RowQuant in `rows` (one part, "w") lays them out."""
+
+    scheme: str  # "int8" | "int4"
     scale_dtype: str
-    scales: dict[str, str]  # matrix name -> scale tensor name
+    scales: dict[str, str] = field(default_factory=dict)  # int8: matrix name -> scale tensor name
+    rows: dict[str, RowQuant] = field(default_factory=dict)  # int4: matrix name -> its rows' layout
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The names of the quantized matrices."""
+        return tuple(self.rows) if self.scheme == "int4" else tuple(self.scales)
+
+    @property
+    def stored_tensors(self) -> tuple[str, ...]:
+        """Every resident tensor kept as stored (codes and scales), whatever the compute dtype."""
+        return (*self.matrices, *self.scales.values())
 
     def to_json(self) -> dict:
-        return {"scheme": self.scheme, "axis": "output", "scale_dtype": self.scale_dtype, "tensors": dict(self.scales)}
+        tensors = ({k: q.to_json() for k, q in self.rows.items()} if self.scheme == "int4" else dict(self.scales))
+        return {"scheme": self.scheme, "axis": "output", "scale_dtype": self.scale_dtype, "tensors": tensors}
 
 
 @dataclass(frozen=True)
@@ -439,12 +455,28 @@ def _resident_quant(d: dict) -> ResidentQuant | None:
                           f"{scale_dtype!r} scales is not one this flashio reads ({', '.join(RESIDENT_SCHEMES)} "
                           f"along 'output', {SCALE_DTYPE} scales): upgrade flashio or rebuild the artifact")
     tensors = _get(raw, "tensors", dict, w)
+    if d["format_version"] < QUANTIZED_VERSION:
+        raise FormatError(f"manifest.json: resident_quant needs format_version {QUANTIZED_VERSION}")
+    if scheme == "int4":  # each matrix's rows: a one-part RowQuant record ("w", its input width)
+        rows = {}
+        for k, v in tensors.items():
+            if not isinstance(k, str) or not isinstance(v, dict):
+                raise FormatError(f"manifest.json: resident_quant.tensors[{str(k)[:60]!r}] must be the row layout "
+                                  f"of an int4 matrix, got {str(v)[:80]}")
+            parts = v.get("parts")
+            span = parts[0] if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], list) else None
+            if span is None or len(span) < 3 or not all(type(x) is int for x in span[1:3]) or span[2] <= span[1]:
+                raise FormatError(f"manifest.json: resident_quant.tensors[{k!r}].parts must be one part's "
+                                  f"[name, codes_start, codes_end, ...], got {str(parts)[:80]}")
+            if v.get("scheme") != "int4":
+                raise FormatError(f"manifest.json: resident_quant.tensors[{k!r}] is {str(v.get('scheme'))[:20]}, "
+                                  "the record says int4")
+            rows[k] = _parse_row_quant(v, ("w",), (span[2] - span[1]) * 2, f"{w}.tensors[{k!r}]")
+        return ResidentQuant(scheme, scale_dtype, rows=rows)
     if not all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in tensors.items()) \
             or len(set(tensors.values())) != len(tensors) or set(tensors) & set(tensors.values()):
         raise FormatError(f"manifest.json: resident_quant.tensors must map each matrix to its own scale tensor, "
                           f"got {str(tensors)[:120]}")
-    if d["format_version"] < QUANTIZED_VERSION:
-        raise FormatError(f"manifest.json: resident_quant needs format_version {QUANTIZED_VERSION}")
     return ResidentQuant(scheme, scale_dtype, dict(tensors))
 
 

@@ -97,7 +97,8 @@ class Artifact:
 
     def _check_resident(self) -> None:
         """Each layer's resident gate rows are in the resident file, [n_neurons, dim] in the manifest's
-        dtype (int8 when quantized); each quantized matrix is int8 with fp16 scales, one per row."""
+        dtype (quantized: int8, or int4 rows); each int8 matrix has fp16 scales, one per row, and each
+        int4 matrix is uint8 rows of its record's width."""
         m = self.manifest
         path = self.file(m.resident_file)
         with open(path, "rb") as f:
@@ -114,9 +115,18 @@ class Artifact:
                 found = [None if x is None else (x.dtype, x.shape) for x in (info, sinfo)]
                 raise FormatError(f"{path}: quantized matrix {name!r} and its scales {scale_name!r} are (dtype, "
                                   f"shape) = {found}; expected int8 [out, in] and float16 [out]; rebuild the artifact")
+        rows = m.resident_quant.rows if m.resident_quant is not None else {}
+        for name, q in rows.items():  # int4: [out, row_bytes] uint8, the record's layout
+            info = infos.get(name)
+            if info is None or info.dtype != "U8" or len(info.shape) != 2 or info.shape[1] != q.row_bytes:
+                found = None if info is None else (info.dtype, info.shape)
+                raise FormatError(f"{path}: int4 matrix {name!r} is (dtype, shape) = {found}; expected uint8 rows of "
+                                  f"{q.row_bytes} bytes ([out, {q.row_bytes}]); rebuild the artifact")
         for i, L in enumerate(m.ffn_layers if m.gate_resident else ()):
             info = infos.get(L.gate_tensor)
             want = ("I8" if L.gate_tensor in scales else SAFETENSORS_CODES[m.dtype], (L.n_neurons, self.args.dim))
+            if L.gate_tensor in rows:
+                want = ("U8", (L.n_neurons, rows[L.gate_tensor].row_bytes))
             if info is None or (info.dtype, info.shape) != want:
                 found = None if info is None else (info.dtype, info.shape)
                 raise FormatError(f"{path}: gate rows {L.gate_tensor!r} of ffn_layers[{i}] are (dtype, shape) = "

@@ -62,6 +62,7 @@ from flashio.quant import (
     RowQuant,
     check_scheme,
     quantize_resident,
+    quantize_resident_rows,
     quantize_rows,
     row_quant,
 )
@@ -210,8 +211,10 @@ def write_artifact(
     hessians(i): with quantize, layer i's calibration matrices (H of the FFN input [D, D], of the
       down projection's input [N, N]; tasks.hessians), asked for in layer order: the rows are then
       quantized by GPTQ (flashio.gptq) instead of rounded to nearest.
-    quantize_resident: 'int8' (the default when quantize is given) or 'none': the resident matrices
-      (attention, an untied head, resident gate rows) per output channel; embeddings stay in `dtype`.
+    quantize_resident: 'int8' (the default when quantize is given), 'int4' or 'none': the resident
+      matrices (attention, an untied head, resident gate rows): int8 per output channel, int4 in
+      groups along the input as the bundle rows (32 where they divide it, with offsets; rounded to
+      nearest); embeddings stay in `dtype`.
     up_sketch: gate-resident artifacts: 'int4' or 'int8': a quantized copy of every layer's up rows
       stays in DRAM too (UP_SKETCH_TENSOR, unaligned rows; format version 3), with which selection
       'gate+up' ranks neurons by |act(gate) * (x @ up)|; up_sketch_group_size: elements per scale
@@ -330,7 +333,7 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
         files = {FFN: FileEntry(FFN, total, h.hexdigest())}
-        resident_quant = _quantize_resident(resident) if quantize_resident != "none" else None
+        resident_quant = _quantize_resident(resident, quantize_resident) if quantize_resident != "none" else None
         save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
         if predictors is not None:
             save_file(preds_out, str(tmp / PREDICTORS), metadata={"format": "pt"})
@@ -388,19 +391,26 @@ def _gptq_groups(mats: dict[str, torch.Tensor], parts: Sequence[str], rq: RowQua
     return out
 
 
-def _quantize_resident(resident: dict[str, torch.Tensor]) -> ResidentQuant | None:
-    """Replace the resident matrices named by flashio.quant.RESIDENT_QUANTIZED (in place) with int8
-    codes, adding their per-output-channel scales; the record for the manifest."""
-    scales = {}
+def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str) -> ResidentQuant | None:
+    """Replace the resident matrices named by flashio.quant.RESIDENT_QUANTIZED (in place): int8,
+    codes plus their per-output-channel scales as a tensor of their own; int4, rows of codes,
+    scales and offsets per group (flashio.quant.quantize_resident_rows). The record for the manifest."""
+    scales, rows = {}, {}
     for name in sorted(resident):
         t = resident[name]
-        if RESIDENT_QUANTIZED.search(name) and t.ndim == 2 and t.is_floating_point():
-            scale_name = f"{name.removesuffix('.weight')}.scale"
-            if scale_name in resident:
-                raise FlashError(f"resident tensor {scale_name!r} exists: cannot hold the scales of {name!r}")
-            resident[name], resident[scale_name] = quantize_resident(t)
-            scales[name] = scale_name
-    return ResidentQuant("int8", SCALE_DTYPE, scales) if scales else None
+        if not (RESIDENT_QUANTIZED.search(name) and t.ndim == 2 and t.is_floating_point()):
+            continue
+        if scheme == "int4":
+            resident[name], rows[name] = quantize_resident_rows(t)
+            continue
+        scale_name = f"{name.removesuffix('.weight')}.scale"
+        if scale_name in resident:
+            raise FlashError(f"resident tensor {scale_name!r} exists: cannot hold the scales of {name!r}")
+        resident[name], resident[scale_name] = quantize_resident(t)
+        scales[name] = scale_name
+    if not scales and not rows:
+        return None
+    return ResidentQuant(scheme, SCALE_DTYPE, scales=scales, rows=rows)
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flashio.errors import FlashError
-from flashio.quant import QuantizedWeight
+from flashio.quant import QuantizedRows, QuantizedWeight
 from flashio.quant import linear as quant_linear
 
 # vocabulary rows per matmul of a head over several positions (head_linear)
@@ -188,17 +188,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale:
     return out.reshape(h, t, dh).transpose(0, 1).reshape(t, h * dh)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; a resident matrix may be quantized (flashio.quant.QuantizedWeight)."""
+def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight | QuantizedRows,
+           b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a resident matrix may be quantized (flashio.quant.QuantizedWeight, QuantizedRows)."""
     return quant_linear(x, w, b)
 
 
-def head_linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+def head_linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight | QuantizedRows) -> torch.Tensor:
     """The output head x: [T, D] -> logits [T, V] of w: [V, D], as `linear`. On the CPU a float
     head over several positions is multiplied HEAD_CHUNK_ROWS vocabulary rows at a time into one
     output, whose chunk stays in cache: on Gemma 3 270M's 262144 x 640 fp32 head (1 thread), 413
     ms for 64 positions against 684 for one F.linear, the same values bit for bit."""
-    if isinstance(w, QuantizedWeight) or x.device.type != "cpu" or x.shape[0] == 1 or w.dtype != x.dtype:
+    if isinstance(w, (QuantizedWeight, QuantizedRows)) or x.device.type != "cpu" or x.shape[0] == 1 or w.dtype != x.dtype:
         return linear(x, w)
     out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)  # [T, V]
     for a in range(0, w.shape[0], HEAD_CHUNK_ROWS):

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["float32:none", "float32:int8", "float32:int4"],
                     help="DTYPE:SCHEME per artifact; the first is the reference (default: float32 with none, int8, int4)")
     ap.add_argument("--group-size", type=int, help="elements per scale (default: the writer's, the whole row part)")
-    ap.add_argument("--quantize-resident", choices=["none", "int8"], help="resident matrices (default: the writer's, int8)")
+    ap.add_argument("--quantize-resident", choices=["none", "int8", "int4"], help="resident matrices (default: the writer's, int8)")
     ap.add_argument("--rows", type=int, help="score only the first ROWS rows")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the table as JSON")

@@ -19,12 +19,14 @@ from flashio.ffn import ffn_compute
 from flashio.format import Artifact, write_artifact
 from flashio.predictor import PredictorWeights
 from flashio.quant import (
+    QuantizedRows,
     QuantizedWeight,
     RowScratch,
     dequantize_rows,
     quant_ffn_compute,
     quantize_groups,
     quantize_resident,
+    quantize_resident_rows,
     quantize_rows,
     row_quant,
 )
@@ -189,11 +191,62 @@ def test_resident_weight_linear_matches_float_linear():
     assert qw.nbytes == 96 * 64 + 96 * 2
 
 
+@pytest.mark.parametrize("d_in", [64, 80, 96])
+def test_resident_int4_rows_linear_matches_their_dequantized_matrix(d_in):
+    """An int4 resident matrix (rows of codes, scales and offsets per group of its input): prompt
+    products equal F.linear on the dequantized matrix; one token (flashio.kernels' integer dot
+    products on CPUs with VNNI) equals it on the int8-rounded input where that path is taken."""
+    from flashio import kernels
+
+    torch.manual_seed(5)
+    w, x, b = torch.randn(72, d_in) * 0.1, torch.randn(4, d_in), torch.randn(72)
+    rows, q = quantize_resident_rows(w)
+    assert rows.dtype == torch.uint8 and rows.shape == (72, q.row_bytes) and q.group_size == (32 if d_in % 32 == 0 else d_in)
+    qr = QuantizedRows(rows, q)
+    deq = dequantize_rows(rows, q, "w")
+    assert qr.shape == w.shape and qr.nbytes == rows.numel()
+    assert (deq - w).norm() / w.norm() < 0.1  # int4: within a few percent of the weights
+    torch.testing.assert_close(qr.linear(x, b), F.linear(x, deq, b), rtol=1e-4, atol=1e-4)
+    one = qr.linear(x[:1], b)
+    k = kernels.kernels()
+    xin = x[0]
+    if k is not None and k.int8_activations(d_in, 4, q.group_size):
+        xin = kernels.int8_activations(x[0])
+    torch.testing.assert_close(one[0], F.linear(xin, deq, b), rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def opt_quant(tiny_opt, tmp_path_factory):
     base = tmp_path_factory.mktemp("quant-opt")
-    return {q: write_artifact(tiny_opt[1], base / q, dtype="float32", quantize=None if q == "none" else q)
-            for q in ("none", "int8", "int4")}
+    out = {q: write_artifact(tiny_opt[1], base / q, dtype="float32", quantize=None if q == "none" else q)
+           for q in ("none", "int8", "int4")}
+    out["int4-resident"] = write_artifact(tiny_opt[1], base / "int4r", dtype="float32", quantize="int4",
+                                          quantize_resident="int4")
+    return out
+
+
+def test_int4_resident_matrices(opt_quant):
+    """--quantize-resident int4: attention and head as int4 rows (embeddings float), a quarter of
+    int8's resident codes plus their scales; the model computes close to the float one."""
+    m = Artifact(opt_quant["int4-resident"]).manifest
+    assert m.resident_quant.scheme == "int4" and not m.resident_quant.scales
+    assert "layers.0.attn.q.weight" in m.resident_quant.rows and "tok_embeddings.weight" not in m.resident_quant.rows
+    with flashio.open(opt_quant["none"], mode="dense") as ref:
+        want = ref.forward(PROMPT)
+    with flashio.open(opt_quant["int4"], mode="dense") as int8_resident:
+        r8 = int8_resident.memory_bytes()["resident"]
+    with flashio.open(opt_quant["int4-resident"], mode="dense") as dense:
+        got = dense.forward(PROMPT)
+        one = dense.forward(PROMPT, token_by_token=True)
+        r4 = dense.memory_bytes()["resident"]
+    assert (got - want).abs().max() < 0.25 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.6
+    assert (one - got).abs().max() < 0.02 * got.abs().max()  # the kernels' int8 activations
+    assert r4 < r8
+    est = MemoryBudget.estimate(Artifact(opt_quant["int4-resident"]), "dense", torch.float32, 64)
+    assert 0 <= est.resident_bytes - r4 <= 4096  # the file's header aside, what the model holds
+    with flashio.open(opt_quant["int4-resident"], mode="naive") as naive:
+        torch.testing.assert_close(naive.forward(PROMPT, token_by_token=True), one, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("scheme,tol", [("int8", 0.02), ("int4", 0.15)])
@@ -257,6 +310,18 @@ def test_gated_exact_gate_and_oracle_on_int8(tiny_llama, tmp_path):
     for cfg in ({"mode": "sparse", "selection": "gate", "density": 1.0}, {"mode": "oracle", "density": 1.0}):
         with flashio.open(path, **cfg) as model:  # every neuron kept: the dense result
             torch.testing.assert_close(model.forward(PROMPT, token_by_token=True), one, rtol=1e-3, atol=1e-3)
+    gate4 = write_artifact(tiny_llama[1], tmp_path / "g4", dtype="float32", gate_resident=True, quantize="int4",
+                           quantize_resident="int4")  # resident gate rows as int4 rows too
+    rq = Artifact(gate4).manifest.resident_quant
+    assert "layers.0.ffn.gate" in rq.rows
+    with flashio.open(gate4, mode="dense") as dense4, flashio.open(gate4, mode="sparse", selection="gate",
+                                                                    density=1.0) as gate:
+        one4 = dense4.forward(PROMPT, token_by_token=True)
+        torch.testing.assert_close(gate.forward(PROMPT, token_by_token=True), one4, rtol=1e-3, atol=1e-3)
+        est = MemoryBudget.estimate(Artifact(gate4), "sparse", torch.float32, 64, selection="gate")
+        assert est.gate_bytes == sum(L.n_neurons for L in Artifact(gate4).manifest.ffn_layers) * rq.rows[
+            "layers.0.ffn.gate"].row_bytes
+    assert (one4 - want).abs().max() < 0.3 * want.abs().max()
     bundled = write_artifact(tiny_llama[1], tmp_path / "b", dtype="float32", quantize="int4", group_size=16,
                              quantize_resident="none")
     assert Artifact(bundled).manifest.resident_quant is None
@@ -283,12 +348,33 @@ def _edit(path, fn):
     (lambda m: m["ffn_layers"][1].update(quant=row_quant(("up", "down"), dim=64, scheme="int8", group_size=32).to_json()),
      "quant records differ"),
     (lambda m: m["ffn_layers"][0].pop("quant"), "length_bytes = 49152 but"),  # codes read as floats
-    (lambda m: m["resident_quant"].update(scheme="int4"), "resident_quant scheme 'int4'"),
+    (lambda m: m["resident_quant"].update(scheme="int3"), "resident_quant scheme 'int3'"),
+    (lambda m: m["resident_quant"].update(scheme="int4"), "must be the row layout of an int4 matrix"),
     (lambda m: m["resident_quant"]["tensors"].update({"layers.0.attn.q.weight": "layers.0.attn.k.scale"}),
      "its own scale tensor"),
 ])
 def test_damaged_quantized_manifests_are_refused(opt_quant, tmp_path, edit, message):
     art = shutil.copytree(opt_quant["int8"], tmp_path / "art")
+    _edit(art, edit)
+    with pytest.raises(FormatError, match=message):
+        Artifact(art)
+
+
+def _q_record(m):
+    return m["resident_quant"]["tensors"]["layers.0.attn.q.weight"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: _q_record(m).update(scheme="int8"), "is int8, the record says int4"),
+    (lambda m: _q_record(m).update(row_bytes=_q_record(m)["row_bytes"] + 2), "expected uint8 rows of"),
+    (lambda m: _q_record(m).update(parts=[]), "must be one part's"),
+    (lambda m: _q_record(m)["parts"][0].__setitem__(0, "up"), "quantized parts"),
+    (lambda m: _q_record(m).update(group_size=6), "group_size 6 does not divide"),
+    (lambda m: m["resident_quant"]["tensors"].update({"layers.0.attn.q.weight": "layers.0.attn.q.scale"}),
+     "must be the row layout of an int4 matrix"),
+])
+def test_damaged_int4_resident_records_are_refused(opt_quant, tmp_path, edit, message):
+    art = shutil.copytree(opt_quant["int4-resident"], tmp_path / "art")
     _edit(art, edit)
     with pytest.raises(FormatError, match=message):
         Artifact(art)
