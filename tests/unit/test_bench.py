@@ -12,7 +12,9 @@ from flashio.bench.bandwidth import MemoryBenchConfig
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import DeviceBenchConfig, measure_device, profile_markdown
 from flashio.bench.fio import fio_available
+from flashio.bench.memplan import SLACK_BYTES
 from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
+from flashio.bench.report import markdown
 from flashio.cli import main
 from flashio.costmodel import (
     PROFILE_ENV,
@@ -148,6 +150,17 @@ def test_bench_model_on_a_quantized_artifact(tmp_path):
     assert row_bytes * b["per_token"]["neurons_loaded"] <= b["per_token"]["bytes_read"] \
         <= (-(-row_bytes // 512) + 1) * 512 * b["per_token"]["neurons_loaded"]
     assert rows["dense"]["dram_terms"]["ffn"] == L * N * (row_bytes + 2)  # rows as stored + the up bias entry
+    assert b["preload_bytes"] == 0 and "Preloaded" not in markdown(res)
+    # a limit that holds every int8 row: flashio run's defaults (+overlap) read them at open, no token reads
+    res = run_model_bench(ModelBenchOptions(art, tmp_path / "out2", configs=("+bundling", "+overlap"), tokens=3,
+                                            dram_limit=2 * res["memory"]["model_bytes"] + BASELINE + SLACK_BYTES,
+                                            weights_fraction=1.0, baseline_tokens=1, in_process=True,
+                                            process_baseline_bytes=BASELINE))
+    rows = {r["name"]: r for r in res["configs"]}
+    o, b = rows["+overlap"], rows["+bundling"]
+    assert o["capacity"] == N and o["preload_bytes"] >= L * N * row_bytes and o["per_token"]["bytes_read"] == 0
+    assert b["preload_bytes"] == 0 and b["per_token"]["bytes_read"] > 0  # no retain: reads on demand
+    assert "Preloaded" in markdown(res) and "+overlap " in markdown(res).split("Preloaded")[1]
 
 
 def test_compute_dtype_is_timed_on_float_rows_of_a_quantized_artifact(tmp_path, monkeypatch):
