@@ -126,7 +126,8 @@ class Artifact:
             info = infos.get(L.gate_tensor)
             want = ("I8" if L.gate_tensor in scales else SAFETENSORS_CODES[m.dtype], (L.n_neurons, self.args.dim))
             if L.gate_tensor in rows:
-                want = ("U8", (L.n_neurons, rows[L.gate_tensor].row_bytes))
+                q = rows[L.gate_tensor]
+                want = ("U8", (L.n_neurons, q.row_bytes if q.dim == self.args.dim else -1))  # rows of d_model inputs
             if info is None or (info.dtype, info.shape) != want:
                 found = None if info is None else (info.dtype, info.shape)
                 raise FormatError(f"{path}: gate rows {L.gate_tensor!r} of ffn_layers[{i}] are (dtype, shape) = "
