@@ -42,6 +42,7 @@ class Mode(enum.StrEnum):
 
 
 MODES = tuple(m.value for m in Mode)
+COMPUTE_ROWS = ("auto", "active", "window")  # FlashConfig.compute: which cached rows the FFN runs on
 
 
 class Selection(enum.StrEnum):
@@ -93,9 +94,12 @@ class FlashConfig:
     retain: rows of neurons that left the window stay in the window cache while it has room, and
       are not read again when those neurons return (default; the rows computed are the window's
       either way). False: they leave with the window, as in the paper.
-    compute_window: the FFN runs on every row of the window (neurons active in any of the last
-      `window` steps) instead of the step's active set only (default, the paper's): more accurate
-      where the predictor misses neurons, at about twice the FFN's DRAM traffic per token.
+    compute: which cached rows the FFN runs on. 'active': the step's active set only (the paper's);
+      'window': every row of the window (neurons active in any of the last `window` steps): more
+      accurate where the predictor misses neurons, at about twice the FFN's DRAM traffic; 'auto'
+      (default): the window's rows in a step whose reads are in flight (overlap: the compute thread
+      would otherwise wait, and the extra rows' contributions are exact), the active set's in the
+      others (no reads, e.g. a preloaded FFN, or overlap off).
     preload: with a dram_budget whose window caches hold every FFN row (and retain), read all of
       them when the model is opened, a layer at a time in large sequential reads, and keep them
       across sequences: no step reads from flash (default). False: read on demand, as without a
@@ -127,7 +131,7 @@ class FlashConfig:
     bundled: bool = True
     overlap: bool = True
     retain: bool = True
-    compute_window: bool = False
+    compute: str = "auto"
     preload: bool = True
     pinned_fraction: float = 0.0
     record_trace: bool = False
@@ -180,10 +184,11 @@ class FlashConfig:
         elif self.device_profile is not None and not isinstance(self.device_profile, (str, DeviceProfile)):
             raise FlashError(f"device_profile must be a file path or a DeviceProfile, got "
                              f"{type(self.device_profile).__name__}")
-        for name in ("verify", "direct", "reuse", "bundled", "overlap", "retain", "compute_window", "preload",
-                     "record_trace"):
+        for name in ("verify", "direct", "reuse", "bundled", "overlap", "retain", "preload", "record_trace"):
             if not isinstance(getattr(self, name), bool):
                 raise FlashError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compute not in COMPUTE_ROWS:
+            raise FlashError(f"compute {self.compute!r} is not one of {', '.join(COMPUTE_ROWS)}")
         self._check_selection()
 
     def _check_selection(self) -> None:

@@ -49,12 +49,12 @@ class SparseOptions:
     bundled: bool = True  # False: up and down parts of a neuron read as two requests ("unbundled")
     overlap: bool = False  # start the reads, compute the cached rows while they fly
     retain: bool = False  # rows that left the window stay while the cache has room (WindowCache)
-    compute_window: bool = False  # the FFN on the window's rows; False: on the step's active set only
+    compute: str = "active"  # the FFN on the step's active set, the window's rows, or "auto" (FlashConfig.compute)
 
     @classmethod
     def of(cls, config: FlashConfig) -> SparseOptions:
         return cls(reuse=config.reuse, bundled=config.bundled, overlap=config.overlap, retain=config.retain,
-                   compute_window=config.compute_window)
+                   compute=config.compute)
 
 
 class ActiveSource(Protocol):

@@ -15,7 +15,7 @@ class StepStats:
     neurons_loaded: int = 0  # neurons read from flash (missing from the window)
     cache_hits: int = 0  # active neurons already in the window cache
     cache_rows: int = 0  # rows of the windows (all layers): neurons active in the last `window` steps; rows retained past it are not counted
-    rows_computed: int = 0  # bundle rows the FFN computed (all layers): the active set's, or the window's (compute_window)
+    rows_computed: int = 0  # bundle rows the FFN computed (all layers): the active set's or the window's (FlashConfig.compute)
     truncated: int = 0  # active neurons dropped because the cache capacity was reached
     buffered_reads: int = 0  # reads that could not use O_DIRECT
     io_ms: float = 0.0  # time the step waited for reads (overlapped reads count only their wait)

@@ -22,9 +22,9 @@ the compute dtype at open):
                  naive / hybrid: neurons_loaded streamed rows in the storage dtype (the read buffer)
                                  + (neurons_active - neurons_loaded) pinned rows in the compute dtype
                  mmap:           neurons_active rows (all) in the storage dtype (the page cache)
-                 sparse, oracle: rows_computed, the step's active rows (or the window's rows with
-                                 compute_window; results written before that stat: cache_rows, the
-                                 window's), in the window cache: the FFN runs on them (its padding
+                 sparse, oracle: rows_computed, the step's active rows or the window's rows
+                                 (FlashConfig.compute; results written before that stat: cache_rows,
+                                 the window's), in the window cache: the FFN runs on them (its padding
                                  to a BUCKET_ROWS multiple is overhead, not floor; other cached rows
                                  are masked out and not read); active rows alone are `ffn_active`
     predictors = A + B + bias of every layer (sparse, when the artifact has predictors: they run

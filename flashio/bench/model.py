@@ -65,7 +65,7 @@ class Config:
     ordered: bool = False  # the trace in the calibrated neuron order
     tuned: bool = False  # threads and coalescing gap from the device cost model
     pinned: bool = False  # naive with DRAM filled by pinned rows ("hybrid")
-    compute_window: bool = False  # the FFN on the window's rows, not the step's active set only
+    compute: str = "auto"  # FlashConfig.compute: which cached rows the FFN runs on
 
     @property
     def sparse(self) -> bool:
@@ -83,8 +83,10 @@ CONFIGS = (
     Config("+reordering", "sparse", "neurons ordered by calibrated load frequency", tuned=True, ordered=True),
     Config("+overlap", "sparse", "reads in flight while the cached rows are computed; rows past the window kept "
            "while the cache has room (flashio run's defaults)", tuned=True, ordered=True, overlap=True, retain=True),
-    Config("window-compute", "sparse", "+overlap, the FFN on every row of the window instead of the active set's "
-           "(compute_window)", tuned=True, ordered=True, overlap=True, retain=True, compute_window=True),
+    Config("active-compute", "sparse", "+overlap, the FFN on the active set's rows only, also while reads fly "
+           "(compute='active')", tuned=True, ordered=True, overlap=True, retain=True, compute="active"),
+    Config("window-compute", "sparse", "+overlap, the FFN on every row of the window, also without reads "
+           "(compute='window')", tuned=True, ordered=True, overlap=True, retain=True, compute="window"),
     Config("mmap", "mmap", "FFN memory-mapped, paged by the OS (as llama.cpp)"),
     Config("dense", "dense", "everything in DRAM (reference; only when it fits)"),
 )
@@ -361,7 +363,7 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
                 config = config.replace(pinned_fraction=plan["hybrid_pinned_fraction"])
             if cfg.sparse:
                 config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap, retain=cfg.retain,
-                                        compute_window=cfg.compute_window)
+                                        compute=cfg.compute)
                 spec["trace"] = str(traces.ordered if cfg.ordered else traces.unordered)
             spec["config"] = config.to_dict()
             for f in files:
