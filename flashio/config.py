@@ -42,7 +42,7 @@ class Mode(enum.StrEnum):
 
 
 MODES = tuple(m.value for m in Mode)
-COMPUTE_ROWS = ("auto", "active", "window")  # FlashConfig.compute: which cached rows the FFN runs on
+COMPUTE_ROWS = ("window", "active")  # FlashConfig.compute: which cached rows the FFN runs on
 
 
 class Selection(enum.StrEnum):
@@ -94,12 +94,11 @@ class FlashConfig:
     retain: rows of neurons that left the window stay in the window cache while it has room, and
       are not read again when those neurons return (default; the rows computed are the window's
       either way). False: they leave with the window, as in the paper.
-    compute: which cached rows the FFN runs on. 'active': the step's active set only (the paper's);
-      'window': every row of the window (neurons active in any of the last `window` steps): more
-      accurate where the predictor misses neurons, at about twice the FFN's DRAM traffic; 'auto'
-      (default): the window's rows in a step whose reads are in flight (overlap: the compute thread
-      would otherwise wait, and the extra rows' contributions are exact), the active set's in the
-      others (no reads, e.g. a preloaded FFN, or overlap off).
+    compute: which cached rows the FFN runs on. 'window' (default): every row of the window
+      (neurons predicted active in any of the last `window` steps; the extra rows are exact
+      contributions of neurons the step's prediction left out); 'active': the step's predicted
+      set only (the paper's), about half the FFN's DRAM traffic, a little less accurate where the
+      predictor misses neurons.
     preload: with a dram_budget whose window caches hold every FFN row (and retain), read all of
       them when the model is opened, a layer at a time in large sequential reads, and keep them
       across sequences: no step reads from flash (default). False: read on demand, as without a
@@ -131,7 +130,7 @@ class FlashConfig:
     bundled: bool = True
     overlap: bool = True
     retain: bool = True
-    compute: str = "auto"
+    compute: str = "window"
     preload: bool = True
     pinned_fraction: float = 0.0
     record_trace: bool = False

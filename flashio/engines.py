@@ -49,7 +49,7 @@ class SparseOptions:
     bundled: bool = True  # False: up and down parts of a neuron read as two requests ("unbundled")
     overlap: bool = False  # start the reads, compute the cached rows while they fly
     retain: bool = False  # rows that left the window stay while the cache has room (WindowCache)
-    compute: str = "active"  # the FFN on the step's active set, the window's rows, or "auto" (FlashConfig.compute)
+    compute: str = "window"  # the FFN on the window's rows, or "active": the step's active set (FlashConfig.compute)
 
     @classmethod
     def of(cls, config: FlashConfig) -> SparseOptions:

@@ -1,8 +1,8 @@
 """The windowed sparse FFN (LLM in a flash, sections 3.1-3.3) and its oracle.
 
 Per layer and step: the active set (predictor, or an ActiveSource such as a trace replay) ->
-the window cache update -> reads of the missing bundles only -> the FFN on the active set's rows
-(the cache holds the window's; FlashConfig.compute says when the FFN runs on those).
+the window cache update -> reads of the missing bundles only -> the FFN on the window's rows, or
+on the active set's only (FlashConfig.compute='active'; the cache's other rows are masked out).
 On the CPU with rows kept as stored, arriving neurons are read straight into the rows freed in
 the same step (FillingWindowCache); elsewhere deletion moves the last rows into the freed slots
 and insertion appends (the paper's layout), or rows pass through a staging buffer.
@@ -162,7 +162,7 @@ class SparseEngine(Engine):
         self.rec.cache_hits += up.hits
         live = cache.live()  # retained rows outside the window are kept, not computed
         self.rec.cache_rows += cache.n_used if live is None else int(np.count_nonzero(live))
-        live = self._computed_rows(cache, ids_np, live, reading=self.options.overlap and m > 0)
+        live = self._computed_rows(cache, ids_np, live)
         try:
             if self.fill_in_place:
                 return self._filled(i, h, cache, up, coef, live)
@@ -173,14 +173,11 @@ class SparseEngine(Engine):
             cache.reset()  # rows were reserved for bundles that never arrived
             raise
 
-    def _computed_rows(self, cache: WindowCache, ids: np.ndarray, live: np.ndarray | None, *,
-                       reading: bool) -> torch.Tensor | None:
+    def _computed_rows(self, cache: WindowCache, ids: np.ndarray, live: np.ndarray | None) -> torch.Tensor | None:
         """[n_used] 1.0 for the cache rows the step computes (None: all of them), as
-        FlashConfig.compute says: the active set's, or the window's (`live`), which 'auto' takes in
-        a step whose reads fly while the cached rows are computed (`reading`); counted in
+        FlashConfig.compute says: the window's (`live`), or the step's active set; counted in
         rec.rows_computed."""
-        c = self.options.compute
-        if c == "window" or (c == "auto" and reading):
+        if self.options.compute == "window":
             self.rec.rows_computed += cache.n_used if live is None else int(np.count_nonzero(live))
             return None if live is None else torch.from_numpy(live.astype(np.float32))
         self.rec.rows_computed += len(ids)

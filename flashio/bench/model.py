@@ -65,7 +65,7 @@ class Config:
     ordered: bool = False  # the trace in the calibrated neuron order
     tuned: bool = False  # threads and coalescing gap from the device cost model
     pinned: bool = False  # naive with DRAM filled by pinned rows ("hybrid")
-    compute: str = "auto"  # FlashConfig.compute: which cached rows the FFN runs on
+    compute: str = "window"  # FlashConfig.compute: which cached rows the FFN runs on
 
     @property
     def sparse(self) -> bool:
@@ -83,10 +83,8 @@ CONFIGS = (
     Config("+reordering", "sparse", "neurons ordered by calibrated load frequency", tuned=True, ordered=True),
     Config("+overlap", "sparse", "reads in flight while the cached rows are computed; rows past the window kept "
            "while the cache has room (flashio run's defaults)", tuned=True, ordered=True, overlap=True, retain=True),
-    Config("active-compute", "sparse", "+overlap, the FFN on the active set's rows only, also while reads fly "
-           "(compute='active')", tuned=True, ordered=True, overlap=True, retain=True, compute="active"),
-    Config("window-compute", "sparse", "+overlap, the FFN on every row of the window, also without reads "
-           "(compute='window')", tuned=True, ordered=True, overlap=True, retain=True, compute="window"),
+    Config("active-compute", "sparse", "+overlap, the FFN on the step's active set only instead of the window's rows "
+           "(compute='active', the paper's)", tuned=True, ordered=True, overlap=True, retain=True, compute="active"),
     Config("mmap", "mmap", "FFN memory-mapped, paged by the OS (as llama.cpp)"),
     Config("dense", "dense", "everything in DRAM (reference; only when it fits)"),
 )

@@ -58,7 +58,7 @@ def test_defaults_and_normalised_values():
     ({"compute_dtype": "int8"}, "compute_dtype 'int8' is not one of"),
     ({"verify": "yes"}, "verify must be True or False"),
     ({"preload": 1}, "preload must be True or False"),
-    ({"compute": "all"}, "compute 'all' is not one of auto, active, window"),
+    ({"compute": "all"}, "compute 'all' is not one of window, active"),
     ({"device_profile": 3}, "device_profile must be a file path or a DeviceProfile"),
 ])
 def test_invalid_options_are_refused_when_the_config_is_built(kw, message):

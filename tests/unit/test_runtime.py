@@ -97,35 +97,24 @@ def test_retained_rows_save_reads_and_change_nothing_computed(tiny_opt, tmp_path
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_compute_active_window_and_auto(tiny_opt, tmp_path, overlap):
+def test_compute_window_or_active(tiny_opt, tmp_path, overlap):
     """compute='active': the FFN on the step's predicted neurons whatever else the window cache
-    holds, the same logits as a window of one step (whose cache holds nothing else); 'window': on
-    the whole window (other logits, more rows); 'auto' (default): the window's rows in steps whose
-    reads fly (overlap), the active set's in the others."""
+    holds, the same logits as a window of one step (whose cache holds nothing else); 'window'
+    (default): on the whole window (other logits, more rows)."""
     torch.manual_seed(3)
     preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
     art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
     runs = {}
     for key, kw in {"one": dict(window=1, retain=False, compute="active"), "active": dict(window=4, compute="active"),
-                    "window": dict(window=4, compute="window"), "auto": dict(window=4)}.items():
+                    "window": dict(window=4)}.items():
         with flashio.open(art, mode="sparse", overlap=overlap, **kw) as model:
             runs[key] = (model.forward(PROMPT, token_by_token=True), model.stats)
     (one, _), (active, active_stats), (window, window_stats) = runs["one"], runs["active"], runs["window"]
-    auto, auto_stats = runs["auto"]
     assert (active - one).abs().max().item() <= 1e-5
     assert [s.rows_computed for s in active_stats] == [s.neurons_active for s in active_stats]
     assert [s.rows_computed for s in window_stats] == [s.cache_rows for s in window_stats]
     assert sum(s.rows_computed for s in window_stats) > sum(s.rows_computed for s in active_stats)
     assert (window - one).abs().max().item() > 1e-3  # the window's other neurons were computed
-    # (a step's figures sum its layers: a layer may read while the other does not)
-    assert all(s.neurons_active <= s.rows_computed <= s.cache_rows for s in auto_stats)
-    assert all(s.rows_computed == s.neurons_active for s in auto_stats if not s.neurons_loaded)
-    if overlap:
-        assert sum(s.rows_computed for s in auto_stats) > sum(s.neurons_active for s in auto_stats)
-        assert (auto - active).abs().max().item() > 1e-3
-    else:
-        assert [s.rows_computed for s in auto_stats] == [s.neurons_active for s in auto_stats]
-        assert (auto - active).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
@@ -135,11 +124,10 @@ def test_a_budget_that_holds_the_ffn_preloads_it_and_no_step_reads(tiny_opt, tmp
     torch.manual_seed(4)
     preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
     art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds, quantize=quantize)
-    # compute="active": the same rows computed whether a step reads or not ('auto' adds the window's while reads fly)
-    with flashio.open(art, mode="sparse", window=2, dram_budget="1GiB", preload=False, compute="active") as lazy:
+    with flashio.open(art, mode="sparse", window=2, dram_budget="1GiB", preload=False) as lazy:
         want = lazy.forward(PROMPT, token_by_token=True)
         assert lazy.preload_bytes == 0 and sum(s.bytes_read for s in lazy.stats) > 0
-    with flashio.open(art, mode="sparse", window=2, dram_budget="1GiB", compute="active") as model:
+    with flashio.open(art, mode="sparse", window=2, dram_budget="1GiB") as model:
         m = model.artifact.manifest
         assert model.capacity == 256
         rows = sum(L.n_neurons for L in m.ffn_layers) * m.row_bytes  # every layer's rows, once
@@ -148,7 +136,8 @@ def test_a_budget_that_holds_the_ffn_preloads_it_and_no_step_reads(tiny_opt, tmp
             got = model.forward(PROMPT, token_by_token=True)
             assert sum(s.bytes_read for s in model.stats) == 0
             assert sum(s.neurons_loaded for s in model.stats) == 0
-            assert (got - want).abs().max().item() <= 1e-5
+            # (int4: the lazy run sums a step's cached and arriving rows in two passes, float rounding)
+            assert (got - want).abs().max().item() <= (1e-5 if quantize is None else 1e-3)
     with flashio.open(art, mode="sparse", window=2) as unbounded:  # no budget: on demand
         assert unbounded.preload_bytes == 0
 
