@@ -1,5 +1,6 @@
 """Quantized weights (format version 3): group-wise int8 (symmetric) / int4 (asymmetric) bundle
-rows, int8 per-output-channel resident matrices, and the matrix-vector products on them.
+rows, resident matrices as int8 per output channel (QuantizedWeight) or int4 rows laid out as a
+one-part bundle row (QuantizedRows), and the matrix-vector products on them.
 
     spec = row_quant(("up", "down"), dim=4096, scheme="int4", group_size=4096)
     rows = quantize_rows(bundles, spec)                    # [N, parts*D] float -> [N, row_bytes] uint8
@@ -544,7 +545,8 @@ class QuantizedRows:
 KERNEL_LINEAR_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight | QuantizedRows,
+           b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for float or quantized resident weights. One token on the CPU with a contiguous
     float16/bfloat16 matrix and one torch thread (the kernels run on the calling thread):
     flashio.kernels' row-at-a-time dot products (float32 accumulation), which read the matrix
