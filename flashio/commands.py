@@ -54,6 +54,11 @@ def add_open_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of weights in memory and of the matmuls (default: the artifact's)")
+    p.add_argument("--compute", default="window", choices=["window", "active"],
+                   help="cached rows the FFN runs on: every row of the window (default), or only each token's "
+                        "predicted neurons (the paper's: about half the FFN's memory traffic, a little less accurate)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="with a --dram-budget that holds the whole FFN, read rows on demand instead of all at open")
     p.add_argument("--registry", default=None, help="registry URI for name@version references")
 
 
@@ -165,6 +170,7 @@ def run_config(args: argparse.Namespace) -> FlashConfig:
 
     return FlashConfig(mode=args.mode, window=args.window, dram_budget=args.dram_budget, threads=args.threads,
                        device=args.device, compute_dtype=args.compute_dtype,
+                       compute=getattr(args, "compute", "window"), preload=not getattr(args, "no_preload", False),
                        record_trace=getattr(args, "record_trace", None) is not None,
                        torch_threads=torch_threads_option(getattr(args, "torch_threads", None)))
 
