@@ -92,8 +92,8 @@ class FlashConfig:
     overlap: compute the cached rows while the missing ones are read (default; False: read, then
       compute, the paper's step without this project's overlap).
     retain: rows of neurons that left the window stay in the window cache while it has room, and
-      are not read again when those neurons return (default; the rows computed are the window's
-      either way). False: they leave with the window, as in the paper.
+      are not read again when those neurons return (default; they are not computed: see
+      `compute`). False: they leave with the window, as in the paper.
     compute: which cached rows the FFN runs on. 'window' (default): every row of the window
       (neurons predicted active in any of the last `window` steps; the extra rows are exact
       contributions of neurons the step's prediction left out); 'active': the step's predicted
