@@ -161,8 +161,14 @@ class SparseEngine(Engine):
         self.rec.neurons_loaded += m
         self.rec.cache_hits += up.hits
         live = cache.live()  # retained rows outside the window are kept, not computed
-        self.rec.cache_rows += cache.n_used if live is None else int(np.count_nonzero(live))
-        live = self._computed_rows(cache, ids_np, live)
+        n_window = cache.n_used if live is None else int(np.count_nonzero(live))
+        self.rec.cache_rows += n_window
+        if self.options.compute == "window":
+            self.rec.rows_computed += n_window
+            live = None if live is None else torch.from_numpy(live.astype(np.float32))
+        else:
+            self.rec.rows_computed += len(ids_np)
+            live = self._active_rows(cache, ids_np)
         try:
             if self.fill_in_place:
                 return self._filled(i, h, cache, up, coef, live)
@@ -173,14 +179,10 @@ class SparseEngine(Engine):
             cache.reset()  # rows were reserved for bundles that never arrived
             raise
 
-    def _computed_rows(self, cache: WindowCache, ids: np.ndarray, live: np.ndarray | None) -> torch.Tensor | None:
-        """[n_used] 1.0 for the cache rows the step computes (None: all of them), as
-        FlashConfig.compute says: the window's (`live`), or the step's active set; counted in
-        rec.rows_computed."""
-        if self.options.compute == "window":
-            self.rec.rows_computed += cache.n_used if live is None else int(np.count_nonzero(live))
-            return None if live is None else torch.from_numpy(live.astype(np.float32))
-        self.rec.rows_computed += len(ids)
+    @staticmethod
+    def _active_rows(cache: WindowCache, ids: np.ndarray) -> torch.Tensor | None:
+        """[n_used] 1.0 for the cache rows of the step's active set `ids` (None: every row),
+        what compute='active' computes."""
         if len(ids) == cache.n_used:
             return None
         keep = np.zeros(cache.n_used, dtype=np.float32)

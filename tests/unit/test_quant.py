@@ -354,7 +354,12 @@ def _edit(path, fn):
      "its own scale tensor"),
 ])
 def test_damaged_quantized_manifests_are_refused(opt_quant, tmp_path, edit, message):
-    art = shutil.copytree(opt_quant["int8"], tmp_path / "art")
+    _assert_refused(opt_quant["int8"], tmp_path, edit, message)
+
+
+def _assert_refused(path, tmp_path, edit, message):
+    """A copy of the artifact at `path`, its manifest edited, is refused with `message`."""
+    art = shutil.copytree(path, tmp_path / "art")
     _edit(art, edit)
     with pytest.raises(FormatError, match=message):
         Artifact(art)
@@ -374,10 +379,7 @@ def _q_record(m):
      "must be the row layout of an int4 matrix"),
 ])
 def test_damaged_int4_resident_records_are_refused(opt_quant, tmp_path, edit, message):
-    art = shutil.copytree(opt_quant["int4-resident"], tmp_path / "art")
-    _edit(art, edit)
-    with pytest.raises(FormatError, match=message):
-        Artifact(art)
+    _assert_refused(opt_quant["int4-resident"], tmp_path, edit, message)
 
 
 def test_versions_1_and_2_still_open(opt_quant, tiny_llama, tmp_path):
