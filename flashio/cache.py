@@ -237,6 +237,35 @@ class FillingWindowCache(WindowCache):
         moved = self._compact(freed[k:]) if f > m else 0
         return FillUpdate(missing, dest, len(active) - m, f, moved)
 
+    def extend(self, active: np.ndarray) -> FillUpdate:
+        """Add `active` (sorted unique ids) to the step the last update_fill opened, without
+        advancing: its neurons count as active in that step, and those not cached get rows (free
+        ones, else those of the least recently active neurons of earlier steps). The lookahead's
+        second update: `active` is the step's own set, the step was opened with a guess of it.
+        Neurons that find no row (the step's union exceeds the capacity) are left out: `missing`
+        and `dest` hold those that got one (`hits`: those cached before)."""
+        s = self.step - 1
+        missing = active[self.slot_of[active] < 0]
+        hits = len(active) - len(missing)
+        self.last_active[active] = s
+        self.history[-1] = np.union1d(self.history[-1], active)
+        free = self.capacity - self.n_used
+        need = len(missing) - free
+        freed = np.empty(0, dtype=np.int64)
+        if need > 0:
+            used = self.neuron_at[: self.n_used]
+            candidates = used[self.last_active[used] < s]
+            k = min(need, len(candidates))
+            oldest = candidates[np.argpartition(self.last_active[candidates], k - 1)[:k]] if k else candidates[:0]
+            freed = np.sort(self.slot_of[oldest])
+            self.slot_of[oldest] = -1
+            missing = missing[: len(freed) + free]
+        dest = np.concatenate([freed, np.arange(self.n_used, self.n_used + len(missing) - len(freed))])
+        self.n_used += len(missing) - len(freed)
+        self.neuron_at[dest] = missing
+        self.slot_of[missing] = dest
+        return FillUpdate(missing, dest, hits, len(freed), 0)
+
     def _compact(self, holes: np.ndarray) -> int:
         """Close empty rows by moving the last used rows into them; returns rows moved."""
         new_used = self.n_used - len(holes)

@@ -99,6 +99,12 @@ class FlashConfig:
       contributions of neurons the step's prediction left out); 'active': the step's predicted
       set only (the paper's), about half the FFN's DRAM traffic, a little less accurate where the
       predictor misses neurons.
+    lookahead: start each layer's reads before its attention, for the neurons its predictor (or
+      exact gate, or active source) picks from the layer's input through the FFN's norm (the
+      residual stream changes little across one attention block); neurons the FFN's own input
+      then needs that were not read are read at the FFN. The step computes what it would without
+      the lookahead (the wrong guesses only cost reads); with `overlap`, on the CPU with rows kept
+      as stored (elsewhere it is ignored). Default False.
     preload: with a dram_budget whose window caches hold every FFN row (and retain), read all of
       them when the model is opened, a layer at a time in large sequential reads, and keep them
       across sequences: no step reads from flash (default). False: read on demand, as without a
@@ -131,6 +137,7 @@ class FlashConfig:
     overlap: bool = True
     retain: bool = True
     compute: str = "window"
+    lookahead: bool = False
     preload: bool = True
     pinned_fraction: float = 0.0
     record_trace: bool = False
@@ -183,7 +190,8 @@ class FlashConfig:
         elif self.device_profile is not None and not isinstance(self.device_profile, (str, DeviceProfile)):
             raise FlashError(f"device_profile must be a file path or a DeviceProfile, got "
                              f"{type(self.device_profile).__name__}")
-        for name in ("verify", "direct", "reuse", "bundled", "overlap", "retain", "preload", "record_trace"):
+        for name in ("verify", "direct", "reuse", "bundled", "overlap", "retain", "lookahead", "preload",
+                     "record_trace"):
             if not isinstance(getattr(self, name), bool):
                 raise FlashError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compute not in COMPUTE_ROWS:

@@ -50,11 +50,12 @@ class SparseOptions:
     overlap: bool = False  # start the reads, compute the cached rows while they fly
     retain: bool = False  # rows that left the window stay while the cache has room (WindowCache)
     compute: str = "window"  # the FFN on the window's rows, or "active": the step's active set (FlashConfig.compute)
+    lookahead: bool = False  # reads started before the attention (FlashConfig.lookahead)
 
     @classmethod
     def of(cls, config: FlashConfig) -> SparseOptions:
         return cls(reuse=config.reuse, bundled=config.bundled, overlap=config.overlap, retain=config.retain,
-                   compute=config.compute)
+                   compute=config.compute, lookahead=config.lookahead)
 
 
 class ActiveSource(Protocol):
@@ -116,6 +117,7 @@ class Engine:
     from a FlashConfig (`create`), so that the runtime picks it from a table (flashio.modes)."""
 
     needs_predictors = False  # the artifact's predictors are loaded for this engine
+    lookahead = False  # the runtime calls prefetch(i, ffn_input(i, x)) before layer i's attention
 
     @classmethod
     def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
@@ -243,6 +245,9 @@ class Engine:
                     dst.copy_(landing[: b - a])
                 del stage
         return out
+
+    def prefetch(self, i: int, h: torch.Tensor) -> None:
+        """Before layer i's attention, where `lookahead`: h is the layer's input through its FFN's norm."""
 
     def begin_step(self) -> None:
         if self.recorder is not None:

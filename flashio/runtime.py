@@ -249,7 +249,10 @@ class FlashModel:
         start = self.kv.length
         self.kv.reserve(start + len(tokens))
         x = self.model.embed(tokens.to(self.device), start)
+        ahead = self.engine.lookahead
         for i in range(self.args.n_layers):
+            if ahead:  # FlashConfig.lookahead: the FFN's reads start before the attention
+                self.engine.prefetch(i, self.model.ffn_input(i, x))
             x = self.model.attention(i, x, self.kv, start)
             y = self.engine(i, self.model.ffn_input(i, x))
             x = self.model.ffn_output(i, x, y)

@@ -10,6 +10,7 @@ and insertion appends (the paper's layout), or rows pass through a staging buffe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import NamedTuple
@@ -33,6 +34,7 @@ from flashio.errors import FlashError
 from flashio.ffn import BUCKET_ROWS, CONVERT_ROWS, convert_rows
 from flashio.format import Manifest
 from flashio.predictor import PredictorWeights
+from flashio.readplan import PendingRead
 
 # The smallest window cache the windowed engines run with, as a fraction of each layer's neurons:
 # a token's predicted set is typically 2-10% of the FFN (paper, appendix), so less cannot run usefully.
@@ -98,7 +100,10 @@ class SparseEngine(Engine):
         self.fill_in_place = self.rows_dtype == self.dtype and self.transfer.in_place and self.split == 1
         if self.fill_in_place:
             cache_cls = FillingWindowCache
-        elif self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
+        # FlashConfig.lookahead: the runtime calls prefetch(i, ...) before layer i's attention
+        self.lookahead = options.lookahead and options.overlap and self.fill_in_place
+        self._ahead: dict[int, tuple[FillUpdate, PendingRead | None]] = {}  # layer -> prefetch's rows and reads
+        if not self.fill_in_place and self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
             if self.transfer.in_place:
                 self.staging = self._arena_tensor(capacity, width)
                 cache_cls = FillingWindowCache
@@ -147,9 +152,43 @@ class SparseEngine(Engine):
         and a per-token mask where tokens keep different neurons (flashio.exact)."""
         return self._active(i, h, cap), Coefficients(self.gate_act(i, h))
 
+    def prefetch(self, i: int, h: torch.Tensor) -> None:
+        """Start layer i's reads before its attention (FlashConfig.lookahead): the step's window
+        update for the neurons picked from `h`, the layer's input through its FFN's norm, and
+        their reads; `__call__` then adds what the FFN's own input needs."""
+        cache = self.caches[i]
+        ids = self._guess(i, h, cache.capacity)
+        t0 = time.perf_counter()
+        if not self.options.reuse:
+            cache.reset()
+        up = cache.update_fill(ids)
+        self.rec.mem_s += time.perf_counter() - t0
+        try:
+            pending = self.reader.submit_rows(i, up.missing, cache.matrix, rows=up.dest) if len(up.missing) else None
+        except BaseException:
+            cache.reset()
+            raise
+        self._ahead[i] = (up, pending)
+
+    def _guess(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
+        """The lookahead's neurons: an active source's `lookahead` where it has one (a trace
+        replay's model of a predictor's misses), else the selection run on `h`, unrecorded."""
+        guess = getattr(self.source, "lookahead", None)
+        if guess is not None:
+            return guess(i, h)[:cap]
+        recorder, truncated = self.recorder, self.rec.truncated
+        self.recorder = None
+        try:
+            return self._select(i, h, cap)[0]
+        finally:
+            self.recorder, self.rec.truncated = recorder, truncated
+
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cache = self.caches[i]
+        ahead = self._ahead.pop(i, None)
         ids_np, coef = self._select(i, h, cache.capacity)
+        if ahead is not None:
+            return self._after_guess(i, h, cache, ids_np, coef, *ahead)
         t0 = time.perf_counter()
         if not self.options.reuse:
             cache.reset()  # no window: the whole active set is loaded again
@@ -160,15 +199,7 @@ class SparseEngine(Engine):
         self.rec.neurons_active += len(ids_np)
         self.rec.neurons_loaded += m
         self.rec.cache_hits += up.hits
-        live = cache.live()  # retained rows outside the window are kept, not computed
-        n_window = cache.n_used if live is None else int(np.count_nonzero(live))
-        self.rec.cache_rows += n_window
-        if self.options.compute == "window":
-            self.rec.rows_computed += n_window
-            live = None if live is None else torch.from_numpy(live.astype(np.float32))
-        else:
-            self.rec.rows_computed += len(ids_np)
-            live = self._active_rows(cache, ids_np)
+        live = self._computed(cache, ids_np)
         try:
             if self.fill_in_place:
                 return self._filled(i, h, cache, up, coef, live)
@@ -177,6 +208,57 @@ class SparseEngine(Engine):
             return self._staged(i, h, cache, up, coef, live)
         except BaseException:
             cache.reset()  # rows were reserved for bundles that never arrived
+            raise
+
+    def _computed(self, cache: WindowCache, ids: np.ndarray) -> torch.Tensor | None:
+        """[n_used] 1.0 for the rows the step computes (None: every row), counted in the stats:
+        the window's rows (retained rows outside it are kept, not computed) or the active set's."""
+        live = cache.live()
+        n_window = cache.n_used if live is None else int(np.count_nonzero(live))
+        self.rec.cache_rows += n_window
+        if self.options.compute == "window":
+            self.rec.rows_computed += n_window
+            return None if live is None else torch.from_numpy(live.astype(np.float32))
+        self.rec.rows_computed += len(ids)
+        return self._active_rows(cache, ids)
+
+    def _after_guess(self, i: int, h: torch.Tensor, cache: FillingWindowCache, ids: np.ndarray,
+                     coef: Coefficients, guess: FillUpdate, pending: PendingRead | None) -> torch.Tensor:
+        """The FFN of a step whose reads started before the attention (prefetch): the step's own
+        neurons `ids` that the guess left out get rows and are read now; the cached rows are
+        computed while both reads fly, the arriving rows after."""
+        late_pending = None
+        try:
+            t0 = time.perf_counter()
+            late = cache.extend(ids)
+            self.rec.mem_s += time.perf_counter() - t0
+            guessed = int(np.count_nonzero(np.isin(guess.missing, ids, assume_unique=True)))
+            self.rec.neurons_active += len(ids)
+            self.rec.neurons_loaded += len(guess.missing) + len(late.missing)
+            self.rec.late_loaded += len(late.missing)
+            self.rec.cache_hits += late.hits - guessed
+            self.rec.truncated += len(ids) - late.hits - len(late.missing)
+            live = self._computed(cache, ids)
+            if len(late.missing):
+                late_pending = self.reader.submit_rows(i, late.missing, cache.matrix, rows=late.dest)
+            n, idx = cache.n_used, torch.from_numpy(cache.neurons)
+            dest = np.concatenate([guess.dest, late.dest])
+            if not len(dest) or h.shape[0] != 1 or not kernels.available():
+                for p in (pending, late_pending):  # prompts (torch's products): the rows first
+                    if p is not None:
+                        self._wait(p)
+                return self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=live)
+            arriving = torch.from_numpy(dest)
+            y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=arriving, keep=live)
+            for p in (pending, late_pending):
+                if p is not None:
+                    self._wait(p)
+            keep = torch.zeros(n)
+            keep[arriving] = 1.0
+            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep if live is None else keep * live)
+        except BaseException:
+            _drain(pending, late_pending)  # nothing may land in rows the reset frees
+            cache.reset()
             raise
 
     @staticmethod
@@ -328,14 +410,26 @@ class SparseEngine(Engine):
                 c.reset()
             raise
         self.preloaded = True
+        self.lookahead = False  # nothing left to read
         return nbytes
 
     def begin_step(self) -> None:
         super().begin_step()
+        if self._ahead:
+            self._abandon()
         if self.source is not None:
             self.source.begin_step()
 
+    def _abandon(self) -> None:
+        """Give up prefetched layers whose FFN never ran (a step that failed in between): their
+        reads are waited for and their caches emptied."""
+        ahead, self._ahead = self._ahead, {}
+        _drain(*(pending for _up, pending in ahead.values()))
+        for i in ahead:
+            self.caches[i].reset()
+
     def reset(self) -> None:
+        self._abandon()
         for c in self.caches:  # preloaded rows stay (a step that failed reset its own cache)
             if self.preloaded and c.n_used == len(c.slot_of):
                 c.forget()
@@ -343,3 +437,11 @@ class SparseEngine(Engine):
                 c.reset()
         if self.source is not None:
             self.source.reset()
+
+
+def _drain(*pending: PendingRead | None) -> None:
+    """Wait for reads whose rows are being given up (their errors too: the caller is already failing)."""
+    for p in pending:
+        if p is not None:
+            with contextlib.suppress(Exception):
+                p.result()

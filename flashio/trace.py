@@ -264,16 +264,27 @@ class TraceRecorder:
 class TraceReplay:
     """The active-set source that replays a trace: step k of the run gets the trace's step
     `start + k`. Each layer's set is only handed out when the engine asks for that layer (after
-    its FFN input exists), as a predictor would produce it."""
+    its FFN input exists), as a predictor would produce it.
 
-    def __init__(self, trace: Trace, *, start: int = 0):
+    `lookahead` (FlashConfig.lookahead) stands for a predictor run on the layer's input before
+    its attention: the step's set with a fraction 1 - `lookahead_recall` of it swapped for as
+    many neurons outside it, drawn at random (seeded by step and layer), as a top-k guess of the
+    right size that misses some neurons. The swapped-in neurons are as likely to be uncached as
+    any, so each miss costs a read at the FFN and a wasted read."""
+
+    def __init__(self, trace: Trace, *, start: int = 0, lookahead_recall: float = 1.0, seed: int = 0):
+        if not 0.0 <= lookahead_recall <= 1.0:
+            raise ValueError(f"lookahead_recall must be in [0, 1], got {lookahead_recall}")
         self.trace = trace
         self.start = start
+        self.lookahead_recall = lookahead_recall
+        self.seed = seed
         self._step = start - 1
 
     @property
     def description(self) -> dict[str, Any]:
-        return {**self.trace.meta, "steps": self.trace.steps, "start": self.start}
+        return {**self.trace.meta, "steps": self.trace.steps, "start": self.start,
+                "lookahead_recall": self.lookahead_recall}
 
     def begin_step(self) -> None:
         self._step += 1
@@ -284,6 +295,18 @@ class TraceReplay:
     def active(self, layer: int, h: torch.Tensor) -> np.ndarray:
         del h  # the trace decides; the engine still ran the predictor on h when it has one
         return self.trace.active(self._step, layer)
+
+    def lookahead(self, layer: int, h: torch.Tensor) -> np.ndarray:
+        ids = self.active(layer, h)
+        swap = round(len(ids) * (1.0 - self.lookahead_recall))
+        if not swap:
+            return ids
+        rng = np.random.default_rng((self.seed, self._step, layer))
+        kept = rng.choice(ids, len(ids) - swap, replace=False)
+        outside = np.ones(self.trace.n_neurons, dtype=bool)
+        outside[ids] = False
+        extra = rng.choice(np.flatnonzero(outside), min(swap, self.trace.n_neurons - len(ids)), replace=False)
+        return np.sort(np.concatenate([kept, extra]))
 
 
 def describe(params: TraceParams, window: int) -> dict[str, Any]:

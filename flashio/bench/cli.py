@@ -76,6 +76,9 @@ def add_commands(sub) -> None:
                    help="torch.set_num_threads for every configuration (default: what `flashio run` "
                         "uses, one less than the CPUs, at least 1; 0: torch's own, one per core)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lookahead-recall", type=float, default=None,
+                   help="+lookahead: the share of each step's set that the guess before the attention gets "
+                        "right (default: the figure measured on real models, README 'Lookahead')")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: with CUDA the limit is GPU memory (resident weights, KV "
                         "and window caches on the GPU; flash reads through pinned staging)")
@@ -152,7 +155,12 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from flashio.bench.model import CONFIG_NAMES, ModelBenchOptions, run_model_bench
+    from flashio.bench.model import (
+        CONFIG_NAMES,
+        LOOKAHEAD_RECALL,
+        ModelBenchOptions,
+        run_model_bench,
+    )
     from flashio.bench.report import markdown
     from flashio.commands import torch_threads_option
     from flashio.costmodel import find_profile_path
@@ -164,7 +172,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
         torch_threads=torch_threads_option(args.torch_threads), compute_dtype=args.compute_dtype,
         profile=args.profile if args.profile is not None else find_profile_path(), seed=args.seed,
-        device=args.device, peers=tuple(dict.fromkeys(args.peer)), peer_gguf=args.peer_gguf)
+        device=args.device, peers=tuple(dict.fromkeys(args.peer)), peer_gguf=args.peer_gguf,
+        lookahead_recall=LOOKAHEAD_RECALL if args.lookahead_recall is None else args.lookahead_recall)
     signal.signal(signal.SIGTERM, _terminate)  # clean up the child and its cgroup on `kill`
     results = run_model_bench(opts, progress=_say)
     print(markdown(results))

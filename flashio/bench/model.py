@@ -66,6 +66,7 @@ class Config:
     tuned: bool = False  # threads and coalescing gap from the device cost model
     pinned: bool = False  # naive with DRAM filled by pinned rows ("hybrid")
     compute: str = "window"  # FlashConfig.compute: which cached rows the FFN runs on
+    lookahead: bool = False  # FlashConfig.lookahead: reads started before each layer's attention
 
     @property
     def sparse(self) -> bool:
@@ -85,10 +86,14 @@ CONFIGS = (
            "while the cache has room (flashio run's defaults)", tuned=True, ordered=True, overlap=True, retain=True),
     Config("active-compute", "sparse", "+overlap, the FFN on the step's active set only instead of the window's rows "
            "(compute='active', the paper's)", tuned=True, ordered=True, overlap=True, retain=True, compute="active"),
+    Config("+lookahead", "sparse", "+overlap, each layer's reads started before its attention from a guess of "
+           "its set (FlashConfig.lookahead; the trace's set at --lookahead-recall)", tuned=True, ordered=True,
+           overlap=True, retain=True, lookahead=True),
     Config("mmap", "mmap", "FFN memory-mapped, paged by the OS (as llama.cpp)"),
     Config("dense", "dense", "everything in DRAM (reference; only when it fits)"),
 )
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
+LOOKAHEAD_RECALL = 0.9  # +lookahead's default (ModelBenchOptions.lookahead_recall), see README "Lookahead"
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class ModelBenchOptions:
     compute_dtype: str = "auto"
     profile: Path | None = None  # device profile for the cost model (None: built-in defaults)
     seed: int = 0
+    lookahead_recall: float = LOOKAHEAD_RECALL  # +lookahead: the share of each set the guess gets right
     timeout_s: float = 3600.0
     device: str = "cpu"  # 'cuda[:N]': resident weights, KV and window caches in GPU memory
     peers: tuple[str, ...] = ()  # ("llama.cpp",): its rows beside flashio's (flashio.bench.peer)
@@ -125,6 +131,8 @@ class ModelBenchOptions:
             raise FlashError(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIG_NAMES)}")
         if self.tokens < 1 or self.baseline_tokens < 1 or self.window < 1:
             raise FlashError("tokens, baseline_tokens and window must be >= 1")
+        if not 0.0 <= self.lookahead_recall <= 1.0:
+            raise FlashError(f"lookahead recall must be in [0, 1], got {self.lookahead_recall}")
 
 
 @dataclass
@@ -361,8 +369,9 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
                 config = config.replace(pinned_fraction=plan["hybrid_pinned_fraction"])
             if cfg.sparse:
                 config = config.replace(reuse=cfg.reuse, bundled=cfg.bundled, overlap=cfg.overlap, retain=cfg.retain,
-                                        compute=cfg.compute)
+                                        compute=cfg.compute, lookahead=cfg.lookahead)
                 spec["trace"] = str(traces.ordered if cfg.ordered else traces.unordered)
+                spec["lookahead_recall"] = opts.lookahead_recall
             spec["config"] = config.to_dict()
             for f in files:
                 evict_from_page_cache(f)

@@ -42,7 +42,7 @@ def run(spec: dict) -> dict:
     config = FlashConfig.from_dict(spec["config"])
     source = None
     if spec.get("trace"):
-        source = TraceReplay(Trace.load(spec["trace"]))
+        source = TraceReplay(Trace.load(spec["trace"]), lookahead_recall=spec.get("lookahead_recall", 1.0))
     t0 = time.perf_counter()
     with open_model(spec["artifact"], config, active_source=source) as model:
         open_s = time.perf_counter() - t0

@@ -199,3 +199,97 @@ def test_predictor_thresholds_can_be_read_and_replaced(tiny_opt, tmp_path):
             model.set_predictor_thresholds([0.5, 1.0])
     with flashio.open(art, mode="dense") as model, pytest.raises(FlashError, match="without predictors"):
         model.set_predictor_thresholds([0.5, 0.5])
+
+
+class _GuessingSource:
+    """Active sets from a fixed random draw per (step, layer); its lookahead guesses a set that
+    shares only part of them (or all: exact=True)."""
+
+    def __init__(self, n: int, *, exact: bool = False):
+        self.n, self.exact, self.step = n, exact, -1
+
+    def begin_step(self) -> None:
+        self.step += 1
+
+    def reset(self) -> None:
+        self.step = -1
+
+    def _draw(self, layer: int, salt: int) -> np.ndarray:
+        rng = np.random.default_rng((self.step, layer, salt))
+        return np.sort(rng.choice(self.n, 96, replace=False))
+
+    def active(self, layer: int, h: torch.Tensor) -> np.ndarray:
+        return self._draw(layer, 0)
+
+    def lookahead(self, layer: int, h: torch.Tensor) -> np.ndarray:
+        if self.exact:
+            return self._draw(layer, 0)
+        return np.union1d(self._draw(layer, 0)[::2], self._draw(layer, 1)[:40])  # half right, 40 guesses wrong
+
+
+@pytest.mark.parametrize("token_by_token", [True, False])
+def test_lookahead_reads_early_and_computes_the_same(tiny_opt, tmp_path, token_by_token):
+    """lookahead: reads start before the attention from a guess; what the guess missed is read at
+    the FFN, so the step computes its own set (compute='active': the same logits as without)."""
+    preds = _all_active_predictors(2, 64, 256)
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=preds)
+    runs = {}
+    for key, (lookahead, exact) in {"off": (False, False), "wrong": (True, False), "exact": (True, True)}.items():
+        with flashio.open(art, mode="sparse", window=2, compute="active", lookahead=lookahead,
+                          active_source=_GuessingSource(256, exact=exact)) as model:
+            out = [model.forward(PROMPT, token_by_token=token_by_token) for _ in range(2)]  # a new sequence too
+            runs[key] = (out, model.stats)
+    (off, off_stats), (wrong, wrong_stats), (exact, exact_stats) = runs["off"], runs["wrong"], runs["exact"]
+    for got in (wrong, exact):
+        for a, b in zip(got, off):
+            assert (a - b).abs().max().item() <= 1e-5
+    assert [s.neurons_active for s in wrong_stats] == [s.neurons_active for s in off_stats]
+    # an exact guess reads what the step would have read, nothing at the FFN
+    assert sum(s.late_loaded for s in exact_stats) == 0
+    assert [s.neurons_loaded for s in exact_stats] == [s.neurons_loaded for s in off_stats]
+    # a wrong one reads the rest at the FFN and its wrong guesses besides
+    assert sum(s.late_loaded for s in wrong_stats) > 0
+    assert sum(s.neurons_loaded for s in wrong_stats) > sum(s.neurons_loaded for s in off_stats)
+    for s in wrong_stats:
+        assert s.cache_hits + s.late_loaded <= s.neurons_active <= s.cache_hits + s.neurons_loaded
+        assert s.truncated == 0
+
+
+def test_lookahead_with_predictors_computes_the_step_set(tiny_opt, tmp_path):
+    """With predictors the guess is the predictor on the layer's input through the FFN's norm;
+    compute='active' gives the logits of the run without lookahead."""
+    torch.manual_seed(5)
+    preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
+    out = {}
+    for lookahead in (False, True):
+        with flashio.open(art, mode="sparse", window=3, compute="active", lookahead=lookahead) as model:
+            assert model.engine.lookahead == lookahead
+            out[lookahead] = model.forward(PROMPT, token_by_token=True)
+            late = sum(s.late_loaded for s in model.stats)
+    assert (out[True] - out[False]).abs().max().item() <= 1e-5
+    assert late > 0  # random predictors: the FFN input picks other neurons than the layer input
+
+
+def test_a_step_failing_after_its_lookahead_leaves_nothing_behind(tiny_opt, tmp_path, monkeypatch):
+    """An error between a layer's early reads and its FFN (here in the attention): the next call
+    runs as on a fresh model."""
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
+    with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=_GuessingSource(256)) as fresh:
+        want = fresh.forward(PROMPT[:4], token_by_token=True)
+    with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=_GuessingSource(256)) as model:
+        real = model.model.attention
+        calls = []
+
+        def failing(i, x, kv, start):
+            calls.append(i)
+            if len(calls) == 2:  # layer 1 of the first step: layer 1's reads are in flight
+                raise KeyboardInterrupt
+            return real(i, x, kv, start)
+
+        monkeypatch.setattr(model.model, "attention", failing)
+        with pytest.raises(KeyboardInterrupt):
+            model.forward(PROMPT[:4], token_by_token=True)
+        monkeypatch.setattr(model.model, "attention", real)
+        model.reset()
+        assert (model.forward(PROMPT[:4], token_by_token=True) - want).abs().max().item() <= 1e-5

@@ -136,3 +136,22 @@ def test_cli_run_records_a_trace(tiny_opt, tmp_path, capsys):
     assert "trace:" in capsys.readouterr().err
     t = Trace.load(out)
     assert t.n_layers == 2 and t.n_neurons == 256 and t.steps >= 4
+
+
+def test_replay_lookahead_guesses_a_set_of_the_same_size_with_the_recall_asked():
+    rng = np.random.default_rng(0)
+    sets = [np.sort(rng.choice(1000, 200, replace=False)) for _ in range(2 * 3)]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets])])
+    trace = Trace(3, 1000, offsets, np.concatenate(sets).astype(np.int32))
+    replay = TraceReplay(trace, lookahead_recall=0.8)
+    replay.begin_step()
+    for layer in range(3):
+        truth, guess = replay.active(layer, None), replay.lookahead(layer, None)
+        assert len(guess) == len(truth) and np.all(np.diff(guess) > 0)
+        assert len(np.intersect1d(guess, truth)) == 160
+        assert np.array_equal(guess, replay.lookahead(layer, None))  # seeded by step and layer
+    exact = TraceReplay(trace)  # recall 1: the set itself
+    exact.begin_step()
+    assert np.array_equal(exact.lookahead(0, None), trace.active(0, 0))
+    with pytest.raises(ValueError, match="lookahead_recall"):
+        TraceReplay(trace, lookahead_recall=1.5)
