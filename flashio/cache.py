@@ -247,8 +247,9 @@ class FillingWindowCache(WindowCache):
         s = self.step - 1
         missing = active[self.slot_of[active] < 0]
         hits = len(active) - len(missing)
-        self.last_active[active] = s
-        self.history[-1] = np.union1d(self.history[-1], active)
+        new = active[self.last_active[active] != s]  # not in the guess: the step's entry stays unique
+        self.last_active[new] = s
+        self.history[-1] = np.concatenate([self.history[-1], new])
         free = self.capacity - self.n_used
         need = len(missing) - free
         freed = np.empty(0, dtype=np.int64)
