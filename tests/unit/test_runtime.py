@@ -227,12 +227,12 @@ class _GuessingSource:
         return np.union1d(self._draw(layer, 0)[::2], self._draw(layer, 1)[:40])  # half right, 40 guesses wrong
 
 
-@pytest.mark.parametrize("token_by_token", [True, False])
-def test_lookahead_reads_early_and_computes_the_same(tiny_opt, tmp_path, token_by_token):
+@pytest.mark.parametrize("token_by_token,quantize", [(True, None), (False, None), (True, "int4")])
+def test_lookahead_reads_early_and_computes_the_same(tiny_opt, tmp_path, token_by_token, quantize):
     """lookahead: reads start before the attention from a guess; what the guess missed is read at
     the FFN, so the step computes its own set (compute='active': the same logits as without)."""
     preds = _all_active_predictors(2, 64, 256)
-    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=preds)
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=preds, quantize=quantize)
     runs = {}
     for key, (lookahead, exact) in {"off": (False, False), "wrong": (True, False), "exact": (True, True)}.items():
         with flashio.open(art, mode="sparse", window=2, compute="active", lookahead=lookahead,
@@ -241,8 +241,8 @@ def test_lookahead_reads_early_and_computes_the_same(tiny_opt, tmp_path, token_b
             runs[key] = (out, model.stats)
     (off, off_stats), (wrong, wrong_stats), (exact, exact_stats) = runs["off"], runs["wrong"], runs["exact"]
     for got in (wrong, exact):
-        for a, b in zip(got, off):
-            assert (a - b).abs().max().item() <= 1e-5
+        for a, b in zip(got, off):  # (int4: rows in other slots sum in another order, see the preload test)
+            assert (a - b).abs().max().item() <= (1e-5 if quantize is None else 1e-3)
     assert [s.neurons_active for s in wrong_stats] == [s.neurons_active for s in off_stats]
     # an exact guess reads what the step would have read, nothing at the FFN
     assert sum(s.late_loaded for s in exact_stats) == 0
