@@ -150,6 +150,11 @@ def test_replay_lookahead_guesses_a_set_of_the_same_size_with_the_recall_asked()
         assert len(guess) == len(truth) and np.all(np.diff(guess) > 0)
         assert len(np.intersect1d(guess, truth)) == 160
         assert np.array_equal(guess, replay.lookahead(layer, None))  # seeded by step and layer
+    replay.begin_step()  # step 1: the wrong guesses come from the layer's set of step 0
+    for layer in range(3):
+        truth, guess = replay.active(layer, None), replay.lookahead(layer, None)
+        wrong = np.setdiff1d(guess, truth)
+        assert len(wrong) == 40 and np.isin(wrong, trace.active(0, layer)).all()
     exact = TraceReplay(trace)  # recall 1: the set itself
     exact.begin_step()
     assert np.array_equal(exact.lookahead(0, None), trace.active(0, 0))
