@@ -186,9 +186,9 @@ class SparseEngine(Engine):
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cache = self.caches[i]
         ahead = self._ahead.pop(i, None)
-        ids_np, coef = self._select(i, h, cache.capacity)
         if ahead is not None:
-            return self._after_guess(i, h, cache, ids_np, coef, *ahead)
+            return self._after_guess(i, h, cache, *ahead)
+        ids_np, coef = self._select(i, h, cache.capacity)
         t0 = time.perf_counter()
         if not self.options.reuse:
             cache.reset()  # no window: the whole active set is loaded again
@@ -222,13 +222,14 @@ class SparseEngine(Engine):
         self.rec.rows_computed += len(ids)
         return self._active_rows(cache, ids)
 
-    def _after_guess(self, i: int, h: torch.Tensor, cache: FillingWindowCache, ids: np.ndarray,
-                     coef: Coefficients, guess: FillUpdate, pending: PendingRead | None) -> torch.Tensor:
+    def _after_guess(self, i: int, h: torch.Tensor, cache: FillingWindowCache, guess: FillUpdate,
+                     pending: PendingRead | None) -> torch.Tensor:
         """The FFN of a step whose reads started before the attention (prefetch): the step's own
-        neurons `ids` that the guess left out get rows and are read now; the cached rows are
-        computed while both reads fly, the arriving rows after."""
+        neurons that the guess left out get rows and are read now; the cached rows are computed
+        while both reads fly, the arriving rows after."""
         late_pending = None
         try:
+            ids, coef = self._select(i, h, cache.capacity)
             t0 = time.perf_counter()
             late = cache.extend(ids)
             self.rec.mem_s += time.perf_counter() - t0
@@ -237,8 +238,9 @@ class SparseEngine(Engine):
             self.rec.neurons_loaded += len(guess.missing) + len(late.missing)
             self.rec.late_loaded += len(late.missing)
             self.rec.cache_hits += late.hits - guessed
-            self.rec.truncated += len(ids) - late.hits - len(late.missing)
-            live = self._computed(cache, ids)
+            cut = len(ids) - late.hits - len(late.missing)  # no row left for them: not computed
+            self.rec.truncated += cut
+            live = self._computed(cache, ids[cache.slot_of[ids] >= 0] if cut else ids)
             if len(late.missing):
                 late_pending = self.reader.submit_rows(i, late.missing, cache.matrix, rows=late.dest)
             n, idx = cache.n_used, torch.from_numpy(cache.neurons)

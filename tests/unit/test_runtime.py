@@ -202,11 +202,11 @@ def test_predictor_thresholds_can_be_read_and_replaced(tiny_opt, tmp_path):
 
 
 class _GuessingSource:
-    """Active sets from a fixed random draw per (step, layer); its lookahead guesses a set that
-    shares only part of them (or all: exact=True)."""
+    """Active sets of `size` from a fixed random draw per (step, layer); its lookahead guesses a
+    set that shares only part of them (or all: exact=True; none: disjoint=True)."""
 
-    def __init__(self, n: int, *, exact: bool = False):
-        self.n, self.exact, self.step = n, exact, -1
+    def __init__(self, n: int, *, exact: bool = False, size: int = 96, disjoint: bool = False):
+        self.n, self.exact, self.size, self.disjoint, self.step = n, exact, size, disjoint, -1
 
     def begin_step(self) -> None:
         self.step += 1
@@ -216,7 +216,7 @@ class _GuessingSource:
 
     def _draw(self, layer: int, salt: int) -> np.ndarray:
         rng = np.random.default_rng((self.step, layer, salt))
-        return np.sort(rng.choice(self.n, 96, replace=False))
+        return np.sort(rng.choice(self.n, self.size, replace=False))
 
     def active(self, layer: int, h: torch.Tensor) -> np.ndarray:
         return self._draw(layer, 0)
@@ -224,6 +224,8 @@ class _GuessingSource:
     def lookahead(self, layer: int, h: torch.Tensor) -> np.ndarray:
         if self.exact:
             return self._draw(layer, 0)
+        if self.disjoint:
+            return np.setdiff1d(np.arange(self.n), self._draw(layer, 0))[: self.size]
         return np.union1d(self._draw(layer, 0)[::2], self._draw(layer, 1)[:40])  # half right, 40 guesses wrong
 
 
@@ -293,3 +295,19 @@ def test_a_step_failing_after_its_lookahead_leaves_nothing_behind(tiny_opt, tmp_
         monkeypatch.setattr(model.model, "attention", real)
         model.reset()
         assert (model.forward(PROMPT[:4], token_by_token=True) - want).abs().max().item() <= 1e-5
+
+
+def test_a_lookahead_whose_guess_fills_the_cache_computes_what_fits(tiny_opt, tmp_path):
+    """A guess with none of the step's neurons, each two thirds of the cache: the step's
+    neurons that find no row are reported as truncated and left out, the rest computed."""
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
+    source = _GuessingSource(256, disjoint=True)
+    with flashio.open(art, mode="sparse", window=2, compute="active", lookahead=True, dram_budget=600_000,
+                      max_context=64, active_source=source) as model:
+        source.size = model.capacity * 2 // 3
+        assert model.capacity < 2 * source.size <= 256
+        logits = model.forward(PROMPT, token_by_token=True)
+        assert torch.isfinite(logits).all()
+        for s in model.stats:
+            assert s.truncated > 0 and s.rows_computed == s.neurons_active - s.truncated
+            assert s.late_loaded == s.neurons_active - s.truncated - s.cache_hits
