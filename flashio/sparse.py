@@ -39,6 +39,14 @@ from flashio.readplan import PendingRead
 # The smallest window cache the windowed engines run with, as a fraction of each layer's neurons:
 # a token's predicted set is typically 2-10% of the FFN (paper, appendix), so less cannot run usefully.
 MIN_CACHE_FRACTION = 0.05
+# FlashConfig.lookahead, per layer: a layer stops guessing while its guesses' wasted reads (rows
+# read early that the step did not need) exceed WASTE_LIMIT x the useful ones (decayed by
+# SCORE_DECAY a step), and guesses again every PROBE_STEPS steps to see whether that changed.
+# On real models the first layers' guesses read 2-8x more wasted than useful rows, the later
+# layers' 0.1-0.5x (README "Lookahead")
+WASTE_LIMIT = 0.5
+SCORE_DECAY = 0.8
+PROBE_STEPS = 16
 
 
 class Coefficients(NamedTuple):
@@ -103,6 +111,9 @@ class SparseEngine(Engine):
         # FlashConfig.lookahead: the runtime calls prefetch(i, ...) before layer i's attention
         self.lookahead = options.lookahead and options.overlap and self.fill_in_place
         self._ahead: dict[int, tuple[FillUpdate, PendingRead | None]] = {}  # layer -> prefetch's rows and reads
+        self._guess_reads = np.zeros((len(self.layers), 2))  # per layer, decayed: (useful, wasted) rows read early
+        self.guessing = np.ones(len(self.layers), dtype=bool)  # the layers whose lookahead pays (WASTE_LIMIT)
+        self._steps = 0
         if not self.fill_in_place and self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
             if self.transfer.in_place:
                 self.staging = self._arena_tensor(capacity, width)
@@ -155,7 +166,10 @@ class SparseEngine(Engine):
     def prefetch(self, i: int, h: torch.Tensor) -> None:
         """Start layer i's reads before its attention (FlashConfig.lookahead): the step's window
         update for the neurons picked from `h`, the layer's input through its FFN's norm, and
-        their reads; `__call__` then adds what the FFN's own input needs."""
+        their reads; `__call__` then adds what the FFN's own input needs. Layers whose guesses
+        waste reads (WASTE_LIMIT) skip it but every PROBE_STEPS-th step."""
+        if not self.guessing[i] and self._steps % PROBE_STEPS:
+            return
         cache = self.caches[i]
         ids = self._guess(i, h, cache.capacity)
         t0 = time.perf_counter()
@@ -234,6 +248,10 @@ class SparseEngine(Engine):
             late = cache.extend(ids)
             self.rec.mem_s += time.perf_counter() - t0
             guessed = int(np.count_nonzero(np.isin(guess.missing, ids, assume_unique=True)))
+            score = self._guess_reads[i]
+            score *= SCORE_DECAY
+            score += (guessed, len(guess.missing) - guessed)
+            self.guessing[i] = score[1] <= WASTE_LIMIT * score[0]
             self.rec.neurons_active += len(ids)
             self.rec.neurons_loaded += len(guess.missing) + len(late.missing)
             self.rec.late_loaded += len(late.missing)
@@ -417,6 +435,7 @@ class SparseEngine(Engine):
 
     def begin_step(self) -> None:
         super().begin_step()
+        self._steps += 1
         if self._ahead:
             self._abandon()
         if self.source is not None:

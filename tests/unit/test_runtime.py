@@ -308,6 +308,34 @@ def test_a_lookahead_whose_guess_fills_the_cache_computes_what_fits(tiny_opt, tm
         assert model.capacity < 2 * source.size <= 256
         logits = model.forward(PROMPT, token_by_token=True)
         assert torch.isfinite(logits).all()
+        first = model.stats[0]  # (then the layers stop guessing: every guess was wasted)
+        assert first.truncated > 0 and first.late_loaded == first.neurons_active - first.truncated - first.cache_hits
         for s in model.stats:
-            assert s.truncated > 0 and s.rows_computed == s.neurons_active - s.truncated
-            assert s.late_loaded == s.neurons_active - s.truncated - s.cache_hits
+            assert s.rows_computed == s.neurons_active - s.truncated
+
+
+def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt, tmp_path):
+    """A layer whose guesses are all wrong stops its early reads after a step and tries again every
+    PROBE_STEPS steps; a layer guessing right keeps guessing."""
+    from flashio.sparse import PROBE_STEPS
+
+    class WrongFirstLayer(_GuessingSource):
+        def lookahead(self, layer, h):  # layer 0: nothing right; layer 1: the set itself
+            return np.setdiff1d(np.arange(self.n), self._draw(layer, 0))[: self.size] if layer == 0 else self._draw(layer, 0)
+
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
+    tokens = list(range(3, 3 + PROBE_STEPS + 4))
+    with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=WrongFirstLayer(256, size=40)) as model:
+        guessed = []
+        real = model.engine.prefetch
+
+        def prefetch(i, h):
+            guessed.append((model.engine._steps, i, bool(model.engine.guessing[i])))
+            real(i, h)
+
+        model.engine.prefetch = prefetch
+        model.forward(tokens, token_by_token=True)
+        assert list(model.engine.guessing) == [False, True]
+        ran = [(step, i) for step, i, on in guessed if on or step % PROBE_STEPS == 0]
+        assert [step for step, i in ran if i == 0] == [1, PROBE_STEPS]  # the first step, then the probe
+        assert len([1 for _step, i in ran if i == 1]) == len(tokens)
