@@ -103,8 +103,9 @@ class FlashConfig:
       exact gate, or active source) picks from the layer's input through the FFN's norm (the
       residual stream changes little across one attention block); neurons the FFN's own input
       then needs that were not read are read at the FFN. The step computes what it would without
-      the lookahead (the wrong guesses only cost reads); with `overlap`, on the CPU with rows kept
-      as stored (elsewhere it is ignored). Default False.
+      the lookahead (the wrong guesses only cost reads; a layer whose guesses waste reads stops
+      guessing, flashio.sparse.WASTE_LIMIT); with `overlap`, on the CPU with rows kept as stored
+      (elsewhere it is ignored). Default False.
     preload: with a dram_budget whose window caches hold every FFN row (and retain), read all of
       them when the model is opened, a layer at a time in large sequential reads, and keep them
       across sequences: no step reads from flash (default). False: read on demand, as without a
