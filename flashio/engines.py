@@ -117,7 +117,7 @@ class Engine:
     from a FlashConfig (`create`), so that the runtime picks it from a table (flashio.modes)."""
 
     needs_predictors = False  # the artifact's predictors are loaded for this engine
-    lookahead = False  # the runtime calls prefetch(i, ffn_input(i, x)) before layer i's attention
+    lookahead = False  # the runtime may call prefetch(i, ffn_input(i, x)) before layer i's attention
 
     @classmethod
     def memory(cls, manifest: Manifest, compute_dtype: torch.dtype, *, pinned_fraction: float = 0.0) -> EngineMemory:
@@ -246,8 +246,12 @@ class Engine:
                 del stage
         return out
 
+    def guesses(self, i: int) -> bool:
+        """Whether the runtime calls prefetch(i, ...) before layer i's attention this step."""
+        return self.lookahead
+
     def prefetch(self, i: int, h: torch.Tensor) -> None:
-        """Before layer i's attention, where `lookahead`: h is the layer's input through its FFN's norm."""
+        """Before layer i's attention, where `guesses(i)`: h is the layer's input through its FFN's norm."""
 
     def begin_step(self) -> None:
         if self.recorder is not None:

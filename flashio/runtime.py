@@ -251,7 +251,7 @@ class FlashModel:
         x = self.model.embed(tokens.to(self.device), start)
         ahead = self.engine.lookahead
         for i in range(self.args.n_layers):
-            if ahead:  # FlashConfig.lookahead: the FFN's reads start before the attention
+            if ahead and self.engine.guesses(i):  # FlashConfig.lookahead: reads start before the attention
                 self.engine.prefetch(i, self.model.ffn_input(i, x))
             x = self.model.attention(i, x, self.kv, start)
             y = self.engine(i, self.model.ffn_input(i, x))

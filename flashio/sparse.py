@@ -40,8 +40,9 @@ from flashio.readplan import PendingRead
 # a token's predicted set is typically 2-10% of the FFN (paper, appendix), so less cannot run usefully.
 MIN_CACHE_FRACTION = 0.05
 # FlashConfig.lookahead, per layer: a layer stops guessing while its guesses' wasted reads (rows
-# read early that the step did not need) exceed WASTE_LIMIT x the useful ones (decayed by
-# SCORE_DECAY a step), and guesses again every PROBE_STEPS steps to see whether that changed.
+# read early that the step did not need) exceed WASTE_LIMIT x the useful ones, or the useful ones
+# fall below one row (decayed by SCORE_DECAY a step: nothing left to hide, e.g. a cache that holds
+# the layer), and guesses again every PROBE_STEPS steps to see whether that changed.
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
 WASTE_LIMIT = 0.5
@@ -166,10 +167,7 @@ class SparseEngine(Engine):
     def prefetch(self, i: int, h: torch.Tensor) -> None:
         """Start layer i's reads before its attention (FlashConfig.lookahead): the step's window
         update for the neurons picked from `h`, the layer's input through its FFN's norm, and
-        their reads; `__call__` then adds what the FFN's own input needs. Layers whose guesses
-        waste reads (WASTE_LIMIT) skip it but every PROBE_STEPS-th step."""
-        if not self.guessing[i] and self._steps % PROBE_STEPS:
-            return
+        their reads; `__call__` then adds what the FFN's own input needs."""
         cache = self.caches[i]
         ids = self._guess(i, h, cache.capacity)
         t0 = time.perf_counter()
@@ -183,6 +181,11 @@ class SparseEngine(Engine):
             cache.reset()
             raise
         self._ahead[i] = (up, pending)
+
+    def guesses(self, i: int) -> bool:
+        """Whether layer i's reads start before its attention this step: with lookahead, unless its
+        guesses waste reads or have none left to hide (WASTE_LIMIT), but every PROBE_STEPS-th step."""
+        return self.lookahead and bool(self.guessing[i] or self._steps % PROBE_STEPS == 0)
 
     def _guess(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
         """The lookahead's neurons: an active source's `lookahead` where it has one (a trace
@@ -251,7 +254,7 @@ class SparseEngine(Engine):
             score = self._guess_reads[i]
             score *= SCORE_DECAY
             score += (guessed, len(guess.missing) - guessed)
-            self.guessing[i] = score[1] <= WASTE_LIMIT * score[0]
+            self.guessing[i] = score[0] >= 1.0 and score[1] <= WASTE_LIMIT * score[0]
             self.rec.neurons_active += len(ids)
             self.rec.neurons_loaded += len(guess.missing) + len(late.missing)
             self.rec.late_loaded += len(late.missing)
