@@ -59,7 +59,9 @@ class SparseOptions:
 
 
 class ActiveSource(Protocol):
-    """Where the sparse engine gets each layer's active set instead of its predictor."""
+    """Where the sparse engine gets each layer's active set instead of its predictor. With
+    FlashConfig.lookahead the engine also asks for a guess before the attention: the source's
+    `lookahead(layer, h)` where it has one (e.g. TraceReplay), else `active` on that earlier input."""
 
     def begin_step(self) -> None: ...
 
