@@ -249,9 +249,8 @@ class FlashModel:
         start = self.kv.length
         self.kv.reserve(start + len(tokens))
         x = self.model.embed(tokens.to(self.device), start)
-        ahead = self.engine.lookahead
         for i in range(self.args.n_layers):
-            if ahead and self.engine.guesses(i):  # FlashConfig.lookahead: reads start before the attention
+            if self.engine.guesses(i):  # FlashConfig.lookahead: reads start before the attention
                 self.engine.prefetch(i, self.model.ffn_input(i, x))
             x = self.model.attention(i, x, self.kv, start)
             y = self.engine(i, self.model.ffn_input(i, x))

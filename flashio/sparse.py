@@ -264,21 +264,11 @@ class SparseEngine(Engine):
             live = self._computed(cache, ids[cache.slot_of[ids] >= 0] if cut else ids)
             if len(late.missing):
                 late_pending = self.reader.submit_rows(i, late.missing, cache.matrix, rows=late.dest)
-            n, idx = cache.n_used, torch.from_numpy(cache.neurons)
-            dest = np.concatenate([guess.dest, late.dest])
-            if not len(dest) or h.shape[0] != 1 or not kernels.available():
-                for p in (pending, late_pending):  # prompts (torch's products): the rows first
-                    if p is not None:
-                        self._wait(p)
-                return self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=live)
-            arriving = torch.from_numpy(dest)
-            y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=arriving, keep=live)
-            for p in (pending, late_pending):
-                if p is not None:
-                    self._wait(p)
-            keep = torch.zeros(n)
-            keep[arriving] = 1.0
-            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep if live is None else keep * live)
+            reads = [p for p in (pending, late_pending) if p is not None]
+            if not reads:
+                return self._compute(i, h, cache.matrix, 0, cache.n_used, torch.from_numpy(cache.neurons), coef,
+                                     keep=live)
+            return self._while_arriving(i, h, cache, np.concatenate([guess.dest, late.dest]), reads, coef, live)
         except BaseException:
             _drain(pending, late_pending)  # nothing may land in rows the reset frees
             cache.reset()
@@ -349,16 +339,26 @@ class SparseEngine(Engine):
         if not m or not self.options.overlap:
             return self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=live)
         pending = self.reader.submit_rows(i, up.missing, cache.matrix, rows=up.dest)
-        dest = torch.from_numpy(up.dest)
-        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=dest, keep=live)
-        self._wait(pending)
+        return self._while_arriving(i, h, cache, up.dest, [pending], coef, live)
+
+    def _while_arriving(self, i: int, h: torch.Tensor, cache: FillingWindowCache, dest: np.ndarray,
+                        pending: list[PendingRead], coef: Coefficients, live: torch.Tensor | None) -> torch.Tensor:
+        """The FFN over the cache while `pending` reads fill its rows `dest`: everything else is
+        computed while they fly (those rows masked out), then those rows (where `live` keeps them)."""
+        n, idx = cache.n_used, torch.from_numpy(cache.neurons)
+        arriving = torch.from_numpy(dest)
+        y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=arriving, keep=live)
+        for p in pending:
+            self._wait(p)
         if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
             keep = torch.zeros(n)
-            keep[dest] = 1.0
-            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep)
+            keep[arriving] = 1.0
+            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep if live is None else keep * live)
+        m = len(dest)
         fresh = self.shared[:m]  # torch's products: the new rows gathered (numpy: see rows_view), then computed
-        np.take(rows_view(cache.matrix), up.dest, axis=0, out=rows_view(fresh))
-        return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(up.missing), coef)
+        np.take(rows_view(cache.matrix), dest, axis=0, out=rows_view(fresh))
+        return y + self._compute(i, h, self.shared, 0, m, torch.from_numpy(cache.neuron_at[dest]), coef,
+                                 keep=None if live is None else live[arriving])
 
     def _staged(self, i: int, h: torch.Tensor, cache: FillingWindowCache, up: FillUpdate,
                 coef: Coefficients, live: torch.Tensor | None) -> torch.Tensor:

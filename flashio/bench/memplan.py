@@ -133,8 +133,8 @@ def choose_compute_dtype(art: Artifact, requested: str = "auto", *, device: str 
     inputs = {}
     for name in ("float16", "bfloat16"):
         dt = TORCH_DTYPES[name]
-        inputs[name] = (h.to(dt), base.to(dt), [p.to(dt) for p in proj])
-        _layer(inputs[name][0], inputs[name][1], parts, inputs[name][2])
+        x, w, ps = inputs[name] = (h.to(dt), base.to(dt), [p.to(dt) for p in proj])
+        _layer(x, w, parts, ps)  # warm-up
     # the two timed in turn and each by its fastest run: timed one after the other, a burst of
     # other work on a shared machine fell on one of them and flipped the choice between runs
     times: dict[str, list[float]] = {name: [] for name in inputs}
