@@ -51,6 +51,9 @@ def add_open_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch's compute threads for this process (default: one less than the CPUs, at "
                         "least 1, leaving a core to the flash readers; 0: torch's own, one per core)")
+    p.add_argument("--compute-threads", type=int, default=None,
+                   help="threads flashio's native kernels split each matrix-vector product over (default: "
+                        "every CPU, at most 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of weights in memory and of the matmuls (default: the artifact's)")
@@ -176,7 +179,8 @@ def run_config(args: argparse.Namespace) -> FlashConfig:
                        compute=getattr(args, "compute", "window"), lookahead=getattr(args, "lookahead", False),
                        preload=not getattr(args, "no_preload", False),
                        record_trace=getattr(args, "record_trace", None) is not None,
-                       torch_threads=torch_threads_option(getattr(args, "torch_threads", None)))
+                       torch_threads=torch_threads_option(getattr(args, "torch_threads", None)),
+                       compute_threads=getattr(args, "compute_threads", None))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -115,6 +115,9 @@ class FlashConfig:
     torch_threads: torch.set_num_threads(n) once when the model is opened. torch's thread count is
       process-wide: it then applies to every torch call of the process, not only this model's.
       None (default): flashio leaves it as it is.
+    compute_threads: the threads flashio's native kernels split a token's matrix-vector products
+      over (flashio.kernels.set_threads; process-wide, set when the model is opened). None
+      (default): every CPU the process may run on, at most 8. torch's own ops stay on torch_threads.
     selection: modes 'sparse' and 'oracle': how each step's neurons are chosen (see `Selection`).
       None: the artifact decides (its manifest's selection; 'gate' when its gate rows are resident,
       else 'predictor'); 'oracle' defaults to 'gate'.
@@ -143,6 +146,7 @@ class FlashConfig:
     pinned_fraction: float = 0.0
     record_trace: bool = False
     torch_threads: int | None = None
+    compute_threads: int | None = None
     selection: Selection | None = None
     density: float | tuple[float, ...] | None = None
 
@@ -152,7 +156,7 @@ class FlashConfig:
             set_(self, "mode", Mode(self.mode))
         except (ValueError, TypeError):
             raise FlashError(f"mode {str(self.mode)!r} is not one of {', '.join(MODES)}") from None
-        for name in ("window", "threads", "max_gap", "max_context", "torch_threads"):
+        for name in ("window", "threads", "max_gap", "max_context", "torch_threads", "compute_threads"):
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, bool):
@@ -165,7 +169,7 @@ class FlashConfig:
             raise FlashError(f"window must be at least 1 token, got {self.window}")
         if (self.threads is not None and self.threads < 1) or (self.max_gap is not None and self.max_gap < 0):
             raise FlashError(f"threads={self.threads} must be >= 1 and max_gap={self.max_gap} >= 0")
-        for name in ("max_context", "torch_threads"):
+        for name in ("max_context", "torch_threads", "compute_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise FlashError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dram_budget is not None:

@@ -548,14 +548,15 @@ KERNEL_LINEAR_DTYPES = (torch.float16, torch.bfloat16)
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight | QuantizedRows,
            b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for float or quantized resident weights. One token on the CPU with a contiguous
-    float16/bfloat16 matrix and one torch thread (the kernels run on the calling thread):
-    flashio.kernels' row-at-a-time dot products (float32 accumulation), which read the matrix
-    faster than torch's GEMV: 4096 x 4096, one thread, float16 25-27 GB/s against 23.5, bfloat16
-    24 against 12; the result is rounded to x's dtype as F.linear's is."""
+    float16/bfloat16 matrix, when the kernels have at least torch's threads (flashio.kernels.
+    set_threads): flashio.kernels' row-at-a-time dot products (float32 accumulation), which read
+    the matrix faster than torch's GEMV: 4096 x 4096, one thread, float16 25-27 GB/s against 23.5,
+    bfloat16 24 against 12; the result is rounded to x's dtype as F.linear's is."""
     if isinstance(w, (QuantizedWeight, QuantizedRows)):
         return w.linear(x, b)
     if (x.numel() == x.shape[-1] and w.dtype in KERNEL_LINEAR_DTYPES and x.device.type == "cpu"
-            and w.dim() == 2 and w.is_contiguous() and kernels.available() and torch.get_num_threads() == 1):
+            and w.dim() == 2 and w.is_contiguous() and kernels.available()
+            and torch.get_num_threads() <= kernels.threads()):
         y = kernels.kernels().dot(w, slice(0, w.shape[1]), x.reshape(-1))
         y = y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
         return y if b is None else y + b

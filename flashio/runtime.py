@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from flashio import kernels
 from flashio.budget import MemoryBudget
 from flashio.chat_template import ChatTemplate
 from flashio.config import FlashConfig, Mode, resolve_selection
@@ -69,8 +70,8 @@ class FlashModel:
 
     FlashModel(art, config) opens `art` as `config` says; `active_source` drives the sparse
     engine's active sets (e.g. a flashio.trace.TraceReplay), `transfer` replaces the device's
-    transfer path (tests). config.torch_threads, when set, is applied here, once: torch's thread
-    count is process-wide."""
+    transfer path (tests). config.torch_threads, when set, and the kernels' compute_threads are
+    applied here, once: both thread counts are process-wide."""
 
     def __init__(self, art: Artifact, config: FlashConfig, *,
                  active_source: ActiveSource | None = None, transfer: TransferPath | None = None):
@@ -79,6 +80,8 @@ class FlashModel:
         device = resolve_device(config.device)
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
+        if device.type == "cpu":
+            kernels.set_threads(config.compute_threads or kernels.default_threads())
         self.artifact, self.config, self.device = art, config, device
         self.mode, self.window = config.mode, config.window
         self.plan = read_plan(art, config.device_profile, threads=config.threads, max_gap=config.max_gap)

@@ -75,6 +75,9 @@ def add_commands(sub) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for every configuration (default: what `flashio run` "
                         "uses, one less than the CPUs, at least 1; 0: torch's own, one per core)")
+    p.add_argument("--compute-threads", type=int, default=None,
+                   help="threads of flashio's kernels in every configuration, and llama.cpp's with --peer "
+                        "(default: what `flashio run` uses, every CPU up to 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lookahead-recall", type=float, default=None,
                    help="+lookahead: the share of each step's set that the guess before the attention gets "
@@ -170,7 +173,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         tokens=args.tokens, baseline_tokens=args.baseline_tokens, window=args.window, trace=args.trace,
         trace_preset=args.trace_preset, dram_limit=parse_size(args.dram_limit) if args.dram_limit else None,
         weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
-        torch_threads=torch_threads_option(args.torch_threads), compute_dtype=args.compute_dtype,
+        torch_threads=torch_threads_option(args.torch_threads), compute_threads=args.compute_threads,
+        compute_dtype=args.compute_dtype,
         profile=args.profile if args.profile is not None else find_profile_path(), seed=args.seed,
         device=args.device, peers=tuple(dict.fromkeys(args.peer)), peer_gguf=args.peer_gguf,
         lookahead_recall=LOOKAHEAD_RECALL if args.lookahead_recall is None else args.lookahead_recall)

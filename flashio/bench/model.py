@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flashio import kernels
 from flashio.bench import memplan
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import machine_info
@@ -112,6 +113,7 @@ class ModelBenchOptions:
     in_process: bool = False  # run configurations in this process (quick looks, tests): no cgroup
     process_baseline_bytes: int | None = None  # interpreter + torch RSS (None: measured in a child)
     torch_threads: int | None = None  # torch's threads in every configuration (None: torch's default)
+    compute_threads: int | None = None  # the kernels' threads (None: flashio's default, every CPU up to 8)
     compute_dtype: str = "auto"
     profile: Path | None = None  # device profile for the cost model (None: built-in defaults)
     seed: int = 0
@@ -237,7 +239,8 @@ def _floor(result: dict, steps: list[dict], warmup: int, traffic: TokenTraffic,
            profile: DeviceProfile | None) -> dict:
     """The floor columns of one row (flashio.bench.floor); profile None: bytes only (CUDA)."""
     contexts = np.cumsum([s["tokens"] for s in result["steps"]])[warmup : warmup + len(steps)].tolist()
-    threads = int(result.get("torch_threads") or torch.get_num_threads())
+    # the products run on the kernels' threads (flashio.kernels), or torch's where the kernels are not used
+    threads = int(max(result.get("compute_threads") or 1, result.get("torch_threads") or torch.get_num_threads()))
     if profile is None:
         from flashio.costmodel import default_profile
 
@@ -328,6 +331,7 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
     cost = {"profile": str(opts.profile) if opts.profile else None, "source": cm.profile.source,
             "device": cm.profile.device, "tuned_threads": tuned_threads, "tuned_max_gap": tuned_gap,
             "default_threads": DEFAULT_THREADS, "torch_threads": torch.get_num_threads(),
+            "compute_threads": opts.compute_threads or (kernels.default_threads() if kernels.available() else 1),
             "memory_source": cm.profile.memory_source}
     say(f"cost model ({cm.profile.source}): {tuned_threads} threads, gap reads up to {tuned_gap} rows")
     with tempfile.TemporaryDirectory(prefix="flashio-bench-", dir=opts.out_dir) as tmp:
@@ -352,7 +356,8 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
                                  compute_dtype=compute["chosen"],
                                  device_profile=str(opts.profile) if opts.profile else None,
                                  threads=tuned_threads if cfg.tuned else DEFAULT_THREADS,
-                                 max_gap=tuned_gap if cfg.tuned else 0, torch_threads=opts.torch_threads)
+                                 max_gap=tuned_gap if cfg.tuned else 0, torch_threads=opts.torch_threads,
+                                 compute_threads=opts.compute_threads)
             spec = {"artifact": str(art.path), "tokens": tokens[: warm + n_tok]}
             limit = plan["limit_bytes"] if ok else None
             if cfg.mode == "dense":

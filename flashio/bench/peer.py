@@ -174,12 +174,22 @@ def peer_targets(configs: list[dict]) -> dict:
     return out
 
 
+def peer_threads(opts) -> int:
+    """llama.cpp's threads: as many as flashio's configurations compute with (opts: ModelBenchOptions;
+    the kernels' threads, or torch's where those are more)."""
+    import torch
+
+    from flashio import kernels
+
+    own = (opts.compute_threads or kernels.default_threads()) if kernels.available() else 1
+    return max(own, opts.torch_threads or torch.get_num_threads())
+
+
 def run_peers(art: Artifact, opts, plan: dict, cgroup: tuple[bool, str], tokens: list[int],
               say: Callable[[str], None], run_worker: Callable[..., dict], work: Path) -> tuple[list[dict], dict]:
     """run_peer_rows wired to flashio.bench.model's run: opts (ModelBenchOptions: peers, peer_gguf,
-    torch_threads, baseline_tokens, in_process, timeout_s, out_dir), its memory plan and cgroup
+    torch_threads, compute_threads, baseline_tokens, in_process, timeout_s, out_dir), its memory plan and cgroup
     verdict, and its child runner run_worker(spec, work, name, limit, timeout_s, module=...)."""
-    import torch
 
     if opts.cuda:
         rows = [{"name": n, "what": "", "mode": "llama.cpp", "peer": "llama.cpp", "ok": False,
@@ -193,7 +203,7 @@ def run_peers(art: Artifact, opts, plan: dict, cgroup: tuple[bool, str], tokens:
         return run_worker(spec, work, slug, limit, opts.timeout_s, module="flashio.bench.peer_worker")
 
     gguf = opts.peer_gguf or opts.out_dir / "llama.cpp" / f"{art.path.name}.f16.gguf"
-    return run_peer_rows(art, tokens=feed, threads=opts.torch_threads or torch.get_num_threads(),
+    return run_peer_rows(art, tokens=feed, threads=peer_threads(opts),
                          limit_bytes=plan["limit_bytes"] if ok else None, no_limit_why=why,
                          available_bytes=plan["available_bytes"], gguf_path=gguf,
                          run_child=None if opts.in_process else child, say=say,

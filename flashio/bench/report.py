@@ -88,7 +88,8 @@ def markdown(results: dict) -> str:
         + ("cgroup v1 memory limit" if mem["cgroup"] else f"NO cgroup: {mem['cgroup_reason']}; runtime dram_budget only")
         + f"), runtime budget {_gb(mem['budget_bytes'])} GB",
         f"- compute dtype {results['compute_dtype']['chosen']} ({results['compute_dtype']['reason']}); "
-        f"torch threads {results['cost_model'].get('torch_threads', '?')}",
+        f"torch threads {results['cost_model'].get('torch_threads', '?')}, kernel threads "
+        f"{results['cost_model'].get('compute_threads', 1)}",
         f"- trace: {_trace_line(tr)}",
         f"- cost model: {results['cost_model']['source']} profile -> {results['cost_model']['tuned_threads']} "
         f"threads, gap reads up to {results['cost_model']['tuned_max_gap']} rows (untuned rows: "

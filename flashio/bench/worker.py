@@ -34,6 +34,7 @@ def _rss_bytes() -> int:
 def run(spec: dict) -> dict:
     import torch  # after the cgroup join: its memory is charged there
 
+    from flashio import kernels
     from flashio.config import FlashConfig
     from flashio.runtime import open_model
     from flashio.storage import evict_from_page_cache
@@ -63,7 +64,7 @@ def run(spec: dict) -> dict:
                 "preload_bytes": model.preload_bytes,
                 "capacity": model.capacity, "threads": model.plan.threads, "max_gap": model.plan.max_gap,
                 "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": torch.get_num_threads(), "compute_threads": kernels.threads(),
                 "memory": model.memory_bytes(), "rss_after_open_bytes": rss_open,
                 "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "trace": source.description if source is not None else None}

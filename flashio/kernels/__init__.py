@@ -19,6 +19,14 @@ The source is compiled once per machine with the system's C compiler (`$CC`, els
 loaded with ctypes (which releases the GIL for the call: flash reader threads run meanwhile). No
 compiler, or `FLASHIO_KERNELS=0`: `available()` is False and flashio.ffn uses torch's products
 (the same results up to float rounding).
+
+Each call can be split over several threads (`set_threads`; flashio.open sets every CPU, at most 8,
+unless FlashConfig.compute_threads says otherwise): one core does not reach the memory's speed
+(this project's 2-core machines: a float16 matrix-vector product 33 GB/s on one thread, 46 on two,
+a dense Llama-2-7B token 540 -> 290 ms). The workers are rows.c's own threads, not torch's: they
+take chunks of a call's rows as they come, so a worker whose core is busy elsewhere delays
+nothing (torch's OpenMP threads wait for one another, which made steps 10-50x slower on a shared
+2-core machine; torch stays at one thread for the per-token work).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ SOURCE = Path(__file__).with_name("rows.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATION_CODES = {"relu": 0, "silu": 1, "gelu_pytorch_tanh": 2}
+MAX_DEFAULT_THREADS = 8
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -90,7 +99,7 @@ def build(flags: tuple[str, ...] = FLAGS, *, out_dir: Path | None = None) -> Pat
     os.close(fd)
     try:
         try:
-            r = subprocess.run([*cmd, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+            r = subprocess.run([*cmd, *flags, "-o", tmp, str(SOURCE), "-lm", "-pthread"], capture_output=True, text=True,
                                timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:  # e.g. TimeoutExpired
             raise RuntimeError(f"{cc} failed: {exc}") from None
@@ -120,6 +129,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_i8_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
     lib.flashio_i8_matvec.restype = None
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
+    lib.flashio_set_threads.argtypes, lib.flashio_set_threads.restype = [ctypes.c_int], ctypes.c_int
+    lib.flashio_threads.argtypes, lib.flashio_threads.restype = [], ctypes.c_int
     lib.flashio_q8_path.argtypes, lib.flashio_q8_path.restype = [ctypes.c_int64, ctypes.c_int, ctypes.c_int64], ctypes.c_int
     lib.flashio_read_pieces.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3
     lib.flashio_read_pieces.restype = ctypes.c_int64
@@ -152,6 +163,34 @@ def library() -> ctypes.CDLL | None:
                                 "for float16/bfloat16 on the CPU): %s", exc)
             _tried = True
     return _lib
+
+
+def set_threads(n: int) -> int:
+    """Split each kernel call over `n` threads: the caller and n - 1 workers of rows.c's pool
+    (process-wide, as torch's thread count; a worker spins for up to 50 us after a call, then
+    sleeps). Returns the count in effect: 1 without the kernels, fewer than asked when a worker
+    could not be started."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    lib = library()
+    return 1 if lib is None else int(lib.flashio_set_threads(n))
+
+
+def default_threads(cpus: int | None = None) -> int:
+    """The kernels' threads when nothing says: every CPU this process may run on, at most
+    MAX_DEFAULT_THREADS (a matrix-vector product stops gaining once the memory is saturated)."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_THREADS))
+
+
+def threads() -> int:
+    """The threads each kernel call is split over (1 without the kernels)."""
+    lib = library()
+    return 1 if lib is None else int(lib.flashio_threads())
 
 
 def available() -> bool:

@@ -245,7 +245,7 @@ static ALWAYS_INLINE void dot_rows(const void *rows, int64_t stride, int64_t n_r
     for (; n < n_rows; n++) out[n] = dot1(row_at(rows, n, stride, dtype), x, len, dtype);
 }
 
-void flashio_dot(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *x, float *out) {
+static void dot_1(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *x, float *out) {
     FOR_DTYPE(dtype, dot_rows(rows, stride, n_rows, len, dt_, x, out));
 }
 
@@ -296,7 +296,7 @@ static ALWAYS_INLINE void axpy_rows(const void *rows, int64_t stride, int64_t n_
     for (int i = 0; i < m; i++) axpy1(y, r[i], c[i], len, dtype);
 }
 
-void flashio_axpy(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *a, float *y) {
+static void axpy_1(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *a, float *y) {
     FOR_DTYPE(dtype, axpy_rows(rows, stride, n_rows, len, dt_, a, y));
 }
 
@@ -375,7 +375,7 @@ static ALWAYS_INLINE void ffn_rows(const void *rows, int64_t stride, int64_t n_r
     for (int i = 0; i < k; i++) axpy1(y, r[i], c[i], len, dtype);
 }
 
-void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, int64_t up,
+static void ffn_1(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, int64_t up,
                  int64_t gate, int64_t down, int act, const float *x, const float *b_up, const float *b_gate,
                  const float *gate_act, const float *mask, float *a, float *y) {
     FOR_DTYPE(dtype, ffn_rows(rows, stride, n_rows, len, dt_, up, gate, down, act, x, b_up, b_gate, gate_act, mask, a, y));
@@ -821,7 +821,7 @@ int flashio_q8_path(int64_t dim, int bits, int64_t group) {
 /* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets */
 /* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets; rows whose
  * mask is 0 (mask may be NULL) are not read and get 0 */
-void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
+static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
                   int64_t codes, int64_t scales, int64_t offsets, const float *mask, const float *x, float *xg,
                   float *out) {
     qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
@@ -867,7 +867,7 @@ void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_
 }
 
 /* y[k] = sum_n a[n] * element_k of row n; rows with a[n] == 0 are not read. og: dim / group scratch */
-void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
+static void qaxpy_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
                    int64_t codes, int64_t scales, int64_t offsets, const float *a, float *og, float *y) {
     qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
     int64_t ng = dim / group;
@@ -894,7 +894,7 @@ void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
 
 /* ---- resident int8 matrices (flashio.quant.QuantizedWeight): out[n] = scale_n * sum_k codes[n, k] x[k],
  * codes [n_rows, len] int8 contiguous, scales [n_rows] fp16 ---- */
-void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const uint16_t *scales, const float *x,
+static void i8_matvec_1(const int8_t *codes, int64_t n_rows, int64_t len, const uint16_t *scales, const float *x,
                        float *out) {
     int64_t n = 0;
 #if defined(FLASHIO_VNNI)
@@ -944,6 +944,357 @@ void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const u
         for (int64_t k = 0; k < len; k++) s += (float)codes[n * len + k] * x[k];
         out[n] = s * HALF(scales[n]);
     }
+}
+
+/* ---- compute threads: one kernel call's rows split over the calling thread and workers ----
+ * A matrix-vector product is bound by the memory's speed, and one core does not reach it (this
+ * project's 2-core machines: fp16 products ~33 GB/s on one thread, ~46 on two). flashio_set_threads(n)
+ * keeps n - 1 worker threads. Each public kernel below cuts its rows into chunks of about equal work
+ * (rows a mask or coefficient skips do not count; up to CHUNKS_PER_THREAD per thread, none under
+ * CHUNK_BYTES) and the caller and the workers take chunks until none is left: a worker that is not
+ * running (another process has its core) costs nothing but the chunks the caller then computes. The
+ * caller waits only for chunks a worker has taken. Chunks that sum into one vector (the down
+ * products) each fill their own, added in chunk order: a result depends on the thread count only
+ * through that float rounding, and is the same from run to run. A worker waits for the next call
+ * spinning for FLASHIO_SPIN_US microseconds (default 50: a layer's calls come tens of microseconds
+ * apart), then sleeps on a futex. One call is split at a time; a call from another thread meanwhile
+ * computes alone. After fork() the child has no workers. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sched.h>
+#include <time.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+
+#define POOL_MAX 64
+#define CHUNKS_PER_THREAD 4
+#define CHUNKS_MAX (POOL_MAX * CHUNKS_PER_THREAD)
+#define CHUNK_BYTES (128 * 1024)
+
+typedef void (*chunk_fn)(void *job, int chunk);
+
+static struct {
+    pthread_mutex_t lock; /* held by a split call, and while the workers change */
+    int threads;          /* the caller + workers */
+    pthread_t tid[POOL_MAX];
+    atomic_uint gen;      /* bumped for each call: the workers wait for it to move (futex word) */
+    unsigned base;        /* gen when the workers were started */
+    /* the call's chunks: call number << 32 | chunks << 16 | next chunk; taken by compare-and-swap,
+     * so a chunk is taken once and only while its call is the current one */
+    atomic_ullong claim;
+    atomic_int done;      /* chunks finished */
+    atomic_int sleeping;
+    atomic_int stop;
+    long spin_ns;
+    chunk_fn fn; /* the current call's (valid while one of its chunks is unfinished) */
+    void *job;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .threads = 1, .spin_ns = 50000};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* take and compute chunks of the current call until none is left */
+static void take_chunks(void) {
+    for (;;) {
+        unsigned long long c = atomic_load_explicit(&pool.claim, memory_order_acquire);
+        if ((c & 0xffff) >= ((c >> 16) & 0xffff)) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &c, c + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        pool.fn(pool.job, (int)(c & 0xffff));
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *pool_worker(void *arg) {
+    (void)arg;
+    unsigned seen = pool.base;
+    for (;;) {
+        unsigned g;
+        long start = now_ns();
+        int spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            if (++spins % 256 == 0 && now_ns() - start > pool.spin_ns) {
+                atomic_fetch_add(&pool.sleeping, 1);
+                syscall(SYS_futex, (unsigned *)&pool.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                atomic_fetch_sub(&pool.sleeping, 1);
+                start = now_ns();
+            }
+            cpu_relax();
+        }
+        seen = g;
+        if (atomic_load(&pool.stop)) return NULL;
+        take_chunks();
+    }
+}
+
+static void pool_stop(void) { /* with the lock held */
+    if (pool.threads <= 1) return;
+    atomic_store(&pool.stop, 1);
+    atomic_fetch_add(&pool.gen, 1);
+    syscall(SYS_futex, (unsigned *)&pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    for (int i = 1; i < pool.threads; i++) pthread_join(pool.tid[i], NULL);
+    atomic_store(&pool.stop, 0);
+    pool.threads = 1;
+}
+
+static void pool_after_fork(void) { /* the child: one thread, whatever the parent was doing */
+    pthread_mutex_init(&pool.lock, NULL);
+    pool.threads = 1;
+    atomic_store(&pool.sleeping, 0);
+    atomic_store(&pool.stop, 0);
+}
+
+__attribute__((constructor)) static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Use n threads (the caller and n - 1 workers) for the kernels' calls; returns how many there are
+ * (fewer when workers cannot be started; 1..POOL_MAX). */
+int flashio_set_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > POOL_MAX) n = POOL_MAX;
+    pthread_mutex_lock(&pool.lock);
+    if (n != pool.threads) {
+        pool_stop();
+        const char *spin = getenv("FLASHIO_SPIN_US");
+        if (spin && *spin) pool.spin_ns = atol(spin) * 1000L;
+        pool.base = atomic_load(&pool.gen);
+        for (int i = 1; i < n; i++) {
+            if (pthread_create(&pool.tid[i], NULL, pool_worker, NULL) != 0) break;
+            pool.threads = i + 1;
+        }
+    }
+    int got = pool.threads;
+    pthread_mutex_unlock(&pool.lock);
+    return got;
+}
+
+int flashio_threads(void) { return pool.threads; }
+
+/* fn(job, c) for every chunk c in 0..chunks-1, on the caller and the workers */
+static void run_chunks(chunk_fn fn, void *job, int chunks) {
+    if (chunks <= 1 || pool.threads <= 1 || pthread_mutex_trylock(&pool.lock) != 0) {
+        for (int c = 0; c < chunks; c++) fn(job, c);
+        return;
+    }
+    static unsigned long long calls;
+    pool.fn = fn, pool.job = job;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.claim, (++calls & 0xffffffffULL) << 32 | (unsigned long long)chunks << 16);
+    atomic_fetch_add(&pool.gen, 1); /* seq_cst: a worker going to sleep sees it, or is counted below */
+    if (atomic_load(&pool.sleeping) > 0)
+        syscall(SYS_futex, (unsigned *)&pool.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    take_chunks();
+    for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < chunks;)
+        if (++spins % 4096 == 0)
+            sched_yield();
+        else
+            cpu_relax();
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* How many chunks `bytes` of rows make: 1 (not split) with one thread or too little work. */
+static int chunks_for(int64_t bytes) {
+    if (pool.threads <= 1) return 1;
+    int64_t c = bytes / CHUNK_BYTES, most = (int64_t)pool.threads * CHUNKS_PER_THREAD;
+    return c < 2 ? 1 : c > most ? (int)most : (int)c;
+}
+
+/* bounds[0..parts]: row ranges of about equal work; w (NULL: every row counts) skips zero rows.
+ * Every range but the last holds a multiple of 4 counted rows: the kernels take rows four at a
+ * time (take4), so each row is computed by the same code, in the same order, as without a split. */
+static void split_rows(int64_t n_rows, const float *w, int parts, int64_t *bounds) {
+    bounds[0] = 0, bounds[parts] = n_rows;
+    if (!w) {
+        for (int p = 1; p < parts; p++) bounds[p] = (n_rows * p / parts) & ~(int64_t)3;
+        return;
+    }
+    int64_t total = 0;
+    for (int64_t n = 0; n < n_rows; n++) total += w[n] != 0.0f;
+    int p = 1;
+    int64_t seen = 0;
+    for (int64_t n = 0; n < n_rows && p < parts; n++) {
+        while (p < parts && seen >= ((total * p / parts) & ~(int64_t)3)) bounds[p++] = n;
+        seen += w[n] != 0.0f;
+    }
+    while (p < parts) bounds[p++] = n_rows;
+}
+
+/* rows counted by w (NULL: all) */
+static int64_t live_rows(int64_t n_rows, const float *w) {
+    if (!w) return n_rows;
+    int64_t c = 0;
+    for (int64_t n = 0; n < n_rows; n++) c += w[n] != 0.0f;
+    return c;
+}
+
+/* y += the other chunks' vectors, in chunk order */
+static void add_parts(float *y, const float *scratch, int parts, int64_t len) {
+    for (int p = 1; p < parts; p++)
+        for (int64_t k = 0; k < len; k++) y[k] += scratch[(p - 1) * len + k];
+}
+
+typedef struct {
+    const char *rows;
+    int64_t stride, len, row_bytes, up, gate, down, dim, group, codes, scales, offsets;
+    int dtype, act, bits;
+    const float *x, *a_in, *b_up, *b_gate, *gate_act, *mask;
+    const uint16_t *hscales;
+    float *out, *a, *y, *scratch, *xg_scratch;
+    int64_t bounds[CHUNKS_MAX + 1];
+} job_t;
+
+#define PART_RANGE(j, p) int64_t lo = (j)->bounds[p], cnt = (j)->bounds[(p) + 1] - lo
+#define PART_Y(j, p) ((p) == 0 ? (j)->y : (j)->scratch + ((p) - 1) * (j)->len)
+#define OPT(v, lo) ((v) ? (v) + (lo) : NULL)
+
+static void dot_part(void *v, int p) {
+    job_t *j = v;
+    PART_RANGE(j, p);
+    if (cnt > 0) dot_1(j->rows + lo * j->row_bytes, j->stride, cnt, j->len, j->dtype, j->x, j->out + lo);
+}
+
+void flashio_dot(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *x, float *out) {
+    int64_t size = dtype == 0 ? 4 : 2;
+    int parts = chunks_for(n_rows * len * size);
+    if (parts == 1) {
+        dot_1(rows, stride, n_rows, len, dtype, x, out);
+        return;
+    }
+    job_t j = {.rows = rows, .stride = stride, .len = len, .row_bytes = stride * size, .dtype = dtype, .x = x, .out = out};
+    split_rows(n_rows, NULL, parts, j.bounds);
+    run_chunks(dot_part, &j, parts);
+}
+
+static void axpy_part(void *v, int p) {
+    job_t *j = v;
+    PART_RANGE(j, p);
+    axpy_1(j->rows + lo * j->row_bytes, j->stride, cnt, j->len, j->dtype, j->a_in + lo, PART_Y(j, p));
+}
+
+void flashio_axpy(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *a, float *y) {
+    int64_t size = dtype == 0 ? 4 : 2;
+    int parts = chunks_for(live_rows(n_rows, a) * len * size);
+    float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * len * sizeof(float)) : NULL;
+    if (!scratch) {
+        axpy_1(rows, stride, n_rows, len, dtype, a, y);
+        return;
+    }
+    job_t j = {.rows = rows, .stride = stride, .len = len, .row_bytes = stride * size, .dtype = dtype, .a_in = a,
+               .y = y, .scratch = scratch};
+    split_rows(n_rows, a, parts, j.bounds);
+    run_chunks(axpy_part, &j, parts);
+    add_parts(y, scratch, parts, len);
+    free(scratch);
+}
+
+static void ffn_part(void *v, int p) {
+    job_t *j = v;
+    PART_RANGE(j, p);
+    ffn_1(j->rows + lo * j->row_bytes, j->stride, cnt, j->len, j->dtype, j->up, j->gate, j->down, j->act, j->x,
+          OPT(j->b_up, lo), OPT(j->b_gate, lo), OPT(j->gate_act, lo), OPT(j->mask, lo), j->a + lo, PART_Y(j, p));
+}
+
+void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, int64_t up,
+                 int64_t gate, int64_t down, int act, const float *x, const float *b_up, const float *b_gate,
+                 const float *gate_act, const float *mask, float *a, float *y) {
+    int64_t size = dtype == 0 ? 4 : 2;
+    int parts = chunks_for(live_rows(n_rows, mask) * len * size * (gate >= 0 ? 3 : 2));
+    float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * len * sizeof(float)) : NULL;
+    if (!scratch)
+        {
+        ffn_1(rows, stride, n_rows, len, dtype, up, gate, down, act, x, b_up, b_gate, gate_act, mask, a, y);
+        return;
+    }
+    job_t j = {.rows = rows, .stride = stride, .len = len, .row_bytes = stride * size, .dtype = dtype, .up = up,
+               .gate = gate, .down = down, .act = act, .x = x, .b_up = b_up, .b_gate = b_gate, .gate_act = gate_act,
+               .mask = mask, .a = a, .y = y, .scratch = scratch};
+    split_rows(n_rows, mask, parts, j.bounds);
+    run_chunks(ffn_part, &j, parts);
+    add_parts(y, scratch, parts, len);
+    free(scratch);
+}
+
+static void qdot_part(void *v, int p) {
+    job_t *j = v;
+    PART_RANGE(j, p);
+    qdot_1((const uint8_t *)j->rows + lo * j->row_bytes, j->row_bytes, cnt, j->dim, j->bits, j->group, j->codes,
+               j->scales, j->offsets, OPT(j->mask, lo), j->x, j->xg_scratch + p * (j->dim / j->group), j->out + lo);
+}
+
+void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
+                  int64_t codes, int64_t scales, int64_t offsets, const float *mask, const float *x, float *xg,
+                  float *out) {
+    int parts = chunks_for(live_rows(n_rows, mask) * (codes < scales ? scales - codes : row_bytes));
+    float *scratch = parts > 1 ? malloc((size_t)parts * (dim / group) * sizeof(float)) : NULL;
+    if (!scratch) {
+        qdot_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, mask, x, xg, out);
+        return;
+    }
+    job_t j = {.rows = (const char *)rows, .row_bytes = row_bytes, .dim = dim, .bits = bits, .group = group,
+               .codes = codes, .scales = scales, .offsets = offsets, .mask = mask, .x = x, .out = out,
+               .xg_scratch = scratch};
+    split_rows(n_rows, mask, parts, j.bounds);
+    run_chunks(qdot_part, &j, parts);
+    memcpy(xg, scratch, (size_t)(dim / group) * sizeof(float));
+    free(scratch);
+}
+
+static void qaxpy_part(void *v, int p) {
+    job_t *j = v;
+    PART_RANGE(j, p);
+    qaxpy_1((const uint8_t *)j->rows + lo * j->row_bytes, j->row_bytes, cnt, j->dim, j->bits, j->group, j->codes,
+            j->scales, j->offsets, j->a_in + lo, j->xg_scratch + p * (j->dim / j->group), PART_Y(j, p));
+}
+
+void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
+                   int64_t codes, int64_t scales, int64_t offsets, const float *a, float *og, float *y) {
+    int parts = chunks_for(live_rows(n_rows, a) * (codes < scales ? scales - codes : row_bytes));
+    float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * dim * sizeof(float) +
+                                        (size_t)parts * (dim / group) * sizeof(float))
+                               : NULL;
+    if (!scratch) {
+        qaxpy_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, a, og, y);
+        return;
+    }
+    job_t j = {.rows = (const char *)rows, .row_bytes = row_bytes, .len = dim, .dim = dim, .bits = bits,
+               .group = group, .codes = codes, .scales = scales, .offsets = offsets, .a_in = a, .y = y,
+               .scratch = scratch, .xg_scratch = scratch + (parts - 1) * dim};
+    split_rows(n_rows, a, parts, j.bounds);
+    run_chunks(qaxpy_part, &j, parts);
+    add_parts(y, scratch, parts, dim);
+    memcpy(og, j.xg_scratch, (size_t)(dim / group) * sizeof(float));
+    free(scratch);
+}
+
+static void i8_part(void *v, int p) {
+    job_t *j = v;
+    PART_RANGE(j, p);
+    if (cnt > 0)
+        i8_matvec_1((const int8_t *)j->rows + lo * j->len, cnt, j->len, j->hscales + lo, j->x, j->out + lo);
+}
+
+void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const uint16_t *scales, const float *x,
+                       float *out) {
+    int parts = chunks_for(n_rows * len);
+    if (parts == 1) {
+        i8_matvec_1(codes, n_rows, len, scales, x, out);
+        return;
+    }
+    job_t j = {.rows = (const char *)codes, .len = len, .hscales = scales, .x = x, .out = out};
+    split_rows(n_rows, NULL, parts, j.bounds);
+    run_chunks(i8_part, &j, parts);
 }
 
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */

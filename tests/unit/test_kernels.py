@@ -288,9 +288,13 @@ def test_float_resident_linear_one_token_takes_the_kernels(dtype, monkeypatch):
     eps = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(got.double(), exact + b.double(), rtol=0, atol=eps * float(exact.abs().max() + 1))
     calls.clear()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's GEMV uses its threads; the kernels one
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's GEMV has more threads than the kernels
+    monkeypatch.setattr(kernels, "threads", lambda: 1)
     torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b))
     assert not calls
+    monkeypatch.setattr(kernels, "threads", lambda: 2)  # as many: the kernels
+    linear(x, w, b)
+    assert calls
 
 
 def test_rows_with_strided_elements_are_not_taken():
@@ -328,3 +332,118 @@ def test_a_compiler_that_hangs_is_a_failed_build(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_why", None)
     monkeypatch.setattr(kernels, "cache_dir", lambda: tmp_path / "fresh")
     assert kernels.library() is None and "timed out" in kernels.why_not()  # once, then torch's products
+
+
+# ---- the kernels' threads (rows.c's pool): a call's rows cut into chunks, taken by the caller and workers ----
+
+def _products(k: Kernels, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every kernel once on inputs large enough to be split (over 256 KiB of rows), masks and
+    zero coefficients included."""
+    from flashio.quant import quantize_resident, quantize_rows, row_quant
+    g = torch.Generator().manual_seed(seed)
+    n, d = 700, 256
+    rows = (torch.randn(n, 3 * d, generator=g) * 0.05).half()
+    parts = {"gate": slice(0, d), "up": slice(d, 2 * d), "down": slice(2 * d, 3 * d)}
+    x, a = torch.randn(d, generator=g), torch.randn(n, generator=g)
+    a[::3] = 0.0
+    mask = (torch.rand(n, generator=g) < 0.6).float()
+    q = row_quant(("up", "down"), dim=d, scheme="int4", group_size=32)
+    qrows = quantize_rows(torch.randn(4 * n, 2 * d, generator=g) * 0.05, q)
+    qa = torch.randn(4 * n, generator=g)
+    qa[1::4] = 0.0
+    codes, scales = quantize_resident(torch.randn(2 * n, 4 * d, generator=g) * 0.05)
+    y, act = k.ffn(rows, parts, x, "silu", mask=mask)
+    return {"dot": k.dot(rows, parts["up"], x), "axpy": k.axpy(rows, parts["down"], a), "ffn": y, "ffn_a": act,
+            "qdot": k.qdot(qrows, q.layout("up"), x, mask=(qa != 0).float()), "qaxpy": k.qaxpy(qrows, q.layout("down"), qa),
+            "i8": k.i8_matvec(codes, scales, torch.randn(4 * d, generator=g))}
+
+
+def test_threads_split_calls_with_the_same_results(built):
+    lib = built.lib
+    try:
+        assert lib.flashio_set_threads(1) == 1
+        one = _products(built)
+        for n in (2, 3, 5):  # 3 and 5: more threads than this machine's cores
+            assert lib.flashio_set_threads(n) == n and lib.flashio_threads() == n
+            split = _products(built)
+            again = _products(built)
+            for name, want in one.items():
+                # the same run to run; from one thread only the sums' rounding differs (chunks
+                # of the down products are added in order), rows' own products are unchanged
+                assert torch.equal(split[name], again[name]), name
+                if name in ("dot", "ffn_a", "qdot", "i8"):
+                    assert torch.equal(split[name], want), name
+                else:
+                    torch.testing.assert_close(split[name], want, rtol=0, atol=1e-5 * float(want.abs().max()))
+                    assert not torch.equal(split[name], torch.zeros_like(want))
+    finally:
+        lib.flashio_set_threads(1)
+
+
+def test_threads_two_callers_at_once(built):
+    import threading
+    lib = built.lib
+    lib.flashio_set_threads(2)
+    try:
+        want = _products(built)
+        got: list[dict] = []
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                for _ in range(5):
+                    got.append(_products(built))
+            except BaseException as exc:
+                errors.append(exc)
+
+        ts = [threading.Thread(target=work) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors and len(got) == 15
+        for r in got:  # a call that finds the workers busy computes its chunks alone: the same chunks
+            for name in want:
+                assert torch.equal(r[name], want[name]), name
+    finally:
+        lib.flashio_set_threads(1)
+
+
+def test_threads_after_fork_the_child_computes_alone(built):
+    import multiprocessing
+    lib = built.lib
+    lib.flashio_set_threads(2)
+    try:
+        want = _products(built)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        p = ctx.Process(target=_child_products, args=(built, queue))
+        p.start()
+        threads, got = queue.get(timeout=60)
+        p.join(timeout=60)
+        assert p.exitcode == 0 and threads == 1
+        for name in want:  # one thread in the child: only the chunks' sums' rounding may differ
+            torch.testing.assert_close(torch.from_numpy(got[name]), want[name], rtol=0, atol=1e-5 * float(want[name].abs().max()))
+    finally:
+        lib.flashio_set_threads(1)
+
+
+def _child_products(k: Kernels, queue) -> None:
+    queue.put((k.lib.flashio_threads(), {name: v.numpy() for name, v in _products(k).items()}))
+
+
+def test_set_threads_api():
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    before = kernels.threads()
+    try:
+        assert kernels.set_threads(3) == 3 == kernels.threads()
+        assert kernels.set_threads(1) == 1 == kernels.threads()
+        with pytest.raises(ValueError, match=">= 1"):
+            kernels.set_threads(0)
+        with pytest.raises(ValueError, match=">= 1"):
+            kernels.set_threads(True)
+    finally:
+        kernels.set_threads(before)
+    assert kernels.default_threads(1) == 1 and kernels.default_threads(2) == 2
+    assert kernels.default_threads(64) == kernels.MAX_DEFAULT_THREADS
