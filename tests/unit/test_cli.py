@@ -94,6 +94,7 @@ def test_the_commands_default_to_the_best_configuration(monkeypatch):
     other = run_config(p.parse_args(["art", "--compute", "active", "--no-preload", "--lookahead"]))
     assert other.compute == "active" and not other.preload and other.lookahead
     assert run_config(p.parse_args(["art", "--torch-threads", "3"])).torch_threads == 3
+    assert cfg.compute_threads is None and run_config(p.parse_args(["art", "--compute-threads", "2"])).compute_threads == 2
     assert run_config(p.parse_args(["art", "--torch-threads", "0"])).torch_threads is None  # torch's own
     assert [default_torch_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)

@@ -47,6 +47,8 @@ def test_defaults_and_normalised_values():
     ({"max_gap": -1}, "max_gap=-1 >= 0"),
     ({"max_context": 0}, "max_context must be at least 1"),
     ({"torch_threads": 0}, "torch_threads must be at least 1"),
+    ({"compute_threads": 0}, "compute_threads must be at least 1"),
+    ({"compute_threads": 1.5}, "compute_threads must be an integer"),
     ({"dram_budget": "lots"}, "cannot read 'lots' as a size"),
     ({"dram_budget": -5}, "size -5 is negative"),
     ({"pinned_fraction": 0.5}, "pinned_fraction=0.5 must be in \\[0, 1\\] and is for mode='naive' only"),
@@ -170,3 +172,22 @@ def test_opening_and_running_changes_nothing_process_wide(tiny_opt, tmp_path, mo
         assert calls == [1] and torch.get_num_threads() == 1
     finally:
         real(before_threads)
+
+
+def test_open_sets_the_kernels_threads(tiny_opt, tmp_path):
+    from flashio import kernels
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    art = write_artifact(tiny_opt[1], tmp_path / "fp16", dtype="float16", predictors=_all_active(2, 64, 256))
+    before = kernels.threads()
+    try:
+        kernels.set_threads(1)
+        with flashio.open(art, mode="dense", compute_threads=3) as model:
+            assert kernels.threads() == 3
+            three = model.forward(PROMPT, token_by_token=True)
+        with flashio.open(art, mode="dense") as model:  # the default: every CPU, at most 8
+            assert kernels.threads() == kernels.default_threads()
+            default = model.forward(PROMPT, token_by_token=True)
+        torch.testing.assert_close(three, default, rtol=0, atol=1e-3 * float(default.abs().max()))
+    finally:
+        kernels.set_threads(before)
