@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flashio.quant import linear
+
 
 @dataclass(frozen=True)
 class PredictorWeights:
@@ -39,7 +41,10 @@ class PredictorWeights:
         return math.log(t / (1.0 - t))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D] -> [T, N]
+        # x: [T, D] -> [T, N]. One token: two matrix-vector products on the resident matrices' path
+        # (flashio.quant.linear: on the CPU the native kernels, on their threads)
+        if x.shape[0] == 1:
+            return linear(linear(x, self.A), self.B, self.bias)
         return torch.addmm(self.bias, x @ self.A.T, self.B.T)
 
     def permuted(self, order: torch.Tensor) -> PredictorWeights:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flashio import kernels
 from flashio.costmodel import BandwidthPoint, DeviceProfile
 from flashio.dtypes import TORCH_DTYPES
 from flashio.errors import FlashError
@@ -101,7 +102,8 @@ def measure_dram_read(cfg: MemoryBenchConfig) -> tuple[BandwidthPoint, ...]:
 
 def measure_matvec(cfg: MemoryBenchConfig) -> tuple[BandwidthPoint, ...]:
     """GB/s (the matrix's bytes / time) of the faster of F.linear(x, W) and the runtime's linear
-    per dtype and thread count, cycling through enough copies of W to fill cfg.buffer_bytes."""
+    per dtype and thread count (torch's and the kernels'), cycling through enough copies of W to fill
+    cfg.buffer_bytes."""
     return tuple(p for name in cfg.dtypes for p in _matvec_points(cfg, name))
 
 
@@ -122,10 +124,15 @@ def _matvec_points(cfg: MemoryBenchConfig, name: str) -> list[BandwidthPoint]:
         return one
 
     pts = []
-    for t in cfg.threads:
-        with torch_threads(t):
-            gbps = max(_median_gbps(f, cfg.seconds, cfg.min_calls) for f in (torch_product, runtime_product))
-            pts.append(BandwidthPoint(t, _sig(gbps), name))
+    before = kernels.threads()
+    try:
+        for t in cfg.threads:
+            kernels.set_threads(t)  # the runtime's products run on the kernels' threads
+            with torch_threads(t):
+                gbps = max(_median_gbps(f, cfg.seconds, cfg.min_calls) for f in (torch_product, runtime_product))
+                pts.append(BandwidthPoint(t, _sig(gbps), name))
+    finally:
+        kernels.set_threads(before)
     return pts
 
 

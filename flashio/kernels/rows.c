@@ -232,10 +232,15 @@ static ALWAYS_INLINE void dot4x2(const char *const *row, int64_t o1, int64_t o2,
 }
 #endif
 
+/* Longer rows (a dense down projection, 11008 wide) go four at a time: x is then loaded once per
+ * four rows instead of once per row from beyond the L1 cache (4096 x 11008 fp16, one thread: 12 -> 22 GB/s) */
+#define ROW_AT_A_TIME 4096
+
 static ALWAYS_INLINE void dot_rows(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype,
                                    const float *x, float *out) {
     int64_t n = 0;
-    if (stride == len) { /* a contiguous matrix: a row at a time, in order (the hardware's stream; 16 -> 22 GB/s) */
+    if (stride == len && len <= ROW_AT_A_TIME) { /* a contiguous matrix: a row at a time, in order (the hardware's
+                                                   * stream; 16 -> 22 GB/s) while x stays in the L1 cache */
         for (; n < n_rows; n++) out[n] = dot1(row_at(rows, n, stride, dtype), x, len, dtype);
         return;
     }

@@ -447,3 +447,22 @@ def test_set_threads_api():
         kernels.set_threads(before)
     assert kernels.default_threads(1) == 1 and kernels.default_threads(2) == 2
     assert kernels.default_threads(64) == kernels.MAX_DEFAULT_THREADS
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_predictor_one_token_logits_equal_the_batched_ones(dtype, monkeypatch):
+    from flashio.predictor import PredictorWeights
+    g = torch.Generator().manual_seed(10)
+    p = PredictorWeights((torch.randn(24, 96, generator=g) * 0.1).to(dtype), (torch.randn(300, 24, generator=g) * 0.1).to(dtype),
+                         (torch.randn(300, generator=g) * 0.1).to(dtype))
+    x = torch.randn(3, 96, generator=g).to(dtype)
+    calls = []
+    if kernels.available():
+        dot = kernels.Kernels.dot
+        monkeypatch.setattr(kernels.Kernels, "dot", lambda self, *a, **k: calls.append(1) or dot(self, *a, **k))
+    batched = p.logits(x)  # [3, 300]: torch's addmm
+    one = torch.cat([p.logits(x[t : t + 1]) for t in range(3)])  # a token at a time: the resident matrices' path
+    assert one.shape == batched.shape == (3, 300) and one.dtype == dtype
+    assert bool(calls) == (kernels.available() and dtype != torch.float32)  # the kernels take fp16/bf16 one token
+    eps = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(one.float(), batched.float(), rtol=0, atol=eps * float(batched.float().abs().max()))
