@@ -64,12 +64,14 @@ from flashio.readplan import (
     PendingRead,
     Piece,
     ReadResult,
+    ScatterTables,
     check_ids,
     plan_pieces,
     plan_range,
     plan_runs,
     plan_split_pieces,
     scatter_pieces,
+    scatter_tables,
     split_pieces,
 )
 
@@ -266,6 +268,9 @@ class BundleReader:
         if ids.size == 0:
             r = ReadResult(0, 0, self.direct, time.perf_counter() - t0, 0.0)
             return r if wait_all else PendingRead([], 0, self.direct, t0, 0.0)
+        if split == 1 and rows is not None and self._tables_apply(out, ext):
+            tables = scatter_tables(ids, rows, ext, max_gap=self.max_gap, iov_max=self._iov_max)
+            return self._execute_tables(tables, out_mv, t0, wait_all)
         if split == 1:
             pieces, nbytes = plan_pieces(ids, ext, max_gap=self.max_gap, iov_max=self._iov_max)
             if rows is not None:
@@ -332,6 +337,41 @@ class BundleReader:
             wait(futures)  # never leave while a thread may still write into `out`
         total += sum(f.result() for f in futures)  # re-raises a worker's FlashReadError
         return ReadResult(total, len(pieces), fd == self._fd_direct, time.perf_counter() - t0, predicted)
+
+    def _tables_apply(self, out: torch.Tensor, ext: LayerExtent) -> bool:
+        """Whether reads into scattered rows take the table path: O_DIRECT straight into out's
+        rows through io_uring (readplan.ScatterTables; the other paths plan pieces)."""
+        return (self._fd_direct >= 0 and (out.data_ptr() | ext.offset_bytes | ext.row_bytes) % self._block == 0
+                and self._uring_library() is not None)
+
+    def _execute_tables(self, t: ScatterTables, out_mv: memoryview, t0: float,
+                        wait_all: bool) -> ReadResult | PendingRead:
+        """Run the tables' reads as one share (io_uring keeps them in flight; without a ring the
+        native preadv loop, on one thread)."""
+        predicted = (self.cost_model.read_time_s(t.nbytes, self._threads)
+                     if self.cost_model is not None else float("nan"))
+        scratch_bytes = int(t.nbytes.max())
+        if not wait_all:
+            future = self._pool.submit(_timed, self._read_tables, t, out_mv, scratch_bytes)
+            return PendingRead([future], len(t.offs), True, t0, predicted)
+        total = self._read_tables(t, out_mv, scratch_bytes)
+        return ReadResult(total, len(t.offs), True, time.perf_counter() - t0, predicted)
+
+    def _read_tables(self, t: ScatterTables, out_mv: memoryview, scratch_bytes: int) -> int:
+        lib = kernels.library()
+        iov = np.empty((t.dest.size, 2), dtype=np.uint64)
+        iov[:, 0] = ctypes.addressof(ctypes.c_char.from_buffer(out_mv)) + np.maximum(t.dest, 0).astype(np.uint64)
+        iov[:, 1] = t.lens
+        gaps = t.dest < 0
+        if gaps.any():
+            iov[gaps, 0] = ctypes.addressof(ctypes.c_char.from_buffer(self._scratch(scratch_bytes)))
+        ring = self._ring(lib) if self._uring else None
+        args = (self._fd_direct, len(t.offs), t.offs.ctypes.data, t.first.ctypes.data, iov.ctypes.data)
+        got = (lib.flashio_read_pieces(*args) if ring is None
+               else lib.flashio_uring_read_pieces(ring, *args, self._depth()))
+        if got < 0:
+            return self._native_result(got, list(zip(t.offs.tolist(), t.nbytes.tolist())))
+        return got
 
     def _scratch(self, nbytes: int) -> memoryview:
         """This thread's scratch buffer (page-aligned, >= nbytes), kept between calls."""

@@ -502,9 +502,14 @@ def test_arenas_ask_for_huge_pages_only_when_large(monkeypatch):
 
 @pytest.mark.parametrize("max_gap", [0, 3])
 @pytest.mark.parametrize("layer", range(len(LAYERS)))
-def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap):
-    """rows=: id j lands in out's row rows[j] (a window cache's freed rows), every read path;
-    the other rows of out are untouched."""
+def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap, monkeypatch):
+    """rows=: id j lands in out's row rows[j] (a window cache's freed rows), every read path
+    (O_DIRECT into aligned rows through io_uring: readplan.scatter_tables); the other rows of out
+    are untouched."""
+    import flashio.storage as storage
+    tables = []
+    real = storage.scatter_tables
+    monkeypatch.setattr(storage, "scatter_tables", lambda *a, **k: tables.append(1) or real(*a, **k))
     path, data = ffn_file
     ext = EXTENTS[layer]
     expected_block = _block(data, layer)
@@ -520,12 +525,17 @@ def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap):
                 aligned = arena.tensor(torch.uint8, (capacity, ext.row_bytes))
                 misaligned = torch.zeros(capacity * ext.row_bytes + 1, dtype=torch.uint8)[1:].view(capacity, -1)
                 plain = torch.zeros(capacity, ext.row_bytes, dtype=torch.uint8)
-                for reader, out in ((direct, aligned), (direct, misaligned), (buffered, plain)):
+                for reader, out, submit in ((direct, aligned, True), (direct, aligned, False), (direct, misaligned, False),
+                                            (buffered, plain, False)):
                     out.fill_(0xA5)
-                    if reader is direct and out is aligned:
+                    before = len(tables)
+                    if submit:
                         r = reader.submit_rows(layer, ids, out, rows=dest).result()
                     else:
                         r = reader.read_rows(layer, ids, out, rows=dest)
+                    takes = (reader is direct and out is aligned and reader._uring_library() is not None
+                             and (ext.offset_bytes | ext.row_bytes) % reader.block_bytes == 0)
+                    assert len(tables) - before == takes
                     assert r.bytes_read >= len(ids) * ext.row_bytes
                     np.testing.assert_array_equal(out.numpy()[dest], expected_block[ids])
                     untouched = np.setdiff1d(np.arange(capacity), dest)
@@ -547,3 +557,42 @@ def test_read_rows_scattered_refuses_bad_rows(ffn_file):
             reader.read_rows(0, ids, out, rows=np.array([0, 1]))
         with pytest.raises(ValueError, match="one destination per id"):
             reader.read_rows(0, ids, out, rows=np.array([0, 1, 2]), split=2)
+
+
+def _tables_from_pieces(ids, rows, ext, max_gap, iov_max):
+    """plan_pieces + scatter_pieces flattened as the native readers' tables (dest -1: scratch)."""
+    from flashio.readplan import plan_pieces, scatter_pieces
+    from flashio.storage import _spans
+    pieces, nbytes = plan_pieces(ids, ext, max_gap=max_gap, iov_max=iov_max)
+    pieces = scatter_pieces(pieces, rows, ext.row_bytes)
+    offs, first, dest, lens = [], [0], [], []
+    for off, n, d, segs in pieces:
+        offs.append(off)
+        for dd, k in ([(d, n)] if segs is None else _spans(segs, n)):
+            dest.append(-1 if dd is None else dd)
+            lens.append(k)
+        first.append(len(dest))
+    return offs, nbytes.tolist(), first, dest, lens
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scatter_tables_equal_the_planned_pieces(seed):
+    from flashio.readplan import LayerExtent, scatter_tables
+    rng = np.random.default_rng(seed)
+    n_rows = int(rng.integers(1, 400))
+    row_bytes = int(rng.choice([512, 4096, 1 << 20]))  # 1 MiB rows: runs cut at MAX_READ_BYTES
+    ext = LayerExtent(4096 * int(rng.integers(0, 4)), n_rows, row_bytes)
+    k = int(rng.integers(1, n_rows + 1))
+    ids = np.sort(rng.choice(n_rows, k, replace=False)).astype(np.int64)
+    if rng.random() < 0.5:  # destinations partly in order: iovecs merge
+        rows = (np.arange(k) + int(rng.integers(0, 50))).astype(np.int64)
+        swap = rng.choice(k, k // 3, replace=False)
+        rows[swap] = rng.permutation(rows[swap])
+    else:
+        rows = rng.choice(k + 100, k, replace=False).astype(np.int64)
+    max_gap, iov_max = int(rng.choice([0, 1, 3, 50])), int(rng.choice([7, 64, 1024]))
+    t = scatter_tables(ids, rows, ext, max_gap=max_gap, iov_max=iov_max)
+    offs, nbytes, first, dest, lens = _tables_from_pieces(ids, rows, ext, max_gap, iov_max)
+    assert t.offs.tolist() == offs and t.nbytes.tolist() == nbytes and t.first.tolist() == first
+    assert t.dest.tolist() == dest and t.lens.tolist() == lens
+    assert all(b - a <= iov_max for a, b in pairwise(first))
