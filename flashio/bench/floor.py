@@ -34,7 +34,7 @@ the compute dtype at open):
                  reads: c, or min(c, sliding_window) in a windowed layer: every layer of an
                  architecture with a window and no layer_types, else those typed "sliding_...")
 
-    floor_ms       = sum over dtypes of bytes_in_dtype / matvec_GBps(dtype, torch threads) + io_ms
+    floor_ms       = sum over dtypes of bytes_in_dtype / matvec_GBps(dtype, threads: the kernels' or torch's, the more) + io_ms
     io_ms          = the I/O the step did not hide (StepStats.io_ms: overlapped reads count only
                      the time the step waited for them)
     achieved_gbps  = dram_bytes / (total_ms - io_ms)  (the bandwidth of the token's non-I/O time)

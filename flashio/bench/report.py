@@ -174,7 +174,7 @@ def _bandwidth_line(results: dict) -> str:
     src = row["bandwidth_source"]
     note = ("measured by `flashio bench device`" if src == "measured" else
             "BUILT-IN DEFAULTS (the profile has no memory bandwidth: run `flashio bench device`)")
-    return f"matrix-vector bandwidth at {row['bandwidth_threads']} torch threads: {bws} ({note})"
+    return f"matrix-vector bandwidth at {row['bandwidth_threads']} threads (the kernels', or torch's where more): {bws} ({note})"
 
 
 def _load(results: dict) -> str:
