@@ -22,8 +22,8 @@ compiler, or `FLASHIO_KERNELS=0`: `available()` is False and flashio.ffn uses to
 
 Each call can be split over several threads (`set_threads`; flashio.open sets every CPU, at most 8,
 unless FlashConfig.compute_threads says otherwise): one core does not reach the memory's speed
-(this project's 2-core machines: a float16 matrix-vector product 33 GB/s on one thread, 46 on two,
-a dense Llama-2-7B token 540 -> 290 ms). The workers are rows.c's own threads, not torch's: they
+(this project's 2-core machines: a float16 matrix-vector product 31-35 GB/s on one thread, 44-47
+on two; a dense Llama-2-7B token 540-650 ms on one, 290-360 on two). The workers are rows.c's own threads, not torch's: they
 take chunks of a call's rows as they come, so a worker whose core is busy elsewhere delays
 nothing (torch's OpenMP threads wait for one another, which made steps 10-50x slower on a shared
 2-core machine; torch stays at one thread for the per-token work).
