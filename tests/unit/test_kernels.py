@@ -269,7 +269,7 @@ def test_quantized_resident_linear_one_token_equals_torch_kernel(monkeypatch):
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_float_resident_linear_one_token_takes_the_kernels(dtype, monkeypatch):
     if not kernels.available():
         pytest.skip(f"no kernels here: {kernels.why_not()}")
@@ -285,7 +285,7 @@ def test_float_resident_linear_one_token_takes_the_kernels(dtype, monkeypatch):
     assert calls and got.dtype == dtype and got.shape == (1, 70)
     exact = x.double() @ w.double().T
     # the kernels accumulate in float32: only the final rounding to dtype (and the bias add) differ
-    eps = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    eps = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(got.double(), exact + b.double(), rtol=0, atol=eps * float(exact.abs().max() + 1))
     calls.clear()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's GEMV has more threads than the kernels
@@ -463,6 +463,6 @@ def test_predictor_one_token_logits_equal_the_batched_ones(dtype, monkeypatch):
     batched = p.logits(x)  # [3, 300]: torch's addmm
     one = torch.cat([p.logits(x[t : t + 1]) for t in range(3)])  # a token at a time: the resident matrices' path
     assert one.shape == batched.shape == (3, 300) and one.dtype == dtype
-    assert bool(calls) == (kernels.available() and dtype != torch.float32)  # the kernels take fp16/bf16 one token
+    assert bool(calls) == kernels.available()  # one token: the kernels
     eps = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(one.float(), batched.float(), rtol=0, atol=eps * float(batched.float().abs().max()))
