@@ -140,8 +140,9 @@ class GatePredictorEngine(GateEngine):
 
 
 # prompts up to this many tokens rank against the up sketch through the kernels, a token at a time;
-# longer ones dequantize it in chunks (quant_project), which costs the same for any length
-SKETCH_KERNEL_TOKENS = 64
+# longer ones dequantize it in chunks (quant_project), which costs about the same for any length:
+# at 16 positions the two took the same time (tests/bench/sketch_product.py, 11008 x 4096 int4)
+SKETCH_KERNEL_TOKENS = 16
 
 
 class GateUpEngine(GateEngine):

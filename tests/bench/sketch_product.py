@@ -9,7 +9,9 @@ gate+up artifact, per-token ms of a token-by-token sparse forward with either pr
 T = 1 and 16 positions. Rows: 'stored' = quant_project (the path before flashio.sketch);
 'sketch' = UpSketch.project; 'int4pack' = torch's _weight_int4pack_mm_for_cpu with fp32
 activations (its fp32 scale-and-zero pairs: +33% bytes); 'int8 codes' = one byte per code (twice
-the code bytes), a copy, the scale multiply and a matmul. Each figure: the best of `--reps` runs
+the code bytes), a copy, the scale multiply and a matmul; 'kernels' = flashio.kernels' quantized
+dot products on the stored rows, a position at a time, on one kernel thread (int8 activations on
+VNNI CPUs: its diff is that rounding). Each figure: the best of `--reps` runs
 after two warm-ups, with the largest |difference| from 'stored' relative to its largest value.
 This is a script, not a pytest module.
 """
@@ -62,6 +64,14 @@ def int8_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, m: 
     return out
 
 
+def kernel_product(x: torch.Tensor, rows: torch.Tensor, q) -> torch.Tensor:
+    """x @ up.T through flashio.kernels' quantized dot products on the stored rows, a position at a
+    time (the runtime's path on the CPU for up to flashio.exact.SKETCH_KERNEL_TOKENS positions)."""
+    from flashio import kernels
+    k, layout = kernels.kernels(), q.layout("up")
+    return torch.stack([k.qdot(rows, layout, x[t]) for t in range(x.shape[0])])
+
+
 def micro_shape(n: int, d: int, reps: int) -> None:
     torch.manual_seed(0)
     q = row_quant(("up",), dim=d, scheme="int4", group_size=32, aligned=False, offsets=False)
@@ -79,14 +89,16 @@ def micro_shape(n: int, d: int, reps: int) -> None:
         diff = (sketch.project(x, sk_scratch) - want).abs().max().item() / want.abs().max().item()
         products = (partial(quant_project, x, rows, q, "up", scratch), partial(sketch.project, x, sk_scratch),
                     partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, 32, sz),
-                    partial(int8_product, x, codes8, scales[..., 0], m))
+                    partial(int8_product, x, codes8, scales[..., 0], m), partial(kernel_product, x, rows, q))
+        kdiff = (kernel_product(x, rows, q) - want).abs().max().item() / want.abs().max().item()
         ms = [best_ms(f, reps if n * t < 100_000 else max(2, reps // 4)) for f in products]
-        print(f"| {n} x {d} | {t} | " + " | ".join(f"{v:.2f}" for v in ms) + f" | {diff:.1e} |", flush=True)
+        print(f"| {n} x {d} | {t} | " + " | ".join(f"{v:.2f}" for v in ms) + f" | {diff:.1e} | {kdiff:.1e} |",
+              flush=True)
 
 
 def micro(reps: int) -> None:
-    print("| N x D | T | stored ms | sketch ms | int4pack ms | int8 codes ms | sketch diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N x D | T | stored ms | sketch ms | int4pack ms | int8 codes ms | kernels ms | sketch diff | kernels diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, d in SHAPES:
         micro_shape(n, d, reps)
 
@@ -108,7 +120,8 @@ def timed_sketch(eng) -> list[float]:
 def per_token(art: str, tokens: int, runs: int) -> None:
     """ms per token of a token-by-token sparse forward (head once at the end), and of its sketch
     products, with 'stored' (quant_project on the resident file's rows, the old path) and 'sketch'
-    (as opened) alternating run by run, each model opened once."""
+    (as opened: on the CPU the kernels' products on the stored rows, else UpSketch) alternating run
+    by run, each model opened once."""
     from safetensors.torch import load_file
 
     import flashio
@@ -125,7 +138,7 @@ def per_token(art: str, tokens: int, runs: int) -> None:
             if product == "stored":
                 stored = load_file(str(model.artifact.file(m.resident_file)))
                 eng.sketch = [stored[UP_SKETCH_TENSOR.format(i)] for i in range(m.n_layers)]
-                eng.packed, eng.sketch_scratch = [], RowScratch(m.up_sketch)
+                eng.packed, eng.sketch_scratch, eng.kernel_tokens = [], RowScratch(m.up_sketch), 0
             times[product] = ([], [], timed_sketch(eng))
         for _ in range(runs):
             for product, model in models.items():
