@@ -81,7 +81,7 @@ class FlashModel:
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         if device.type == "cpu":
-            kernels.set_threads(config.compute_threads or kernels.default_threads())
+            kernels.set_threads(kernels.threads_for(config.compute_threads))
         self.artifact, self.config, self.device = art, config, device
         self.mode, self.window = config.mode, config.window
         self.plan = read_plan(art, config.device_profile, threads=config.threads, max_gap=config.max_gap)

@@ -331,7 +331,7 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
     cost = {"profile": str(opts.profile) if opts.profile else None, "source": cm.profile.source,
             "device": cm.profile.device, "tuned_threads": tuned_threads, "tuned_max_gap": tuned_gap,
             "default_threads": DEFAULT_THREADS, "torch_threads": torch.get_num_threads(),
-            "compute_threads": opts.compute_threads or (kernels.default_threads() if kernels.available() else 1),
+            "compute_threads": kernels.threads_for(opts.compute_threads),
             "memory_source": cm.profile.memory_source}
     say(f"cost model ({cm.profile.source}): {tuned_threads} threads, gap reads up to {tuned_gap} rows")
     with tempfile.TemporaryDirectory(prefix="flashio-bench-", dir=opts.out_dir) as tmp:

@@ -181,8 +181,7 @@ def peer_threads(opts) -> int:
 
     from flashio import kernels
 
-    own = (opts.compute_threads or kernels.default_threads()) if kernels.available() else 1
-    return max(own, opts.torch_threads or torch.get_num_threads())
+    return max(kernels.threads_for(opts.compute_threads), opts.torch_threads or torch.get_num_threads())
 
 
 def run_peers(art: Artifact, opts, plan: dict, cgroup: tuple[bool, str], tokens: list[int],

@@ -187,6 +187,12 @@ def default_threads(cpus: int | None = None) -> int:
     return max(1, min(cpus, MAX_DEFAULT_THREADS))
 
 
+def threads_for(n: int | None) -> int:
+    """The threads FlashConfig.compute_threads=n gives the kernels: n, else default_threads(); 1
+    without the kernels."""
+    return 1 if not available() else n or default_threads()
+
+
 def threads() -> int:
     """The threads each kernel call is split over (1 without the kernels)."""
     lib = library()

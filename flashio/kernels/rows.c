@@ -1116,17 +1116,16 @@ static int chunks_for(int64_t bytes) {
     return c < 2 ? 1 : c > most ? (int)most : (int)c;
 }
 
-/* bounds[0..parts]: row ranges of about equal work; w (NULL: every row counts) skips zero rows.
- * Every range but the last holds a multiple of 4 counted rows: the kernels take rows four at a
- * time (take4), so each row is computed by the same code, in the same order, as without a split. */
-static void split_rows(int64_t n_rows, const float *w, int parts, int64_t *bounds) {
+/* bounds[0..parts]: row ranges of about equal work; w (NULL: every row counts) skips zero rows,
+ * `total` of them counted (live_rows). Every range but the last holds a multiple of 4 counted rows:
+ * the kernels take rows four at a time (take4), so each row is computed by the same code, in the
+ * same order, as without a split. */
+static void split_rows(int64_t n_rows, const float *w, int64_t total, int parts, int64_t *bounds) {
     bounds[0] = 0, bounds[parts] = n_rows;
     if (!w) {
         for (int p = 1; p < parts; p++) bounds[p] = (n_rows * p / parts) & ~(int64_t)3;
         return;
     }
-    int64_t total = 0;
-    for (int64_t n = 0; n < n_rows; n++) total += w[n] != 0.0f;
     int p = 1;
     int64_t seen = 0;
     for (int64_t n = 0; n < n_rows && p < parts; n++) {
@@ -1144,11 +1143,6 @@ static int64_t live_rows(int64_t n_rows, const float *w) {
     return c;
 }
 
-/* y += the other chunks' vectors, in chunk order */
-static void add_parts(float *y, const float *scratch, int parts, int64_t len) {
-    for (int p = 1; p < parts; p++)
-        for (int64_t k = 0; k < len; k++) y[k] += scratch[(p - 1) * len + k];
-}
 
 typedef struct {
     const char *rows;
@@ -1164,6 +1158,16 @@ typedef struct {
 #define PART_Y(j, p) ((p) == 0 ? (j)->y : (j)->scratch + ((p) - 1) * (j)->len)
 #define OPT(v, lo) ((v) ? (v) + (lo) : NULL)
 
+/* The chunks of a product whose chunks each fill a vector (chunk 0 j->y, chunk p > 0 row p - 1 of
+ * j->scratch): rows split by w (`live` of them counted), run, the vectors added into j->y in
+ * chunk order. */
+static void run_summed(chunk_fn fn, job_t *j, int64_t n_rows, const float *w, int64_t live, int parts) {
+    split_rows(n_rows, w, live, parts, j->bounds);
+    run_chunks(fn, j, parts);
+    for (int p = 1; p < parts; p++)
+        for (int64_t k = 0; k < j->len; k++) j->y[k] += j->scratch[(p - 1) * j->len + k];
+}
+
 static void dot_part(void *v, int p) {
     job_t *j = v;
     PART_RANGE(j, p);
@@ -1178,7 +1182,7 @@ void flashio_dot(const void *rows, int64_t stride, int64_t n_rows, int64_t len, 
         return;
     }
     job_t j = {.rows = rows, .stride = stride, .len = len, .row_bytes = stride * size, .dtype = dtype, .x = x, .out = out};
-    split_rows(n_rows, NULL, parts, j.bounds);
+    split_rows(n_rows, NULL, n_rows, parts, j.bounds);
     run_chunks(dot_part, &j, parts);
 }
 
@@ -1190,7 +1194,8 @@ static void axpy_part(void *v, int p) {
 
 void flashio_axpy(const void *rows, int64_t stride, int64_t n_rows, int64_t len, int dtype, const float *a, float *y) {
     int64_t size = dtype == 0 ? 4 : 2;
-    int parts = chunks_for(live_rows(n_rows, a) * len * size);
+    int64_t live = live_rows(n_rows, a);
+    int parts = chunks_for(live * len * size);
     float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * len * sizeof(float)) : NULL;
     if (!scratch) {
         axpy_1(rows, stride, n_rows, len, dtype, a, y);
@@ -1198,9 +1203,7 @@ void flashio_axpy(const void *rows, int64_t stride, int64_t n_rows, int64_t len,
     }
     job_t j = {.rows = rows, .stride = stride, .len = len, .row_bytes = stride * size, .dtype = dtype, .a_in = a,
                .y = y, .scratch = scratch};
-    split_rows(n_rows, a, parts, j.bounds);
-    run_chunks(axpy_part, &j, parts);
-    add_parts(y, scratch, parts, len);
+    run_summed(axpy_part, &j, n_rows, a, live, parts);
     free(scratch);
 }
 
@@ -1215,19 +1218,17 @@ void flashio_ffn(const void *rows, int64_t stride, int64_t n_rows, int64_t len, 
                  int64_t gate, int64_t down, int act, const float *x, const float *b_up, const float *b_gate,
                  const float *gate_act, const float *mask, float *a, float *y) {
     int64_t size = dtype == 0 ? 4 : 2;
-    int parts = chunks_for(live_rows(n_rows, mask) * len * size * (gate >= 0 ? 3 : 2));
+    int64_t live = live_rows(n_rows, mask);
+    int parts = chunks_for(live * len * size * (gate >= 0 ? 3 : 2));
     float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * len * sizeof(float)) : NULL;
-    if (!scratch)
-        {
+    if (!scratch) {
         ffn_1(rows, stride, n_rows, len, dtype, up, gate, down, act, x, b_up, b_gate, gate_act, mask, a, y);
         return;
     }
     job_t j = {.rows = rows, .stride = stride, .len = len, .row_bytes = stride * size, .dtype = dtype, .up = up,
                .gate = gate, .down = down, .act = act, .x = x, .b_up = b_up, .b_gate = b_gate, .gate_act = gate_act,
                .mask = mask, .a = a, .y = y, .scratch = scratch};
-    split_rows(n_rows, mask, parts, j.bounds);
-    run_chunks(ffn_part, &j, parts);
-    add_parts(y, scratch, parts, len);
+    run_summed(ffn_part, &j, n_rows, mask, live, parts);
     free(scratch);
 }
 
@@ -1235,13 +1236,14 @@ static void qdot_part(void *v, int p) {
     job_t *j = v;
     PART_RANGE(j, p);
     qdot_1((const uint8_t *)j->rows + lo * j->row_bytes, j->row_bytes, cnt, j->dim, j->bits, j->group, j->codes,
-               j->scales, j->offsets, OPT(j->mask, lo), j->x, j->xg_scratch + p * (j->dim / j->group), j->out + lo);
+           j->scales, j->offsets, OPT(j->mask, lo), j->x, j->xg_scratch + p * (j->dim / j->group), j->out + lo);
 }
 
 void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
                   int64_t codes, int64_t scales, int64_t offsets, const float *mask, const float *x, float *xg,
                   float *out) {
-    int parts = chunks_for(live_rows(n_rows, mask) * (codes < scales ? scales - codes : row_bytes));
+    int64_t live = live_rows(n_rows, mask);
+    int parts = chunks_for(live * (codes < scales ? scales - codes : row_bytes));
     float *scratch = parts > 1 ? malloc((size_t)parts * (dim / group) * sizeof(float)) : NULL;
     if (!scratch) {
         qdot_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, mask, x, xg, out);
@@ -1250,7 +1252,7 @@ void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_
     job_t j = {.rows = (const char *)rows, .row_bytes = row_bytes, .dim = dim, .bits = bits, .group = group,
                .codes = codes, .scales = scales, .offsets = offsets, .mask = mask, .x = x, .out = out,
                .xg_scratch = scratch};
-    split_rows(n_rows, mask, parts, j.bounds);
+    split_rows(n_rows, mask, live, parts, j.bounds);
     run_chunks(qdot_part, &j, parts);
     memcpy(xg, scratch, (size_t)(dim / group) * sizeof(float));
     free(scratch);
@@ -1265,7 +1267,8 @@ static void qaxpy_part(void *v, int p) {
 
 void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
                    int64_t codes, int64_t scales, int64_t offsets, const float *a, float *og, float *y) {
-    int parts = chunks_for(live_rows(n_rows, a) * (codes < scales ? scales - codes : row_bytes));
+    int64_t live = live_rows(n_rows, a);
+    int parts = chunks_for(live * (codes < scales ? scales - codes : row_bytes));
     float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * dim * sizeof(float) +
                                         (size_t)parts * (dim / group) * sizeof(float))
                                : NULL;
@@ -1276,9 +1279,7 @@ void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
     job_t j = {.rows = (const char *)rows, .row_bytes = row_bytes, .len = dim, .dim = dim, .bits = bits,
                .group = group, .codes = codes, .scales = scales, .offsets = offsets, .a_in = a, .y = y,
                .scratch = scratch, .xg_scratch = scratch + (parts - 1) * dim};
-    split_rows(n_rows, a, parts, j.bounds);
-    run_chunks(qaxpy_part, &j, parts);
-    add_parts(y, scratch, parts, dim);
+    run_summed(qaxpy_part, &j, n_rows, a, live, parts);
     memcpy(og, j.xg_scratch, (size_t)(dim / group) * sizeof(float));
     free(scratch);
 }
@@ -1298,7 +1299,7 @@ void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const u
         return;
     }
     job_t j = {.rows = (const char *)codes, .len = len, .hscales = scales, .x = x, .out = out};
-    split_rows(n_rows, NULL, parts, j.bounds);
+    split_rows(n_rows, NULL, n_rows, parts, j.bounds);
     run_chunks(i8_part, &j, parts);
 }
 

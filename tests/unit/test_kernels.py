@@ -4,6 +4,7 @@ against float64 references; and flashio.ffn's one-token path against torch's pro
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -380,52 +381,50 @@ def test_threads_split_calls_with_the_same_results(built):
         lib.flashio_set_threads(1)
 
 
-def test_threads_two_callers_at_once(built):
+@pytest.fixture
+def two_threads(built) -> Iterator[Kernels]:
+    """`built` with its calls split over two threads (one again afterwards)."""
+    built.lib.flashio_set_threads(2)
+    yield built
+    built.lib.flashio_set_threads(1)
+
+
+def test_threads_two_callers_at_once(two_threads):
     import threading
-    lib = built.lib
-    lib.flashio_set_threads(2)
-    try:
-        want = _products(built)
-        got: list[dict] = []
-        errors: list[BaseException] = []
+    want = _products(two_threads)
+    got: list[dict] = []
+    errors: list[BaseException] = []
 
-        def work():
-            try:
-                for _ in range(5):
-                    got.append(_products(built))
-            except BaseException as exc:
-                errors.append(exc)
+    def work():
+        try:
+            for _ in range(5):
+                got.append(_products(two_threads))
+        except BaseException as exc:
+            errors.append(exc)
 
-        ts = [threading.Thread(target=work) for _ in range(3)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        assert not errors and len(got) == 15
-        for r in got:  # a call that finds the workers busy computes its chunks alone: the same chunks
-            for name in want:
-                assert torch.equal(r[name], want[name]), name
-    finally:
-        lib.flashio_set_threads(1)
+    ts = [threading.Thread(target=work) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors and len(got) == 15
+    for r in got:  # a call that finds the workers busy computes its chunks alone: the same chunks
+        for name in want:
+            assert torch.equal(r[name], want[name]), name
 
 
-def test_threads_after_fork_the_child_computes_alone(built):
+def test_threads_after_fork_the_child_computes_alone(two_threads):
     import multiprocessing
-    lib = built.lib
-    lib.flashio_set_threads(2)
-    try:
-        want = _products(built)
-        ctx = multiprocessing.get_context("fork")
-        queue = ctx.Queue()
-        p = ctx.Process(target=_child_products, args=(built, queue))
-        p.start()
-        threads, got = queue.get(timeout=60)
-        p.join(timeout=60)
-        assert p.exitcode == 0 and threads == 1
-        for name in want:  # one thread in the child: only the chunks' sums' rounding may differ
-            torch.testing.assert_close(torch.from_numpy(got[name]), want[name], rtol=0, atol=1e-5 * float(want[name].abs().max()))
-    finally:
-        lib.flashio_set_threads(1)
+    want = _products(two_threads)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child_products, args=(two_threads, queue))
+    p.start()
+    threads, got = queue.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and threads == 1
+    for name in want:  # one thread in the child: only the chunks' sums' rounding may differ
+        torch.testing.assert_close(torch.from_numpy(got[name]), want[name], rtol=0, atol=1e-5 * float(want[name].abs().max()))
 
 
 def _child_products(k: Kernels, queue) -> None:
