@@ -219,8 +219,11 @@ class FillingWindowCache(WindowCache):
     stored), or into a staging buffer that it scatters, fused with a dtype conversion.
     """
 
+    _guessed: tuple[np.ndarray, np.ndarray] | None = None  # update_guess's ids and their previous activity
+
     def update_fill(self, active: np.ndarray) -> FillUpdate:
         """As WindowCache.update (same window and capacity rules), with new rows in freed slots."""
+        self._guessed = None
         expired, missing = self._advance(active)
         freed = np.sort(self.slot_of[expired])
         self.slot_of[expired] = -1
@@ -237,13 +240,24 @@ class FillingWindowCache(WindowCache):
         moved = self._compact(freed[k:]) if f > m else 0
         return FillUpdate(missing, dest, len(active) - m, f, moved)
 
+    def update_guess(self, guess: np.ndarray) -> FillUpdate:
+        """The lookahead's first update: update_fill with a guess of the step's set (sorted unique
+        ids), whose rows the caller starts reading; `extend` then gives the step its own set."""
+        prev = self.last_active[guess]  # a copy (fancy indexing): restored by extend where wrong
+        up = self.update_fill(guess)
+        self._guessed = (guess, prev)
+        return up
+
     def extend(self, active: np.ndarray) -> FillUpdate:
-        """Add `active` (sorted unique ids) to the step the last update_fill opened, without
+        """Add `active` (sorted unique ids) to the step the last update_guess opened, without
         advancing: its neurons count as active in that step, and those not cached get rows (free
         ones, else those of the least recently active neurons of earlier steps). The lookahead's
         second update: `active` is the step's own set, the step was opened with a guess of it.
         Neurons that find no row (the step's union exceeds the capacity) are left out: `missing`
-        and `dest` hold those that got one (`hits`: those cached before)."""
+        and `dest` hold those that got one (`hits`: those cached before). Then the step is the
+        step's set alone: the guessed neurons it does not hold keep their rows (retained, as read)
+        but not the guess's activity, so the window, what `live()` computes, is what the step
+        would have without the guess (while the capacity holds the window and the guess)."""
         s = self.step - 1
         missing = active[self.slot_of[active] < 0]
         hits = len(active) - len(missing)
@@ -265,6 +279,12 @@ class FillingWindowCache(WindowCache):
         self.n_used += len(missing) - len(freed)
         self.neuron_at[dest] = missing
         self.slot_of[missing] = dest
+        if self._guessed is not None:
+            guess, prev = self._guessed
+            self._guessed = None
+            wrong = ~np.isin(guess, active, assume_unique=True)
+            self.last_active[guess[wrong]] = prev[wrong]
+            self.history[-1] = active
         return FillUpdate(missing, dest, hits, len(freed), 0)
 
     def _compact(self, holes: np.ndarray) -> int:

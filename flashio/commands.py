@@ -60,9 +60,10 @@ def add_open_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute", default="window", choices=["window", "active"],
                    help="cached rows the FFN runs on: every row of the window (default), or only each token's "
                         "predicted neurons (the paper's: about half the FFN's memory traffic, a little less accurate)")
-    p.add_argument("--lookahead", action="store_true",
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="start each layer's flash reads before its attention, from its predictor run on the "
-                        "layer's input (what it misses is read at the FFN; the output does not change)")
+                        "layer's input (what it misses is read at the FFN; the output does not change; layers "
+                        "whose guesses do not pay stop guessing). Default on; --no-lookahead turns it off")
     p.add_argument("--no-preload", action="store_true",
                    help="with a --dram-budget that holds the whole FFN, read rows on demand instead of all at open")
     p.add_argument("--registry", default=None, help="registry URI for name@version references")
@@ -176,7 +177,7 @@ def run_config(args: argparse.Namespace) -> FlashConfig:
 
     return FlashConfig(mode=args.mode, window=args.window, dram_budget=args.dram_budget, threads=args.threads,
                        device=args.device, compute_dtype=args.compute_dtype,
-                       compute=getattr(args, "compute", "window"), lookahead=getattr(args, "lookahead", False),
+                       compute=getattr(args, "compute", "window"), lookahead=getattr(args, "lookahead", True),
                        preload=not getattr(args, "no_preload", False),
                        record_trace=getattr(args, "record_trace", None) is not None,
                        torch_threads=torch_threads_option(getattr(args, "torch_threads", None)),

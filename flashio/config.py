@@ -103,9 +103,10 @@ class FlashConfig:
       exact gate, or active source) picks from the layer's input through the FFN's norm (the
       residual stream changes little across one attention block); neurons the FFN's own input
       then needs that were not read are read at the FFN. The step computes what it would without
-      the lookahead (the wrong guesses only cost reads; a layer whose guesses waste reads stops
-      guessing, flashio.sparse.WASTE_LIMIT); with `overlap`, on the CPU with rows kept as stored
-      (elsewhere it is ignored). Default False.
+      the lookahead (the wrong guesses only cost reads, and stay cached outside the window); a
+      layer stops guessing where its guesses waste reads or cost more time than the reads they
+      hide (measured as it runs, flashio.sparse.WASTE_LIMIT). With `overlap` and `retain`, on the
+      CPU with rows kept as stored (elsewhere it is ignored). Default True.
     preload: with a dram_budget whose window caches hold every FFN row (and retain), read all of
       them when the model is opened, a layer at a time in large sequential reads, and keep them
       across sequences: no step reads from flash (default). False: read on demand, as without a
@@ -141,7 +142,7 @@ class FlashConfig:
     overlap: bool = True
     retain: bool = True
     compute: str = "window"
-    lookahead: bool = False
+    lookahead: bool = True
     preload: bool = True
     pinned_fraction: float = 0.0
     record_trace: bool = False

@@ -42,7 +42,11 @@ MIN_CACHE_FRACTION = 0.05
 # FlashConfig.lookahead, per layer: a layer stops guessing while its guesses' wasted reads (rows
 # read early that the step did not need) exceed WASTE_LIMIT x the useful ones, or the useful ones
 # fall below one row (decayed by SCORE_DECAY a step: nothing left to hide, e.g. a cache that holds
-# the layer), and guesses again every PROBE_STEPS steps to see whether that changed.
+# the layer), or while guessing costs more time than it saves: the guess (its selection, cache
+# update and read submission) plus the reads the FFN still waits for, against the FFN's wait
+# for its reads without a guess (each decayed by SCORE_DECAY over one-token steps; a small
+# model's reads hide behind its cached rows anyway). Every PROBE_STEPS-th step each layer does
+# the other, to keep both measured.
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
 WASTE_LIMIT = 0.5
@@ -110,10 +114,15 @@ class SparseEngine(Engine):
         if self.fill_in_place:
             cache_cls = FillingWindowCache
         # FlashConfig.lookahead: the runtime calls prefetch(i, ...) before layer i's attention
-        self.lookahead = options.lookahead and options.overlap and self.fill_in_place
+        # (with rows retained past the window, where the guess's wrong neurons stay as read)
+        self.lookahead = options.lookahead and options.overlap and self.fill_in_place and options.retain and options.reuse
         self._ahead: dict[int, tuple[FillUpdate, PendingRead | None]] = {}  # layer -> prefetch's rows and reads
-        self._guess_reads = np.zeros((len(self.layers), 2))  # per layer, decayed: (useful, wasted) rows read early
-        self.guessing = np.ones(len(self.layers), dtype=bool)  # the layers whose lookahead pays (WASTE_LIMIT)
+        n_layers = len(self.layers)
+        self._guess_reads = np.zeros((n_layers, 2))  # per layer, decayed: (useful, wasted) rows read early
+        self._guess_s = np.zeros(n_layers)  # per layer: this step's guess time (prefetch, extend)
+        self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: FFN wait (plain, guessing + guess)
+        self._useful = np.ones(n_layers, dtype=bool)  # WASTE_LIMIT's verdict
+        self.guessing = np.ones(n_layers, dtype=bool)  # the layers whose lookahead pays (see WASTE_LIMIT)
         self._steps = 0
         if not self.fill_in_place and self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
             if self.transfer.in_place:
@@ -168,12 +177,11 @@ class SparseEngine(Engine):
         """Start layer i's reads before its attention (FlashConfig.lookahead): the step's window
         update for the neurons picked from `h`, the layer's input through its FFN's norm, and
         their reads; `__call__` then adds what the FFN's own input needs."""
+        start = time.perf_counter()
         cache = self.caches[i]
         ids = self._guess(i, h, cache.capacity)
         t0 = time.perf_counter()
-        if not self.options.reuse:
-            cache.reset()
-        up = cache.update_fill(ids)
+        up = cache.update_guess(ids)
         self.rec.mem_s += time.perf_counter() - t0
         try:
             pending = self.reader.submit_rows(i, up.missing, cache.matrix, rows=up.dest) if len(up.missing) else None
@@ -181,17 +189,31 @@ class SparseEngine(Engine):
             cache.reset()
             raise
         self._ahead[i] = (up, pending)
+        self._guess_s[i] = time.perf_counter() - start
 
     def guesses(self, i: int) -> bool:
-        """Whether layer i's reads start before its attention this step: with lookahead, unless its
-        guesses waste reads or have none left to hide (WASTE_LIMIT), but every PROBE_STEPS-th step."""
-        return self.lookahead and bool(self.guessing[i] or self._steps % PROBE_STEPS == 0)
+        """Whether layer i's reads start before its attention this step: with lookahead, where its
+        guesses pay (WASTE_LIMIT), but the other way every PROBE_STEPS-th step."""
+        return self.lookahead and bool(self.guessing[i]) != (self._steps % PROBE_STEPS == 0)
+
+    def _learn(self, i: int, guessed: bool, waited_s: float) -> None:
+        """After layer i's one-token FFN: its cost with or without a guess (WASTE_LIMIT)."""
+        cost = waited_s + (self._guess_s[i] if guessed else 0.0)
+        old = self._cost_s[i, int(guessed)]
+        self._cost_s[i, int(guessed)] = cost if np.isnan(old) else SCORE_DECAY * old + (1 - SCORE_DECAY) * cost
+        plain, ahead = self._cost_s[i]
+        if np.isnan(plain) or np.isnan(ahead):  # the first one-token steps: one of each
+            self.guessing[i] = self._useful[i] and np.isnan(ahead)
+        else:
+            self.guessing[i] = self._useful[i] and ahead <= plain
 
     def _guess(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
         """The lookahead's neurons: an active source's `lookahead` where it has one (a trace
         replay's model of a predictor's misses), else the selection run on `h`, unrecorded."""
         guess = getattr(self.source, "lookahead", None)
         if guess is not None:
+            if self.predictors is not None:  # as `_active`: the predictor's cost, its scores unused
+                self.scores(i, h)
             return guess(i, h)[:cap]
         recorder, truncated = self.recorder, self.rec.truncated
         self.recorder = None
@@ -201,10 +223,18 @@ class SparseEngine(Engine):
             self.recorder, self.rec.truncated = recorder, truncated
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        cache = self.caches[i]
+        if not self.lookahead:
+            return self._plain(i, h)
+        waited = self.rec.io_s
         ahead = self._ahead.pop(i, None)
-        if ahead is not None:
-            return self._after_guess(i, h, cache, *ahead)
+        y = self._plain(i, h) if ahead is None else self._after_guess(i, h, self.caches[i], *ahead)
+        if h.shape[0] == 1:
+            self._learn(i, ahead is not None, self.rec.io_s - waited)
+        return y
+
+    def _plain(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's FFN: the step's set selected from `h`, the cache updated, the missing rows read."""
+        cache = self.caches[i]
         ids_np, coef = self._select(i, h, cache.capacity)
         t0 = time.perf_counter()
         if not self.options.reuse:
@@ -249,12 +279,15 @@ class SparseEngine(Engine):
             ids, coef = self._select(i, h, cache.capacity)
             t0 = time.perf_counter()
             late = cache.extend(ids)
-            self.rec.mem_s += time.perf_counter() - t0
             guessed = int(np.count_nonzero(np.isin(guess.missing, ids, assume_unique=True)))
             score = self._guess_reads[i]
             score *= SCORE_DECAY
             score += (guessed, len(guess.missing) - guessed)
-            self.guessing[i] = score[0] >= 1.0 and score[1] <= WASTE_LIMIT * score[0]
+            self._useful[i] = score[0] >= 1.0 and score[1] <= WASTE_LIMIT * score[0]
+            self.guessing[i] &= self._useful[i]
+            spent = time.perf_counter() - t0
+            self.rec.mem_s += spent
+            self._guess_s[i] += spent
             self.rec.neurons_active += len(ids)
             self.rec.neurons_loaded += len(guess.missing) + len(late.missing)
             self.rec.late_loaded += len(late.missing)

@@ -98,9 +98,10 @@ class EvalOptions:
         """How the evaluation opens the artifact (each mode overrides `mode`). No gap reads: the
         report's bytes per token are the bundles the method needs, not what a read plan tuned to
         the converting machine reads through (at the demo's 1 KiB rows the built-in cost model
-        reads through up to 60 rows: 14x the bytes)."""
+        reads through up to 60 rows: 14x the bytes). No lookahead either: its guesses' extra reads
+        depend on the machine's timing (it changes no output)."""
         return FlashConfig(window=self.window, threads=self.threads, direct=self.direct, reuse=self.reuse,
-                           max_gap=0)
+                           max_gap=0, lookahead=False)
 
 
 @dataclass(frozen=True)

@@ -84,11 +84,11 @@ CONFIGS = (
     Config("+coalescing", "sparse", "threads and gap reads chosen by the device cost model", tuned=True),
     Config("+reordering", "sparse", "neurons ordered by calibrated load frequency", tuned=True, ordered=True),
     Config("+overlap", "sparse", "reads in flight while the cached rows are computed; rows past the window kept "
-           "while the cache has room (flashio run's defaults)", tuned=True, ordered=True, overlap=True, retain=True),
+           "while the cache has room", tuned=True, ordered=True, overlap=True, retain=True),
     Config("active-compute", "sparse", "+overlap, the FFN on the step's active set only instead of the window's rows "
            "(compute='active', the paper's)", tuned=True, ordered=True, overlap=True, retain=True, compute="active"),
     Config("+lookahead", "sparse", "+overlap, each layer's reads started before its attention from a guess of "
-           "its set (FlashConfig.lookahead; the trace's set at --lookahead-recall)", tuned=True, ordered=True,
+           "its set (FlashConfig.lookahead; the trace's set at --lookahead-recall): flashio run's defaults", tuned=True, ordered=True,
            overlap=True, retain=True, lookahead=True),
     Config("mmap", "mmap", "FFN memory-mapped, paged by the OS (as llama.cpp)"),
     Config("dense", "dense", "everything in DRAM (reference; only when it fits)"),

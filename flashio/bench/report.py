@@ -9,7 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FULL_CONFIGS = ("+overlap", "+reordering", "+coalescing", "+bundling")  # "all techniques", best first
+FULL_CONFIGS = ("+lookahead", "+overlap", "+reordering", "+coalescing", "+bundling")  # "all techniques", best first
 COST_MODEL_ROWS = ("+bundling", "+coalescing", "+reordering", "+overlap")
 TARGETS = {"io_vs_cost_model": 1.3, "speedup_vs_naive": 5.0, "memory_fraction": 0.10, "bytes_vs_trace": 1.10}
 # on a GPU (the paper: 20-25x over naive on an RTX 4090): the full configuration 25x faster than

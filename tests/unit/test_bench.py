@@ -111,7 +111,7 @@ def test_bench_model_smoke_all_rows(synth_art, tmp_path):
     for name in CONFIG_NAMES:
         assert f"| {name} |" in table
     assert "synthetic" in table and "Targets" in table
-    assert json.loads((out / "results.json").read_text())["targets"]["full_config"] == "+overlap"
+    assert json.loads((out / "results.json").read_text())["targets"]["full_config"] == "+lookahead"
     assert (out / "latency.png").stat().st_size > 0
     assert row_bytes * rows["+bundling"]["per_token"]["neurons_loaded"] == pytest.approx(
         rows["+bundling"]["per_token"]["bytes_read"], rel=1e-9) or rows["+bundling"]["max_gap"] > 0

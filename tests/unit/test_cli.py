@@ -90,9 +90,9 @@ def test_the_commands_default_to_the_best_configuration(monkeypatch):
     cfg = run_config(p.parse_args(["art"]))
     assert cfg.mode == "sparse" and cfg.overlap and cfg.threads is None and cfg.max_gap is None
     assert cfg.torch_threads == default_torch_threads()
-    assert cfg.compute == "window" and cfg.preload and cfg.retain and not cfg.lookahead
-    other = run_config(p.parse_args(["art", "--compute", "active", "--no-preload", "--lookahead"]))
-    assert other.compute == "active" and not other.preload and other.lookahead
+    assert cfg.compute == "window" and cfg.preload and cfg.retain and cfg.lookahead
+    other = run_config(p.parse_args(["art", "--compute", "active", "--no-preload", "--no-lookahead"]))
+    assert other.compute == "active" and not other.preload and not other.lookahead
     assert run_config(p.parse_args(["art", "--torch-threads", "3"])).torch_threads == 3
     assert cfg.compute_threads is None and run_config(p.parse_args(["art", "--compute-threads", "2"])).compute_threads == 2
     assert run_config(p.parse_args(["art", "--torch-threads", "0"])).torch_threads is None  # torch's own

@@ -69,7 +69,7 @@ def test_sparse_reads_only_missing_bundles(tiny_opt, tmp_path):
     torch.manual_seed(1)
     preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
     art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
-    with flashio.open(art, mode="sparse", window=3, max_gap=0) as model:  # no gap reads: only the missing rows
+    with flashio.open(art, mode="sparse", window=3, max_gap=0, lookahead=False) as model:  # no gap reads: only the missing rows
         model.forward(PROMPT, token_by_token=True)
         bundle_bytes = 2 * 64 * 4
         for s in model.stats:
@@ -229,6 +229,16 @@ class _GuessingSource:
         return np.union1d(self._draw(layer, 0)[::2], self._draw(layer, 1)[:40])  # half right, 40 guesses wrong
 
 
+@pytest.fixture
+def always_guess(monkeypatch):
+    """The lookahead's mechanics without its time rule (on these tiny models the reads hide behind
+    the cached rows anyway, so the rule would stop the guesses after a step)."""
+    from flashio.sparse import SparseEngine
+
+    monkeypatch.setattr(SparseEngine, "_learn", lambda self, i, guessed, waited_s: None)
+
+
+@pytest.mark.usefixtures("always_guess")
 @pytest.mark.parametrize("token_by_token,quantize", [(True, None), (False, None), (True, "int4")])
 def test_lookahead_reads_early_and_computes_the_same(tiny_opt, tmp_path, token_by_token, quantize):
     """lookahead: reads start before the attention from a guess; what the guess missed is read at
@@ -257,22 +267,28 @@ def test_lookahead_reads_early_and_computes_the_same(tiny_opt, tmp_path, token_b
         assert s.truncated == 0
 
 
+@pytest.mark.usefixtures("always_guess")
 def test_lookahead_with_predictors_computes_the_step_set(tiny_opt, tmp_path):
     """With predictors the guess is the predictor on the layer's input through the FFN's norm;
-    compute='active' gives the logits of the run without lookahead."""
+    either compute mode gives the logits of the run without lookahead (the window's rows too: the
+    wrong guesses stay cached outside the window) and computes as many rows."""
     torch.manual_seed(5)
     preds = [PredictorWeights(torch.randn(8, 64), torch.randn(256, 8), torch.zeros(256), 0.5) for _ in range(2)]
     art = write_artifact(tiny_opt[1], tmp_path / "rand", predictors=preds)
-    out = {}
-    for lookahead in (False, True):
-        with flashio.open(art, mode="sparse", window=3, compute="active", lookahead=lookahead) as model:
-            assert model.engine.lookahead == lookahead
-            out[lookahead] = model.forward(PROMPT, token_by_token=True)
-            late = sum(s.late_loaded for s in model.stats)
-    assert (out[True] - out[False]).abs().max().item() <= 1e-5
-    assert late > 0  # random predictors: the FFN input picks other neurons than the layer input
+    for compute in ("active", "window"):
+        out, rows = {}, {}
+        for lookahead in (False, True):
+            with flashio.open(art, mode="sparse", window=3, compute=compute, lookahead=lookahead) as model:
+                assert model.engine.lookahead == lookahead
+                out[lookahead] = model.forward(PROMPT, token_by_token=True)
+                late = sum(s.late_loaded for s in model.stats)
+                rows[lookahead] = [s.rows_computed for s in model.stats]
+        assert (out[True] - out[False]).abs().max().item() <= 1e-5
+        assert rows[True] == rows[False]
+        assert late > 0  # random predictors: the FFN input picks other neurons than the layer input
 
 
+@pytest.mark.usefixtures("always_guess")
 def test_a_step_failing_after_its_lookahead_leaves_nothing_behind(tiny_opt, tmp_path, monkeypatch):
     """An error between a layer's early reads and its FFN (here in the attention): the next call
     runs as on a fresh model."""
@@ -297,6 +313,7 @@ def test_a_step_failing_after_its_lookahead_leaves_nothing_behind(tiny_opt, tmp_
         assert (model.forward(PROMPT[:4], token_by_token=True) - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("always_guess")
 def test_a_lookahead_whose_guess_fills_the_cache_computes_what_fits(tiny_opt, tmp_path):
     """A guess with none of the step's neurons, each two thirds of the cache: the step's
     neurons that find no row are reported as truncated and left out, the rest computed."""
@@ -314,9 +331,22 @@ def test_a_lookahead_whose_guess_fills_the_cache_computes_what_fits(tiny_opt, tm
             assert s.rows_computed == s.neurons_active - s.truncated
 
 
+def _record_prefetches(model) -> list[tuple[int, int]]:
+    """(step, layer) of every prefetch the model runs from now on."""
+    ran, real = [], model.engine.prefetch
+
+    def prefetch(i, h):
+        ran.append((model.engine._steps, i))
+        real(i, h)
+
+    model.engine.prefetch = prefetch
+    return ran
+
+
 def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt, tmp_path):
     """A layer whose guesses are all wrong stops its early reads after a step and tries again every
-    PROBE_STEPS steps; a layer guessing right keeps guessing."""
+    PROBE_STEPS steps; a layer guessing right keeps guessing (but for the probe's one plain step).
+    The time rule is told that guessing pays here (a tiny model's reads hide without it)."""
     from flashio.sparse import PROBE_STEPS
 
     class WrongFirstLayer(_GuessingSource):
@@ -326,15 +356,60 @@ def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
     tokens = list(range(3, 3 + PROBE_STEPS + 4))
     with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=WrongFirstLayer(256, size=40)) as model:
-        ran = []
-        real = model.engine.prefetch
-
-        def prefetch(i, h):
-            ran.append((model.engine._steps, i))
-            real(i, h)
-
-        model.engine.prefetch = prefetch
+        learn = model.engine._learn
+        model.engine._learn = lambda i, guessed, waited: learn(i, guessed, 0.0 if guessed else 1.0)
+        model.engine._guess_s[:] = 0.0
+        ran = _record_prefetches(model)
         model.forward(tokens, token_by_token=True)
         assert list(model.engine.guessing) == [False, True]
         assert [step for step, i in ran if i == 0] == [1, PROBE_STEPS]  # the first step, then the probe
-        assert len([1 for _step, i in ran if i == 1]) == len(tokens)
+        # layer 1: guesses, then one plain step to time the reads without, then guesses but for the probe
+        assert [step for step, i in ran if i == 1] == [s for s in range(1, len(tokens) + 1) if s not in (2, PROBE_STEPS)]
+
+
+def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_opt, tmp_path):
+    """The time rule: a guess that takes longer than the reads it could hide (a tiny model's reads
+    are done before its cached rows are) is timed against a plain step after its first one-token
+    step, stops, and is tried again every PROBE_STEPS steps; the output is the same as without."""
+    import time as _time
+
+    from flashio.sparse import PROBE_STEPS
+
+    class SlowGuess(_GuessingSource):
+        def lookahead(self, layer, h):
+            _time.sleep(0.005)  # a guess that costs 5 ms
+            return self._draw(layer, 0)
+
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
+    tokens = list(range(3, 3 + PROBE_STEPS + 4))
+    outs = {}
+    for lookahead in (False, True):
+        with flashio.open(art, mode="sparse", window=2, lookahead=lookahead, active_source=SlowGuess(256, size=40)) as model:
+            ran = _record_prefetches(model)
+            outs[lookahead] = model.forward(tokens, token_by_token=True)
+            if lookahead:
+                assert not model.engine.guessing.any()
+                plain, ahead = model.engine._cost_s.T
+                assert (ahead > plain + 0.004).all()  # the guess's 5 ms against reads hidden anyway
+                assert sorted({step for step, _i in ran}) == [1, PROBE_STEPS]
+    assert torch.allclose(outs[True], outs[False], atol=1e-5)
+
+
+def test_a_layer_whose_reads_outlast_its_guess_keeps_guessing(tiny_opt, tmp_path):
+    """The time rule's other side, on the engine's figures: while the plain FFN waits longer for
+    its reads than a guess and its late reads take, the layer guesses; when that turns, it stops."""
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
+    with flashio.open(art, mode="sparse", window=2, lookahead=True) as model:
+        engine = model.engine
+        engine._guess_s[:] = 0.001
+        for _ in range(5):
+            engine._learn(0, False, 0.004)  # 4 ms waited without a guess
+            engine._learn(0, True, 0.0005)  # 1.5 ms with one (guess included)
+        assert engine.guessing[0]
+        for _ in range(10):
+            engine._learn(0, False, 0.0002)  # the reads now hide without a guess
+        assert not engine.guessing[0]
+        engine._useful[1] = False  # a layer whose guesses waste reads does not guess, however fast
+        engine._learn(1, False, 0.004)
+        engine._learn(1, True, 0.0)
+        assert not engine.guessing[1]

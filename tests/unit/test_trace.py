@@ -111,7 +111,7 @@ def test_replay_drives_the_runtime_and_loads_what_the_trace_requires(packed, win
 
 
 def test_record_then_replay_reproduces_the_run(packed, tmp_path):
-    with flashio.open(packed, mode="oracle", window=2, record_trace=True) as model:
+    with flashio.open(packed, mode="oracle", window=2, record_trace=True, lookahead=False) as model:
         model.forward(PROMPT[:4])  # a 4-token step is recorded as 4 trace steps
         model.forward(PROMPT, token_by_token=True)
         want = [s.neurons_loaded for s in model.stats]
@@ -119,7 +119,7 @@ def test_record_then_replay_reproduces_the_run(packed, tmp_path):
     assert trace.steps == 4 + len(PROMPT) and trace.meta["kind"] == "recorded"
     path = trace.save(tmp_path / "run.npz")
     replay = TraceReplay(Trace.load(path), start=4)
-    with flashio.open(packed, mode="sparse", window=2, active_source=replay) as model:
+    with flashio.open(packed, mode="sparse", window=2, active_source=replay, lookahead=False) as model:
         model.forward(PROMPT, token_by_token=True)
         assert [s.neurons_loaded for s in model.stats] == want
     with flashio.open(packed, mode="oracle") as model, pytest.raises(FlashError, match="record_trace"):
