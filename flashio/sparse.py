@@ -196,6 +196,14 @@ class SparseEngine(Engine):
         guesses pay (WASTE_LIMIT), but the other way every PROBE_STEPS-th step."""
         return self.lookahead and bool(self.guessing[i]) != (self._steps % PROBE_STEPS == 0)
 
+    def lookahead_state(self) -> dict | None:
+        """Per layer: whether it guesses now, and its decayed FFN cost in ms without and with a
+        guess (WASTE_LIMIT; None where unmeasured); None without lookahead."""
+        if not self.lookahead:
+            return None
+        cost = [[None if np.isnan(c) else round(float(c) * 1e3, 3) for c in row] for row in self._cost_s]
+        return {"guessing": self.guessing.tolist(), "plain_ms": [c[0] for c in cost], "guess_ms": [c[1] for c in cost]}
+
     def _learn(self, i: int, guessed: bool, waited_s: float) -> None:
         """After layer i's one-token FFN: its cost with or without a guess (WASTE_LIMIT)."""
         cost = waited_s + (self._guess_s[i] if guessed else 0.0)

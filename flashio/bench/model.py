@@ -272,7 +272,7 @@ def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray
                threads=result["threads"], max_gap=result["max_gap"], capacity=result["capacity"],
                open_s=result["open_s"], preload_bytes=result.get("preload_bytes", 0), compute_dtype=result["compute_dtype"],
                rss_peak_bytes=result["rss_peak_bytes"], staging_bytes=result.get("staging_bytes", 0),
-               device_peak_bytes=result.get("device_peak_bytes"))
+               device_peak_bytes=result.get("device_peak_bytes"), lookahead=result.get("lookahead"))
     if traffic is not None:
         out.update(_floor(result, steps, warmup, traffic, profile))
     if required_rows is not None:

@@ -62,6 +62,7 @@ def run(spec: dict) -> dict:
         return {"ok": True, "device": str(model.device), "staging_bytes": model.staging_bytes,
                 "device_peak_bytes": torch.cuda.max_memory_allocated(model.device) if cuda else None, "steps": steps, "open_s": open_s, "run_s": run_s,
                 "preload_bytes": model.preload_bytes,
+                "lookahead": getattr(model.engine, "lookahead_state", lambda: None)(),
                 "capacity": model.capacity, "threads": model.plan.threads, "max_gap": model.plan.max_gap,
                 "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
                 "torch_threads": torch.get_num_threads(), "compute_threads": kernels.threads(),
