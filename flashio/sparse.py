@@ -44,14 +44,16 @@ MIN_CACHE_FRACTION = 0.05
 # fall below one row (decayed by SCORE_DECAY a step: nothing left to hide, e.g. a cache that holds
 # the layer), or while guessing costs more time than it saves: the guess (its selection, cache
 # update and read submission) plus the reads the FFN still waits for, against the FFN's wait
-# for its reads without a guess (each decayed by SCORE_DECAY over one-token steps; a small
-# model's reads hide behind its cached rows anyway). Every PROBE_STEPS-th step each layer does
-# the other, to keep both measured.
+# for its reads without a guess (each an average over one-token steps decayed by COST_DECAY, fast
+# enough to forget a cold cache's first steps; a small model's reads hide behind its cached rows
+# anyway). Every PROBE_STEPS-th step (staggered over the layers) a layer does the other, to keep
+# both measured.
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
 WASTE_LIMIT = 0.5
 SCORE_DECAY = 0.8
-PROBE_STEPS = 16
+COST_DECAY = 0.5
+PROBE_STEPS = 8
 
 
 class Coefficients(NamedTuple):
@@ -194,7 +196,7 @@ class SparseEngine(Engine):
     def guesses(self, i: int) -> bool:
         """Whether layer i's reads start before its attention this step: with lookahead, where its
         guesses pay (WASTE_LIMIT), but the other way every PROBE_STEPS-th step."""
-        return self.lookahead and bool(self.guessing[i]) != (self._steps % PROBE_STEPS == 0)
+        return self.lookahead and bool(self.guessing[i]) != ((self._steps + i) % PROBE_STEPS == 0)
 
     def lookahead_state(self) -> dict | None:
         """Per layer: whether it guesses now, and its decayed FFN cost in ms without and with a
@@ -208,7 +210,7 @@ class SparseEngine(Engine):
         """After layer i's one-token FFN: its cost with or without a guess (WASTE_LIMIT)."""
         cost = waited_s + (self._guess_s[i] if guessed else 0.0)
         old = self._cost_s[i, int(guessed)]
-        self._cost_s[i, int(guessed)] = cost if np.isnan(old) else SCORE_DECAY * old + (1 - SCORE_DECAY) * cost
+        self._cost_s[i, int(guessed)] = cost if np.isnan(old) else COST_DECAY * old + (1 - COST_DECAY) * cost
         plain, ahead = self._cost_s[i]
         if np.isnan(plain) or np.isnan(ahead):  # the first one-token steps: one of each
             self.guessing[i] = self._useful[i] and np.isnan(ahead)

@@ -354,7 +354,7 @@ def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt
             return np.setdiff1d(np.arange(self.n), self._draw(layer, 0))[: self.size] if layer == 0 else self._draw(layer, 0)
 
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
-    tokens = list(range(3, 3 + PROBE_STEPS + 4))
+    tokens = list(range(3, 3 + 2 * PROBE_STEPS + 4))
     with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=WrongFirstLayer(256, size=40)) as model:
         learn = model.engine._learn
         model.engine._learn = lambda i, guessed, waited: learn(i, guessed, 0.0 if guessed else 1.0)
@@ -362,9 +362,11 @@ def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt
         ran = _record_prefetches(model)
         model.forward(tokens, token_by_token=True)
         assert list(model.engine.guessing) == [False, True]
-        assert [step for step, i in ran if i == 0] == [1, PROBE_STEPS]  # the first step, then the probe
-        # layer 1: guesses, then one plain step to time the reads without, then guesses but for the probe
-        assert [step for step, i in ran if i == 1] == [s for s in range(1, len(tokens) + 1) if s not in (2, PROBE_STEPS)]
+        assert [step for step, i in ran if i == 0] == [1, PROBE_STEPS, 2 * PROBE_STEPS]  # the first step, the probes
+        # layer 1: guesses, then one plain step to time the reads without, then guesses but for its
+        # probes (staggered: a step earlier than layer 0's)
+        probes = (2, PROBE_STEPS - 1, 2 * PROBE_STEPS - 1)
+        assert [step for step, i in ran if i == 1] == [s for s in range(1, len(tokens) + 1) if s not in probes]
 
 
 def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_opt, tmp_path):
@@ -381,7 +383,7 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
             return self._draw(layer, 0)
 
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
-    tokens = list(range(3, 3 + PROBE_STEPS + 4))
+    tokens = list(range(3, 3 + 2 * PROBE_STEPS + 4))
     outs = {}
     for lookahead in (False, True):
         with flashio.open(art, mode="sparse", window=2, lookahead=lookahead, active_source=SlowGuess(256, size=40)) as model:
@@ -391,7 +393,8 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
                 assert not model.engine.guessing.any()
                 plain, ahead = model.engine._cost_s.T
                 assert (ahead > plain + 0.004).all()  # the guess's 5 ms against reads hidden anyway
-                assert sorted({step for step, _i in ran}) == [1, PROBE_STEPS]
+                for i in (0, 1):  # the first step, then the probes (staggered over the layers)
+                    assert [step for step, j in ran if j == i] == [1, PROBE_STEPS - i, 2 * PROBE_STEPS - i]
     assert torch.allclose(outs[True], outs[False], atol=1e-5)
 
 
