@@ -46,8 +46,8 @@ MIN_CACHE_FRACTION = 0.05
 # update and read submission) plus the reads the FFN still waits for, against the FFN's wait
 # for its reads without a guess (each an average over one-token steps decayed by COST_DECAY, fast
 # enough to forget a cold cache's first steps; a small model's reads hide behind its cached rows
-# anyway). Every PROBE_STEPS-th step (staggered over the layers) a layer does the other, to keep
-# both measured.
+# anyway), summed over the layers. Every PROBE_STEPS-th step (staggered over the layers) a layer
+# does the other, to keep both measured.
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
 WASTE_LIMIT = 0.5
@@ -212,10 +212,14 @@ class SparseEngine(Engine):
         old = self._cost_s[i, int(guessed)]
         self._cost_s[i, int(guessed)] = cost if np.isnan(old) else COST_DECAY * old + (1 - COST_DECAY) * cost
         plain, ahead = self._cost_s[i]
-        if np.isnan(plain) or np.isnan(ahead):  # the first one-token steps: one of each
+        if np.isnan(plain) or np.isnan(ahead):  # the layer's first one-token steps: one of each
             self.guessing[i] = self._useful[i] and np.isnan(ahead)
-        else:
-            self.guessing[i] = self._useful[i] and ahead <= plain
+            return
+        # decided over all measured layers together (a layer's own figures vary by more than
+        # the difference at stake on a busy machine); the waste rule stays each layer's own
+        both = ~np.isnan(self._cost_s).any(axis=1)
+        pays = self._cost_s[both, 1].sum() <= self._cost_s[both, 0].sum()
+        self.guessing[both] = self._useful[both] & pays
 
     def _guess(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
         """The lookahead's neurons: an active source's `lookahead` where it has one (a trace

@@ -398,21 +398,29 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
     assert torch.allclose(outs[True], outs[False], atol=1e-5)
 
 
-def test_a_layer_whose_reads_outlast_its_guess_keeps_guessing(tiny_opt, tmp_path):
-    """The time rule's other side, on the engine's figures: while the plain FFN waits longer for
-    its reads than a guess and its late reads take, the layer guesses; when that turns, it stops."""
+def test_layers_whose_reads_outlast_their_guesses_keep_guessing(tiny_opt, tmp_path):
+    """The time rule's other side, on the engine's figures: while the plain FFNs wait longer for
+    their reads than the guesses and their late reads take, summed over the measured layers, the
+    layers guess; when that turns, they stop together; a layer whose guesses waste reads does not
+    guess either way."""
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
     with flashio.open(art, mode="sparse", window=2, lookahead=True) as model:
         engine = model.engine
         engine._guess_s[:] = 0.001
+        engine._learn(0, True, 0.0005)  # the first step of each: no verdict before both are timed
+        assert not engine.guessing[0]  # next: a plain step, to time it
         for _ in range(5):
             engine._learn(0, False, 0.004)  # 4 ms waited without a guess
             engine._learn(0, True, 0.0005)  # 1.5 ms with one (guess included)
         assert engine.guessing[0]
-        for _ in range(10):
-            engine._learn(0, False, 0.0002)  # the reads now hide without a guess
-        assert not engine.guessing[0]
-        engine._useful[1] = False  # a layer whose guesses waste reads does not guess, however fast
-        engine._learn(1, False, 0.004)
+        engine._learn(1, False, 0.0002)  # layer 1's own reads hide (0.2 ms) but the sum still pays
         engine._learn(1, True, 0.0)
-        assert not engine.guessing[1]
+        assert engine.guessing.tolist() == [True, True]
+        for _ in range(10):
+            engine._learn(0, False, 0.0002)  # layer 0's reads now hide too: neither guesses
+        assert engine.guessing.tolist() == [False, False]
+        engine._useful[1] = False  # a layer whose guesses waste reads does not guess, however fast
+        for _ in range(10):
+            engine._learn(0, False, 0.004)
+            engine._learn(1, False, 0.004)
+        assert engine.guessing.tolist() == [True, False]
