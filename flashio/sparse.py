@@ -43,10 +43,10 @@ MIN_CACHE_FRACTION = 0.05
 # read early that the step did not need) exceed WASTE_LIMIT x the useful ones, or the useful ones
 # fall below one row (decayed by SCORE_DECAY a step: nothing left to hide, e.g. a cache that holds
 # the layer), or while guessing costs more time than it saves: the guess (its selection, cache
-# update and read submission) plus the reads the FFN still waits for, against the FFN's wait
-# for its reads without a guess (each an average over one-token steps decayed by COST_DECAY, fast
-# enough to forget a cold cache's first steps; a small model's reads hide behind its cached rows
-# anyway), summed over the layers. Every PROBE_STEPS-th step (staggered over the layers) a layer
+# update and read submission) and the FFN after it (the late reads, the compute, the wait for
+# both reads), against the FFN without a guess (selection, reads, compute, wait) (each an average
+# over one-token steps decayed by COST_DECAY, fast enough to forget a cold cache's first steps;
+# a small model's reads hide behind its cached rows anyway), summed over the layers. Every PROBE_STEPS-th step (staggered over the layers) a layer
 # does the other, to keep both measured.
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
@@ -121,8 +121,8 @@ class SparseEngine(Engine):
         self._ahead: dict[int, tuple[FillUpdate, PendingRead | None]] = {}  # layer -> prefetch's rows and reads
         n_layers = len(self.layers)
         self._guess_reads = np.zeros((n_layers, 2))  # per layer, decayed: (useful, wasted) rows read early
-        self._guess_s = np.zeros(n_layers)  # per layer: this step's guess time (prefetch, extend)
-        self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: FFN wait (plain, guessing + guess)
+        self._guess_s = np.zeros(n_layers)  # per layer: this step's guess time (prefetch)
+        self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: FFN time (plain, guess + FFN)
         self._useful = np.ones(n_layers, dtype=bool)  # WASTE_LIMIT's verdict
         self.guessing = np.ones(n_layers, dtype=bool)  # the layers whose lookahead pays (see WASTE_LIMIT)
         self._steps = 0
@@ -206,9 +206,10 @@ class SparseEngine(Engine):
         cost = [[None if np.isnan(c) else round(float(c) * 1e3, 3) for c in row] for row in self._cost_s]
         return {"guessing": self.guessing.tolist(), "plain_ms": [c[0] for c in cost], "guess_ms": [c[1] for c in cost]}
 
-    def _learn(self, i: int, guessed: bool, waited_s: float) -> None:
-        """After layer i's one-token FFN: its cost with or without a guess (WASTE_LIMIT)."""
-        cost = waited_s + (self._guess_s[i] if guessed else 0.0)
+    def _learn(self, i: int, guessed: bool, ffn_s: float) -> None:
+        """After layer i's one-token FFN, which took `ffn_s`: its cost with or without a guess
+        (the guess's time added; WASTE_LIMIT)."""
+        cost = ffn_s + (self._guess_s[i] if guessed else 0.0)
         old = self._cost_s[i, int(guessed)]
         self._cost_s[i, int(guessed)] = cost if np.isnan(old) else COST_DECAY * old + (1 - COST_DECAY) * cost
         plain, ahead = self._cost_s[i]
@@ -239,11 +240,11 @@ class SparseEngine(Engine):
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if not self.lookahead:
             return self._plain(i, h)
-        waited = self.rec.io_s
+        t0 = time.perf_counter()
         ahead = self._ahead.pop(i, None)
         y = self._plain(i, h) if ahead is None else self._after_guess(i, h, self.caches[i], *ahead)
         if h.shape[0] == 1:
-            self._learn(i, ahead is not None, self.rec.io_s - waited)
+            self._learn(i, ahead is not None, time.perf_counter() - t0)
         return y
 
     def _plain(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -299,9 +300,7 @@ class SparseEngine(Engine):
             score += (guessed, len(guess.missing) - guessed)
             self._useful[i] = score[0] >= 1.0 and score[1] <= WASTE_LIMIT * score[0]
             self.guessing[i] &= self._useful[i]
-            spent = time.perf_counter() - t0
-            self.rec.mem_s += spent
-            self._guess_s[i] += spent
+            self.rec.mem_s += time.perf_counter() - t0
             self.rec.neurons_active += len(ids)
             self.rec.neurons_loaded += len(guess.missing) + len(late.missing)
             self.rec.late_loaded += len(late.missing)
