@@ -42,12 +42,15 @@ MIN_CACHE_FRACTION = 0.05
 # FlashConfig.lookahead, per layer: a layer stops guessing while its guesses' wasted reads (rows
 # read early that the step did not need) exceed WASTE_LIMIT x the useful ones, or the useful ones
 # fall below one row (decayed by SCORE_DECAY a step: nothing left to hide, e.g. a cache that holds
-# the layer), or while guessing costs more time than it saves: the guess (its selection, cache
-# update and read submission) and the FFN after it (the late reads, the compute, the wait for
-# both reads), against the FFN without a guess (selection, reads, compute, wait) (each an average
-# over one-token steps decayed by COST_DECAY, fast enough to forget a cold cache's first steps;
-# a small model's reads hide behind its cached rows anyway), summed over the layers. Every PROBE_STEPS-th step (staggered over the layers) a layer
-# does the other, to keep both measured.
+# the layer). And the layers stop guessing while the guesses cost more time than there is to
+# hide: the guesses' own time (selection on the layer input, cache update, read submission)
+# against the time the FFNs wait for their reads without a guess (a small model's reads hide
+# behind its cached rows anyway), summed over the layers (one layer's figures vary by more than
+# the difference at stake on a busy machine), each an average over one-token steps decayed by
+# COST_DECAY (a cold cache's first steps are forgotten fast). Every PROBE_STEPS-th step
+# (staggered over the layers) a layer does the other, to keep both measured. (Timing a whole
+# FFN with and without a guess was tried: a single layer's switch costs it more than the steady
+# state of either, so such probes misjudged.)
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
 WASTE_LIMIT = 0.5
@@ -121,8 +124,7 @@ class SparseEngine(Engine):
         self._ahead: dict[int, tuple[FillUpdate, PendingRead | None]] = {}  # layer -> prefetch's rows and reads
         n_layers = len(self.layers)
         self._guess_reads = np.zeros((n_layers, 2))  # per layer, decayed: (useful, wasted) rows read early
-        self._guess_s = np.zeros(n_layers)  # per layer: this step's guess time (prefetch)
-        self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: FFN time (plain, guess + FFN)
+        self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: (the FFN's wait without a guess, a guess)
         self._useful = np.ones(n_layers, dtype=bool)  # WASTE_LIMIT's verdict
         self.guessing = np.ones(n_layers, dtype=bool)  # the layers whose lookahead pays (see WASTE_LIMIT)
         self._steps = 0
@@ -191,7 +193,8 @@ class SparseEngine(Engine):
             cache.reset()
             raise
         self._ahead[i] = (up, pending)
-        self._guess_s[i] = time.perf_counter() - start
+        if h.shape[0] == 1:
+            self._learn(i, 1, time.perf_counter() - start)
 
     def guesses(self, i: int) -> bool:
         """Whether layer i's reads start before its attention this step: with lookahead, where its
@@ -199,27 +202,25 @@ class SparseEngine(Engine):
         return self.lookahead and bool(self.guessing[i]) != ((self._steps + i) % PROBE_STEPS == 0)
 
     def lookahead_state(self) -> dict | None:
-        """Per layer: whether it guesses now, and its decayed FFN cost in ms without and with a
-        guess (WASTE_LIMIT; None where unmeasured); None without lookahead."""
+        """Per layer: whether it guesses now, its FFN's decayed wait for reads without a guess
+        and a guess's decayed time, in ms (WASTE_LIMIT; None where unmeasured); None without
+        lookahead."""
         if not self.lookahead:
             return None
         cost = [[None if np.isnan(c) else round(float(c) * 1e3, 3) for c in row] for row in self._cost_s]
-        return {"guessing": self.guessing.tolist(), "plain_ms": [c[0] for c in cost], "guess_ms": [c[1] for c in cost]}
+        return {"guessing": self.guessing.tolist(), "wait_ms": [c[0] for c in cost], "guess_ms": [c[1] for c in cost]}
 
-    def _learn(self, i: int, guessed: bool, ffn_s: float) -> None:
-        """After layer i's one-token FFN, which took `ffn_s`: its cost with or without a guess
-        (the guess's time added; WASTE_LIMIT)."""
-        cost = ffn_s + (self._guess_s[i] if guessed else 0.0)
-        old = self._cost_s[i, int(guessed)]
-        self._cost_s[i, int(guessed)] = cost if np.isnan(old) else COST_DECAY * old + (1 - COST_DECAY) * cost
-        plain, ahead = self._cost_s[i]
-        if np.isnan(plain) or np.isnan(ahead):  # the layer's first one-token steps: one of each
-            self.guessing[i] = self._useful[i] and np.isnan(ahead)
+    def _learn(self, i: int, kind: int, seconds: float) -> None:
+        """Layer i's one-token figures (WASTE_LIMIT): kind 0, its FFN's wait for reads without a
+        guess; kind 1, a guess's time."""
+        old = self._cost_s[i, kind]
+        self._cost_s[i, kind] = seconds if np.isnan(old) else COST_DECAY * old + (1 - COST_DECAY) * seconds
+        wait, guess = self._cost_s[i]
+        if np.isnan(wait) or np.isnan(guess):  # the layer's first one-token steps: one of each
+            self.guessing[i] = self._useful[i] and np.isnan(guess)
             return
-        # decided over all measured layers together (a layer's own figures vary by more than
-        # the difference at stake on a busy machine); the waste rule stays each layer's own
         both = ~np.isnan(self._cost_s).any(axis=1)
-        pays = self._cost_s[both, 1].sum() <= self._cost_s[both, 0].sum()
+        pays = self._cost_s[both, 1].sum() < self._cost_s[both, 0].sum()
         self.guessing[both] = self._useful[both] & pays
 
     def _guess(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
@@ -240,11 +241,13 @@ class SparseEngine(Engine):
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if not self.lookahead:
             return self._plain(i, h)
-        t0 = time.perf_counter()
         ahead = self._ahead.pop(i, None)
-        y = self._plain(i, h) if ahead is None else self._after_guess(i, h, self.caches[i], *ahead)
+        if ahead is not None:
+            return self._after_guess(i, h, self.caches[i], *ahead)
+        waited = self.rec.io_s
+        y = self._plain(i, h)
         if h.shape[0] == 1:
-            self._learn(i, ahead is not None, time.perf_counter() - t0)
+            self._learn(i, 0, self.rec.io_s - waited)
         return y
 
     def _plain(self, i: int, h: torch.Tensor) -> torch.Tensor:

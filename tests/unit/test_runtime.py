@@ -235,7 +235,7 @@ def always_guess(monkeypatch):
     the cached rows anyway, so the rule would stop the guesses after a step)."""
     from flashio.sparse import SparseEngine
 
-    monkeypatch.setattr(SparseEngine, "_learn", lambda self, i, guessed, waited_s: None)
+    monkeypatch.setattr(SparseEngine, "_learn", lambda self, i, kind, seconds: None)
 
 
 @pytest.mark.usefixtures("always_guess")
@@ -357,8 +357,7 @@ def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt
     tokens = list(range(3, 3 + 2 * PROBE_STEPS + 4))
     with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=WrongFirstLayer(256, size=40)) as model:
         learn = model.engine._learn
-        model.engine._learn = lambda i, guessed, waited: learn(i, guessed, 0.0 if guessed else 1.0)
-        model.engine._guess_s[:] = 0.0
+        model.engine._learn = lambda i, kind, seconds: learn(i, kind, 0.0 if kind else 1.0)
         ran = _record_prefetches(model)
         model.forward(tokens, token_by_token=True)
         assert list(model.engine.guessing) == [False, True]
@@ -391,8 +390,8 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
             outs[lookahead] = model.forward(tokens, token_by_token=True)
             if lookahead:
                 assert not model.engine.guessing.any()
-                plain, ahead = model.engine._cost_s.T
-                assert (ahead > plain + 0.004).all()  # the guess's 5 ms against reads hidden anyway
+                wait, guess = model.engine._cost_s.T
+                assert (guess > wait + 0.004).all()  # the guess's 5 ms against reads hidden anyway
                 for i in (0, 1):  # the first step, then the probes (staggered over the layers)
                     assert [step for step, j in ran if j == i] == [1, PROBE_STEPS - i, 2 * PROBE_STEPS - i]
     assert torch.allclose(outs[True], outs[False], atol=1e-5)
@@ -400,27 +399,25 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
 
 def test_layers_whose_reads_outlast_their_guesses_keep_guessing(tiny_opt, tmp_path):
     """The time rule's other side, on the engine's figures: while the plain FFNs wait longer for
-    their reads than the guesses and their late reads take, summed over the measured layers, the
-    layers guess; when that turns, they stop together; a layer whose guesses waste reads does not
-    guess either way."""
+    their reads than the guesses take, summed over the measured layers, the layers guess; when
+    that turns, they stop together; a layer whose guesses waste reads does not guess either way."""
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
     with flashio.open(art, mode="sparse", window=2, lookahead=True) as model:
         engine = model.engine
-        engine._guess_s[:] = 0.001
-        engine._learn(0, True, 0.0005)  # the first step of each: no verdict before both are timed
-        assert not engine.guessing[0]  # next: a plain step, to time it
+        engine._learn(0, 1, 0.001)  # a 1 ms guess: no verdict before both are timed
+        assert not engine.guessing[0]  # next: a plain step, to time its wait
         for _ in range(5):
-            engine._learn(0, False, 0.004)  # 4 ms waited without a guess
-            engine._learn(0, True, 0.0005)  # 1.5 ms with one (guess included)
+            engine._learn(0, 0, 0.004)  # 4 ms waited without a guess
+            engine._learn(0, 1, 0.001)
         assert engine.guessing[0]
-        engine._learn(1, False, 0.0002)  # layer 1's own reads hide (0.2 ms) but the sum still pays
-        engine._learn(1, True, 0.0)
+        engine._learn(1, 0, 0.0002)  # layer 1's own reads hide (0.2 ms) but the sum still pays
+        engine._learn(1, 1, 0.001)
         assert engine.guessing.tolist() == [True, True]
         for _ in range(10):
-            engine._learn(0, False, 0.0002)  # layer 0's reads now hide too: neither guesses
+            engine._learn(0, 0, 0.0002)  # layer 0's reads now hide too: neither guesses
         assert engine.guessing.tolist() == [False, False]
         engine._useful[1] = False  # a layer whose guesses waste reads does not guess, however fast
         for _ in range(10):
-            engine._learn(0, False, 0.004)
-            engine._learn(1, False, 0.004)
+            engine._learn(0, 0, 0.004)
+            engine._learn(1, 0, 0.004)
         assert engine.guessing.tolist() == [True, False]
