@@ -301,6 +301,8 @@ class CostModel:
         if s.size == 0:
             return 0.0
         t_eff = max(1, min(int(threads), s.size))  # fewer reads than threads: fewer in flight
+        if s.size <= 4096:  # a step's reads: directly (np.unique's sort costs more than it saves)
+            return float(self.per_read_s(s, t_eff).sum())
         uniq, counts = np.unique(s, return_counts=True)
         return float(np.dot(self.per_read_s(uniq, t_eff), counts))
 

