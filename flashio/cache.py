@@ -248,44 +248,59 @@ class FillingWindowCache(WindowCache):
         self._guessed = (guess, prev)
         return up
 
-    def extend(self, active: np.ndarray) -> FillUpdate:
-        """Add `active` (sorted unique ids) to the step the last update_guess opened, without
-        advancing: its neurons count as active in that step, and those not cached get rows (free
-        ones, else those of the least recently active neurons of earlier steps). The lookahead's
-        second update: `active` is the step's own set, the step was opened with a guess of it.
-        Neurons that find no row (the step's union exceeds the capacity) are left out: `missing`
-        and `dest` hold those that got one (`hits`: those cached before). Then the step is the
-        step's set alone: the guessed neurons it does not hold keep their rows (retained, as read)
-        but not the guess's activity, so the window, what `live()` computes, is what the step
-        would have without the guess (while the capacity holds the window and the guess)."""
+    def extend(self, active: np.ndarray, in_flight: np.ndarray | None = None) -> tuple[FillUpdate, bool]:
+        """Give the step the last update_guess opened its own set `active` (sorted unique ids, at
+        most the capacity), without advancing: the lookahead's second update. The guessed
+        neurons that `active` lacks lose the guess's activity (they keep their rows, as retained
+        rows), so the window, what `live()` computes, is what the step would have without the
+        guess (while the capacity holds the window). Neurons of `active` not cached get rows: free
+        ones, else those of the least recently active other neurons, those in `in_flight` (rows
+        whose reads are still under way) last. Returns the update (`missing` and `dest`: the
+        neurons that got a row, all of them unless `active` exceeds the capacity; `hits`: those
+        cached before) and whether rows of `in_flight` were taken (the caller must let their reads
+        finish before it reads into them)."""
         s = self.step - 1
-        missing = active[self.slot_of[active] < 0]
-        hits = len(active) - len(missing)
-        new = active[self.last_active[active] != s]  # not in the guess: the step's entry stays unique
-        self.last_active[new] = s
-        self.history[-1] = np.concatenate([self.history[-1], new])
-        free = self.capacity - self.n_used
-        need = len(missing) - free
-        freed = np.empty(0, dtype=np.int64)
-        if need > 0:
-            used = self.neuron_at[: self.n_used]
-            candidates = used[self.last_active[used] < s]
-            k = min(need, len(candidates))
-            oldest = candidates[np.argpartition(self.last_active[candidates], k - 1)[:k]] if k else candidates[:0]
-            freed = np.sort(self.slot_of[oldest])
-            self.slot_of[oldest] = -1
-            missing = missing[: len(freed) + free]
-        dest = np.concatenate([freed, np.arange(self.n_used, self.n_used + len(missing) - len(freed))])
-        self.n_used += len(missing) - len(freed)
-        self.neuron_at[dest] = missing
-        self.slot_of[missing] = dest
         if self._guessed is not None:
             guess, prev = self._guessed
             self._guessed = None
             wrong = ~np.isin(guess, active, assume_unique=True)
             self.last_active[guess[wrong]] = prev[wrong]
             self.history[-1] = active
-        return FillUpdate(missing, dest, hits, len(freed), 0)
+        else:  # an update_fill opened the step: `active` joins its set
+            new = active[self.last_active[active] != s]
+            self.history[-1] = np.concatenate([self.history[-1], new])
+        self.last_active[active] = s
+        missing = active[self.slot_of[active] < 0]
+        hits = len(active) - len(missing)
+        free = self.capacity - self.n_used
+        need = len(missing) - free
+        freed = np.empty(0, dtype=np.int64)
+        took_in_flight = False
+        if need > 0:
+            used = self.neuron_at[: self.n_used]
+            candidates = used[self.last_active[used] < s]
+            if in_flight is not None and len(in_flight):
+                busy = np.zeros(self.capacity, dtype=bool)
+                busy[in_flight] = True
+                late = busy[self.slot_of[candidates]]
+                if np.count_nonzero(~late) >= need:
+                    candidates = candidates[~late]
+                else:  # all the others, then the oldest of the rows being read
+                    idle, rest = candidates[~late], candidates[late]
+                    k = need - len(idle)
+                    oldest = rest[np.argpartition(self.last_active[rest], k - 1)[:k]] if k < len(rest) else rest
+                    candidates, took_in_flight = np.concatenate([idle, oldest]), len(oldest) > 0
+            k = min(need, len(candidates))
+            oldest = candidates[np.argpartition(self.last_active[candidates], k - 1)[:k]] if k else candidates[:0]
+            freed = np.sort(self.slot_of[oldest])
+            self.slot_of[oldest] = -1
+            self.neuron_at[freed] = -1
+            missing = missing[: len(freed) + free]
+        dest = np.concatenate([freed, np.arange(self.n_used, self.n_used + len(missing) - len(freed))])
+        self.n_used += len(missing) - len(freed)
+        self.neuron_at[dest] = missing
+        self.slot_of[missing] = dest
+        return FillUpdate(missing, dest, hits, len(freed), 0), took_in_flight
 
     def _compact(self, holes: np.ndarray) -> int:
         """Close empty rows by moving the last used rows into them; returns rows moved."""

@@ -296,7 +296,7 @@ class SparseEngine(Engine):
         try:
             ids, coef = self._select(i, h, cache.capacity)
             t0 = time.perf_counter()
-            late = cache.extend(ids)
+            late, took_in_flight = cache.extend(ids, guess.dest)
             guessed = int(np.count_nonzero(np.isin(guess.missing, ids, assume_unique=True)))
             score = self._guess_reads[i]
             score *= SCORE_DECAY
@@ -311,13 +311,17 @@ class SparseEngine(Engine):
             cut = len(ids) - late.hits - len(late.missing)  # no row left for them: not computed
             self.rec.truncated += cut
             live = self._computed(cache, ids[cache.slot_of[ids] >= 0] if cut else ids)
+            arriving = np.concatenate([guess.dest, late.dest])
+            if took_in_flight and pending is not None:  # the cache is full: the step's own neurons took
+                self._wait(pending)  # rows of wrong guesses still being read; those reads land first
+                pending, arriving = None, late.dest
             if len(late.missing):
                 late_pending = self.reader.submit_rows(i, late.missing, cache.matrix, rows=late.dest)
             reads = [p for p in (pending, late_pending) if p is not None]
             if not reads:
                 return self._compute(i, h, cache.matrix, 0, cache.n_used, torch.from_numpy(cache.neurons), coef,
                                      keep=live)
-            return self._while_arriving(i, h, cache, np.concatenate([guess.dest, late.dest]), reads, coef, live)
+            return self._while_arriving(i, h, cache, arriving, reads, coef, live)
         except BaseException:
             _drain(pending, late_pending)  # nothing may land in rows the reset frees
             cache.reset()

@@ -122,34 +122,41 @@ def test_a_cache_with_room_for_every_neuron_reads_each_once():
 @given(window=st.integers(1, 4), capacity=st.integers(8, N), retain=st.booleans(),
        steps=st.lists(st.tuples(st.sets(st.integers(0, N - 1), max_size=4), st.sets(st.integers(0, N - 1), max_size=4)),
                       min_size=1, max_size=25))
-def test_extend_adds_the_step_set_to_a_guessed_step(window, capacity, retain, steps):
+def test_extend_gives_a_guessed_step_its_own_set(window, capacity, retain, steps):
     """The lookahead's two updates (a guess, then the step's own set via extend): every row keeps
-    its neuron, the step's set is cached when the capacity allows, and the window counts both."""
+    its neuron, the step's set is cached, and the window is the step's sets alone: with retained
+    rows and room for the window, `live()` marks what a cache never given the guesses marks."""
     cache = FillingWindowCache(torch.full((capacity, 3), -1.0), N, window, retain=retain)
+    plain = FillingWindowCache(torch.full((capacity, 3), -1.0), N, window, retain=retain)
     for guess_set, active_set in steps:
         guess = np.array(sorted(guess_set), dtype=np.int64)
         active = np.array(sorted(active_set), dtype=np.int64)
-        first = cache.update_fill(guess)
+        first = cache.update_guess(guess)
         cache.matrix[first.dest] = torch.from_numpy(first.missing).float()[:, None]
         before = set(cache.neurons.tolist())
-        late = cache.extend(active)
+        late, _ = cache.extend(active)
         cache.matrix[late.dest] = torch.from_numpy(late.missing).float()[:, None]
         assert late.hits == len(active_set & before)
-        assert set(late.missing.tolist()) == set(active_set) - before  # capacity >= 8 holds both sets
-        assert set(guess_set | active_set) <= set(cache.neurons.tolist())
+        assert set(late.missing.tolist()) == set(active_set) - before
+        assert set(active_set) <= set(cache.neurons.tolist())
         assert cache.n_used <= capacity and len(set(cache.neurons.tolist())) == cache.n_used
         for slot, neuron in enumerate(cache.neurons.tolist()):
             assert cache.slot_of[neuron] == slot and torch.all(cache.matrix[slot] == neuron)
-        live = cache.live()
-        rows = np.arange(cache.n_used) if live is None else np.flatnonzero(live)
-        assert set(guess_set | active_set) <= set(cache.neurons[rows].tolist())  # both count as active now
+        plain.update_fill(active)
+        if retain and capacity >= (window + 1) * 4:  # both hold the window (and a guess besides)
+            live, want = cache.live(), plain.live()
+            got = set(cache.neurons.tolist() if live is None else cache.neurons[live].tolist())
+            assert got == set(plain.neurons.tolist() if want is None else plain.neurons[want].tolist())
 
 
-def test_extend_past_the_capacity_gives_rows_to_what_fits():
-    cache = FillingWindowCache(torch.zeros(4, 2), N, window=3)
-    cache.update_fill(np.array([0, 1, 2]))
-    late = cache.extend(np.array([3, 4, 5]))  # one free row, nothing older to evict
-    assert late.missing.tolist() == [3] and late.dest.tolist() == [3] and late.hits == 0
-    cache.update_fill(np.array([7]))  # step 2: rows of step 1's neurons are the oldest
-    late = cache.extend(np.array([8, 9]))
-    assert len(late.missing) == 2 and late.evicted == 2 and {7, 8, 9} <= set(cache.neurons.tolist())
+def test_extend_past_the_capacity_takes_rows_being_read_last():
+    cache = FillingWindowCache(torch.zeros(4, 2), N, window=3, retain=True)
+    first = cache.update_guess(np.array([0, 1, 2]))
+    late, took = cache.extend(np.array([3, 4, 5]), first.dest)  # one free row; the wrong guesses' rows are being read
+    assert sorted(late.missing.tolist()) == [3, 4, 5] and late.evicted == 2 and took
+    assert {3, 4, 5} <= set(cache.neurons.tolist())
+    second = cache.update_guess(np.array([3, 6]))  # step 2: 6 takes the wrong guess left over
+    assert second.missing.tolist() == [6]
+    late, took = cache.extend(np.array([6, 7]), second.dest)  # 7 takes a row of step 1's, not 6's being read
+    assert late.missing.tolist() == [7] and late.evicted == 1 and not took
+    assert {6, 7} <= set(cache.neurons.tolist())

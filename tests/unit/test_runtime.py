@@ -314,21 +314,26 @@ def test_a_step_failing_after_its_lookahead_leaves_nothing_behind(tiny_opt, tmp_
 
 
 @pytest.mark.usefixtures("always_guess")
-def test_a_lookahead_whose_guess_fills_the_cache_computes_what_fits(tiny_opt, tmp_path):
-    """A guess with none of the step's neurons, each two thirds of the cache: the step's
-    neurons that find no row are reported as truncated and left out, the rest computed."""
+def test_a_lookahead_whose_guess_fills_the_cache_computes_what_it_would_without(tiny_opt, tmp_path):
+    """A guess with none of the step's neurons, each two thirds of the cache: the step's neurons
+    take the wrong guesses' rows once those reads have landed; nothing is left out, and the
+    logits are those of the run without lookahead."""
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
-    source = _GuessingSource(256, disjoint=True)
-    with flashio.open(art, mode="sparse", window=2, compute="active", lookahead=True, dram_budget=600_000,
-                      max_context=64, active_source=source) as model:
-        source.size = model.capacity * 2 // 3
-        assert model.capacity < 2 * source.size <= 256
-        logits = model.forward(PROMPT, token_by_token=True)
-        assert torch.isfinite(logits).all()
-        first = model.stats[0]  # (then the layers stop guessing: every guess was wasted)
-        assert first.truncated > 0 and first.late_loaded == first.neurons_active - first.truncated - first.cache_hits
-        for s in model.stats:
-            assert s.rows_computed == s.neurons_active - s.truncated
+    out = {}
+    for lookahead in (False, True):
+        source = _GuessingSource(256, disjoint=True)
+        with flashio.open(art, mode="sparse", window=2, compute="active", lookahead=lookahead, dram_budget=600_000,
+                          max_context=64, active_source=source) as model:
+            source.size = model.capacity * 2 // 3
+            assert model.capacity < 2 * source.size <= 256
+            out[lookahead] = model.forward(PROMPT, token_by_token=True)
+            first = model.stats[0]  # (then the layers stop guessing: every guess was wasted)
+            assert first.truncated == 0
+            if lookahead:
+                assert first.late_loaded == first.neurons_active - first.cache_hits > 0
+            for s in model.stats:
+                assert s.rows_computed == s.neurons_active
+    assert (out[True] - out[False]).abs().max().item() <= 1e-5
 
 
 def _record_prefetches(model) -> list[tuple[int, int]]:
