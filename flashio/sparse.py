@@ -42,15 +42,17 @@ MIN_CACHE_FRACTION = 0.05
 # FlashConfig.lookahead, per layer: a layer stops guessing while its guesses' wasted reads (rows
 # read early that the step did not need) exceed WASTE_LIMIT x the useful ones, or the useful ones
 # fall below one row (decayed by SCORE_DECAY a step: nothing left to hide, e.g. a cache that holds
-# the layer). And the layers stop guessing while the guesses cost more time than there is to
-# hide: the guesses' own time (selection on the layer input, cache update, read submission)
-# against the time the FFNs wait for their reads without a guess (a small model's reads hide
-# behind its cached rows anyway), summed over the layers (one layer's figures vary by more than
-# the difference at stake on a busy machine), each an average over one-token steps decayed by
-# COST_DECAY (a cold cache's first steps are forgotten fast). Every PROBE_STEPS-th step
-# (staggered over the layers) a layer does the other, to keep both measured. (Timing a whole
-# FFN with and without a guess was tried: a single layer's switch costs it more than the steady
-# state of either, so such probes misjudged.)
+# the layer), or while its cache cannot hold a guess beside the step's own set (the step's neurons
+# had to take rows of wrong guesses still being read, or exceed the capacity themselves: guesses
+# would evict rows the coming steps find). And the layers stop guessing while the guesses cost
+# more time than there is to hide: the guesses' own time (selection on the layer input, cache
+# update, read submission) against the time the FFNs wait for their reads without a guess (a
+# small model's reads hide behind its cached rows anyway), summed over the layers (one layer's
+# figures vary by more than the difference at stake on a busy machine), each an average over
+# one-token steps decayed by COST_DECAY (a cold cache's first steps are forgotten fast). Every
+# PROBE_STEPS-th step (staggered over the layers) a layer does the other, to keep both measured.
+# (Timing whole FFNs with and without a guess was tried: a single layer's switch cost it more
+# than the steady state of either mode, so such probes misjudged.)
 # On real models the first layers' guesses read 5-18x more wasted than useful rows, the later
 # layers' 0.1-0.8x (README "Lookahead")
 WASTE_LIMIT = 0.5
@@ -294,6 +296,7 @@ class SparseEngine(Engine):
         while both reads fly, the arriving rows after."""
         late_pending = None
         try:
+            truncated = self.rec.truncated
             ids, coef = self._select(i, h, cache.capacity)
             t0 = time.perf_counter()
             late, took_in_flight = cache.extend(ids, guess.dest)
@@ -301,7 +304,9 @@ class SparseEngine(Engine):
             score = self._guess_reads[i]
             score *= SCORE_DECAY
             score += (guessed, len(guess.missing) - guessed)
-            self._useful[i] = score[0] >= 1.0 and score[1] <= WASTE_LIMIT * score[0]
+            # a cache too small for the step's set and the guess: the guesses take rows the step needs
+            crowded = took_in_flight or self.rec.truncated > truncated
+            self._useful[i] = score[0] >= 1.0 and score[1] <= WASTE_LIMIT * score[0] and not crowded
             self.guessing[i] &= self._useful[i]
             self.rec.mem_s += time.perf_counter() - t0
             self.rec.neurons_active += len(ids)
