@@ -128,6 +128,7 @@ class SparseEngine(Engine):
         self._guess_reads = np.zeros((n_layers, 2))  # per layer, decayed: (useful, wasted) rows read early
         self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: (the FFN's wait without a guess, a guess)
         self._useful = np.ones(n_layers, dtype=bool)  # WASTE_LIMIT's verdict
+        self._read_nothing = np.zeros(n_layers, dtype=bool)  # the layer's last plain one-token FFN read no row
         self.guessing = np.ones(n_layers, dtype=bool)  # the layers whose lookahead pays (see WASTE_LIMIT)
         self._steps = 0
         if not self.fill_in_place and self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
@@ -201,7 +202,12 @@ class SparseEngine(Engine):
     def guesses(self, i: int) -> bool:
         """Whether layer i's reads start before its attention this step: with lookahead, where its
         guesses pay (WASTE_LIMIT), but the other way every PROBE_STEPS-th step."""
-        return self.lookahead and bool(self.guessing[i]) != ((self._steps + i) % PROBE_STEPS == 0)
+        if not self.lookahead:
+            return False
+        if (self._steps + i) % PROBE_STEPS:
+            return bool(self.guessing[i])
+        # a probe, the other way; a layer whose plain FFN read nothing has nothing to hide
+        return not (self.guessing[i] or self._read_nothing[i])
 
     def lookahead_state(self) -> dict | None:
         """Per layer: whether it guesses now, its FFN's decayed wait for reads without a guess
@@ -214,16 +220,17 @@ class SparseEngine(Engine):
 
     def _learn(self, i: int, kind: int, seconds: float) -> None:
         """Layer i's one-token figures (WASTE_LIMIT): kind 0, its FFN's wait for reads without a
-        guess; kind 1, a guess's time."""
-        old = self._cost_s[i, kind]
-        self._cost_s[i, kind] = seconds if np.isnan(old) else COST_DECAY * old + (1 - COST_DECAY) * seconds
-        wait, guess = self._cost_s[i]
-        if np.isnan(wait) or np.isnan(guess):  # the layer's first one-token steps: one of each
-            self.guessing[i] = self._useful[i] and np.isnan(guess)
-            return
-        both = ~np.isnan(self._cost_s).any(axis=1)
-        pays = self._cost_s[both, 1].sum() < self._cost_s[both, 0].sum()
-        self.guessing[both] = self._useful[both] & pays
+        guess; kind 1, a guess's time. `_decide` weighs them at the next step."""
+        old = float(self._cost_s[i, kind])
+        self._cost_s[i, kind] = seconds if old != old else COST_DECAY * old + (1 - COST_DECAY) * seconds
+
+    def _decide(self) -> None:
+        """Which layers guess this step (WASTE_LIMIT): those whose guesses pay, summed over the
+        layers with both figures; a layer's first one-token steps time one of each."""
+        wait, guess = self._cost_s.T
+        both = ~(np.isnan(wait) | np.isnan(guess))
+        pays = guess[both].sum() < wait[both].sum()
+        self.guessing = self._useful & np.where(both, pays, np.isnan(guess))
 
     def _guess(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
         """The lookahead's neurons: an active source's `lookahead` where it has one (a trace
@@ -246,10 +253,11 @@ class SparseEngine(Engine):
         ahead = self._ahead.pop(i, None)
         if ahead is not None:
             return self._after_guess(i, h, self.caches[i], *ahead)
-        waited = self.rec.io_s
+        waited, loaded = self.rec.io_s, self.rec.neurons_loaded
         y = self._plain(i, h)
         if h.shape[0] == 1:
             self._learn(i, 0, self.rec.io_s - waited)
+            self._read_nothing[i] = self.rec.neurons_loaded == loaded
         return y
 
     def _plain(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -499,6 +507,8 @@ class SparseEngine(Engine):
         self._steps += 1
         if self._ahead:
             self._abandon()
+        if self.lookahead:
+            self._decide()
         if self.source is not None:
             self.source.begin_step()
 

@@ -402,27 +402,50 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
     assert torch.allclose(outs[True], outs[False], atol=1e-5)
 
 
+def test_a_layer_that_reads_nothing_is_not_probed(tiny_opt, tmp_path):
+    """Once every neuron a layer needs is cached (here the same set every step), its plain FFN
+    reads nothing: there is nothing a guess could hide, and it is not tried again."""
+    from flashio.sparse import PROBE_STEPS
+
+    class SameSet(_GuessingSource):
+        def _draw(self, layer, salt):
+            return np.arange(40) * 3
+
+    art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
+    with flashio.open(art, mode="sparse", window=2, lookahead=True, active_source=SameSet(256)) as model:
+        ran = _record_prefetches(model)
+        model.forward(list(range(3, 3 + 2 * PROBE_STEPS + 4)), token_by_token=True)
+        assert ran == [(1, 0), (1, 1)]  # the first step's guesses only
+        assert model.engine._read_nothing.all() and not model.engine.guessing.any()
+
+
 def test_layers_whose_reads_outlast_their_guesses_keep_guessing(tiny_opt, tmp_path):
     """The time rule's other side, on the engine's figures: while the plain FFNs wait longer for
     their reads than the guesses take, summed over the measured layers, the layers guess; when
-    that turns, they stop together; a layer whose guesses waste reads does not guess either way."""
+    that turns, they stop together; a layer whose guesses waste reads does not guess either way.
+    (The verdict is taken as each step begins: `_decide`.)"""
     art = write_artifact(tiny_opt[1], tmp_path / "la", predictors=_all_active_predictors(2, 64, 256))
     with flashio.open(art, mode="sparse", window=2, lookahead=True) as model:
         engine = model.engine
-        engine._learn(0, 1, 0.001)  # a 1 ms guess: no verdict before both are timed
-        assert not engine.guessing[0]  # next: a plain step, to time its wait
+        engine._decide()
+        assert engine.guessing.tolist() == [True, True]  # nothing timed yet: a guess first
+        engine._learn(0, 1, 0.001)  # a 1 ms guess
+        engine._decide()
+        assert engine.guessing.tolist() == [False, True]  # layer 0 next: a plain step, to time its wait
         for _ in range(5):
             engine._learn(0, 0, 0.004)  # 4 ms waited without a guess
             engine._learn(0, 1, 0.001)
-        assert engine.guessing[0]
         engine._learn(1, 0, 0.0002)  # layer 1's own reads hide (0.2 ms) but the sum still pays
         engine._learn(1, 1, 0.001)
+        engine._decide()
         assert engine.guessing.tolist() == [True, True]
         for _ in range(10):
             engine._learn(0, 0, 0.0002)  # layer 0's reads now hide too: neither guesses
+        engine._decide()
         assert engine.guessing.tolist() == [False, False]
         engine._useful[1] = False  # a layer whose guesses waste reads does not guess, however fast
         for _ in range(10):
             engine._learn(0, 0, 0.004)
             engine._learn(1, 0, 0.004)
+        engine._decide()
         assert engine.guessing.tolist() == [True, False]
