@@ -128,7 +128,9 @@ class SparseEngine(Engine):
         self._guess_reads = np.zeros((n_layers, 2))  # per layer, decayed: (useful, wasted) rows read early
         self._cost_s = np.full((n_layers, 2), np.nan)  # per layer, decayed: (the FFN's wait without a guess, a guess)
         self._useful = np.ones(n_layers, dtype=bool)  # WASTE_LIMIT's verdict
-        self._read_nothing = np.zeros(n_layers, dtype=bool)  # the layer's last plain one-token FFN read no row
+        # the layer's last plain one-token FFN read no row / had more neurons than its cache holds
+        self._read_nothing = np.zeros(n_layers, dtype=bool)
+        self._overfull = np.zeros(n_layers, dtype=bool)
         self.guessing = np.ones(n_layers, dtype=bool)  # the layers whose lookahead pays (see WASTE_LIMIT)
         self._steps = 0
         if not self.fill_in_place and self.rows_dtype != self.dtype:  # one for all layers: a layer's new rows <= capacity
@@ -206,8 +208,9 @@ class SparseEngine(Engine):
             return False
         if (self._steps + i) % PROBE_STEPS:
             return bool(self.guessing[i])
-        # a probe, the other way; a layer whose plain FFN read nothing has nothing to hide
-        return not (self.guessing[i] or self._read_nothing[i])
+        # a probe, the other way; a layer whose plain FFN read nothing has nothing to hide, one
+        # whose cache did not hold the step's set has no room for a guess
+        return not (self.guessing[i] or self._read_nothing[i] or self._overfull[i])
 
     def lookahead_state(self) -> dict | None:
         """Per layer: whether it guesses now, its FFN's decayed wait for reads without a guess
@@ -253,11 +256,12 @@ class SparseEngine(Engine):
         ahead = self._ahead.pop(i, None)
         if ahead is not None:
             return self._after_guess(i, h, self.caches[i], *ahead)
-        waited, loaded = self.rec.io_s, self.rec.neurons_loaded
+        waited, loaded, truncated = self.rec.io_s, self.rec.neurons_loaded, self.rec.truncated
         y = self._plain(i, h)
         if h.shape[0] == 1:
             self._learn(i, 0, self.rec.io_s - waited)
             self._read_nothing[i] = self.rec.neurons_loaded == loaded
+            self._overfull[i] = self.rec.truncated > truncated
         return y
 
     def _plain(self, i: int, h: torch.Tensor) -> torch.Tensor:
