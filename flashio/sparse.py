@@ -198,6 +198,7 @@ class SparseEngine(Engine):
             cache.reset()
             raise
         self._ahead[i] = (up, pending)
+        self.rec.guesses += 1
         if h.shape[0] == 1:
             self._learn(i, 1, time.perf_counter() - start)
 

@@ -18,6 +18,7 @@ class StepStats:
     rows_computed: int = 0  # bundle rows the FFN computed (all layers): the active set's or the window's (FlashConfig.compute)
     truncated: int = 0  # active neurons dropped because the cache capacity was reached
     late_loaded: int = 0  # lookahead: neurons the FFN needed that the lookahead had not read (read at the FFN)
+    guesses: int = 0  # lookahead: layers whose reads started before their attention (a second selection each)
     buffered_reads: int = 0  # reads that could not use O_DIRECT
     io_ms: float = 0.0  # time the step waited for reads (overlapped reads count only their wait)
     mem_ms: float = 0.0  # window cache management (evictions, row moves, dtype conversion of new rows)
@@ -47,6 +48,7 @@ class StatsRecorder:
         "cache_hits",
         "cache_rows",
         "device_mem_s",
+        "guesses",
         "io_busy_s",
         "io_pred_s",
         "io_s",
@@ -67,6 +69,7 @@ class StatsRecorder:
         self.bytes_read = self.reads = self.neurons_active = self.neurons_loaded = 0
         self.cache_hits = self.cache_rows = self.rows_computed = self.truncated = self.buffered_reads = 0
         self.late_loaded = 0
+        self.guesses = 0
         self.io_s = self.mem_s = self.io_busy_s = self.io_pred_s = 0.0
         self.upload_s = self.device_mem_s = 0.0
 
@@ -75,7 +78,7 @@ class StatsRecorder:
             tokens=tokens, bytes_read=self.bytes_read, reads=self.reads,
             neurons_active=self.neurons_active, neurons_loaded=self.neurons_loaded,
             cache_hits=self.cache_hits, cache_rows=self.cache_rows,
-            rows_computed=self.rows_computed, truncated=self.truncated, late_loaded=self.late_loaded,
+            rows_computed=self.rows_computed, truncated=self.truncated, late_loaded=self.late_loaded, guesses=self.guesses,
             buffered_reads=self.buffered_reads, io_ms=1e3 * self.io_s, mem_ms=1e3 * self.mem_s,
             compute_ms=1e3 * max(total_s - self.io_s - self.mem_s, 0.0), total_ms=1e3 * total_s,
             io_busy_ms=1e3 * self.io_busy_s, io_predicted_ms=1e3 * self.io_pred_s,

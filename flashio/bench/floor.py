@@ -28,7 +28,8 @@ the compute dtype at open):
                                  to a BUCKET_ROWS multiple is overhead, not floor; other cached rows
                                  are masked out and not read); active rows alone are `ffn_active`
     predictors = A + B + bias of every layer (sparse, when the artifact has predictors: they run
-                 even when a trace supplies the active set)
+                 even when a trace supplies the active set), and again for each layer whose
+                 lookahead guessed (StepStats.guesses: a second selection on the layer's input)
     oracle     = the exact activation's rows (the up or gate part of every row), oracle mode only
     kv         = 2 x kv_heads x head_dim x compute itemsize x (sum over layers of the positions each
                  reads: c, or min(c, sliding_window) in a windowed layer: every layer of an
@@ -189,7 +190,7 @@ class TokenTraffic:
             terms["ffn"] += b + rows * bias_bytes
             by_dtype[dt] = by_dtype.get(dt, 0.0) + b
             by_dtype[c] += rows * bias_bytes
-        terms["predictors"] = float(self.predictor_bytes)
+        terms["predictors"] = float(self.predictor_bytes) * (1.0 + float(step.get("guesses", 0)) / max(self.n_layers, 1))
         terms["oracle"] = float(self.oracle_bytes)
         terms["kv"] = float(self.kv_bytes_per_position * positions)
         by_dtype[c] += terms["predictors"] + terms["oracle"] + terms["kv"]

@@ -86,6 +86,10 @@ def test_sparse_token_bytes_use_the_window_rows_and_the_predictors(opt):
     # in float32 every term held in the compute dtype doubles; the KV cache too
     t32 = TokenTraffic.of(opt, "sparse", "float32").step_bytes(step(active=120, loaded=30, cache_rows=300), 3)
     assert t32["total"] == 2 * out["total"]
+    # a lookahead that guessed in half the layers ran their predictors a second time
+    guessed = t.step_bytes({**step(active=120, loaded=30, cache_rows=300), "guesses": L / 2}, context=3)
+    assert guessed["terms"]["predictors"] == 1.5 * preds
+    assert guessed["total"] == out["total"] + 0.5 * preds
 
 
 def test_naive_streams_in_the_storage_dtype_and_llama_has_no_biases(llama):
