@@ -108,32 +108,45 @@ def measure_matvec(cfg: MemoryBenchConfig) -> tuple[BandwidthPoint, ...]:
 
 
 def _matvec_points(cfg: MemoryBenchConfig, name: str) -> list[BandwidthPoint]:
-    rows, cols = cfg.shape
-    dt = TORCH_DTYPES[name]
-    gen = torch.Generator().manual_seed(0)
-    one = rows * cols * dt.itemsize
-    mats = [(torch.rand(rows, cols, generator=gen) - 0.5).to(dt) for _ in range(max(2, -(-cfg.buffer_bytes // one)))]
-    x = torch.randn(1, cols, generator=gen).to(dt)  # [1, cols]
+    return MatvecProbe(cfg, name).measure()
 
-    def torch_product(k: int) -> int:
-        F.linear(x, mats[k % len(mats)])  # [1, rows]
-        return one
 
-    def runtime_product(k: int) -> int:
-        linear(x, mats[k % len(mats)])
-        return one
+class MatvecProbe:
+    """One dtype's matrix-vector bandwidth, measurable again and again on the same matrices
+    (`flashio bench model` measures it around each of its rows: the machine's bandwidth at the
+    time the row ran)."""
 
-    pts = []
-    before = kernels.threads()
-    try:
-        for t in cfg.threads:
-            kernels.set_threads(t)  # the runtime's products run on the kernels' threads
-            with torch_threads(t):
-                gbps = max(_median_gbps(f, cfg.seconds, cfg.min_calls) for f in (torch_product, runtime_product))
-                pts.append(BandwidthPoint(t, _sig(gbps), name))
-    finally:
-        kernels.set_threads(before)
-    return pts
+    def __init__(self, cfg: MemoryBenchConfig, name: str):
+        rows, cols = cfg.shape
+        dt = TORCH_DTYPES[name]
+        gen = torch.Generator().manual_seed(0)
+        self.cfg, self.name, self.one = cfg, name, rows * cols * dt.itemsize
+        n = max(2, -(-cfg.buffer_bytes // self.one))
+        self.mats = [(torch.rand(rows, cols, generator=gen) - 0.5).to(dt) for _ in range(n)]
+        self.x = torch.randn(1, cols, generator=gen).to(dt)  # [1, cols]
+
+    def _torch_product(self, k: int) -> int:
+        F.linear(self.x, self.mats[k % len(self.mats)])  # [1, rows]
+        return self.one
+
+    def _runtime_product(self, k: int) -> int:
+        linear(self.x, self.mats[k % len(self.mats)])
+        return self.one
+
+    def measure(self) -> list[BandwidthPoint]:
+        """One point per thread count of the config (the faster of torch's and the runtime's product)."""
+        pts = []
+        before = kernels.threads()
+        try:
+            for t in self.cfg.threads:
+                kernels.set_threads(t)  # the runtime's products run on the kernels' threads
+                with torch_threads(t):
+                    gbps = max(_median_gbps(f, self.cfg.seconds, self.cfg.min_calls)
+                               for f in (self._torch_product, self._runtime_product))
+                    pts.append(BandwidthPoint(t, _sig(gbps), self.name))
+        finally:
+            kernels.set_threads(before)
+        return pts
 
 
 def memory_markdown(profile: DeviceProfile) -> str:

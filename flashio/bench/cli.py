@@ -72,6 +72,10 @@ def add_commands(sub) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run the configurations in this process (fast, no cgroup, no isolation)")
     p.add_argument("--compute-dtype", default="auto", help="auto (default), float16, bfloat16 or float32")
+    p.add_argument("--floor-bandwidth", choices=("run", "profile"), default="run",
+                   help="price each row's floor at the matrix-vector bandwidth measured right before and "
+                        "after it ('run', default: the machine's bandwidth at that time; the "
+                        "profile's floor is reported beside it) or at the device profile's ('profile')")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for every configuration (default: what `flashio run` "
                         "uses, one less than the CPUs, at least 1; 0: torch's own, one per core)")
@@ -174,7 +178,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         trace_preset=args.trace_preset, dram_limit=parse_size(args.dram_limit) if args.dram_limit else None,
         weights_fraction=args.dram_fraction, use_cgroup=not args.no_cgroup, in_process=args.in_process,
         torch_threads=torch_threads_option(args.torch_threads), compute_threads=args.compute_threads,
-        compute_dtype=args.compute_dtype,
+        compute_dtype=args.compute_dtype, run_bandwidth=args.floor_bandwidth == "run",
         profile=args.profile if args.profile is not None else find_profile_path(), seed=args.seed,
         device=args.device, peers=tuple(dict.fromkeys(args.peer)), peer_gguf=args.peer_gguf,
         lookahead_recall=LOOKAHEAD_RECALL if args.lookahead_recall is None else args.lookahead_recall)

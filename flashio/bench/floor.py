@@ -41,7 +41,9 @@ the compute dtype at open):
     achieved_gbps  = dram_bytes / (total_ms - io_ms)  (the bandwidth of the token's non-I/O time)
     total_vs_floor = total_ms / floor_ms
 
-The bandwidths come from the device profile (`flashio bench device`), or, without one or with an
+`flashio bench model` prices each row at the bandwidth it measures right before and after the row
+(flashio.bench.model.RunBandwidth); otherwise the bandwidths come from the device profile
+(`flashio bench device`), or, without one or with an
 older profile, from the built-in defaults (flashio.costmodel.DEFAULT_MATVEC), marked "default".
 """
 

@@ -11,9 +11,11 @@ artifact's files were evicted from the page cache. Sparse configurations replay 
 trace (synthetic, calibrated to the paper's OPT-6.7B statistics, or a recorded one), so every
 row sees the same active sets and the ratios are comparable.
 
-Every row also carries the DRAM bytes its tokens touch and the floor they imply at the device
-profile's memory bandwidth (`dram_bytes_per_token`, `floor_ms`, `achieved_gbps`, `total_vs_floor`;
-the formula is in flashio.bench.floor). On CUDA the bytes are reported, the floor is not (the
+Every row also carries the DRAM bytes its tokens touch and the floor they imply at the
+matrix-vector bandwidth measured right before and after the row (RunBandwidthProbe; the device
+profile's figures with `run_bandwidth=False`, and beside the row's own as `floor_ms_profile`,
+`total_vs_floor_profile`): `dram_bytes_per_token`, `floor_ms`, `achieved_gbps`, `total_vs_floor`;
+the formula is in flashio.bench.floor. On CUDA the bytes are reported, the floor is not (the
 profile measures host DRAM, not GPU memory).
 """
 
@@ -35,12 +37,13 @@ import torch
 
 from flashio import kernels
 from flashio.bench import memplan
+from flashio.bench.bandwidth import MATVEC_DTYPES, MatvecProbe, MemoryBenchConfig
 from flashio.bench.cgroup import MemoryCgroup, memory_cgroup_support
 from flashio.bench.device import machine_info
 from flashio.bench.floor import TokenTraffic, summarise_floor
 from flashio.cli import ONEDNN_CACHE_ENV
 from flashio.config import FlashConfig
-from flashio.costmodel import CostModel, DeviceProfile
+from flashio.costmodel import Bandwidth, CostModel, DeviceProfile
 from flashio.device import resolve_device
 from flashio.errors import FlashError
 from flashio.format import Artifact
@@ -49,6 +52,7 @@ from flashio.storage import DEFAULT_THREADS, evict_from_page_cache
 from flashio.threads import torch_threads
 from flashio.trace import Trace, TraceParams, load_order, synthesize
 
+RUN_BANDWIDTH_BYTES = 256 << 20  # RunBandwidthProbe's matrices: far past a CPU's last-level cache
 log = logging.getLogger(__name__)
 
 
@@ -122,6 +126,9 @@ class ModelBenchOptions:
     device: str = "cpu"  # 'cuda[:N]': resident weights, KV and window caches in GPU memory
     peers: tuple[str, ...] = ()  # ("llama.cpp",): its rows beside flashio's (flashio.bench.peer)
     peer_gguf: Path | None = None  # where the peer's GGUF is written (None: OUT/llama.cpp/<artifact>.f16.gguf)
+    # price each row's floor at the matrix-vector bandwidth its worker measures before and after it
+    # (~2 s a row); False: at the device profile's
+    run_bandwidth: bool = True
 
     @property
     def cuda(self) -> bool:
@@ -248,7 +255,47 @@ def _floor(result: dict, steps: list[dict], warmup: int, traffic: TokenTraffic,
         out.update(floor_ms=None, compute_floor_ms=None, total_vs_floor=None, achieved_gbps=None,
                    bandwidth_gbps=None, bandwidth_source="none: the profile measures host DRAM, not the GPU")
         return out
-    return summarise_floor(traffic, steps, contexts, profile, threads)
+    run = result.get("matvec")
+    if not run or run["threads"] != threads:
+        return summarise_floor(traffic, steps, contexts, profile, threads)
+    # the floor at the bandwidth measured around this row; the profile's beside it
+    out = summarise_floor(traffic, steps, contexts, RunBandwidth(profile, run["gbps"], threads), threads)
+    by_profile = summarise_floor(traffic, steps, contexts, profile, threads)
+    out.update(floor_ms_profile=by_profile["floor_ms"], total_vs_floor_profile=by_profile["total_vs_floor"],
+               bandwidth_gbps_profile=by_profile["bandwidth_gbps"], bandwidth_source_profile=by_profile["bandwidth_source"],
+               matvec_run=run)
+    return out
+
+
+class RunBandwidthProbe:
+    """The matrix-vector bandwidth of each dtype at `threads`, measured in this process (outside
+    the rows' cgroups) right before a row starts and right after it ends: the machine's memory
+    bandwidth at the time the row ran, which on a shared machine moves with its neighbours' load
+    (20-30% within an hour here). A shorter point than `flashio bench device`'s (~1 s a row)."""
+
+    def __init__(self, dtypes: list[str], threads: int):
+        cfg = MemoryBenchConfig(threads=(threads,), buffer_bytes=RUN_BANDWIDTH_BYTES, seconds=0.25)
+        self.threads = threads
+        self.probes = [MatvecProbe(cfg, d) for d in dtypes]
+
+    def measure(self) -> dict[str, float]:
+        return {p.name: p.measure()[0].gbps for p in self.probes}
+
+
+@dataclass(frozen=True)
+class RunBandwidth:
+    """A device profile whose matrix-vector bandwidths at `threads` are those measured in the row's
+    own worker (before the model opened and after it closed: `gbps`, by dtype); other dtypes and
+    thread counts, and the DRAM read, are the profile's."""
+
+    profile: DeviceProfile
+    gbps: dict[str, float]
+    threads: int
+
+    def memory_bandwidth(self, threads: int, dtype: str | None = None) -> Bandwidth:
+        if dtype is not None and threads == self.threads and dtype in self.gbps:
+            return Bandwidth(float(self.gbps[dtype]), "this run", threads, dtype)
+        return self.profile.memory_bandwidth(threads, dtype)
 
 
 def _summarise(cfg: Config, result: dict, warmup: int, required_rows: np.ndarray | None,
@@ -345,6 +392,11 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
         tokens = rng.integers(3, art.args.vocab_size, size=steps).tolist()
         files = [art.file(n) for n in m.files if n.endswith(".safetensors")]
         rows = {}
+        probe = None
+        if opts.run_bandwidth and not opts.cuda:
+            # the products' threads in the rows: the kernels', or torch's where more (as _floor)
+            threads = max(kernels.threads_for(opts.compute_threads), opts.torch_threads or torch.get_num_threads())
+            probe = RunBandwidthProbe(sorted({d for d in (compute["chosen"], m.dtype) if d in MATVEC_DTYPES}), threads)
         for cfg in configs:
             warm, n_tok = _warmup(cfg, opts.window), _measured(cfg, opts)
             if cfg.mode == "mmap" and opts.cuda:
@@ -381,10 +433,15 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
             for f in files:
                 evict_from_page_cache(f)
             t0 = time.perf_counter()
+            before = probe.measure() if probe is not None else None
             if opts.in_process:
                 result = _run_here(spec)
             else:
                 result = _run_worker(spec, work, cfg.name, limit, opts.timeout_s)
+            if probe is not None and result.get("ok"):
+                after = probe.measure()
+                result["matvec"] = {"threads": probe.threads, "before": before, "after": after,
+                                    "gbps": {d: (before[d] + after[d]) / 2 for d in before}}
             required = None
             if cfg.sparse and traces.trace is not None:
                 required = traces.trace.required_rows(opts.window if cfg.reuse else None)

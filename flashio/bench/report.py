@@ -172,9 +172,17 @@ def _bandwidth_line(results: dict) -> str:
         return "not computed (no memory bandwidth for this device)"
     bws = ", ".join(f"{d} {g:.1f} GB/s" for d, g in row["bandwidth_gbps"].items())
     src = row["bandwidth_source"]
-    note = ("measured by `flashio bench device`" if src == "measured" else
-            "BUILT-IN DEFAULTS (the profile has no memory bandwidth: run `flashio bench device`)")
-    return f"matrix-vector bandwidth at {row['bandwidth_threads']} threads (the kernels', or torch's where more): {bws} ({note})"
+    notes = {"measured": "measured by `flashio bench device`",
+             "this run": "each row's own, measured right before and after it; the first row's shown"}
+    note = notes.get(src, "BUILT-IN DEFAULTS (the profile has no memory bandwidth: run `flashio bench device`)")
+    line = f"matrix-vector bandwidth at {row['bandwidth_threads']} threads (the kernels', or torch's where more): {bws} ({note})"
+    if row.get("bandwidth_gbps_profile"):
+        prof = ", ".join(f"{d} {g:.1f} GB/s" for d, g in row["bandwidth_gbps_profile"].items())
+        ratios = ", ".join(f"{r['name']} {r['total_vs_floor_profile']:.2f}" for r in results["configs"]
+                           if r.get("total_vs_floor_profile"))
+        line += (f"; at the {'profile' if row['bandwidth_source_profile'] == 'measured' else 'built-in'} "
+                 f"bandwidth ({prof}) total / floor would be: {ratios}")
+    return line
 
 
 def _load(results: dict) -> str:

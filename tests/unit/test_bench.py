@@ -84,7 +84,7 @@ def test_bench_device_installs_the_profile_the_runtime_finds(tmp_path, capsys, m
 
 def test_bench_model_smoke_all_rows(synth_art, tmp_path):
     opts = ModelBenchOptions(synth_art, tmp_path / "out", tokens=4, baseline_tokens=1, weights_fraction=0.8,
-                             in_process=True, process_baseline_bytes=BASELINE)
+                             in_process=True, process_baseline_bytes=BASELINE, run_bandwidth=False)
     res = run_model_bench(opts)
     rows = {r["name"]: r for r in res["configs"]}
     assert list(rows) == list(CONFIG_NAMES)
@@ -137,7 +137,8 @@ def test_bench_model_on_a_quantized_artifact(tmp_path):
     the runtime reads, and the floor's FFN term holds the rows as stored."""
     art = write_synthetic("opt-6.7b", tmp_path / "int8", scale=0.05, seed=0, quantize="int8")
     res = run_model_bench(ModelBenchOptions(art, tmp_path / "out", configs=("+bundling", "dense"), tokens=3, weights_fraction=0.9,
-                                            baseline_tokens=1, in_process=True, process_baseline_bytes=BASELINE))
+                                            baseline_tokens=1, in_process=True, process_baseline_bytes=BASELINE,
+                                            run_bandwidth=False))
     rows = {r["name"]: r for r in res["configs"]}
     assert all(r["ok"] for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
     a = res["artifact"]
@@ -155,7 +156,7 @@ def test_bench_model_on_a_quantized_artifact(tmp_path):
     res = run_model_bench(ModelBenchOptions(art, tmp_path / "out2", configs=("+bundling", "+overlap"), tokens=3,
                                             dram_limit=2 * res["memory"]["model_bytes"] + BASELINE + SLACK_BYTES,
                                             weights_fraction=1.0, baseline_tokens=1, in_process=True,
-                                            process_baseline_bytes=BASELINE))
+                                            process_baseline_bytes=BASELINE, run_bandwidth=False))
     rows = {r["name"]: r for r in res["configs"]}
     o, b = rows["+overlap"], rows["+bundling"]
     assert o["capacity"] == N and o["preload_bytes"] >= L * N * row_bytes and o["per_token"]["bytes_read"] == 0
@@ -200,7 +201,22 @@ def test_bench_model_cgroup_fallback(synth_art, tmp_path, monkeypatch):
     row = res["configs"][0]
     assert row["ok"], row.get("error")
     assert res["memory"]["cgroup"] is False and row.get("cgroup") is None
-    assert "NO cgroup: no cgroup v1 memory controller here" in (tmp_path / "o" / "table.md").read_text()
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert "NO cgroup: no cgroup v1 memory controller here" in table
+    # the floor at the bandwidth measured around the row (run_bandwidth, the default); the
+    # built-in one's beside it
+    run = row["matvec_run"]
+    assert row["bandwidth_source"] == "this run" and run["threads"] == row["bandwidth_threads"]
+    assert set(run["before"]) == set(run["after"]) == {"float16"} and min(run["before"].values()) > 0
+    gbps = (run["before"]["float16"] + run["after"]["float16"]) / 2
+    assert row["bandwidth_gbps"] == {"float16": pytest.approx(gbps, rel=1e-3)}
+    assert row["compute_floor_ms"] == pytest.approx(row["dram_bytes_per_token"] / gbps / 1e6, rel=1e-3)
+    assert row["bandwidth_source_profile"] == "default"
+    assert row["compute_floor_ms"] * gbps == pytest.approx(
+        (row["floor_ms_profile"] - row["io_not_hidden_ms"]) * row["bandwidth_gbps_profile"]["float16"], rel=1e-3)
+    assert row["total_vs_floor_profile"] == pytest.approx(row["per_token"]["total_ms"] / row["floor_ms_profile"])
+    assert "each row's own, measured right before and after it" in table
+    assert f"+bundling {row['total_vs_floor_profile']:.2f}" in table
 
 
 @pytest.mark.skipif(not memory_cgroup_support()[0], reason=memory_cgroup_support()[1])
@@ -243,7 +259,7 @@ def test_cuda_targets_and_labels(synth_art, tmp_path):
 
     res = run_model_bench(ModelBenchOptions(synth_art, tmp_path / "out", configs=("naive", "+bundling"), tokens=2,
                                             baseline_tokens=1, weights_fraction=0.8, in_process=True,
-                                            process_baseline_bytes=BASELINE))
+                                            process_baseline_bytes=BASELINE, run_bandwidth=False))
     assert all(r["ok"] for r in res["configs"]), [r.get("error") for r in res["configs"]]
     res["device"] = "cuda:0"  # the same rows read as a GPU run's
     res["machine"]["gpu"] = "a GPU"

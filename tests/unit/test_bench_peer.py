@@ -135,7 +135,8 @@ def test_bench_model_with_the_peer_rows(permuted_llama, tmp_path):
     from flashio.bench.model import ModelBenchOptions, run_model_bench
 
     opts = ModelBenchOptions(permuted_llama[1], tmp_path / "out", configs=("dense", "mmap"), baseline_tokens=2,
-                             peers=("llama.cpp",), torch_threads=1, compute_threads=1, dram_limit=1 << 30)
+                             peers=("llama.cpp",), torch_threads=1, compute_threads=1, dram_limit=1 << 30,
+                             run_bandwidth=False)
     res = run_model_bench(opts)
     rows = {r["name"]: r for r in res["configs"]}
     assert rows[ROW_LIMIT]["ok"] and rows[ROW_DRAM]["ok"], {n: r.get("error") for n, r in rows.items()}
