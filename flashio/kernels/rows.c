@@ -1491,7 +1491,12 @@ int64_t flashio_uring_read_pieces(flashio_ring *r, int fd, int64_t n, const int6
         }
         __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
         if (inflight == 0) break; /* an error stopped the submissions and everything is back */
-        int got = (int)syscall(__NR_io_uring_enter, r->fd, pending, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+        /* wake up for a quarter of the ring's reads while more wait to be submitted (the ring stays
+         * >= 3/4 full), for all of them once none does: one wake-up per read cost ~10 us of system
+         * time each on a 2-vCPU VM, taken from the compute threads */
+        int64_t batch = depth / 4 > 1 ? depth / 4 : 1;
+        unsigned want = (unsigned)(next < n && !err ? (inflight < batch ? inflight : batch) : inflight);
+        int got = (int)syscall(__NR_io_uring_enter, r->fd, pending, want, IORING_ENTER_GETEVENTS, NULL, 0);
         if (got < 0) {
             if (errno == EINTR || errno == EAGAIN || errno == EBUSY) continue;
             /* the ring itself failed: stop submitting, take back what the kernel did not take and

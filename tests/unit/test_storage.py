@@ -273,6 +273,24 @@ def test_uring_reads_are_one_share_on_one_ring_per_thread(ffn_file, read_loop):
 
 
 @pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
+@pytest.mark.parametrize("depth", [1, 3, 8, 13])
+def test_uring_reads_past_the_ring_depth(ffn_file, read_loop, monkeypatch, depth):
+    """More reads than the ring keeps in flight: the ring waits for a quarter of its depth while
+    reads wait to be submitted, for the rest at the end; every row lands (scattered rows too)."""
+    path, data = ffn_file
+    monkeypatch.setattr(storage, "URING_DEPTH", depth)
+    ids = np.arange(0, EXTENTS[0].n_rows, 7, dtype=np.int64)  # 172 separate reads
+    rows = np.random.default_rng(depth).permutation(len(ids) + 5)[: len(ids)]
+    with _direct_reader(path, threads=1) as reader, AlignedArena((len(ids) + 5) * EXTENTS[0].row_bytes) as arena:
+        assert reader._depth() == depth
+        out = arena.tensor(torch.uint8, (len(ids) + 5, EXTENTS[0].row_bytes))
+        r = reader.read_rows(0, ids, out, rows=rows)
+        assert r.reads == len(ids) and len(reader._rings) == 1
+        np.testing.assert_array_equal(out.numpy()[rows], _block(data, 0)[ids])
+        del out
+
+
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
 def test_without_a_ring_the_threads_read(ffn_file, read_loop, monkeypatch, caplog):
     path, data = ffn_file
     monkeypatch.setattr(kernels.library(), "flashio_uring_open", lambda entries, err: None)  # e.g. seccomp
