@@ -126,8 +126,8 @@ class ModelBenchOptions:
     device: str = "cpu"  # 'cuda[:N]': resident weights, KV and window caches in GPU memory
     peers: tuple[str, ...] = ()  # ("llama.cpp",): its rows beside flashio's (flashio.bench.peer)
     peer_gguf: Path | None = None  # where the peer's GGUF is written (None: OUT/llama.cpp/<artifact>.f16.gguf)
-    # price each row's floor at the matrix-vector bandwidth its worker measures before and after it
-    # (~2 s a row); False: at the device profile's
+    # price each row's floor at the matrix-vector bandwidth measured right before and after it
+    # (RunBandwidthProbe, ~1 s a row); False: at the device profile's
     run_bandwidth: bool = True
 
     @property
@@ -284,8 +284,8 @@ class RunBandwidthProbe:
 
 @dataclass(frozen=True)
 class RunBandwidth:
-    """A device profile whose matrix-vector bandwidths at `threads` are those measured in the row's
-    own worker (before the model opened and after it closed: `gbps`, by dtype); other dtypes and
+    """A device profile whose matrix-vector bandwidths at `threads` are those measured around one
+    row (RunBandwidthProbe, the mean of before and after: `gbps`, by dtype); other dtypes and
     thread counts, and the DRAM read, are the profile's."""
 
     profile: DeviceProfile

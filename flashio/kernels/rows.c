@@ -1492,8 +1492,9 @@ int64_t flashio_uring_read_pieces(flashio_ring *r, int fd, int64_t n, const int6
         __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
         if (inflight == 0) break; /* an error stopped the submissions and everything is back */
         /* wake up for a quarter of the ring's reads while more wait to be submitted (the ring stays
-         * >= 3/4 full), for all of them once none does: one wake-up per read cost ~10 us of system
-         * time each on a 2-vCPU VM, taken from the compute threads */
+         * >= 3/4 full), for all of them once none does, rather than for each: fewer wake-ups of this
+         * thread on cores the compute threads share (9600 scattered 24 KiB reads on a 2-vCPU VM,
+         * five alternated pairs: 0.87 against 0.76 GB/s, ~8 us of CPU per read either way) */
         int64_t batch = depth / 4 > 1 ? depth / 4 : 1;
         unsigned want = (unsigned)(next < n && !err ? (inflight < batch ? inflight : batch) : inflight);
         int got = (int)syscall(__NR_io_uring_enter, r->fd, pending, want, IORING_ENTER_GETEVENTS, NULL, 0);
