@@ -279,19 +279,17 @@ class FillingWindowCache(WindowCache):
         if need > 0:
             used = self.neuron_at[: self.n_used]
             candidates = used[self.last_active[used] < s]
-            if in_flight is not None and len(in_flight):
+            age = self.last_active[candidates]
+            busy = None
+            if in_flight is not None and len(in_flight) and len(candidates):  # rows being read rank last
                 busy = np.zeros(self.capacity, dtype=bool)
                 busy[in_flight] = True
-                late = busy[self.slot_of[candidates]]
-                if np.count_nonzero(~late) >= need:
-                    candidates = candidates[~late]
-                else:  # all the others, then the oldest of the rows being read
-                    idle, rest = candidates[~late], candidates[late]
-                    k = need - len(idle)
-                    oldest = rest[np.argpartition(self.last_active[rest], k - 1)[:k]] if k < len(rest) else rest
-                    candidates, took_in_flight = np.concatenate([idle, oldest]), len(oldest) > 0
+                busy = busy[self.slot_of[candidates]]
+                age = age + busy * (s - int(age.min()) + 1)  # age < s: a busy row's key exceeds every idle one's
             k = min(need, len(candidates))
-            oldest = candidates[np.argpartition(self.last_active[candidates], k - 1)[:k]] if k else candidates[:0]
+            taken = np.argpartition(age, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
+            took_in_flight = busy is not None and bool(busy[taken].any())
+            oldest = candidates[taken]
             freed = np.sort(self.slot_of[oldest])
             self.slot_of[oldest] = -1
             self.neuron_at[freed] = -1
