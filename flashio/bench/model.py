@@ -134,6 +134,11 @@ class ModelBenchOptions:
     def cuda(self) -> bool:
         return self.device != "cpu"
 
+    def product_threads(self) -> int:
+        """The threads the configurations' products run on: the kernels', or torch's where those
+        are more (the floor's bandwidth is taken at this count; llama.cpp's rows get as many)."""
+        return max(kernels.threads_for(self.compute_threads), self.torch_threads or torch.get_num_threads())
+
     def __post_init__(self) -> None:
         unknown = [c for c in self.configs if c not in CONFIG_NAMES]
         if unknown:
@@ -394,9 +399,8 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
         rows = {}
         probe = None
         if opts.run_bandwidth and not opts.cuda:
-            # the products' threads in the rows: the kernels', or torch's where more (as _floor)
-            threads = max(kernels.threads_for(opts.compute_threads), opts.torch_threads or torch.get_num_threads())
-            probe = RunBandwidthProbe(sorted({d for d in (compute["chosen"], m.dtype) if d in MATVEC_DTYPES}), threads)
+            probe = RunBandwidthProbe(sorted({d for d in (compute["chosen"], m.dtype) if d in MATVEC_DTYPES}),
+                                      opts.product_threads())
         for cfg in configs:
             warm, n_tok = _warmup(cfg, opts.window), _measured(cfg, opts)
             if cfg.mode == "mmap" and opts.cuda:

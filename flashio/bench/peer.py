@@ -174,16 +174,6 @@ def peer_targets(configs: list[dict]) -> dict:
     return out
 
 
-def peer_threads(opts) -> int:
-    """llama.cpp's threads: as many as flashio's configurations compute with (opts: ModelBenchOptions;
-    the kernels' threads, or torch's where those are more)."""
-    import torch
-
-    from flashio import kernels
-
-    return max(kernels.threads_for(opts.compute_threads), opts.torch_threads or torch.get_num_threads())
-
-
 def run_peers(art: Artifact, opts, plan: dict, cgroup: tuple[bool, str], tokens: list[int],
               say: Callable[[str], None], run_worker: Callable[..., dict], work: Path) -> tuple[list[dict], dict]:
     """run_peer_rows wired to flashio.bench.model's run: opts (ModelBenchOptions: peers, peer_gguf,
@@ -202,7 +192,7 @@ def run_peers(art: Artifact, opts, plan: dict, cgroup: tuple[bool, str], tokens:
         return run_worker(spec, work, slug, limit, opts.timeout_s, module="flashio.bench.peer_worker")
 
     gguf = opts.peer_gguf or opts.out_dir / "llama.cpp" / f"{art.path.name}.f16.gguf"
-    return run_peer_rows(art, tokens=feed, threads=peer_threads(opts),
+    return run_peer_rows(art, tokens=feed, threads=opts.product_threads(),
                          limit_bytes=plan["limit_bytes"] if ok else None, no_limit_why=why,
                          available_bytes=plan["available_bytes"], gguf_path=gguf,
                          run_child=None if opts.in_process else child, say=say,
