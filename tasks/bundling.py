@@ -136,7 +136,8 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
     path = write_artifact(model_source, out_dir / ARTIFACT_DIR, dtype=dtype, orders=orders, predictors=preds,
                           active_thresholds=list(stats.active_thresholds), gate_resident=gate_resident,
                           densities=None if densities is None else list(densities), selection=selection,
-                          up_sketch=up_sketch, hessians=hessians, **quantize,
+                          up_sketch=up_sketch, hessians=hessians,
+                          resident_hessians=None if hessians is None else hessians.resident, **quantize,
                           lineage={"source": source.lineage(), **(lineage or {}), "neuron_order": order},
                           report=report, report_files=report_files, name=source.name, progress=progress)
     return BundledArtifact(path=path, manifest_sha256=sha256_file(path / "manifest.json"), order=order, dtype=dtype)
@@ -144,7 +145,7 @@ def bundle_artifact(source: SourceModel, stats: ActivationStats, predictors: Seq
 
 # besides this module, the code whose changes change a bundle's bytes (quantized rows: GPTQ on the
 # calibration matrices)
-BUNDLE_CODE = ("tasks.hessians", "flashio.quant", "flashio.gptq")
+BUNDLE_CODE = ("tasks.hessians", "tasks.hooks", "flashio.quant", "flashio.gptq")
 
 
 @task(name="bundle", cache_key_fn=stage_cache("bundle", __name__, *BUNDLE_CODE))

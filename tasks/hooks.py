@@ -68,6 +68,32 @@ def down_modules(model, source: SourceModel) -> list[torch.nn.Linear]:
     return out
 
 
+ATTENTION_LINEARS = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "out_proj")}
+
+
+def attention_modules(model, source: SourceModel) -> list[dict[str, torch.nn.Linear]]:
+    """Per layer, its attention's projections by flashio name ("q", "k", "v", "o"): the Linear
+    children of the layer's `self_attn` (every supported family's name) called q_proj, k_proj,
+    v_proj and o_proj or out_proj (OPT). The layer is the `layers.{i}` prefix of its FFN's hook path."""
+    out = []
+    for i, path in enumerate(ffn_spec(source).hook_paths(source.n_layers)):
+        parts = path.split(".")
+        at = next((k for k in range(len(parts) - 1) if parts[k] == "layers" and parts[k + 1] == str(i)), None)
+        try:
+            attn = model.get_submodule(".".join([*parts[: at + 2], "self_attn"])) if at is not None else None
+        except AttributeError:
+            attn = None
+        found = {} if attn is None else {
+            key: m for key, names in ATTENTION_LINEARS.items() for name, m in attn.named_children()
+            if name in names and isinstance(m, torch.nn.Linear)}
+        if len(found) != len(ATTENTION_LINEARS):
+            raise InputError(f"{source.ref}: layer {i}'s attention (self_attn beside {path!r}) lacks "
+                             f"{sorted(set(ATTENTION_LINEARS) - set(found))} projections in this transformers "
+                             f"model ({type(model).__name__})")
+        out.append(found)
+    return out
+
+
 def model_lock() -> threading.Lock:
     """The lock every forward pass of the shared source model holds (hooks are per model)."""
     return _MODEL_LOCK
@@ -86,15 +112,18 @@ def load_model(path: str, dtype: str, fingerprint: str = ""):
 
 @contextlib.contextmanager
 def ffn_hooks(model, source: SourceModel, *, gate: HookFactory | None = None, down: HookFactory | None = None,
-              threads: int | None = None) -> Iterator[None]:
+              threads: int | None = None, more: Callable[[], list] | None = None) -> Iterator[None]:
     """Inside the block: the model lock held, inference mode, `threads` torch threads (None: torch's),
     `gate(i)` a forward hook on layer i's hooked module and `down(i)` a forward pre-hook on its down
-    projection (either None: not hooked). The hooks are removed on the way out."""
+    projection (either None: not hooked); `more()` registers any other hooks and returns their
+    handles. The hooks are removed on the way out."""
     with _MODEL_LOCK, torch.inference_mode(), torch_threads(threads):
         handles = [m.register_forward_hook(gate(i)) for i, m in enumerate(hooked_modules(model, source))] \
             if gate is not None else []
         if down is not None:
             handles += [d.register_forward_pre_hook(down(i)) for i, d in enumerate(down_modules(model, source))]
+        if more is not None:
+            handles += more()
         try:
             yield
         finally:
@@ -104,12 +133,12 @@ def ffn_hooks(model, source: SourceModel, *, gate: HookFactory | None = None, do
 
 def run_hooked(model, source: SourceModel, ids: torch.Tensor, *, batch_sequences: int,
                gate: HookFactory | None = None, down: HookFactory | None = None, threads: int | None = None,
-               before_batch: Callable[[torch.Tensor], None] | None = None,
+               more: Callable[[], list] | None = None, before_batch: Callable[[torch.Tensor], None] | None = None,
                progress: Callable[[int, int], None] | None = None) -> None:
     """The decoder (not the LM head: its logits are not needed) over `ids` [S, L], `batch_sequences`
     rows at a time, with the hooks of `ffn_hooks`; `before_batch(batch)` before each batch,
     `progress(done, total)` after it."""
-    with ffn_hooks(model, source, gate=gate, down=down, threads=threads):
+    with ffn_hooks(model, source, gate=gate, down=down, threads=threads, more=more):
         for b in range(0, len(ids), batch_sequences):
             batch = ids[b : b + batch_sequences]
             if before_batch is not None:

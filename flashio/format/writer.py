@@ -64,6 +64,7 @@ from flashio.quant import (
     quantize_resident,
     quantize_resident_rows,
     quantize_rows,
+    resident_row_quant,
     row_quant,
 )
 from flashio.version import __version__
@@ -185,6 +186,7 @@ def write_artifact(
     up_sketch: str | None = None,
     up_sketch_group_size: int | None = None,
     hessians: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    resident_hessians: Callable[[str], torch.Tensor | None] | None = None,
     lineage: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
     report_files: dict[str, Path] | None = None,
@@ -211,10 +213,14 @@ def write_artifact(
     hessians(i): with quantize, layer i's calibration matrices (H of the FFN input [D, D], of the
       down projection's input [N, N]; tasks.hessians), asked for in layer order: the rows are then
       quantized by GPTQ (flashio.gptq) instead of rounded to nearest.
+    resident_hessians(name): with quantize_resident, H of the input of resident matrix `name`
+      (layers.{i}.attn.{q,k,v,o}.weight, asked for right after hessians(i); lm_head.weight after the
+      last layer; None: rounded to nearest): those matrices are quantized by GPTQ, and so are
+      resident gate rows, on hessians(i)'s FFN input (tasks.hessians.CalibrationHessians.resident).
     quantize_resident: 'int8' (the default when quantize is given), 'int4' or 'none': the resident
       matrices (attention, an untied head, resident gate rows): int8 per output channel, int4 in
       groups along the input as the bundle rows (32 where they divide it, with offsets; rounded to
-      nearest); embeddings stay in `dtype`.
+      nearest unless resident_hessians); embeddings stay in `dtype`.
     up_sketch: gate-resident artifacts: 'int4' or 'int8': a quantized copy of every layer's up rows
       stays in DRAM too (UP_SKETCH_TENSOR, unaligned rows; format version 3), with which selection
       'gate+up' ranks neurons by |act(gate) * (x @ up)|; up_sketch_group_size: elements per scale
@@ -279,6 +285,8 @@ def write_artifact(
             {"format": "pt", "flashio": "ffn-bundles-v1"})
         resident = {k: v.to(tdtype).contiguous() for k, v in source.resident.items()}
         ffn_layers, preds_out = [], {}
+        resident_groups: dict[str, GroupCodes] = {}  # resident matrices quantized by GPTQ
+        gptq_resident = resident_hessians is not None and quantize_resident != "none"
         h = hashlib.sha256()
         with open(tmp / FFN, "wb") as f:
             f.write(header)
@@ -291,8 +299,12 @@ def write_artifact(
                 order = _check_order(orders[i], n, i) if orders is not None else torch.arange(n)
                 mats = {"up": w.up, "gate": w.gate, "down": w.down}
                 bundles = torch.cat([mats[p].to(tdtype) for p in parts], dim=1)[order].contiguous()  # [N, W]
+                h_in = None
                 if rq is not None:  # from the float values the unquantized artifact would hold
-                    groups = _gptq_groups(mats, parts, rq, tdtype, order, *hessians(i)) if hessians else None
+                    groups = None
+                    if hessians:
+                        h_in, h_act = hessians(i)
+                        groups = _gptq_groups(mats, parts, rq, tdtype, order, h_in, h_act)
                     bundles = quantize_rows(bundles, rq, groups)  # [N, row_bytes] uint8
                 info = placed[f"layers.{i}.bundles"]
                 pad = info.start - f.tell()
@@ -305,6 +317,14 @@ def write_artifact(
                 resident[f"layers.{i}.ffn.order"] = order
                 if gate_resident:
                     resident[f"layers.{i}.ffn.gate"] = w.gate.to(tdtype)[order].contiguous()  # [N, D]
+                    if gptq_resident and h_in is not None:
+                        resident_groups[f"layers.{i}.ffn.gate"] = _gptq_resident(
+                            w.gate.to(tdtype), h_in, quantize_resident)[order]
+                if gptq_resident:
+                    for key in (f"layers.{i}.attn.{x}.weight" for x in "qkvo"):
+                        hm = resident_hessians(key) if key in resident else None
+                        if hm is not None:
+                            resident_groups[key] = _gptq_resident(resident[key], hm, quantize_resident)
                 if sketch is not None:
                     resident[UP_SKETCH_TENSOR.format(i)] = quantize_rows(w.up.to(tdtype)[order], sketch)
                 for key, b in (("up_bias", w.up_bias), ("gate_bias", w.gate_bias)):
@@ -333,7 +353,11 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
         files = {FFN: FileEntry(FFN, total, h.hexdigest())}
-        resident_quant = _quantize_resident(resident, quantize_resident) if quantize_resident != "none" else None
+        hm = resident_hessians("lm_head.weight") if gptq_resident and "lm_head.weight" in resident else None
+        if hm is not None:
+            resident_groups["lm_head.weight"] = _gptq_resident(resident["lm_head.weight"], hm, quantize_resident)
+        resident_quant = (_quantize_resident(resident, quantize_resident, resident_groups)
+                          if quantize_resident != "none" else None)
         save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
         if predictors is not None:
             save_file(preds_out, str(tmp / PREDICTORS), metadata={"format": "pt"})
@@ -391,22 +415,40 @@ def _gptq_groups(mats: dict[str, torch.Tensor], parts: Sequence[str], rq: RowQua
     return out
 
 
-def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str) -> ResidentQuant | None:
+def _gptq_resident(w: torch.Tensor, h: torch.Tensor, scheme: str) -> GroupCodes:
+    """A resident [out, in] matrix quantized by GPTQ on H of its input, laid out as _quantize_resident
+    stores `scheme`: int4 in the resident rows' groups, int8 one symmetric scale per output row."""
+    if scheme == "int4":
+        q = resident_row_quant(w.shape[1])
+        return gptq_rows(w.float(), h, bits=q.bits, group_size=q.group_size, offsets=q.offsets)
+    return gptq_rows(w.float(), h, bits=8, group_size=w.shape[1], offsets=False)
+
+
+def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str,
+                       groups: dict[str, GroupCodes] | None = None) -> ResidentQuant | None:
     """Replace the resident matrices named by flashio.quant.RESIDENT_QUANTIZED (in place): int8,
     codes plus their per-output-channel scales as a tensor of their own; int4, rows of codes,
-    scales and offsets per group (flashio.quant.quantize_resident_rows). The record for the manifest."""
+    scales and offsets per group (flashio.quant.quantize_resident_rows). groups: matrices already
+    quantized (GPTQ, _gptq_resident); the others are rounded to nearest. The record for the manifest."""
     scales, rows = {}, {}
+    groups = groups or {}
     for name in sorted(resident):
         t = resident[name]
         if not (RESIDENT_QUANTIZED.search(name) and t.ndim == 2 and t.is_floating_point()):
             continue
+        gc = groups.get(name)
         if scheme == "int4":
-            resident[name], rows[name] = quantize_resident_rows(t)
+            if gc is None:
+                resident[name], rows[name] = quantize_resident_rows(t)
+            else:
+                rows[name] = resident_row_quant(t.shape[1])
+                resident[name] = quantize_rows(t, rows[name], {"w": gc})
             continue
         scale_name = f"{name.removesuffix('.weight')}.scale"
         if scale_name in resident:
             raise FlashError(f"resident tensor {scale_name!r} exists: cannot hold the scales of {name!r}")
-        resident[name], resident[scale_name] = quantize_resident(t)
+        resident[name], resident[scale_name] = (quantize_resident(t) if gc is None else
+                                                (gc.codes.to(torch.int8), gc.scales[:, 0].contiguous()))
         scales[name] = scale_name
     if not scales and not rows:
         return None

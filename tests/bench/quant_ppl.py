@@ -7,7 +7,9 @@
 (from the repository root, with flashio installed: ``pip install -e .``, or ``PYTHONPATH=.``)
 
 Writes one artifact per ``--variants`` entry (``DTYPE:SCHEME``, scheme ``none``, ``int8`` or
-``int4``, or ``int8+gptq`` / ``int4+gptq``: GPTQ on the token file's ``calibration`` rows) from the Hugging Face checkpoint with flashio's writer into ``--out`` (an artifact whose
+``int4``, or ``int8+gptq`` / ``int4+gptq``: GPTQ on the token file's ``calibration`` rows, for the
+FFN rows and the resident matrices, these rounded to nearest with ``--resident-rtn``) from the
+Hugging Face checkpoint with flashio's writer into ``--out`` (an artifact whose
 manifest is already there is reused), opens each with ``mode="dense"`` and scores the rows of
 ``TOKENS`` (a safetensors file, tensor ``--key``, int [n, L]: the pipeline's calibration file, whose
 held-out rows start with bos) the way the conversion's evaluation does (tasks.evaluation): each row
@@ -48,11 +50,12 @@ def parse_variant(text: str) -> tuple[str, str | None]:
 
 
 def artifact_for(ckpt: Path, out: Path, dtype: str, scheme: str | None, group_size: int | None,
-                 resident: str | None, calibration: torch.Tensor | None = None) -> Path:
+                 resident: str | None, calibration: torch.Tensor | None = None, resident_rtn: bool = False) -> Path:
     """The variant's artifact under `out`, written unless its manifest is already there (scheme
-    'int4+gptq': GPTQ on the `calibration` rows)."""
+    'int4+gptq': GPTQ on the `calibration` rows, for the resident matrices too unless resident_rtn)."""
     name = f"{dtype}-{(scheme or 'float').replace('+', '-')}" + (f"-g{group_size}" if scheme and group_size else "") \
-        + (f"-resident-{resident}" if scheme and resident else "")
+        + (f"-resident-{resident}" if scheme and resident else "") \
+        + ("-resident-rtn" if scheme and scheme.endswith("+gptq") and resident_rtn else "")
     path = out / name
     if not (path / "manifest.json").is_file():
         t0 = time.perf_counter()
@@ -64,7 +67,9 @@ def artifact_for(ckpt: Path, out: Path, dtype: str, scheme: str | None, group_si
             scheme = scheme.removesuffix("+gptq")
             hessians = CalibrationHessians(inspect_source(str(ckpt), hash_files=False), calibration)
         write_artifact(ckpt, path, dtype=dtype, quantize=scheme, group_size=group_size if scheme else None,
-                       quantize_resident=resident if scheme else None, hessians=hessians, overwrite=True)
+                       quantize_resident=resident if scheme else None, hessians=hessians,
+                       resident_hessians=None if hessians is None or resident_rtn else hessians.resident,
+                       overwrite=True)
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="DTYPE:SCHEME per artifact; the first is the reference (default: float32 with none, int8, int4)")
     ap.add_argument("--group-size", type=int, help="elements per scale (default: the writer's, the whole row part)")
     ap.add_argument("--quantize-resident", choices=["none", "int8", "int4"], help="resident matrices (default: the writer's, int8)")
+    ap.add_argument("--resident-rtn", action="store_true",
+                    help="+gptq variants: round the resident matrices to nearest (default: GPTQ for them too)")
     ap.add_argument("--rows", type=int, help="score only the first ROWS rows")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
@@ -96,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     calibration = load_file(str(args.tokens))["calibration"].long() if any(
         s and s.endswith("+gptq") for _, s in variants) else None
-    paths = [artifact_for(args.checkpoint, args.out, d, s, args.group_size, args.quantize_resident, calibration)
-             for d, s in variants]
+    paths = [artifact_for(args.checkpoint, args.out, d, s, args.group_size, args.quantize_resident, calibration,
+                          args.resident_rtn) for d, s in variants]
     tallies = [NextTokenTally() for _ in paths]
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:

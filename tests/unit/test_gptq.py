@@ -83,31 +83,107 @@ def test_calibration_hessians_are_the_ffn_inputs_gram_matrices_in_bounded_passes
     Gram matrices of those inputs captured from transformers directly; with room for one layer's
     matrices each pass fills one layer."""
     from tasks.hessians import CalibrationHessians
-    from tasks.source import SourceModel
 
     model, path = tiny_llama
-    c = model.config
-    src = SourceModel(ref=str(path), path=path, revision=None, model_type="llama", n_layers=c.num_hidden_layers,
-                      dim=c.hidden_size, ffn_dim=c.intermediate_size, gated=True, max_positions=128,
-                      config_dtype="float32", files=(), fingerprint="tiny-llama-hessians")
+    src = _source(model, path)
     ids = torch.randint(3, 320, (5, 12), generator=torch.Generator().manual_seed(0))
     seen: dict = {}
     hooks = []
+
+    def record(key, module):
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, a: seen.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.gate_proj.register_forward_pre_hook(
-            lambda m, a, i=i: seen.setdefault(("in", i), []).append(a[0].reshape(-1, a[0].shape[-1]))))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
-            lambda m, a, i=i: seen.setdefault(("act", i), []).append(a[0].reshape(-1, a[0].shape[-1]))))
+        record(("in", i), layer.mlp.gate_proj)
+        record(("act", i), layer.mlp.down_proj)
+        record(("qkv", i), layer.self_attn.k_proj)
+        record(("o", i), layer.self_attn.o_proj)
+    record("head", model.lm_head)
     with torch.no_grad():
         model(ids)
     for h in hooks:
         h.remove()
+    gram = {k: torch.cat(v).T @ torch.cat(v) for k, v in seen.items()}
     per_layer = 4 * (src.dim**2 + src.ffn_dim**2)
     hess = CalibrationHessians(src, ids, max_bytes=per_layer, batch_sequences=2)
     assert hess.layers_per_pass == 1
     for i in range(src.n_layers):
         h_in, h_act = hess(i)
-        x, a = torch.cat(seen[("in", i)]), torch.cat(seen[("act", i)])
-        torch.testing.assert_close(h_in, x.T @ x, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(h_act, a.T @ a, rtol=1e-4, atol=1e-4)
-    assert hess.passes == src.n_layers
+        torch.testing.assert_close(h_in, gram[("in", i)], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h_act, gram[("act", i)], rtol=1e-4, atol=1e-4)
+        for x in "qkv":  # the attention's three projections share their input
+            torch.testing.assert_close(hess.resident(f"layers.{i}.attn.{x}.weight"), gram[("qkv", i)],
+                                       rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hess.resident(f"layers.{i}.attn.o.weight"), gram[("o", i)], rtol=1e-4, atol=1e-4)
+    assert hess.passes == src.n_layers  # asked for after their layer's FFN: no pass of their own
+    torch.testing.assert_close(hess.resident("lm_head.weight"), gram["head"], rtol=1e-4, atol=1e-4)
+    assert hess.passes == src.n_layers  # the untied head's input was recorded in the first pass
+    assert hess.resident("tok_embeddings.weight") is None and hess.resident("layers.9.attn.q.weight") is None
+    assert CalibrationHessians(src, ids, resident_inputs=False).resident("layers.0.attn.q.weight") is None
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_resident_matrices_quantized_by_gptq_move_their_calibration_outputs_less(tiny_llama, tmp_path, scheme):
+    """write_artifact with resident_hessians: the attention matrices, the untied head and the
+    resident gate rows are quantized by GPTQ on their inputs' calibration matrices, which moves
+    each one's outputs on those inputs (tr(dW H dW^T)) less than round to nearest does."""
+    from flashio.format import Artifact, write_artifact
+    from flashio.quant import assemble_resident
+    from tasks.hessians import CalibrationHessians
+
+    model, path = tiny_llama
+    ids = torch.randint(3, 320, (8, 24), generator=torch.Generator().manual_seed(1))
+    src = _source(model, path)
+    ref = CalibrationHessians(src, ids)
+    hs = {f"layers.{i}.attn.{x}.weight": ref.resident(f"layers.{i}.attn.{x}.weight")
+          for i in range(src.n_layers) for x in "qkvo"}
+    hs["lm_head.weight"] = ref.resident("lm_head.weight")
+    hs.update({f"layers.{i}.ffn.gate": ref(i)[0] for i in range(src.n_layers)})
+    err = {}
+    for method in ("gptq", "rtn"):
+        hess = CalibrationHessians(src, ids)
+        out = write_artifact(path, tmp_path / method, dtype="float32", quantize="int4", quantize_resident=scheme,
+                             gate_resident=True, hessians=hess,
+                             resident_hessians=hess.resident if method == "gptq" else None)
+        art = Artifact(out)
+        res = art.load_resident()
+        quant = assemble_resident(res, art.manifest.resident_quant)
+        err[method] = {}
+        for name, h in hs.items():
+            q = quant[name]
+            w = _dense(q)
+            if name.endswith(".ffn.gate"):  # stored in the artifact's neuron order
+                i = int(name.split(".")[1])
+                ref_w = model.model.layers[i].mlp.gate_proj.weight.detach()[res[f"layers.{i}.ffn.order"]]
+            else:
+                ref_w = dict(model.named_parameters())[_hf_name(name)].detach()
+            dw = (w - ref_w).double()
+            err[method][name] = float(((dw @ h.double()) * dw).sum())
+    for name in hs:
+        assert err["gptq"][name] < err["rtn"][name], (name, err["gptq"][name], err["rtn"][name])
+
+
+def _source(model, path):
+    from tasks.source import SourceModel
+
+    c = model.config
+    return SourceModel(ref=str(path), path=path, revision=None, model_type="llama", n_layers=c.num_hidden_layers,
+                       dim=c.hidden_size, ffn_dim=c.intermediate_size, gated=True, max_positions=128,
+                       config_dtype="float32", files=(), fingerprint="tiny-llama-hessians")
+
+
+def _hf_name(name: str) -> str:
+    if name == "lm_head.weight":
+        return name
+    i, x = name.split(".")[1], name.split(".")[3]
+    return f"model.layers.{i}.self_attn.{x}_proj.weight"
+
+
+def _dense(q) -> torch.Tensor:
+    """A quantized resident matrix (QuantizedWeight or QuantizedRows) as float32 [out, in]."""
+    from flashio.quant import QuantizedWeight
+
+    if isinstance(q, QuantizedWeight):
+        return q.codes.float() * q.scale.float()[:, None]
+    return dequantize_rows(q.rows, q.q, "w")
