@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from flashio.errors import FlashError
-from flashio.quant import GroupCodes, group_codes, group_params
+from flashio.quant import GroupCodes, group_codes, group_params, super_steps
 
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse defined (GPTQ's default)
 BLOCK = 128  # columns whose updates are applied to the rest at once (GPTQ's lazy batch)
@@ -92,13 +92,14 @@ def _loudest_first(h: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, offsets: bool,
-              act_order: bool = ACT_ORDER, weighted_ranges: bool = WEIGHTED_RANGES) -> GroupCodes:
+              act_order: bool = ACT_ORDER, weighted_ranges: bool = WEIGHTED_RANGES, super_size: int = 0) -> GroupCodes:
     """Rows [N, D] over D inputs (up or gate), H [D, D] of those inputs: codes in groups of
     `group_size` along D, as flashio.quant.quantize_groups lays them out. act_order: the inputs
     are quantized loudest first, each group's scale (and offset) fixed beforehand from the
     unquantized weights; else in order, a group's parameters chosen when its first input comes
     from its weights as updated so far, each input's error weighted by what it costs
-    (weighted_ranges, asymmetric groups)."""
+    (weighted_ranges, asymmetric groups). super_size: two-level scales (flashio.quant.RowQuant.sub_bits),
+    each super-block's steps chosen when its first input comes, from its weights as updated so far."""
     n, d = w.shape
     g = group_size
     if d % g:
@@ -108,6 +109,10 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, o
     codes = torch.empty(n, d, dtype=torch.int16)
     scales = torch.empty(n, d // g)
     offs = torch.empty(n, d // g) if offsets else None
+    if super_size and (act_order or not offsets or super_size % BLOCK or d % super_size):
+        raise FlashError(f"GPTQ: two-level scales need asymmetric groups in order, in super-blocks of a multiple "
+                         f"of {BLOCK} dividing {d} (got {super_size})")
+    steps = (torch.empty(n, d // super_size), torch.empty(n, d // super_size)) if super_size else None
     perm = _loudest_first(h) if act_order else None
     # what an input's rounding error costs on the calibration outputs, once the inputs before it are
     # quantized: 1 / [H^-1]_ii of the rest (the Cholesky factor's diagonal, squared): a group's range
@@ -125,9 +130,18 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, o
             s, o = scales[:, j // g], None if offs is None else offs[:, j // g]
         else:
             j = c
+            grid = None
+            if steps is not None:
+                k = c // super_size
+                if c % super_size == 0:  # a block's first column: w[:, c:] is as updated so far
+                    sw = w[:, c : c + super_size].view(n, super_size // g, g)
+                    imp = None if importance is None else importance[c : c + super_size].view(super_size // g, g)
+                    st = super_steps(sw, bits, imp)
+                    steps[0][:, k], steps[1][:, k] = st[0][:, 0, 0], st[1][:, 0, 0]
+                grid = (steps[0][:, k : k + 1], steps[1][:, k : k + 1])
             if c % g == 0:  # the group's parameters from its columns as updated so far
                 grp = rest[:, :g] if rest.shape[1] >= g else w[:, c : c + g]
-                s, o = group_params(grp, bits, offsets, None if importance is None else importance[c : c + g])
+                s, o = group_params(grp, bits, offsets, None if importance is None else importance[c : c + g], grid)
                 scales[:, c // g] = s[:, 0]
                 if offs is not None:
                     offs[:, c // g] = o[:, 0]
@@ -137,14 +151,15 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, o
         return k * s + (0 if o is None else o)
 
     _gptq(w if perm is None else w[:, perm].contiguous(), h, quantize, perm)
-    return GroupCodes(codes, scales.half(), None if offs is None else offs.half())
+    return GroupCodes(codes, scales.half(), None if offs is None else offs.half(),
+                      None if steps is None else (steps[0].half(), steps[1].half()))
 
 
 def gptq_neurons(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, offsets: bool,
-                 act_order: bool = ACT_ORDER) -> GroupCodes:
+                 act_order: bool = ACT_ORDER, super_size: int = 0) -> GroupCodes:
     """Down rows [N, D] (neuron n's weights onto the D outputs), H [N, N] of the neurons'
     activations: each neuron's row in groups of `group_size` along D, errors spread over the
-    neurons after it (act_order: the most active neurons first)."""
+    neurons after it (act_order: the most active neurons first; super_size: two-level scales)."""
     n, d = w.shape
     g = group_size
     if d % g:
@@ -156,17 +171,27 @@ def gptq_neurons(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int
     codes = torch.empty(n, d, dtype=torch.int16)
     scales = torch.empty(n, d // g)
     offs = torch.empty(n, d // g) if offsets else None
+    if super_size and (not offsets or d % super_size or super_size % g):
+        raise FlashError(f"GPTQ: two-level scales need asymmetric groups of {g} in super-blocks dividing {d}")
+    steps = (torch.empty(n, d // super_size), torch.empty(n, d // super_size)) if super_size else None
 
     def quantize(c: int, col: torch.Tensor, _rest: torch.Tensor) -> torch.Tensor:
         j = c if perm is None else int(perm[c])
-        grp = col.view(d // g, g)
-        s, o = group_params(grp, bits, offsets)
+        if steps is not None:
+            grp = col.view(d // super_size, super_size // g, g)
+            st = super_steps(grp, bits)
+            steps[0][j], steps[1][j] = st[0].view(-1), st[1].view(-1)
+            s, o = group_params(grp, bits, True, grid=st)
+        else:
+            grp = col.view(d // g, g)
+            s, o = group_params(grp, bits, offsets)
         k = group_codes(grp, s, o, bits)
         codes[j] = k.view(d)
-        scales[j] = s[:, 0]
+        scales[j] = s.view(-1)
         if offs is not None:
-            offs[j] = o[:, 0]
+            offs[j] = o.view(-1)
         return (k * s + (0 if o is None else o)).view(d)
 
     _gptq(wt, h, quantize, perm)
-    return GroupCodes(codes, scales.half(), None if offs is None else offs.half())
+    return GroupCodes(codes, scales.half(), None if offs is None else offs.half(),
+                      None if steps is None else (steps[0].half(), steps[1].half()))

@@ -58,6 +58,11 @@ SCHEMES = {"int8": 8, "int4": 4}  # scheme -> bits per element
 ASYMMETRIC = {"int8": False, "int4": True}  # a scheme's default: int4 groups keep an offset (see below)
 INT4_GROUP = 32  # int4's default elements per scale (see default_group_size), as llama.cpp's blocks
 OFFSET_SEARCH = 4  # asymmetric groups: each end of the [min, max] range trimmed by 0..3 steps of 3% (MSE)
+# two-level scales (RowQuant.sub_bits, as llama.cpp's Q4_K): each group's scale and offset are 6-bit
+# multiples of an fp16 scale and an fp16 offset step shared by the groups of a super-block
+SUB_BITS = 6
+SUB_MAX = (1 << SUB_BITS) - 1
+SUPER_SIZES = (256, 128)  # elements per super-block: the first that divides d_model
 RESIDENT_SCHEMES = ("int8", "int4")  # int8 per output channel; int4 in groups along the input, as bundle rows
 SCALE_DTYPE = "float16"
 ROW_ALIGN_BYTES = 512  # O_DIRECT's block: float rows that were a multiple stay one where it is cheap
@@ -92,6 +97,12 @@ class RowQuant:
     row_bytes: int  # stored width of a row (padding included)
     parts: tuple[PartQuant, ...]
     offsets: bool = False  # asymmetric: element = code * scale + offset, codes 0..2^bits-1 (int4 rows)
+    # two-level scales: 0, fp16 scales (and offsets) per group; SUB_BITS, per super-block of
+    # super_size elements an fp16 step d (and dmin), per group a SUB_BITS-bit multiple of it
+    # (scale = fp16(d * sc), offset = -fp16(dmin * m)): the part's "scales" bytes are the super-blocks'
+    # d then the groups' sc packed four in three bytes, its "offsets" bytes likewise dmin and m
+    sub_bits: int = 0
+    super_size: int = 0
 
     @property
     def bits(self) -> int:
@@ -101,6 +112,19 @@ class RowQuant:
     def dim(self) -> int:
         p = self.parts[0]
         return (p.codes_end - p.codes_start) * 8 // self.bits
+
+    @property
+    def n_groups(self) -> int:
+        return self.dim // self.group_size
+
+    @property
+    def n_super(self) -> int:
+        return self.dim // self.super_size if self.sub_bits else 0
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes of one part's scales (and of its offsets, when it has them)."""
+        return scale_block_bytes(self.dim, self.group_size, self.sub_bits, self.super_size)
 
     def part(self, name: str) -> PartQuant:
         for p in self.parts:
@@ -112,14 +136,34 @@ class RowQuant:
         """Part `name` as flashio.kernels takes it."""
         p = self.part(name)
         return QuantLayout(self.row_bytes, self.dim, self.bits, self.group_size, p.codes_start, p.scales_start,
-                           p.offsets_start if self.offsets else -1)
+                           p.offsets_start if self.offsets else -1, self.super_size if self.sub_bits else 0)
 
     def to_json(self) -> dict:
         d = {"scheme": self.scheme, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
              "row_bytes": self.row_bytes,
              "parts": [[p.name, p.codes_start, p.codes_end, p.scales_start, p.scales_end]
                        + ([p.offsets_start, p.offsets_end] if self.offsets else []) for p in self.parts]}
+        if self.sub_bits:
+            d.update(sub_bits=self.sub_bits, super_size=self.super_size)
         return {**d, "offsets": True} if self.offsets else d
+
+
+def scale_block_bytes(dim: int, group: int, sub_bits: int = 0, super_size: int = 0) -> int:
+    """Bytes of one part's scales: an fp16 per group, or (sub_bits) an fp16 per super-block and
+    the groups' 6-bit multiples packed four in three bytes, padded to an even length."""
+    if not sub_bits:
+        return dim // group * 2
+    packed = dim // group * SUB_BITS // 8
+    return dim // super_size * 2 + packed + packed % 2
+
+
+def default_super_size(dim: int, group: int) -> int:
+    """The super-block of two-level scales for rows of `dim` in groups of `group`: the first of
+    SUPER_SIZES that divides dim and holds whole groups; 0 when none does or dim / group is not a
+    multiple of 4 (the packing's unit)."""
+    if (dim // group) % 4 or dim % group:
+        return 0
+    return next((s for s in SUPER_SIZES if dim % s == 0 and s % group == 0), 0)
 
 
 def check_scheme(scheme: str, *, where: str = "quantize") -> int:
@@ -138,20 +182,29 @@ def default_group_size(scheme: str, dim: int) -> int:
 
 
 def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int | None = None,
-              float_itemsize: int = 2, aligned: bool = True, offsets: bool | None = None) -> RowQuant:
+              float_itemsize: int = 2, aligned: bool = True, offsets: bool | None = None,
+              two_level: bool = False) -> RowQuant:
     """The row layout for `parts` of `dim` elements each; padded to ROW_ALIGN_BYTES when the
     float row (`float_itemsize` bytes per element) was a multiple of it and that adds at most
     MAX_PAD_FRACTION, else to MIN_ALIGN_BYTES (see the module docstring). aligned=False: rows that
     are never read from flash (the resident up sketch), padded to an even length only.
     offsets: asymmetric groups (a scale and an offset each); None: int4 asymmetric, int8 symmetric
-    (see ASYMMETRIC)."""
+    (see ASYMMETRIC). two_level: asymmetric int4 only, scales and offsets as 6-bit multiples of a
+    super-block's fp16 steps (RowQuant.sub_bits; needs dim a multiple of 128 and of 4 groups)."""
     bits = check_scheme(scheme)
     offsets = ASYMMETRIC[scheme] if offsets is None else bool(offsets)
     g = default_group_size(scheme, dim) if group_size is None else int(group_size)
     if g <= 0 or dim % g or (bits == 4 and (dim % 2 or g % 2)):
         raise FlashError(f"group size {group_size} must be a positive divisor of d_model {dim}"
                          + (" (and even, with an even d_model, for int4)" if bits == 4 else ""))
-    code_bytes, scale_bytes = dim * bits // 8, dim // g * 2
+    sub_bits = super_size = 0
+    if two_level:
+        super_size = default_super_size(dim, g)
+        if bits != 4 or not offsets or not super_size:
+            raise FlashError(f"two-level scales are for asymmetric int4 rows whose d_model ({dim}) is a multiple of "
+                             f"{min(SUPER_SIZES)} and of 4 groups of {g}")
+        sub_bits = SUB_BITS
+    code_bytes, scale_bytes = dim * bits // 8, scale_block_bytes(dim, g, sub_bits, super_size)
     out, pos = [], 0
     for name in parts:
         s_end = pos + code_bytes + scale_bytes
@@ -165,7 +218,7 @@ def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int 
         pos = block
     else:
         pos = -(-pos // MIN_ALIGN_BYTES) * MIN_ALIGN_BYTES
-    return RowQuant(scheme, g, SCALE_DTYPE, pos, tuple(out), offsets)
+    return RowQuant(scheme, g, SCALE_DTYPE, pos, tuple(out), offsets, sub_bits, super_size)
 
 
 def check_row_quant(q: RowQuant, parts: tuple[str, ...], dim: int, where: str) -> None:
@@ -181,18 +234,27 @@ def check_row_quant(q: RowQuant, parts: tuple[str, ...], dim: int, where: str) -
     g, bits = q.group_size, SCHEMES[q.scheme]
     if g <= 0 or dim % g or (bits == 4 and g % 2):
         raise FormatError(f"{where}: group_size {g} does not divide d_model {dim} (int4: even)")
+    if q.sub_bits and (q.sub_bits != SUB_BITS or bits != 4 or not q.offsets
+                       or q.super_size != default_super_size(dim, g)):
+        raise FormatError(f"{where}: two-level scales (sub_bits {q.sub_bits}, super_size {q.super_size}) are "
+                          f"{SUB_BITS}-bit, for asymmetric int4 rows, in super-blocks of "
+                          f"{default_super_size(dim, g) or 'none'} for d_model {dim} in groups of {g}")
+    if not q.sub_bits and q.super_size:
+        raise FormatError(f"{where}: super_size {q.super_size} without sub_bits")
+    nb = q.scale_bytes
+    what = f"{q.n_super} super-blocks' and {dim // g} groups' scales" if q.sub_bits else f"{dim // g} {SCALE_DTYPE} scales"
     end = 0
     for p in q.parts:
         if (p.codes_start < end or p.codes_end - p.codes_start != dim * bits // 8 or p.scales_start < p.codes_end
-                or p.scales_end - p.scales_start != dim // g * 2 or p.scales_start % 2):
+                or p.scales_end - p.scales_start != nb or p.scales_start % 2):
             raise FormatError(f"{where}: part {p.name!r} codes [{p.codes_start}, {p.codes_end}) scales "
                               f"[{p.scales_start}, {p.scales_end}) do not hold {dim} {q.scheme} codes and "
-                              f"{dim // g} {SCALE_DTYPE} scales after the previous part")
+                              f"{what} after the previous part")
         end = p.scales_end
         if q.offsets:
-            if p.offsets_start < end or p.offsets_end - p.offsets_start != dim // g * 2 or p.offsets_start % 2:
+            if p.offsets_start < end or p.offsets_end - p.offsets_start != nb or p.offsets_start % 2:
                 raise FormatError(f"{where}: part {p.name!r} offsets [{p.offsets_start}, {p.offsets_end}) do not "
-                                  f"hold {dim // g} {SCALE_DTYPE} offsets after its scales")
+                                  f"hold {nb} bytes of offsets after its scales")
             end = p.offsets_end
         elif p.offsets_start or p.offsets_end:
             raise FormatError(f"{where}: part {p.name!r} has offsets but the record's 'offsets' is not true")
@@ -211,18 +273,25 @@ class GroupCodes:
     codes: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None = None
+    # two-level scales: the super-blocks' fp16 steps (d [N, D/S], dmin [N, D/S]) of which scales and
+    # -offsets are 6-bit multiples (see RowQuant.sub_bits)
+    supers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __getitem__(self, index) -> GroupCodes:  # rows, e.g. a neuron order
         return GroupCodes(self.codes[index], self.scales[index],
-                          None if self.offsets is None else self.offsets[index])
+                          None if self.offsets is None else self.offsets[index],
+                          None if self.supers is None else (self.supers[0][index], self.supers[1][index]))
 
 
-def group_params(wg: torch.Tensor, bits: int, offsets: bool,
-                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_params(wg: torch.Tensor, bits: int, offsets: bool, importance: torch.Tensor | None = None,
+                 grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and offsets) [..., 1], rounded to fp16 but as float32, for groups wg [..., g].
     Symmetric: absmax / qmax. Asymmetric: the [min, max] range over 2^bits - 1 steps, each end
     trimmed by the fraction (0, 3, 6 or 9%) of the range that gives the smallest squared error,
-    each element's error weighted by `importance` (broadcast to wg; e.g. GPTQ's per-input weight)."""
+    each element's error weighted by `importance` (broadcast to wg; e.g. GPTQ's per-input weight).
+    grid (asymmetric): the super-block's steps (d, dmin) [..., 1] of two-level scales: each
+    candidate's scale is rounded to fp16(d * sc), sc in 1..63, and its offset to -fp16(dmin * m),
+    m in 0..63 (a group whose minimum is above 0 starts its range at 0)."""
     if not offsets:  # fp16 subnormals kept: a group of small weights keeps its own scale
         scale = (wg.abs().amax(dim=-1, keepdim=True) / ((1 << (bits - 1)) - 1)).half().float()
         return scale, None
@@ -231,12 +300,18 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool,
     span = hi - lo
     tiny = 2.0 ** -24  # fp16's smallest subnormal: small groups keep a scale of their own size
     best = None
+    if grid is not None:
+        lo = lo.clamp_max(0)
+        span = hi.clamp_min(0) - lo
     for a in range(OFFSET_SEARCH):
         for b in range(OFFSET_SEARCH):
             low = lo + 0.03 * a * span
-            s = ((hi - 0.03 * b * span - low) / qm).clamp_min(tiny).half().float()
-            z = low.half().float()
-            err = (torch.round((wg - z) / s).clamp_(0, qm) * s + z - wg).square_()
+            s = ((hi - 0.03 * b * span - low) / qm).clamp_min(tiny)
+            if grid is None:
+                s, z = s.half().float(), low.half().float()
+            else:
+                s, z = on_grid(s, low, *grid)
+            err = (torch.round((wg - z) / s.clamp_min(tiny)).clamp_(0, qm) * s + z - wg).square_()
             err = (err if importance is None else err * importance).sum(dim=-1, keepdim=True)
             if best is None:
                 best = [err, s, z]
@@ -244,6 +319,24 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool,
                 better = err < best[0]
                 best = [torch.where(better, e, old) for e, old in zip((err, s, z), best)]
     return best[1], best[2]
+
+
+def on_grid(scale: torch.Tensor, offset: torch.Tensor, d: torch.Tensor,
+            dmin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-level scales: `scale` as fp16(d * sc), sc = round(scale / d) in 1..63 (0 where d is 0),
+    and `offset` as -fp16(dmin * m), m = round(-offset / dmin) in 0..63; float32."""
+    sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)).clamp(1, SUB_MAX), 0)
+    m = torch.where(dmin > 0, torch.round(-offset / torch.where(dmin > 0, dmin, 1)).clamp(0, SUB_MAX), 0)
+    return (d * sc).half().float(), -(dmin * m).half().float()
+
+
+def super_steps(ws: torch.Tensor, bits: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16 steps (d, dmin) [..., 1, 1] (as float32) of super-blocks ws [..., groups, g]: the
+    largest of its groups' own scales and -offsets (group_params, offsets at most 0) over 63."""
+    scale, offset = group_params(ws, bits, True, importance)
+    d = (scale.amax(dim=-2, keepdim=True) / SUB_MAX).half().float()
+    dmin = ((-offset).clamp_min(0).amax(dim=-2, keepdim=True) / SUB_MAX).half().float()
+    return d, dmin
 
 
 def group_codes(wg: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -257,13 +350,49 @@ def group_codes(wg: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | No
     return torch.round((wg - offset) / s).clamp_(0, (1 << bits) - 1).to(torch.int16)
 
 
-def quantize_groups(w: torch.Tensor, bits: int, g: int, offsets: bool = False) -> GroupCodes:
-    """w: [N, D] rounded to nearest in groups of g along D."""
+def quantize_groups(w: torch.Tensor, bits: int, g: int, offsets: bool = False, super_size: int = 0) -> GroupCodes:
+    """w: [N, D] rounded to nearest in groups of g along D (super_size: two-level scales in
+    super-blocks of that many elements, asymmetric int4)."""
     n, d = w.shape
+    if super_size:
+        ws = w.float().view(n, d // super_size, super_size // g, g)
+        steps = super_steps(ws, bits)
+        scale, offset = group_params(ws, bits, True, grid=steps)
+        codes = group_codes(ws, scale, offset, bits).view(n, d)
+        return GroupCodes(codes, scale.reshape(n, -1).half(), offset.reshape(n, -1).half(),
+                          (steps[0].reshape(n, -1).half(), steps[1].reshape(n, -1).half()))
     wg = w.float().view(n, d // g, g)
     scale, offset = group_params(wg, bits, offsets)
     codes = group_codes(wg, scale, offset, bits).view(n, d)
     return GroupCodes(codes, scale[..., 0].half(), None if offset is None else offset[..., 0].half())
+
+
+def _pack_sub(v: torch.Tensor) -> torch.Tensor:
+    """[N, G] integers 0..63 (G % 4 == 0) -> [N, 3G/4] uint8: four 6-bit values in three bytes,
+    little-endian (value j of a four at bits 6j..6j+5)."""
+    n, g = v.shape
+    w = v.to(torch.int32).view(n, g // 4, 4)
+    word = w[..., 0] | (w[..., 1] << 6) | (w[..., 2] << 12) | (w[..., 3] << 18)
+    return torch.stack([word & 255, (word >> 8) & 255, word >> 16], dim=-1).to(torch.uint8).view(n, g // 4 * 3)
+
+
+def _unpack_sub(b: torch.Tensor, groups: int) -> torch.Tensor:
+    """_pack_sub's inverse: [N, >= 3G/4] uint8 -> [N, G] float32."""
+    n = b.shape[0]
+    t = b[:, : groups // 4 * 3].to(torch.int32).view(n, groups // 4, 3)
+    word = t[..., 0] | (t[..., 1] << 8) | (t[..., 2] << 16)
+    return torch.stack([(word >> (6 * j)) & SUB_MAX for j in range(4)], dim=-1).view(n, groups).float()
+
+
+def _sub_indices(values: torch.Tensor, step: torch.Tensor, q: RowQuant, name: str) -> torch.Tensor:
+    """The 6-bit multiples of `step` [N, S] that two-level `values` [N, G] (scales, or -offsets)
+    were rounded to; FlashError unless fp16(step * index) gives the values back exactly."""
+    per = q.super_size // q.group_size
+    st = step.float().repeat_interleave(per, dim=1)
+    idx = torch.where(st > 0, torch.round(values.float() / torch.where(st > 0, st, 1)), 0).clamp(0, SUB_MAX)
+    if not torch.equal((st * idx).half(), values.half()):
+        raise FlashError(f"{name}: the two-level values are not 6-bit multiples of their super-blocks' steps")
+    return idx.to(torch.int32)
 
 
 def quantize_rows(bundles: torch.Tensor, q: RowQuant, groups: dict[str, GroupCodes] | None = None) -> torch.Tensor:
@@ -274,21 +403,34 @@ def quantize_rows(bundles: torch.Tensor, q: RowQuant, groups: dict[str, GroupCod
     out = torch.zeros(n, q.row_bytes, dtype=torch.uint8)
     for k, p in enumerate(q.parts):
         gc = (groups or {}).get(p.name) or quantize_groups(bundles[:, k * d : (k + 1) * d], q.bits, q.group_size,
-                                                           q.offsets)
+                                                           q.offsets, q.super_size)
         if gc.codes.shape != (n, d) or (gc.offsets is not None) != q.offsets:
             raise FlashError(f"part {p.name!r}: codes {tuple(gc.codes.shape)} (offsets {gc.offsets is not None}) "
                              f"for rows of {n} x {d} (offsets {q.offsets})")
         codes = gc.codes
+        if q.sub_bits:
+            _store_two_level(out, p, q, gc)
         if q.bits == 4:
             u = (codes if q.offsets else codes + 8).to(torch.uint8)
             packed = u[:, : d // 2] | (u[:, d // 2 :] << 4)
         else:
             packed = codes.to(torch.uint8) if q.offsets else codes.to(torch.int8).view(torch.uint8)
         out[:, p.codes_start : p.codes_end] = packed
-        out[:, p.scales_start : p.scales_end] = gc.scales.half().contiguous().view(torch.uint8)
-        if q.offsets:
-            out[:, p.offsets_start : p.offsets_end] = gc.offsets.half().contiguous().view(torch.uint8)
+        if not q.sub_bits:
+            out[:, p.scales_start : p.scales_end] = gc.scales.half().contiguous().view(torch.uint8)
+            if q.offsets:
+                out[:, p.offsets_start : p.offsets_end] = gc.offsets.half().contiguous().view(torch.uint8)
     return out
+
+
+def _store_two_level(out: torch.Tensor, p: PartQuant, q: RowQuant, gc: GroupCodes) -> None:
+    """Part p's two-level scales and offsets into rows `out` (RowQuant.sub_bits)."""
+    if gc.supers is None:
+        raise FlashError(f"part {p.name!r}: rows with two-level scales need the codes' super-block steps")
+    ns, ng = q.n_super, q.n_groups
+    for start, step, values in ((p.scales_start, gc.supers[0], gc.scales), (p.offsets_start, gc.supers[1], -gc.offsets.float())):
+        out[:, start : start + 2 * ns] = step.half().contiguous().view(torch.uint8)
+        out[:, start + 2 * ns : start + 2 * ns + ng * SUB_BITS // 8] = _pack_sub(_sub_indices(values, step, q, p.name))
 
 
 def dequantize_rows(rows: torch.Tensor, q: RowQuant, part: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -306,38 +448,52 @@ def quantize_resident(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gc.codes.to(torch.int8), gc.scales[:, 0].contiguous()
 
 
-def resident_row_quant(in_features: int) -> RowQuant:
+def resident_row_quant(in_features: int, two_level: bool = False) -> RowQuant:
     """The row layout of an int4 resident matrix: one part ("w") of its input width, int4's
-    default groups (32 where they divide it) with offsets, as the FFN's bundle rows; padded to an
-    even length only (the rows are never read from flash)."""
-    return row_quant(("w",), dim=in_features, scheme="int4", aligned=False)
+    default groups (32 where they divide it) with offsets, as the FFN's bundle rows (two_level:
+    their two-level scales, where the width allows them); padded to an even length only (the rows
+    are never read from flash)."""
+    two_level = two_level and bool(default_super_size(in_features, default_group_size("int4", in_features)))
+    return row_quant(("w",), dim=in_features, scheme="int4", aligned=False, two_level=two_level)
 
 
-def quantize_resident_rows(w: torch.Tensor) -> tuple[torch.Tensor, RowQuant]:
+def quantize_resident_rows(w: torch.Tensor, two_level: bool = False) -> tuple[torch.Tensor, RowQuant]:
     """A [out, in] matrix -> int4 rows [out, row_bytes] uint8 and their layout (round to nearest)."""
-    q = resident_row_quant(w.shape[1])
+    q = resident_row_quant(w.shape[1], two_level)
     return quantize_rows(w, q), q
 
 
 # -- computing (the runtime) ---------------------------------------------------------------------------
 
-def _scales(rows: torch.Tensor, p: PartQuant) -> torch.Tensor:
-    """[R, groups] float32 scales of part p (an fp16 view of the row bytes)."""
+def _scales(rows: torch.Tensor, p: PartQuant, q: RowQuant) -> torch.Tensor:
+    """[R, groups] float32 scales of part p (an fp16 view of the row bytes; two-level: decoded)."""
+    if q.sub_bits:
+        return _two_level(rows, p.scales_start, q)
     return rows[:, p.scales_start : p.scales_end].view(torch.float16).float()
 
 
-def _offsets(rows: torch.Tensor, p: PartQuant) -> torch.Tensor:
+def _offsets(rows: torch.Tensor, p: PartQuant, q: RowQuant) -> torch.Tensor:
     """[R, groups] float32 offsets of part p (asymmetric rows)."""
+    if q.sub_bits:
+        return -_two_level(rows, p.offsets_start, q)
     return rows[:, p.offsets_start : p.offsets_end].view(torch.float16).float()
+
+
+def _two_level(rows: torch.Tensor, start: int, q: RowQuant) -> torch.Tensor:
+    """[R, groups] float32: fp16(step * index) of the two-level block at `start` of each row."""
+    ns = q.n_super
+    step = rows[:, start : start + 2 * ns].view(torch.float16).float()
+    idx = _unpack_sub(rows[:, start + 2 * ns :], q.n_groups)
+    return (step.repeat_interleave(q.super_size // q.group_size, dim=1) * idx).half().float()
 
 
 def _apply_groups(m: torch.Tensor, rows: torch.Tensor, q: RowQuant, p: PartQuant) -> None:
     """m [R, D] codes (centred when symmetric) -> values: times each group's scale (+ its offset)."""
     r, d = m.shape
     mg = m.view(r, d // q.group_size, q.group_size)
-    mg.mul_(_scales(rows, p)[:, :, None])
+    mg.mul_(_scales(rows, p, q)[:, :, None])
     if q.offsets:
-        mg.add_(_offsets(rows, p)[:, :, None])
+        mg.add_(_offsets(rows, p, q)[:, :, None])
 
 
 def _codes_into(dst: torch.Tensor, codes: torch.Tensor, q: RowQuant, *, centred: bool,
@@ -379,9 +535,9 @@ def _part_matrix(rows: torch.Tensor, q: RowQuant, p: PartQuant,
     if not whole:
         _apply_groups(m, rows, q, p)
         return m, None, None
-    scale = _scales(rows, p)[:, 0]
+    scale = _scales(rows, p, q)[:, 0]
     if q.offsets:
-        return m, scale, _offsets(rows, p)[:, 0]
+        return m, scale, _offsets(rows, p, q)[:, 0]
     return m, scale, (-8 * scale if q.bits == 4 else None)
 
 

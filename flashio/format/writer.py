@@ -61,6 +61,8 @@ from flashio.quant import (
     GroupCodes,
     RowQuant,
     check_scheme,
+    default_group_size,
+    default_super_size,
     quantize_resident,
     quantize_resident_rows,
     quantize_rows,
@@ -185,6 +187,7 @@ def write_artifact(
     quantize_resident: str | None = None,
     up_sketch: str | None = None,
     up_sketch_group_size: int | None = None,
+    two_level_scales: bool = False,
     hessians: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     resident_hessians: Callable[[str], torch.Tensor | None] | None = None,
     lineage: dict[str, Any] | None = None,
@@ -210,6 +213,9 @@ def write_artifact(
       per group too), fp16 scales inside each row (flashio.quant; format version 3); group_size:
       elements per scale along d_model (default: int8 d_model, one scale per part of a row; int4 32
       where it divides d_model). Predictors stay in `dtype`.
+    two_level_scales: int4 rows (FFN and resident) with two-level scales (flashio.quant.RowQuant.sub_bits:
+      each group's scale and offset a 6-bit multiple of its super-block's fp16 steps, 4.5 bits per
+      weight against 5), where d_model allows them (a multiple of 128).
     hessians(i): with quantize, layer i's calibration matrices (H of the FFN input [D, D], of the
       down projection's input [N, N]; tasks.hessians), asked for in layer order: the rows are then
       quantized by GPTQ (flashio.gptq) instead of rounded to nearest.
@@ -261,8 +267,10 @@ def write_artifact(
     width = len(parts) * d
     if quantize is not None:
         check_scheme(quantize, where="write_artifact")
+    two_level = bool(two_level_scales and quantize == "int4"
+                     and default_super_size(d, group_size or default_group_size("int4", d)))
     rq = row_quant(tuple(parts), dim=d, scheme=quantize, group_size=group_size,
-                   float_itemsize=tdtype.itemsize) if quantize else None
+                   float_itemsize=tdtype.itemsize, two_level=two_level) if quantize else None
     if group_size is not None and rq is None:
         raise FlashError("group_size applies to quantized rows: pass quantize='int8' or 'int4' with it")
     quantize_resident = quantize_resident or ("int8" if quantize else "none")
@@ -319,12 +327,13 @@ def write_artifact(
                     resident[f"layers.{i}.ffn.gate"] = w.gate.to(tdtype)[order].contiguous()  # [N, D]
                     if gptq_resident and h_in is not None:
                         resident_groups[f"layers.{i}.ffn.gate"] = _gptq_resident(
-                            w.gate.to(tdtype), h_in, quantize_resident)[order]
+                            w.gate.to(tdtype), h_in, quantize_resident, two_level_scales)[order]
                 if gptq_resident:
                     for key in (f"layers.{i}.attn.{x}.weight" for x in "qkvo"):
                         hm = resident_hessians(key) if key in resident else None
                         if hm is not None:
-                            resident_groups[key] = _gptq_resident(resident[key], hm, quantize_resident)
+                            resident_groups[key] = _gptq_resident(resident[key], hm, quantize_resident,
+                                                                  two_level_scales)
                 if sketch is not None:
                     resident[UP_SKETCH_TENSOR.format(i)] = quantize_rows(w.up.to(tdtype)[order], sketch)
                 for key, b in (("up_bias", w.up_bias), ("gate_bias", w.gate_bias)):
@@ -355,8 +364,9 @@ def write_artifact(
         files = {FFN: FileEntry(FFN, total, h.hexdigest())}
         hm = resident_hessians("lm_head.weight") if gptq_resident and "lm_head.weight" in resident else None
         if hm is not None:
-            resident_groups["lm_head.weight"] = _gptq_resident(resident["lm_head.weight"], hm, quantize_resident)
-        resident_quant = (_quantize_resident(resident, quantize_resident, resident_groups)
+            resident_groups["lm_head.weight"] = _gptq_resident(resident["lm_head.weight"], hm, quantize_resident,
+                                                               two_level_scales)
+        resident_quant = (_quantize_resident(resident, quantize_resident, resident_groups, two_level_scales)
                           if quantize_resident != "none" else None)
         save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
         if predictors is not None:
@@ -411,21 +421,22 @@ def _gptq_groups(mats: dict[str, torch.Tensor], parts: Sequence[str], rq: RowQua
         w = mats[p].to(tdtype).float()  # the values the unquantized artifact would hold
         solve = gptq_neurons if p == "down" else gptq_rows
         out[p] = solve(w, h_act if p == "down" else h_in, bits=rq.bits, group_size=rq.group_size,
-                       offsets=rq.offsets)[order]
+                       offsets=rq.offsets, super_size=rq.super_size)[order]
     return out
 
 
-def _gptq_resident(w: torch.Tensor, h: torch.Tensor, scheme: str) -> GroupCodes:
+def _gptq_resident(w: torch.Tensor, h: torch.Tensor, scheme: str, two_level: bool = False) -> GroupCodes:
     """A resident [out, in] matrix quantized by GPTQ on H of its input, laid out as _quantize_resident
     stores `scheme`: int4 in the resident rows' groups, int8 one symmetric scale per output row."""
     if scheme == "int4":
-        q = resident_row_quant(w.shape[1])
-        return gptq_rows(w.float(), h, bits=q.bits, group_size=q.group_size, offsets=q.offsets)
+        q = resident_row_quant(w.shape[1], two_level)
+        return gptq_rows(w.float(), h, bits=q.bits, group_size=q.group_size, offsets=q.offsets,
+                         super_size=q.super_size)
     return gptq_rows(w.float(), h, bits=8, group_size=w.shape[1], offsets=False)
 
 
 def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str,
-                       groups: dict[str, GroupCodes] | None = None) -> ResidentQuant | None:
+                       groups: dict[str, GroupCodes] | None = None, two_level: bool = False) -> ResidentQuant | None:
     """Replace the resident matrices named by flashio.quant.RESIDENT_QUANTIZED (in place): int8,
     codes plus their per-output-channel scales as a tensor of their own; int4, rows of codes,
     scales and offsets per group (flashio.quant.quantize_resident_rows). groups: matrices already
@@ -439,9 +450,9 @@ def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str,
         gc = groups.get(name)
         if scheme == "int4":
             if gc is None:
-                resident[name], rows[name] = quantize_resident_rows(t)
+                resident[name], rows[name] = quantize_resident_rows(t, two_level)
             else:
-                rows[name] = resident_row_quant(t.shape[1])
+                rows[name] = resident_row_quant(t.shape[1], two_level)
                 resident[name] = quantize_rows(t, rows[name], {"w": gc})
             continue
         scale_name = f"{name.removesuffix('.weight')}.scale"

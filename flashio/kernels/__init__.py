@@ -120,7 +120,7 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     qargs = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.flashio_qdot.argtypes, lib.flashio_qdot.restype = qargs + [ctypes.c_void_p] * 4, None
     lib.flashio_qaxpy.argtypes, lib.flashio_qaxpy.restype = qargs + [ctypes.c_void_p] * 3, None
     lib.flashio_ffn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
@@ -306,7 +306,7 @@ class Kernels:
         if rows.shape[1] < layout.row_bytes or n > rows.shape[0]:
             raise ValueError(f"{n} rows of {layout.row_bytes} bytes asked of {tuple(rows.shape)}")
         return (rows.data_ptr(), rows.stride(0), n, layout.dim, layout.bits, layout.group, layout.codes,
-                layout.scales, layout.offsets)
+                layout.scales, layout.offsets, layout.super_size)
 
     def qdot(self, rows: torch.Tensor, layout: QuantLayout, x: torch.Tensor, n: int | None = None, *,
              mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -344,6 +344,7 @@ class QuantLayout:
     codes: int  # byte positions in the row
     scales: int
     offsets: int  # -1: none (int8: signed codes; int4: codes offset by 8)
+    super_size: int = 0  # two-level scales (flashio.quant.RowQuant.sub_bits): elements per super-block
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group <= 0 or self.dim % self.group or (self.bits == 4 and self.dim % 2):

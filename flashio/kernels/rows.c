@@ -390,12 +390,18 @@ static void ffn_1(const void *rows, int64_t stride, int64_t n_rows, int64_t len,
  * element k of a part = code_k * scale_g + offset_g, g = k / group. int8: codes signed (symmetric,
  * no offsets) or unsigned (with offsets). int4: byte j holds element j in its low nibble and element
  * j + dim/2 in its high one, codes 0..15; symmetric int4 has no stored offsets: offset_g = -8 scale_g.
+ * Two-level scales (super > 0, asymmetric int4): the scales' bytes hold an fp16 step d per super-block
+ * of `super` elements then each group's 6-bit multiple sc of it, packed four in three bytes; scale_g =
+ * fp16(d * sc_g), and likewise offset_g = -fp16(dmin * m_g) from the offsets' bytes. Each row's are
+ * decoded into fp16 arrays before its codes are read (qptrs), so every path below takes a row's fp16
+ * scales and offsets by pointer (sc, of: in the row, or decoded).
  * The vector paths need group % VW == 0 (and, for int4, (dim / 2) % VW == 0: segments whose low
  * and high nibbles each stay in one group then end on vector boundaries, see seg_end); else scalar. */
 
 typedef struct {
     int64_t row_bytes, dim, group, codes, scales, offsets; /* offsets: byte position, or -1 */
     int bits, sym4;
+    int64_t super; /* two-level scales: elements per super-block; 0: fp16 scales in the row */
 } qlayout;
 
 static inline float h16(const uint8_t *p, int64_t i) {
@@ -404,10 +410,53 @@ static inline float h16(const uint8_t *p, int64_t i) {
     return HALF(v);
 }
 
-static inline float qscale(const uint8_t *row, const qlayout *L, int64_t g) { return h16(row + L->scales, 0 + g); }
-static inline float qoffset(const uint8_t *row, const qlayout *L, int64_t g) {
-    if (L->offsets >= 0) return h16(row + L->offsets, g);
-    return L->sym4 ? -8.0f * qscale(row, L, g) : 0.0f;
+/* float -> fp16 bits, rounded to nearest even (as torch's .half()); finite inputs */
+static inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, r, rem, halfway;
+    x &= 0x7fffffffu;
+    if (x >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past the largest half */
+    if (x < 0x38800000u) {                                  /* below 2^-14: a subnormal half (or 0) */
+        if (x < 0x33000000u) return (uint16_t)sign;         /* below 2^-25: rounds to 0 */
+        uint32_t m = (x & 0x7fffffu) | 0x800000u;
+        int shift = 126 - (int)(x >> 23);
+        r = m >> shift, rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    } else {
+        r = (x - 0x38000000u) >> 13, rem = x & 0x1fffu, halfway = 0x1000u;
+    }
+    if (rem > halfway || (rem == halfway && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+#endif
+}
+
+/* two-level rows: the part's fp16 scales into out[0, ng) and offsets into out[ng, 2 ng) */
+static void qdecode(const uint8_t *row, const qlayout *L, uint16_t *out) {
+    const int64_t ng = L->dim / L->group, ns = L->dim / L->super, per = ng / ns;
+    for (int w = 0; w < 2; w++) {
+        const uint8_t *blk = row + (w ? L->offsets : L->scales), *pk = blk + 2 * ns;
+        for (int64_t g = 0; g < ng; g += 4) {
+            const uint8_t *b = pk + g / 4 * 3;
+            uint32_t word = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16);
+            for (int64_t i = 0; i < 4; i++) {
+                float v = h16(blk, (g + i) / per) * (float)((word >> (6 * i)) & 63u);
+                out[w * ng + g + i] = float_to_half(w ? -v : v);
+            }
+        }
+    }
+}
+
+/* a row's fp16 scales and offsets (NULL: none stored): in the row, or decoded into dec (2 ng halves) */
+static inline void qptrs(const uint8_t *row, const qlayout *L, uint16_t *dec, const uint8_t **sc, const uint8_t **of) {
+    if (L->super) {
+        qdecode(row, L, dec);
+        *sc = (const uint8_t *)dec, *of = (const uint8_t *)(dec + L->dim / L->group);
+    } else {
+        *sc = row + L->scales, *of = L->offsets >= 0 ? row + L->offsets : NULL;
+    }
 }
 
 static inline float qcode(const uint8_t *row, const qlayout *L, int64_t k) {
@@ -460,23 +509,24 @@ static inline void vcodes4(const uint8_t *c, vec *lo, vec *hi) {
 #endif
 
 /* sum_g offset_g * xg[g] (vectorised over the fp16 offsets, or the scales for symmetric int4) */
-static float qoffsets_dot(const uint8_t *row, const qlayout *L, const float *xg) {
+static float qoffsets_dot(const uint8_t *sc, const uint8_t *of, const qlayout *L, const float *xg) {
     int64_t ng = L->dim / L->group;
-    if (L->offsets >= 0) return dot1(row + L->offsets, xg, ng, 1);
-    return L->sym4 ? -8.0f * dot1(row + L->scales, xg, ng, 1) : 0.0f;
+    if (of) return dot1(of, xg, ng, 1);
+    return L->sym4 ? -8.0f * dot1(sc, xg, ng, 1) : 0.0f;
 }
 
 /* og[g] += a * offset_g */
-static void qoffsets_axpy(const uint8_t *row, const qlayout *L, float a, float *og) {
+static void qoffsets_axpy(const uint8_t *sc, const uint8_t *of, const qlayout *L, float a, float *og) {
     int64_t ng = L->dim / L->group;
-    if (L->offsets >= 0)
-        axpy1(og, row + L->offsets, a, ng, 1);
+    if (of)
+        axpy1(og, of, a, ng, 1);
     else if (L->sym4)
-        axpy1(og, row + L->scales, -8.0f * a, ng, 1);
+        axpy1(og, sc, -8.0f * a, ng, 1);
 }
 
-/* sum_k x[k] * element_k of one row; xg[g] = sum of x over group g (for the offsets) */
-static float qdot1(const uint8_t *row, const qlayout *L, const float *x, const float *xg) {
+/* sum_k x[k] * element_k of one row (its fp16 scales sc and offsets of); xg[g] = sum of x over group g */
+static float qdot1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, const qlayout *L, const float *x,
+                   const float *xg) {
     int64_t G = L->group, ng = L->dim / G;
     float s = 0.0f;
     if (qvector_ok(L)) {
@@ -488,7 +538,7 @@ static float qdot1(const uint8_t *row, const qlayout *L, const float *x, const f
             for (int64_t g = 0; g < ng; g++) {
                 vec acc = vzero();
                 for (int64_t k = g * G; k < (g + 1) * G; k += VW) acc = vfmadd(vcodes8(c + k, sgn), vloadf(x + k), acc);
-                tot = vfmadd(acc, vset1(qscale(row, L, g)), tot);
+                tot = vfmadd(acc, vset1(h16(sc, g)), tot);
             }
         } else { /* segments of bytes whose low and high nibbles each stay in one group */
             int64_t half = L->dim / 2;
@@ -500,8 +550,8 @@ static float qdot1(const uint8_t *row, const qlayout *L, const float *x, const f
                     alo = vfmadd(lo, vloadf(x + i), alo);
                     ahi = vfmadd(hi, vloadf(x + half + i), ahi);
                 }
-                tot = vfmadd(alo, vset1(qscale(row, L, j / G)), tot);
-                tot = vfmadd(ahi, vset1(qscale(row, L, (half + j) / G)), tot);
+                tot = vfmadd(alo, vset1(h16(sc, j / G)), tot);
+                tot = vfmadd(ahi, vset1(h16(sc, (half + j) / G)), tot);
                 j = end;
             }
         }
@@ -511,14 +561,15 @@ static float qdot1(const uint8_t *row, const qlayout *L, const float *x, const f
         for (int64_t g = 0; g < ng; g++) {
             float acc = 0.0f;
             for (int64_t k = g * G; k < (g + 1) * G; k++) acc += qcode(row, L, k) * x[k];
-            s += acc * qscale(row, L, g);
+            s += acc * h16(sc, g);
         }
     }
-    return s + qoffsets_dot(row, L, xg);
+    return s + qoffsets_dot(sc, of, L, xg);
 }
 
 /* y[k] += a * (code_k * scale_g) over one row; the offsets' part goes to og[g] += a * offset_g */
-static void qaxpy1(const uint8_t *row, const qlayout *L, float a, float *y, float *og) {
+static void qaxpy1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, const qlayout *L, float a, float *y,
+                   float *og) {
     int64_t G = L->group, ng = L->dim / G;
     if (qvector_ok(L)) {
 #if defined(VW)
@@ -526,7 +577,7 @@ static void qaxpy1(const uint8_t *row, const qlayout *L, float a, float *y, floa
         if (L->bits == 8) {
             int sgn = L->offsets < 0;
             for (int64_t g = 0; g < ng; g++) {
-                vec b = vset1(a * qscale(row, L, g));
+                vec b = vset1(a * h16(sc, g));
                 for (int64_t k = g * G; k < (g + 1) * G; k += VW)
                     vstoref(y + k, vfmadd(vcodes8(c + k, sgn), b, vloadf(y + k)));
             }
@@ -535,7 +586,7 @@ static void qaxpy1(const uint8_t *row, const qlayout *L, float a, float *y, floa
             vec lo, hi;
             for (int64_t j = 0; j < half;) {
                 int64_t end = seg_end(j, half, G);
-                vec blo = vset1(a * qscale(row, L, j / G)), bhi = vset1(a * qscale(row, L, (half + j) / G));
+                vec blo = vset1(a * h16(sc, j / G)), bhi = vset1(a * h16(sc, (half + j) / G));
                 for (int64_t i = j; i < end; i += VW) {
                     vcodes4(c + i, &lo, &hi);
                     vstoref(y + i, vfmadd(lo, blo, vloadf(y + i)));
@@ -547,22 +598,23 @@ static void qaxpy1(const uint8_t *row, const qlayout *L, float a, float *y, floa
 #endif
     } else {
         for (int64_t g = 0; g < ng; g++) {
-            float b = a * qscale(row, L, g);
+            float b = a * h16(sc, g);
             for (int64_t k = g * G; k < (g + 1) * G; k++) y[k] += b * qcode(row, L, k);
         }
     }
-    qoffsets_axpy(row, L, a, og);
+    qoffsets_axpy(sc, of, L, a, og);
 }
 
 static qlayout qmake(int64_t row_bytes, int64_t dim, int bits, int64_t group, int64_t codes, int64_t scales,
-                     int64_t offsets) {
-    qlayout L = {row_bytes, dim, group, codes, scales, offsets, bits, bits == 4 && offsets < 0};
+                     int64_t offsets, int64_t super) {
+    qlayout L = {row_bytes, dim, group, codes, scales, offsets, bits, bits == 4 && offsets < 0, super};
     return L;
 }
 
 #if defined(VW)
 /* qdot1 for four rows at once: independent accumulator chains, four streams in flight */
-static void qdot4(const uint8_t *const *row, const qlayout *L, const float *x, const float *xg, float *out) {
+static void qdot4(const uint8_t *const *row, const uint8_t *const *sc, const uint8_t *const *of, const qlayout *L,
+                  const float *x, const float *xg, float *out) {
     int64_t G = L->group;
     vec tot[4] = {vzero(), vzero(), vzero(), vzero()};
     const uint8_t *c[4] = {row[0] + L->codes, row[1] + L->codes, row[2] + L->codes, row[3] + L->codes};
@@ -574,7 +626,7 @@ static void qdot4(const uint8_t *const *row, const qlayout *L, const float *x, c
                 vec xv = vloadf(x + k);
                 for (int r = 0; r < 4; r++) acc[r] = vfmadd(vcodes8(c[r] + k, sgn), xv, acc[r]);
             }
-            for (int r = 0; r < 4; r++) tot[r] = vfmadd(acc[r], vset1(qscale(row[r], L, g)), tot[r]);
+            for (int r = 0; r < 4; r++) tot[r] = vfmadd(acc[r], vset1(h16(sc[r], g)), tot[r]);
         }
     } else {
         int64_t half = L->dim / 2;
@@ -590,17 +642,18 @@ static void qdot4(const uint8_t *const *row, const qlayout *L, const float *x, c
                 }
             }
             for (int r = 0; r < 4; r++) {
-                tot[r] = vfmadd(alo[r], vset1(qscale(row[r], L, glo)), tot[r]);
-                tot[r] = vfmadd(ahi[r], vset1(qscale(row[r], L, ghi)), tot[r]);
+                tot[r] = vfmadd(alo[r], vset1(h16(sc[r], glo)), tot[r]);
+                tot[r] = vfmadd(ahi[r], vset1(h16(sc[r], ghi)), tot[r]);
             }
             j = end;
         }
     }
-    for (int r = 0; r < 4; r++) out[r] = vsum(tot[r]) + qoffsets_dot(row[r], L, xg);
+    for (int r = 0; r < 4; r++) out[r] = vsum(tot[r]) + qoffsets_dot(sc[r], of[r], L, xg);
 }
 
 /* qaxpy1 for four rows at once: one pass over y; the next batch's rows prefetched */
-static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, float *y, float *og, const batch *pf) {
+static void qaxpy4(const uint8_t *const *row, const uint8_t *const *sc, const uint8_t *const *of, const qlayout *L,
+                   const float *a, float *y, float *og, const batch *pf) {
     int64_t G = L->group;
     const uint8_t *c[4] = {row[0] + L->codes, row[1] + L->codes, row[2] + L->codes, row[3] + L->codes};
     const int64_t nbytes = L->bits == 8 ? L->dim : L->dim / 2, extra = (L->dim / G) * (L->offsets >= 0 ? 4 : 2);
@@ -614,7 +667,7 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
         int sgn = L->offsets < 0;
         for (int64_t g = 0; g < L->dim / G; g++) {
             vec b[4];
-            for (int r = 0; r < 4; r++) b[r] = vset1(a[r] * qscale(row[r], L, g));
+            for (int r = 0; r < 4; r++) b[r] = vset1(a[r] * h16(sc[r], g));
             for (int64_t k = g * G; k < (g + 1) * G; k += VW) {
                 PF(k)
                 vec acc = vloadf(y + k);
@@ -630,8 +683,8 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
             int64_t glo = aligned ? g : j / G, ghi = aligned ? half / G + g : (half + j) / G;
             vec blo[4], bhi[4], lo, hi;
             for (int r = 0; r < 4; r++) {
-                blo[r] = vset1(a[r] * qscale(row[r], L, glo));
-                bhi[r] = vset1(a[r] * qscale(row[r], L, ghi));
+                blo[r] = vset1(a[r] * h16(sc[r], glo));
+                bhi[r] = vset1(a[r] * h16(sc[r], ghi));
             }
             for (int64_t i = j; i < end; i += VW) {
                 PF(i)
@@ -648,7 +701,7 @@ static void qaxpy4(const uint8_t *const *row, const qlayout *L, const float *a, 
         }
     }
 #undef PF
-    for (int r = 0; r < 4; r++) qoffsets_axpy(row[r], L, a[r], og);
+    for (int r = 0; r < 4; r++) qoffsets_axpy(sc[r], of[r], L, a[r], og);
 }
 #endif
 
@@ -724,8 +777,8 @@ static inline __m512 h16x2(const uint8_t *sc, int64_t g0, int64_t g1) {
 #define DP(c, xq) _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), (c), (xq)))
 
 /* out[r] = sum_k code_k * scale_g * xq_k * d_b over nr (<= 4) rows, without the offsets' part */
-static inline void vnni_rows(int nr, const uint8_t *const *row, const batch *pf, const qlayout *L, const qx *X,
-                             float *out) {
+static inline void vnni_rows(int nr, const uint8_t *const *row, const uint8_t *const *scs, const batch *pf,
+                             const qlayout *L, const qx *X, float *out) {
     const int64_t extra = (L->dim / L->group) * (L->offsets >= 0 ? 4 : 2);
     const int64_t G = L->group, half = L->dim / 2;
     const int int4 = L->bits == 4, flip = L->bits == 8 && L->offsets < 0;
@@ -746,7 +799,7 @@ static inline void vnni_rows(int nr, const uint8_t *const *row, const batch *pf,
             __m512 dh = dl;
             if (int4) xh = _mm512_loadu_si512(X->q + half + j), dh = _mm512_loadu_ps(X->dv + (half + j) / 4);
             for (int r = 0; r < nr; r++) {
-                const uint8_t *sc = row[r] + L->scales;
+                const uint8_t *sc = scs[r];
                 __m512i c = _mm512_loadu_si512(row[r] + L->codes + j);
                 if (int4) {
                     __m512i lo = _mm512_and_si512(c, m4), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m4);
@@ -768,12 +821,12 @@ static inline void vnni_rows(int nr, const uint8_t *const *row, const batch *pf,
             const int64_t gl = X->gb[j / QB], gh = int4 ? X->gb[(half + j) / QB] : 0;
             if (gl != glo) {
                 for (int r = 0; r < nr; r++)
-                    tot[r] = _mm512_fmadd_ps(alo[r], h16x1(row[r] + L->scales, glo), tot[r]), alo[r] = _mm512_setzero_ps();
+                    tot[r] = _mm512_fmadd_ps(alo[r], h16x1(scs[r], glo), tot[r]), alo[r] = _mm512_setzero_ps();
                 glo = gl;
             }
             if (int4 && gh != ghi) {
                 for (int r = 0; r < nr; r++)
-                    tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(row[r] + L->scales, ghi), tot[r]), ahi[r] = _mm512_setzero_ps();
+                    tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(scs[r], ghi), tot[r]), ahi[r] = _mm512_setzero_ps();
                 ghi = gh;
             }
             const __m512i xl = _mm512_loadu_si512(X->q + j);
@@ -795,13 +848,13 @@ static inline void vnni_rows(int nr, const uint8_t *const *row, const batch *pf,
             }
         }
         for (int r = 0; r < nr; r++) {
-            tot[r] = _mm512_fmadd_ps(alo[r], h16x1(row[r] + L->scales, glo), tot[r]);
-            if (int4) tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(row[r] + L->scales, ghi), tot[r]);
+            tot[r] = _mm512_fmadd_ps(alo[r], h16x1(scs[r], glo), tot[r]);
+            if (int4) tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(scs[r], ghi), tot[r]);
         }
     }
     for (int r = 0; r < nr; r++) {
         float s = _mm512_reduce_add_ps(tot[r]);
-        if (flip) s -= 128.0f * dot1(row[r] + L->scales, X->gs, L->dim / G, 1);
+        if (flip) s -= 128.0f * dot1(scs[r], X->gs, L->dim / G, 1);
         out[r] = s;
     }
 }
@@ -827,9 +880,10 @@ int flashio_q8_path(int64_t dim, int bits, int64_t group) {
 /* out[n] = sum_k x[k] * element_k of row n, for the part laid out at codes/scales/offsets; rows whose
  * mask is 0 (mask may be NULL) are not read and get 0 */
 static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
-                  int64_t codes, int64_t scales, int64_t offsets, const float *mask, const float *x, float *xg,
-                  float *out) {
-    qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
+                  int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *mask, const float *x,
+                  float *xg, float *out) {
+    qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets, super);
+    uint16_t dec[super ? 8 * (dim / group) : 1]; /* four rows' decoded scales and offsets (two-level) */
     for (int64_t g = 0; g < dim / group; g++) {
         float t = 0.0f;
         for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[k];
@@ -846,24 +900,26 @@ static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
 #endif
     int64_t pos = 0, idx[4], nidx[4];
     float o[4];
+    const uint8_t *sc[4], *of[4];
     batch cur = take4(rows, row_bytes, mask, &pos, n_rows, idx);
     while (cur.n > 0) {
         batch next = take4(rows, row_bytes, mask, &pos, n_rows, nidx);
+        for (int i = 0; i < cur.n; i++) qptrs(cur.row[i], &L, dec + i * 2 * (dim / group), sc + i, of + i);
 #if defined(FLASHIO_VNNI)
         if (buf) {
             if (cur.n == 4)
-                vnni_rows(4, cur.row, &next, &L, &X, o);
+                vnni_rows(4, cur.row, sc, &next, &L, &X, o);
             else
-                for (int i = 0; i < cur.n; i++) vnni_rows(1, cur.row + i, &next, &L, &X, o + i);
-            for (int i = 0; i < cur.n; i++) o[i] += qoffsets_dot(cur.row[i], &L, X.gs);
+                for (int i = 0; i < cur.n; i++) vnni_rows(1, cur.row + i, sc + i, &next, &L, &X, o + i);
+            for (int i = 0; i < cur.n; i++) o[i] += qoffsets_dot(sc[i], of[i], &L, X.gs);
         } else
 #endif
 #if defined(VW)
         if (cur.n == 4 && qvector_ok(&L))
-            qdot4(cur.row, &L, x, xg, o);
+            qdot4(cur.row, sc, of, &L, x, xg, o);
         else
 #endif
-            for (int i = 0; i < cur.n; i++) o[i] = qdot1(cur.row[i], &L, x, xg);
+            for (int i = 0; i < cur.n; i++) o[i] = qdot1(cur.row[i], sc[i], of[i], &L, x, xg);
         for (int i = 0; i < cur.n; i++) out[idx[i]] = o[i];
         cur = next;
         memcpy(idx, nidx, sizeof idx);
@@ -873,23 +929,28 @@ static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
 
 /* y[k] = sum_n a[n] * element_k of row n; rows with a[n] == 0 are not read. og: dim / group scratch */
 static void qaxpy_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
-                   int64_t codes, int64_t scales, int64_t offsets, const float *a, float *og, float *y) {
-    qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets);
+                   int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *a, float *og, float *y) {
+    qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets, super);
     int64_t ng = dim / group;
     memset(y, 0, (size_t)dim * sizeof(float));
     memset(og, 0, (size_t)ng * sizeof(float));
+    uint16_t dec[super ? 8 * ng : 1]; /* four rows' decoded scales and offsets (two-level) */
     int64_t pos = 0, idx[4], nidx[4];
+    const uint8_t *sc[4], *of[4];
     batch cur = take4(rows, row_bytes, a, &pos, n_rows, idx); /* inactive neurons (a == 0): not read */
     while (cur.n > 0) {
         batch next = take4(rows, row_bytes, a, &pos, n_rows, nidx);
         float c[4];
-        for (int i = 0; i < cur.n; i++) c[i] = a[idx[i]];
+        for (int i = 0; i < cur.n; i++) {
+            c[i] = a[idx[i]];
+            qptrs(cur.row[i], &L, dec + i * 2 * ng, sc + i, of + i);
+        }
 #if defined(VW)
         if (cur.n == 4 && qvector_ok(&L))
-            qaxpy4(cur.row, &L, c, y, og, &next);
+            qaxpy4(cur.row, sc, of, &L, c, y, og, &next);
         else
 #endif
-            for (int i = 0; i < cur.n; i++) qaxpy1(cur.row[i], &L, c[i], y, og);
+            for (int i = 0; i < cur.n; i++) qaxpy1(cur.row[i], sc[i], of[i], &L, c[i], y, og);
         cur = next;
         memcpy(idx, nidx, sizeof idx);
     }
@@ -1146,7 +1207,7 @@ static int64_t live_rows(int64_t n_rows, const float *w) {
 
 typedef struct {
     const char *rows;
-    int64_t stride, len, row_bytes, up, gate, down, dim, group, codes, scales, offsets;
+    int64_t stride, len, row_bytes, up, gate, down, dim, group, codes, scales, offsets, super;
     int dtype, act, bits;
     const float *x, *a_in, *b_up, *b_gate, *gate_act, *mask;
     const uint16_t *hscales;
@@ -1236,22 +1297,23 @@ static void qdot_part(void *v, int p) {
     job_t *j = v;
     PART_RANGE(j, p);
     qdot_1((const uint8_t *)j->rows + lo * j->row_bytes, j->row_bytes, cnt, j->dim, j->bits, j->group, j->codes,
-           j->scales, j->offsets, OPT(j->mask, lo), j->x, j->xg_scratch + p * (j->dim / j->group), j->out + lo);
+           j->scales, j->offsets, j->super, OPT(j->mask, lo), j->x, j->xg_scratch + p * (j->dim / j->group),
+           j->out + lo);
 }
 
 void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
-                  int64_t codes, int64_t scales, int64_t offsets, const float *mask, const float *x, float *xg,
-                  float *out) {
+                  int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *mask, const float *x,
+                  float *xg, float *out) {
     int64_t live = live_rows(n_rows, mask);
     int parts = chunks_for(live * (codes < scales ? scales - codes : row_bytes));
     float *scratch = parts > 1 ? malloc((size_t)parts * (dim / group) * sizeof(float)) : NULL;
     if (!scratch) {
-        qdot_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, mask, x, xg, out);
+        qdot_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, super, mask, x, xg, out);
         return;
     }
     job_t j = {.rows = (const char *)rows, .row_bytes = row_bytes, .dim = dim, .bits = bits, .group = group,
-               .codes = codes, .scales = scales, .offsets = offsets, .mask = mask, .x = x, .out = out,
-               .xg_scratch = scratch};
+               .codes = codes, .scales = scales, .offsets = offsets, .super = super, .mask = mask, .x = x,
+               .out = out, .xg_scratch = scratch};
     split_rows(n_rows, mask, live, parts, j.bounds);
     run_chunks(qdot_part, &j, parts);
     memcpy(xg, scratch, (size_t)(dim / group) * sizeof(float));
@@ -1262,22 +1324,22 @@ static void qaxpy_part(void *v, int p) {
     job_t *j = v;
     PART_RANGE(j, p);
     qaxpy_1((const uint8_t *)j->rows + lo * j->row_bytes, j->row_bytes, cnt, j->dim, j->bits, j->group, j->codes,
-            j->scales, j->offsets, j->a_in + lo, j->xg_scratch + p * (j->dim / j->group), PART_Y(j, p));
+            j->scales, j->offsets, j->super, j->a_in + lo, j->xg_scratch + p * (j->dim / j->group), PART_Y(j, p));
 }
 
 void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
-                   int64_t codes, int64_t scales, int64_t offsets, const float *a, float *og, float *y) {
+                   int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *a, float *og, float *y) {
     int64_t live = live_rows(n_rows, a);
     int parts = chunks_for(live * (codes < scales ? scales - codes : row_bytes));
     float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * dim * sizeof(float) +
                                         (size_t)parts * (dim / group) * sizeof(float))
                                : NULL;
     if (!scratch) {
-        qaxpy_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, a, og, y);
+        qaxpy_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, super, a, og, y);
         return;
     }
     job_t j = {.rows = (const char *)rows, .row_bytes = row_bytes, .len = dim, .dim = dim, .bits = bits,
-               .group = group, .codes = codes, .scales = scales, .offsets = offsets, .a_in = a, .y = y,
+               .group = group, .codes = codes, .scales = scales, .offsets = offsets, .super = super, .a_in = a, .y = y,
                .scratch = scratch, .xg_scratch = scratch + (parts - 1) * dim};
     run_summed(qaxpy_part, &j, n_rows, a, live, parts);
     memcpy(og, j.xg_scratch, (size_t)(dim / group) * sizeof(float));

@@ -167,8 +167,24 @@ def _qdot_reference(built, rows: torch.Tensor, q, part: str, x: torch.Tensor) ->
 
 @pytest.mark.parametrize("scheme, dim, group, offsets", QUANT_CASES)
 def test_quantized_products_match_dequantized_rows(built, scheme, dim, group, offsets):
-    from flashio.quant import dequantize_rows, quantize_rows, row_quant
-    q = row_quant(("up", "gate", "down"), dim=dim, scheme=scheme, group_size=group, offsets=offsets)
+    from flashio.quant import row_quant
+    _check_quantized_products(built, row_quant(("up", "gate", "down"), dim=dim, scheme=scheme, group_size=group,
+                                               offsets=offsets))
+
+
+@pytest.mark.parametrize("dim", [128, 256, 384, 640])  # super-blocks of 128, 256, 128 (384), 128 (640)
+def test_two_level_products_match_dequantized_rows(built, dim):
+    """int4 rows with two-level scales (6-bit multiples of each super-block's fp16 steps): each
+    row's scales are decoded before its codes are read, on every path (VNNI, four rows, one row)."""
+    from flashio.quant import row_quant
+    q = row_quant(("up", "gate", "down"), dim=dim, scheme="int4", two_level=True)
+    assert q.sub_bits == 6 and q.super_size == (256 if dim % 256 == 0 else 128)
+    _check_quantized_products(built, q)
+
+
+def _check_quantized_products(built, q):
+    from flashio.quant import dequantize_rows, quantize_rows
+    dim = q.dim
     n = 23  # not a multiple of 4: the four-row paths and the single-row tail
     g = torch.Generator().manual_seed(5)
     rows = quantize_rows(torch.randn(n, 3 * dim, generator=g) * 0.05, q)
@@ -208,7 +224,7 @@ def test_quantized_arguments_are_refused(built):
         kernels.QuantLayout(q.row_bytes, 64, 3, 64, 0, 64, -1)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-two-level"])
 @pytest.mark.parametrize("case", ["gated", "gate_act+mask+zero", "bias"])
 def test_one_token_quantized_ffn_equals_chunked_products(scheme, case, monkeypatch):
     if not kernels.available():
@@ -218,7 +234,7 @@ def test_one_token_quantized_ffn_equals_chunked_products(scheme, case, monkeypat
     from flashio.quant import RowScratch, quant_ffn_compute, quantize_rows, row_quant
     D, R, n = 128, 50, 45
     names = ("up", "gate", "down") if case == "gated" else ("up", "down")
-    q = row_quant(names, dim=D, scheme=scheme)
+    q = row_quant(names, dim=D, scheme=scheme.removesuffix("-two-level"), two_level=scheme.endswith("-two-level"))
     g = torch.Generator().manual_seed(6)
     rows = quantize_rows(torch.randn(R, len(names) * D, generator=g) * 0.05, q)
     h = torch.randn(1, D, generator=g)

@@ -387,3 +387,89 @@ def test_versions_1_and_2_still_open(opt_quant, tiny_llama, tmp_path):
     gate = write_artifact(tiny_llama[1], tmp_path / "g", gate_resident=True)
     assert Artifact(gate).manifest.format_version == 2
     assert np.isfinite(flashio.open(gate, mode="dense").forward(PROMPT[:3]).numpy()).all()
+
+
+# -- two-level scales (RowQuant.sub_bits: 6-bit multiples of a super-block's fp16 steps, as Q4_K) --------
+
+def test_two_level_rows_are_aligned_at_4_5_bits_where_d_model_allows():
+    """OPT-6.7B's rows (up + down of 4096): 2048 codes + 2 x (16 fp16 steps + 128 six-bit multiples)
+    a part = 4608 bytes, a multiple of 512 (0.281x fp16, against 0.3125x with fp16 scales and
+    offsets); Llama's three parts pad 6912 to 7168; Gemma 3 270M's 640 takes super-blocks of 128."""
+    opt = row_quant(("up", "down"), dim=4096, scheme="int4", two_level=True)
+    assert (opt.sub_bits, opt.super_size, opt.row_bytes) == (6, 256, 4608) and opt.row_bytes % 512 == 0
+    assert opt.scale_bytes == 16 * 2 + 96 and opt.to_json()["sub_bits"] == 6 and opt.to_json()["super_size"] == 256
+    assert row_quant(("up", "gate", "down"), dim=4096, scheme="int4", two_level=True).row_bytes == 7168
+    gemma = row_quant(("up", "down"), dim=640, scheme="int4", two_level=True)
+    assert gemma.super_size == 128 and gemma.scale_bytes == 5 * 2 + 15 + 1  # 20 groups: 15 bytes, even
+    assert gemma.row_bytes < row_quant(("up", "down"), dim=640, scheme="int4").row_bytes
+    for kw in (dict(dim=96, scheme="int4"), dict(dim=4096, scheme="int8"), dict(dim=4096, scheme="int4", offsets=False),
+               dict(dim=4096, scheme="int4", group_size=4096)):
+        with pytest.raises(FlashError, match="two-level scales"):
+            row_quant(("up", "down"), two_level=True, **kw)
+
+
+@pytest.mark.parametrize("dim", [128, 640])
+def test_two_level_rows_store_what_they_dequantize_to(dim):
+    """Every group's scale is fp16(d * sc) and offset -fp16(dmin * m), sc and m in 0..63 of its
+    super-block's steps; the rows decode to codes * scale + offset, close to the fp16-scaled rows'
+    error, and packing the 6-bit values is lossless."""
+    from flashio.quant import _pack_sub, _unpack_sub
+
+    v = torch.randint(0, 64, (7, 20), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_unpack_sub(_pack_sub(v), 20), v.float())
+    w = torch.randn(40, 2 * dim, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[3, :dim] = 0.0  # an all-zero part: zero steps
+    w[5, dim:] += 0.2  # a part whose groups all lie above 0: offsets 0
+    q = row_quant(("up", "down"), dim=dim, scheme="int4", two_level=True)
+    q1 = row_quant(("up", "down"), dim=dim, scheme="int4")
+    rows, rows1 = quantize_rows(w, q), quantize_rows(w, q1)
+    for k, p in enumerate(("up", "down")):
+        part = w[:, k * dim : (k + 1) * dim]
+        gc = quantize_groups(part, 4, 32, True, q.super_size)
+        d, dmin = (t.float().repeat_interleave(q.super_size // 32, dim=1) for t in gc.supers)
+        sc = torch.where(d > 0, gc.scales.float() / torch.where(d > 0, d, 1), 0).round()
+        m = torch.where(dmin > 0, -gc.offsets.float() / torch.where(dmin > 0, dmin, 1), 0).round()
+        assert 0 <= sc.min() <= sc.max() <= 63 and 0 <= m.min() <= m.max() <= 63
+        assert torch.equal((d * sc).half(), gc.scales) and torch.equal(-(dmin * m).half(), gc.offsets)
+        want = (gc.codes.float().view(40, -1, 32) * gc.scales.float()[..., None] + gc.offsets.float()[..., None]).view(40, dim)
+        torch.testing.assert_close(dequantize_rows(rows, q, p), want, rtol=0, atol=0)
+        plain = [r for r in range(40) if r not in (3, 5)]  # rows of centred weights
+        err = (dequantize_rows(rows, q, p) - part)[plain].square().sum()
+        err1 = (dequantize_rows(rows1, q1, p) - part)[plain].square().sum()
+        assert err < 1.05 * err1  # the 6-bit scales cost little against fp16 ones
+    assert (dequantize_rows(rows, q, "up")[3] == 0).all()
+    assert (gc.offsets[5] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def llama128(tmp_path_factory):
+    from tests.conftest import make_llama
+
+    path = tmp_path_factory.mktemp("llama128") / "ckpt"
+    return make_llama(path, hidden_size=128, intermediate_size=256), path
+
+
+def test_two_level_artifacts_open_and_compute_in_every_mode(llama128, tmp_path):
+    """write_artifact(two_level_scales=True): FFN rows and int4 resident matrices with two-level
+    scales, recorded in the manifest (sub_bits, super_size); dense, sparse one token (the kernels)
+    and naive agree, near the float model; damaged records are refused."""
+    ref = write_artifact(llama128[1], tmp_path / "f", dtype="float32")
+    path = write_artifact(llama128[1], tmp_path / "q", dtype="float32", quantize="int4", quantize_resident="int4",
+                          two_level_scales=True)
+    m = Artifact(path).manifest
+    assert m.quant.sub_bits == 6 and m.quant.super_size == 128
+    assert all(r.sub_bits == 6 for r in m.resident_quant.rows.values())
+    assert json.loads((path / "manifest.json").read_text())["ffn_layers"][0]["quant"]["sub_bits"] == 6
+    with flashio.open(ref, mode="dense") as f:
+        want = f.forward(PROMPT)
+    with flashio.open(path, mode="dense") as dense:
+        got = dense.forward(PROMPT)
+        one = dense.forward(PROMPT, token_by_token=True)
+    with flashio.open(path, mode="naive") as naive:
+        torch.testing.assert_close(naive.forward(PROMPT, token_by_token=True), one, rtol=1e-3, atol=1e-3)
+    assert (got - want).abs().max() < 0.25 * want.abs().max()
+    assert (one - got).abs().max() < 0.02 * got.abs().max()  # the kernels' int8 activations
+    for edit, message in [(lambda d: d["ffn_layers"][0]["quant"].update(sub_bits=5), "two-level scales"),
+                          (lambda d: d["ffn_layers"][0]["quant"].update(super_size=256), "two-level scales"),
+                          (lambda d: d["ffn_layers"][0]["quant"].pop("sub_bits"), "super_size 128 without sub_bits")]:
+        _assert_refused(path, tmp_path / str(id(edit)), edit, message)
