@@ -151,8 +151,16 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, o
         return k * s + (0 if o is None else o)
 
     _gptq(w if perm is None else w[:, perm].contiguous(), h, quantize, perm)
-    return GroupCodes(codes, scales.half(), None if offs is None else offs.half(),
-                      None if steps is None else (steps[0].half(), steps[1].half()))
+    return _codes(codes, scales, offs, steps)
+
+
+def _codes(codes: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor | None,
+           steps: tuple[torch.Tensor, torch.Tensor] | None) -> GroupCodes:
+    """GroupCodes of what GPTQ solved: fp16 scales and offsets, or (two-level) float32 ones, exact
+    multiples of their super-blocks' fp16 steps."""
+    if steps is not None:
+        return GroupCodes(codes, scales, offs, (steps[0].half(), steps[1].half()))
+    return GroupCodes(codes, scales.half(), None if offs is None else offs.half())
 
 
 def gptq_neurons(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, offsets: bool,
@@ -193,5 +201,4 @@ def gptq_neurons(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int
         return (k * s + (0 if o is None else o)).view(d)
 
     _gptq(wt, h, quantize, perm)
-    return GroupCodes(codes, scales.half(), None if offs is None else offs.half(),
-                      None if steps is None else (steps[0].half(), steps[1].half()))
+    return _codes(codes, scales, offs, steps)

@@ -99,7 +99,7 @@ class RowQuant:
     offsets: bool = False  # asymmetric: element = code * scale + offset, codes 0..2^bits-1 (int4 rows)
     # two-level scales: 0, fp16 scales (and offsets) per group; SUB_BITS, per super-block of
     # super_size elements an fp16 step d (and dmin), per group a SUB_BITS-bit multiple of it
-    # (scale = fp16(d * sc), offset = -fp16(dmin * m)): the part's "scales" bytes are the super-blocks'
+    # (scale = d * sc, offset = -dmin * m, exact in float32): the part's "scales" bytes are the super-blocks'
     # d then the groups' sc packed four in three bytes, its "offsets" bytes likewise dmin and m
     sub_bits: int = 0
     super_size: int = 0
@@ -159,11 +159,11 @@ def scale_block_bytes(dim: int, group: int, sub_bits: int = 0, super_size: int =
 
 def default_super_size(dim: int, group: int) -> int:
     """The super-block of two-level scales for rows of `dim` in groups of `group`: the first of
-    SUPER_SIZES that divides dim and holds whole groups; 0 when none does or dim / group is not a
-    multiple of 4 (the packing's unit)."""
+    SUPER_SIZES that divides dim and holds a multiple of 4 groups (the packing's unit: four 6-bit
+    values in three bytes, which the kernels decode with one step); 0 when none does."""
     if (dim // group) % 4 or dim % group:
         return 0
-    return next((s for s in SUPER_SIZES if dim % s == 0 and s % group == 0), 0)
+    return next((s for s in SUPER_SIZES if dim % s == 0 and s % group == 0 and (s // group) % 4 == 0), 0)
 
 
 def check_scheme(scheme: str, *, where: str = "quantize") -> int:
@@ -267,7 +267,8 @@ def check_row_quant(q: RowQuant, parts: tuple[str, ...], dim: int, where: str) -
 @dataclass(frozen=True)
 class GroupCodes:
     """One part of N rows quantized: codes [N, D] (symmetric: -qmax..qmax; asymmetric: 0..2^bits-1),
-    fp16 scales [N, D/g] and, asymmetric, fp16 offsets [N, D/g] (element = code * scale + offset).
+    fp16 scales [N, D/g] and, asymmetric, fp16 offsets [N, D/g] (element = code * scale + offset;
+    two-level: float32, exactly the step times its 6-bit multiple).
     What quantize_rows stores; made by quantize_groups (round to nearest) or flashio.gptq."""
 
     codes: torch.Tensor
@@ -290,8 +291,8 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool, importance: torch.T
     trimmed by the fraction (0, 3, 6 or 9%) of the range that gives the smallest squared error,
     each element's error weighted by `importance` (broadcast to wg; e.g. GPTQ's per-input weight).
     grid (asymmetric): the super-block's steps (d, dmin) [..., 1] of two-level scales: each
-    candidate's scale is rounded to fp16(d * sc), sc in 1..63, and its offset to -fp16(dmin * m),
-    m in 0..63 (a group whose minimum is above 0 starts its range at 0)."""
+    candidate's scale is rounded to d * sc, sc in 1..63, and its offset to -dmin * m, m in 0..63
+    (a group whose minimum is above 0 starts its range at 0)."""
     if not offsets:  # fp16 subnormals kept: a group of small weights keeps its own scale
         scale = (wg.abs().amax(dim=-1, keepdim=True) / ((1 << (bits - 1)) - 1)).half().float()
         return scale, None
@@ -323,11 +324,12 @@ def group_params(wg: torch.Tensor, bits: int, offsets: bool, importance: torch.T
 
 def on_grid(scale: torch.Tensor, offset: torch.Tensor, d: torch.Tensor,
             dmin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-level scales: `scale` as fp16(d * sc), sc = round(scale / d) in 1..63 (0 where d is 0),
-    and `offset` as -fp16(dmin * m), m = round(-offset / dmin) in 0..63; float32."""
+    """Two-level scales: `scale` as d * sc, sc = round(scale / d) in 1..63 (0 where d is 0), and
+    `offset` as -dmin * m, m = round(-offset / dmin) in 0..63; float32, exact (an fp16 step times
+    a 6-bit integer needs 17 of float32's 24 bits)."""
     sc = torch.where(d > 0, torch.round(scale / torch.where(d > 0, d, 1)).clamp(1, SUB_MAX), 0)
     m = torch.where(dmin > 0, torch.round(-offset / torch.where(dmin > 0, dmin, 1)).clamp(0, SUB_MAX), 0)
-    return (d * sc).half().float(), -(dmin * m).half().float()
+    return d * sc, -(dmin * m)
 
 
 def super_steps(ws: torch.Tensor, bits: int, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,7 +361,7 @@ def quantize_groups(w: torch.Tensor, bits: int, g: int, offsets: bool = False, s
         steps = super_steps(ws, bits)
         scale, offset = group_params(ws, bits, True, grid=steps)
         codes = group_codes(ws, scale, offset, bits).view(n, d)
-        return GroupCodes(codes, scale.reshape(n, -1).half(), offset.reshape(n, -1).half(),
+        return GroupCodes(codes, scale.reshape(n, -1), offset.reshape(n, -1),
                           (steps[0].reshape(n, -1).half(), steps[1].reshape(n, -1).half()))
     wg = w.float().view(n, d // g, g)
     scale, offset = group_params(wg, bits, offsets)
@@ -386,11 +388,11 @@ def _unpack_sub(b: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _sub_indices(values: torch.Tensor, step: torch.Tensor, q: RowQuant, name: str) -> torch.Tensor:
     """The 6-bit multiples of `step` [N, S] that two-level `values` [N, G] (scales, or -offsets)
-    were rounded to; FlashError unless fp16(step * index) gives the values back exactly."""
+    were rounded to; FlashError unless step * index gives the values back exactly."""
     per = q.super_size // q.group_size
     st = step.float().repeat_interleave(per, dim=1)
     idx = torch.where(st > 0, torch.round(values.float() / torch.where(st > 0, st, 1)), 0).clamp(0, SUB_MAX)
-    if not torch.equal((st * idx).half(), values.half()):
+    if not torch.equal(st * idx, values.float()):
         raise FlashError(f"{name}: the two-level values are not 6-bit multiples of their super-blocks' steps")
     return idx.to(torch.int32)
 
@@ -480,11 +482,11 @@ def _offsets(rows: torch.Tensor, p: PartQuant, q: RowQuant) -> torch.Tensor:
 
 
 def _two_level(rows: torch.Tensor, start: int, q: RowQuant) -> torch.Tensor:
-    """[R, groups] float32: fp16(step * index) of the two-level block at `start` of each row."""
+    """[R, groups] float32: step * index of the two-level block at `start` of each row."""
     ns = q.n_super
     step = rows[:, start : start + 2 * ns].view(torch.float16).float()
     idx = _unpack_sub(rows[:, start + 2 * ns :], q.n_groups)
-    return (step.repeat_interleave(q.super_size // q.group_size, dim=1) * idx).half().float()
+    return step.repeat_interleave(q.super_size // q.group_size, dim=1) * idx
 
 
 def _apply_groups(m: torch.Tensor, rows: torch.Tensor, q: RowQuant, p: PartQuant) -> None:

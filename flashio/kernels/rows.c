@@ -392,9 +392,9 @@ static void ffn_1(const void *rows, int64_t stride, int64_t n_rows, int64_t len,
  * j + dim/2 in its high one, codes 0..15; symmetric int4 has no stored offsets: offset_g = -8 scale_g.
  * Two-level scales (super > 0, asymmetric int4): the scales' bytes hold an fp16 step d per super-block
  * of `super` elements then each group's 6-bit multiple sc of it, packed four in three bytes; scale_g =
- * fp16(d * sc_g), and likewise offset_g = -fp16(dmin * m_g) from the offsets' bytes. Each row's are
- * decoded into fp16 arrays before its codes are read (qptrs), so every path below takes a row's fp16
- * scales and offsets by pointer (sc, of: in the row, or decoded).
+ * d * sc_g (exact in float32), and likewise offset_g = -dmin * m_g from the offsets' bytes. Each row's
+ * are decoded into float32 arrays before its codes are read (qptrs), so every path below takes a row's
+ * scales and offsets by pointer (sc, of: fp16 in the row, or float32 decoded, L->super > 0: QS).
  * The vector paths need group % VW == 0 (and, for int4, (dim / 2) % VW == 0: segments whose low
  * and high nibbles each stay in one group then end on vector boundaries, see seg_end); else scalar. */
 
@@ -410,47 +410,56 @@ static inline float h16(const uint8_t *p, int64_t i) {
     return HALF(v);
 }
 
-/* float -> fp16 bits, rounded to nearest even (as torch's .half()); finite inputs */
-static inline uint16_t float_to_half(float f) {
-#if defined(__F16C__)
-    return _cvtss_sh(f, 0);
-#else
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000u, r, rem, halfway;
-    x &= 0x7fffffffu;
-    if (x >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past the largest half */
-    if (x < 0x38800000u) {                                  /* below 2^-14: a subnormal half (or 0) */
-        if (x < 0x33000000u) return (uint16_t)sign;         /* below 2^-25: rounds to 0 */
-        uint32_t m = (x & 0x7fffffu) | 0x800000u;
-        int shift = 126 - (int)(x >> 23);
-        r = m >> shift, rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-    } else {
-        r = (x - 0x38000000u) >> 13, rem = x & 0x1fffu, halfway = 0x1000u;
-    }
-    if (rem > halfway || (rem == halfway && (r & 1))) r++;
-    return (uint16_t)(sign | r);
-#endif
-}
+/* group g's scale (or offset) from a row's scales: fp16 in the row, or float32 decoded (two-level) */
+#define QS(L, p, g) ((L)->super ? ((const float *)(p))[g] : h16((p), (g)))
+#define QDTYPE(L) ((L)->super ? 0 : 1) /* the scales' dtype for dot1/axpy1: float32 or fp16 */
 
-/* two-level rows: the part's fp16 scales into out[0, ng) and offsets into out[ng, 2 ng) */
-static void qdecode(const uint8_t *row, const qlayout *L, uint16_t *out) {
-    const int64_t ng = L->dim / L->group, ns = L->dim / L->super, per = ng / ns;
+/* two-level rows: the part's scales into out[0, ng) and offsets into out[ng, 2 ng), float32. A
+ * super-block holds a multiple of four groups (flashio.quant.default_super_size), so each four groups'
+ * three bytes share one step. AVX2: eight groups at a time (their six bytes spread over eight lanes by
+ * one shuffle, shifted, masked, widened, times the steps). */
+static void qdecode(const uint8_t *row, const qlayout *L, float *out) {
+    const int64_t ng = L->dim / L->group, ns = L->dim / L->super, quads = ng / ns / 4;
+    float d[ng / 4]; /* each four groups' step (no division in the loops below: it cost half the time) */
     for (int w = 0; w < 2; w++) {
-        const uint8_t *blk = row + (w ? L->offsets : L->scales), *pk = blk + 2 * ns;
-        for (int64_t g = 0; g < ng; g += 4) {
-            const uint8_t *b = pk + g / 4 * 3;
-            uint32_t word = (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16);
-            for (int64_t i = 0; i < 4; i++) {
-                float v = h16(blk, (g + i) / per) * (float)((word >> (6 * i)) & 63u);
-                out[w * ng + g + i] = float_to_half(w ? -v : v);
+        const uint8_t *blk = row + (w ? L->offsets : L->scales), *b = blk + 2 * ns;
+        float *o = out + w * ng;
+        for (int64_t s = 0, j = 0; s < ns; s++) {
+            const float step = w ? -h16(blk, s) : h16(blk, s);
+            for (int64_t e = j + quads; j < e; j++) d[j] = step;
+        }
+        int64_t g = 0;
+#if defined(__AVX2__)
+        const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2, -1,
+                                                3, 4, 5, -1, 3, 4, 5, -1, 3, 4, 5, -1, 3, 4, 5, -1);
+        const __m256i shifts = _mm256_setr_epi32(0, 6, 12, 18, 0, 6, 12, 18), m6 = _mm256_set1_epi32(63);
+        for (; g + 8 <= ng; g += 8) {
+            /* eight bytes (two past the six) except for the last eight groups, whose six may end the
+             * row; a six-byte copy costs a store-forwarding stall (it took half the time) */
+            __m128i bytes;
+            if (g + 8 < ng) {
+                bytes = _mm_loadl_epi64((const __m128i *)(b + g / 4 * 3));
+            } else {
+                uint64_t word = 0;
+                memcpy(&word, b + g / 4 * 3, 6);
+                bytes = _mm_cvtsi64_si128((long long)word);
             }
+            __m256i t = _mm256_shuffle_epi8(_mm256_broadcastq_epi64(bytes), spread);
+            t = _mm256_and_si256(_mm256_srlv_epi32(t, shifts), m6);
+            __m256 steps = _mm256_set_m128(_mm_set1_ps(d[g / 4 + 1]), _mm_set1_ps(d[g / 4]));
+            _mm256_storeu_ps(o + g, _mm256_mul_ps(_mm256_cvtepi32_ps(t), steps));
+        }
+#endif
+        for (; g < ng; g += 4) {
+            const uint8_t *q = b + g / 4 * 3;
+            uint32_t word = (uint32_t)q[0] | ((uint32_t)q[1] << 8) | ((uint32_t)q[2] << 16);
+            for (int i = 0; i < 4; i++) o[g + i] = d[g / 4] * (float)((word >> (6 * i)) & 63u);
         }
     }
 }
 
-/* a row's fp16 scales and offsets (NULL: none stored): in the row, or decoded into dec (2 ng halves) */
-static inline void qptrs(const uint8_t *row, const qlayout *L, uint16_t *dec, const uint8_t **sc, const uint8_t **of) {
+/* a row's scales and offsets (NULL: none stored): fp16 in the row, or decoded into dec (2 ng floats) */
+static inline void qptrs(const uint8_t *row, const qlayout *L, float *dec, const uint8_t **sc, const uint8_t **of) {
     if (L->super) {
         qdecode(row, L, dec);
         *sc = (const uint8_t *)dec, *of = (const uint8_t *)(dec + L->dim / L->group);
@@ -511,7 +520,7 @@ static inline void vcodes4(const uint8_t *c, vec *lo, vec *hi) {
 /* sum_g offset_g * xg[g] (vectorised over the fp16 offsets, or the scales for symmetric int4) */
 static float qoffsets_dot(const uint8_t *sc, const uint8_t *of, const qlayout *L, const float *xg) {
     int64_t ng = L->dim / L->group;
-    if (of) return dot1(of, xg, ng, 1);
+    if (of) return dot1(of, xg, ng, QDTYPE(L));
     return L->sym4 ? -8.0f * dot1(sc, xg, ng, 1) : 0.0f;
 }
 
@@ -519,7 +528,7 @@ static float qoffsets_dot(const uint8_t *sc, const uint8_t *of, const qlayout *L
 static void qoffsets_axpy(const uint8_t *sc, const uint8_t *of, const qlayout *L, float a, float *og) {
     int64_t ng = L->dim / L->group;
     if (of)
-        axpy1(og, of, a, ng, 1);
+        axpy1(og, of, a, ng, QDTYPE(L));
     else if (L->sym4)
         axpy1(og, sc, -8.0f * a, ng, 1);
 }
@@ -538,7 +547,7 @@ static float qdot1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, con
             for (int64_t g = 0; g < ng; g++) {
                 vec acc = vzero();
                 for (int64_t k = g * G; k < (g + 1) * G; k += VW) acc = vfmadd(vcodes8(c + k, sgn), vloadf(x + k), acc);
-                tot = vfmadd(acc, vset1(h16(sc, g)), tot);
+                tot = vfmadd(acc, vset1(QS(L, sc, g)), tot);
             }
         } else { /* segments of bytes whose low and high nibbles each stay in one group */
             int64_t half = L->dim / 2;
@@ -550,8 +559,8 @@ static float qdot1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, con
                     alo = vfmadd(lo, vloadf(x + i), alo);
                     ahi = vfmadd(hi, vloadf(x + half + i), ahi);
                 }
-                tot = vfmadd(alo, vset1(h16(sc, j / G)), tot);
-                tot = vfmadd(ahi, vset1(h16(sc, (half + j) / G)), tot);
+                tot = vfmadd(alo, vset1(QS(L, sc, j / G)), tot);
+                tot = vfmadd(ahi, vset1(QS(L, sc, (half + j) / G)), tot);
                 j = end;
             }
         }
@@ -561,7 +570,7 @@ static float qdot1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, con
         for (int64_t g = 0; g < ng; g++) {
             float acc = 0.0f;
             for (int64_t k = g * G; k < (g + 1) * G; k++) acc += qcode(row, L, k) * x[k];
-            s += acc * h16(sc, g);
+            s += acc * QS(L, sc, g);
         }
     }
     return s + qoffsets_dot(sc, of, L, xg);
@@ -577,7 +586,7 @@ static void qaxpy1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, con
         if (L->bits == 8) {
             int sgn = L->offsets < 0;
             for (int64_t g = 0; g < ng; g++) {
-                vec b = vset1(a * h16(sc, g));
+                vec b = vset1(a * QS(L, sc, g));
                 for (int64_t k = g * G; k < (g + 1) * G; k += VW)
                     vstoref(y + k, vfmadd(vcodes8(c + k, sgn), b, vloadf(y + k)));
             }
@@ -586,7 +595,7 @@ static void qaxpy1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, con
             vec lo, hi;
             for (int64_t j = 0; j < half;) {
                 int64_t end = seg_end(j, half, G);
-                vec blo = vset1(a * h16(sc, j / G)), bhi = vset1(a * h16(sc, (half + j) / G));
+                vec blo = vset1(a * QS(L, sc, j / G)), bhi = vset1(a * QS(L, sc, (half + j) / G));
                 for (int64_t i = j; i < end; i += VW) {
                     vcodes4(c + i, &lo, &hi);
                     vstoref(y + i, vfmadd(lo, blo, vloadf(y + i)));
@@ -598,7 +607,7 @@ static void qaxpy1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, con
 #endif
     } else {
         for (int64_t g = 0; g < ng; g++) {
-            float b = a * h16(sc, g);
+            float b = a * QS(L, sc, g);
             for (int64_t k = g * G; k < (g + 1) * G; k++) y[k] += b * qcode(row, L, k);
         }
     }
@@ -626,7 +635,7 @@ static void qdot4(const uint8_t *const *row, const uint8_t *const *sc, const uin
                 vec xv = vloadf(x + k);
                 for (int r = 0; r < 4; r++) acc[r] = vfmadd(vcodes8(c[r] + k, sgn), xv, acc[r]);
             }
-            for (int r = 0; r < 4; r++) tot[r] = vfmadd(acc[r], vset1(h16(sc[r], g)), tot[r]);
+            for (int r = 0; r < 4; r++) tot[r] = vfmadd(acc[r], vset1(QS(L, sc[r], g)), tot[r]);
         }
     } else {
         int64_t half = L->dim / 2;
@@ -642,8 +651,8 @@ static void qdot4(const uint8_t *const *row, const uint8_t *const *sc, const uin
                 }
             }
             for (int r = 0; r < 4; r++) {
-                tot[r] = vfmadd(alo[r], vset1(h16(sc[r], glo)), tot[r]);
-                tot[r] = vfmadd(ahi[r], vset1(h16(sc[r], ghi)), tot[r]);
+                tot[r] = vfmadd(alo[r], vset1(QS(L, sc[r], glo)), tot[r]);
+                tot[r] = vfmadd(ahi[r], vset1(QS(L, sc[r], ghi)), tot[r]);
             }
             j = end;
         }
@@ -667,7 +676,7 @@ static void qaxpy4(const uint8_t *const *row, const uint8_t *const *sc, const ui
         int sgn = L->offsets < 0;
         for (int64_t g = 0; g < L->dim / G; g++) {
             vec b[4];
-            for (int r = 0; r < 4; r++) b[r] = vset1(a[r] * h16(sc[r], g));
+            for (int r = 0; r < 4; r++) b[r] = vset1(a[r] * QS(L, sc[r], g));
             for (int64_t k = g * G; k < (g + 1) * G; k += VW) {
                 PF(k)
                 vec acc = vloadf(y + k);
@@ -683,8 +692,8 @@ static void qaxpy4(const uint8_t *const *row, const uint8_t *const *sc, const ui
             int64_t glo = aligned ? g : j / G, ghi = aligned ? half / G + g : (half + j) / G;
             vec blo[4], bhi[4], lo, hi;
             for (int r = 0; r < 4; r++) {
-                blo[r] = vset1(a[r] * h16(sc[r], glo));
-                bhi[r] = vset1(a[r] * h16(sc[r], ghi));
+                blo[r] = vset1(a[r] * QS(L, sc[r], glo));
+                bhi[r] = vset1(a[r] * QS(L, sc[r], ghi));
             }
             for (int64_t i = j; i < end; i += VW) {
                 PF(i)
@@ -758,18 +767,20 @@ static qx quantize_x(const float *x, int64_t len, int64_t group, uint8_t *buf) {
     return X;
 }
 
-static inline __m512 h16x1(const uint8_t *sc, int64_t g) {
-    uint16_t v;
-    memcpy(&v, sc + 2 * g, 2);
-    return _mm512_set1_ps(_cvtsh_ss(v));
+static inline __m512 h16x1(const qlayout *L, const uint8_t *sc, int64_t g) {
+    return _mm512_set1_ps(QS(L, sc, g));
 }
 
-/* [s_{g0} x 8, s_{g1} x 8] */
-static inline __m512 h16x2(const uint8_t *sc, int64_t g0, int64_t g1) {
-    uint16_t a, b;
-    memcpy(&a, sc + 2 * g0, 2);
-    memcpy(&b, sc + 2 * g1, 2);
-    __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)a | ((int)b << 16)));
+/* [s_{g0} x 8, s_{g0+1} x 8] */
+static inline __m512 h16x2(const qlayout *L, const uint8_t *sc, int64_t g0) {
+    __m128 f;
+    if (L->super) {
+        f = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(sc + 4 * g0)));
+    } else {
+        uint32_t ab;
+        memcpy(&ab, sc + 2 * g0, 4);
+        f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)ab));
+    }
     return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
                                  _mm512_castps128_ps512(f));
 }
@@ -803,11 +814,11 @@ static inline void vnni_rows(int nr, const uint8_t *const *row, const uint8_t *c
                 __m512i c = _mm512_loadu_si512(row[r] + L->codes + j);
                 if (int4) {
                     __m512i lo = _mm512_and_si512(c, m4), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m4);
-                    tot[r] = _mm512_fmadd_ps(DP(lo, xl), _mm512_mul_ps(dl, h16x2(sc, blo, blo + 1)), tot[r]);
-                    tot[r] = _mm512_fmadd_ps(DP(hi, xh), _mm512_mul_ps(dh, h16x2(sc, bhi, bhi + 1)), tot[r]);
+                    tot[r] = _mm512_fmadd_ps(DP(lo, xl), _mm512_mul_ps(dl, h16x2(L, sc, blo)), tot[r]);
+                    tot[r] = _mm512_fmadd_ps(DP(hi, xh), _mm512_mul_ps(dh, h16x2(L, sc, bhi)), tot[r]);
                 } else {
                     if (flip) c = _mm512_xor_si512(c, x80);
-                    tot[r] = _mm512_fmadd_ps(DP(c, xl), _mm512_mul_ps(dl, h16x2(sc, blo, blo + 1)), tot[r]);
+                    tot[r] = _mm512_fmadd_ps(DP(c, xl), _mm512_mul_ps(dl, h16x2(L, sc, blo)), tot[r]);
                 }
             }
         }
@@ -821,12 +832,12 @@ static inline void vnni_rows(int nr, const uint8_t *const *row, const uint8_t *c
             const int64_t gl = X->gb[j / QB], gh = int4 ? X->gb[(half + j) / QB] : 0;
             if (gl != glo) {
                 for (int r = 0; r < nr; r++)
-                    tot[r] = _mm512_fmadd_ps(alo[r], h16x1(scs[r], glo), tot[r]), alo[r] = _mm512_setzero_ps();
+                    tot[r] = _mm512_fmadd_ps(alo[r], h16x1(L, scs[r], glo), tot[r]), alo[r] = _mm512_setzero_ps();
                 glo = gl;
             }
             if (int4 && gh != ghi) {
                 for (int r = 0; r < nr; r++)
-                    tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(scs[r], ghi), tot[r]), ahi[r] = _mm512_setzero_ps();
+                    tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(L, scs[r], ghi), tot[r]), ahi[r] = _mm512_setzero_ps();
                 ghi = gh;
             }
             const __m512i xl = _mm512_loadu_si512(X->q + j);
@@ -848,8 +859,8 @@ static inline void vnni_rows(int nr, const uint8_t *const *row, const uint8_t *c
             }
         }
         for (int r = 0; r < nr; r++) {
-            tot[r] = _mm512_fmadd_ps(alo[r], h16x1(scs[r], glo), tot[r]);
-            if (int4) tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(scs[r], ghi), tot[r]);
+            tot[r] = _mm512_fmadd_ps(alo[r], h16x1(L, scs[r], glo), tot[r]);
+            if (int4) tot[r] = _mm512_fmadd_ps(ahi[r], h16x1(L, scs[r], ghi), tot[r]);
         }
     }
     for (int r = 0; r < nr; r++) {
@@ -883,7 +894,7 @@ static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
                   int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *mask, const float *x,
                   float *xg, float *out) {
     qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets, super);
-    uint16_t dec[super ? 8 * (dim / group) : 1]; /* four rows' decoded scales and offsets (two-level) */
+    float dec[super ? 8 * (dim / group) : 1]; /* four rows' decoded scales and offsets (two-level) */
     for (int64_t g = 0; g < dim / group; g++) {
         float t = 0.0f;
         for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[k];
@@ -934,7 +945,7 @@ static void qaxpy_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int6
     int64_t ng = dim / group;
     memset(y, 0, (size_t)dim * sizeof(float));
     memset(og, 0, (size_t)ng * sizeof(float));
-    uint16_t dec[super ? 8 * ng : 1]; /* four rows' decoded scales and offsets (two-level) */
+    float dec[super ? 8 * ng : 1]; /* four rows' decoded scales and offsets (two-level) */
     int64_t pos = 0, idx[4], nidx[4];
     const uint8_t *sc[4], *of[4];
     batch cur = take4(rows, row_bytes, a, &pos, n_rows, idx); /* inactive neurons (a == 0): not read */

@@ -67,11 +67,14 @@ def main() -> None:
         x = h.to(dtype)
         cases.append((str(dtype).replace("torch.", ""), rows.shape[1] * rows.element_size(),
                       lambda rows=rows, x=x: ffn_compute(x, rows, parts, None, None, activation=act)))
-    for scheme, group in (("int8", None), ("int4", None), ("int4", 128), ("int4", D)):
-        q = row_quant(names, dim=D, scheme=scheme, group_size=group)
+    for scheme, group, two_level in (("int8", None, False), ("int4", None, False), ("int4", None, True),
+                                     ("int4", 128, False), ("int4", D, False)):
+        if two_level and D % 128:
+            continue
+        q = row_quant(names, dim=D, scheme=scheme, group_size=group, two_level=two_level)
         rows = resident(quantize_rows(bundles, q))
         scratch = RowScratch(q)
-        cases.append((f"{scheme} groups of {q.group_size}", q.row_bytes,
+        cases.append((f"{scheme} groups of {q.group_size}" + (", 2-level" if two_level else ""), q.row_bytes,
                       lambda rows=rows, q=q, scratch=scratch: quant_ffn_compute(h, rows, q, scratch, None, None,
                                                                              act_fn=getattr(F, act))))
     results = {}
@@ -86,12 +89,12 @@ def main() -> None:
         results[name] = (row_bytes, with_k, without)
     base = results["float16"][1] or results["float16"][2]
     print(f"one token, {R} rows x {'+'.join(names)} of {D}, {args.threads} thread(s)")
-    print(f"{'rows':22s} {'bytes/row':>9s} {'kernels ms':>11s} {'GB/s':>6s} {'torch ms':>9s} {'GB/s':>6s} {'vs fp16 (kernels)':>18s}")
+    print(f"{'rows':30s} {'bytes/row':>9s} {'kernels ms':>11s} {'GB/s':>6s} {'torch ms':>9s} {'GB/s':>6s} {'vs fp16 (kernels)':>18s}")
     for name, (row_bytes, with_k, without) in results.items():
         nb = R * row_bytes / 1e6
         k = f"{with_k:11.2f} {nb / with_k:6.1f}" if with_k else f"{'-':>11s} {'-':>6s}"
         rel = f"{with_k / base:17.2f}x" if with_k else f"{without / base:17.2f}x"
-        print(f"{name:22s} {row_bytes:9d} {k} {without:9.2f} {nb / without:6.1f} {rel}")
+        print(f"{name:30s} {row_bytes:9d} {k} {without:9.2f} {nb / without:6.1f} {rel}")
 
 
 if __name__ == "__main__":
