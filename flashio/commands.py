@@ -167,6 +167,10 @@ def add_commands(sub) -> None:
                    help="attention, an untied head and resident gate rows: int8 per output channel, or int4 "
                         "in groups of 32 along the input (default: int8 with --quantize, else none); embeddings "
                         "stay in --dtype")
+    p.add_argument("--two-level-scales", action="store_true",
+                   help="with --quantize int4: each group's scale and offset a 6-bit multiple of its super-block's "
+                        "fp16 steps (4.5 bits per weight against 5, as llama.cpp's Q4_K), where d_model is a "
+                        "multiple of 128")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pack)
 
@@ -285,7 +289,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     out = write_artifact(args.checkpoint, args.out, dtype=args.dtype, gate_resident=args.gate_resident,
                          quantize=args.quantize, group_size=args.group_size,
-                         quantize_resident=args.quantize_resident, up_sketch=args.up_sketch,
+                         quantize_resident=args.quantize_resident, two_level_scales=args.two_level_scales,
+                         up_sketch=args.up_sketch,
                          selection="gate+up" if args.up_sketch else None, overwrite=args.overwrite,
                          progress=progress)
     print(out)

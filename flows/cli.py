@@ -74,6 +74,10 @@ def add_convert_command(sub) -> None:
                         "rounds to nearest")
     g.add_argument("--quantize-resident", choices=["none", "int8", "int4"],
                    help="with --quantize: resident attention/head matrices (default int8)")
+    g.add_argument("--two-level-scales", action="store_true", default=None,
+                   help="with --quantize int4: each group's scale and offset a 6-bit multiple of its super-block's "
+                        "fp16 steps (4.5 bits per weight against 5: 10%% fewer bytes read and cached; the one-token "
+                        "products decode them per row)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--window", type=int, help="sliding window in tokens (default: chosen per model from the "
                                                "calibration trace: the fewest bytes read that fit the DRAM limit)")
@@ -131,7 +135,7 @@ def add_convert_command(sub) -> None:
 
 _FLAG_FIELDS = ("revision", "source_dtype", "dtype", "calibration", "heldout", "text_field", "samples", "seq_len",
                 "heldout_samples", "seed", "shard_samples", "batch_samples", "gated_density", "rank", "rank_last",
-                "last_layers", "max_rank", "max_escalations", "recall", "threshold", "epochs", "order", "quantize", "group_size", "quantize_resident", "quantize_method",
+                "last_layers", "max_rank", "max_escalations", "recall", "threshold", "epochs", "order", "quantize", "group_size", "quantize_resident", "quantize_method", "two_level_scales",
                 "window",
                 "zero_shot_limit", "ffn_dram_fraction", "frontier_samples", "registry", "registry_endpoint", "name", "version", "prompt", "max_new_tokens",
                 "work_dir", "workers", "torch_threads", "dask_address")

@@ -112,6 +112,9 @@ class ConvertConfig(BaseModel):
     quantize_resident: Literal["none", "int8", "int4"] | None = Field(None, description="resident matrices (attention, "
                                                                                 "head): int8 with quantize unless "
                                                                                 "'none'")
+    two_level_scales: bool = Field(False, description="int4 rows and int4 resident matrices with two-level scales: "
+                                                      "each group's scale and offset a 6-bit multiple of its "
+                                                      "super-block's fp16 steps (4.5 bits per weight against 5)")
     window: int | None = Field(None, ge=1, description="sliding window (tokens) for evaluation and generation "
                                                          "(default: chosen per model from the calibration trace, "
                                                          "the fewest bytes read that fit ffn_dram_fraction)")
@@ -215,7 +218,7 @@ class ConvertConfig(BaseModel):
         if self.quantize is None:
             return None
         return {"quantize": self.quantize, "group_size": self.group_size, "quantize_resident": self.quantize_resident,
-                "method": self.quantize_method}
+                "method": self.quantize_method, "two_level_scales": self.two_level_scales}
 
     def eval_options(self, window: int | None = None, gated: bool = False):
         """`window`: the one chosen from the trace (0: caching off), unless the config fixes one."""

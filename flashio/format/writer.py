@@ -61,8 +61,6 @@ from flashio.quant import (
     GroupCodes,
     RowQuant,
     check_scheme,
-    default_group_size,
-    default_super_size,
     quantize_resident,
     quantize_resident_rows,
     quantize_rows,
@@ -267,10 +265,10 @@ def write_artifact(
     width = len(parts) * d
     if quantize is not None:
         check_scheme(quantize, where="write_artifact")
-    two_level = bool(two_level_scales and quantize == "int4"
-                     and default_super_size(d, group_size or default_group_size("int4", d)))
+    if two_level_scales and quantize != "int4":
+        raise FlashError(f"two_level_scales applies to int4 rows: pass quantize='int4' (got {quantize!r})")
     rq = row_quant(tuple(parts), dim=d, scheme=quantize, group_size=group_size,
-                   float_itemsize=tdtype.itemsize, two_level=two_level) if quantize else None
+                   float_itemsize=tdtype.itemsize, two_level=two_level_scales) if quantize else None
     if group_size is not None and rq is None:
         raise FlashError("group_size applies to quantized rows: pass quantize='int8' or 'int4' with it")
     quantize_resident = quantize_resident or ("int8" if quantize else "none")

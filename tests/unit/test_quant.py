@@ -469,6 +469,8 @@ def test_two_level_artifacts_open_and_compute_in_every_mode(llama128, tmp_path):
         torch.testing.assert_close(naive.forward(PROMPT, token_by_token=True), one, rtol=1e-3, atol=1e-3)
     assert (got - want).abs().max() < 0.25 * want.abs().max()
     assert (one - got).abs().max() < 0.02 * got.abs().max()  # the kernels' int8 activations
+    with pytest.raises(FlashError, match="two_level_scales applies to int4 rows"):
+        write_artifact(llama128[1], tmp_path / "q8", quantize="int8", two_level_scales=True)
     for edit, message in [(lambda d: d["ffn_layers"][0]["quant"].update(sub_bits=5), "two-level scales"),
                           (lambda d: d["ffn_layers"][0]["quant"].update(super_size=256), "two-level scales"),
                           (lambda d: d["ffn_layers"][0]["quant"].pop("sub_bits"), "super_size 128 without sub_bits")]:

@@ -118,7 +118,9 @@ def test_quantized_bundle_is_what_the_runtime_opens(tmp_path, tiny_opt, scheme):
                   str(path))
         preds.append(LayerPredictor(i, path, "", 4, 0.3, 0.1, 0.2, 0.99, 0.5, 1.0, True, 0, 10, ()))
     quant = ConvertConfig(quantize=scheme).quantization()
-    assert quant == {"quantize": scheme, "group_size": None, "quantize_resident": None, "method": "gptq"}
+    assert quant == {"quantize": scheme, "group_size": None, "quantize_resident": None, "method": "gptq",
+                     "two_level_scales": False}
+    assert ConvertConfig(quantize="int4", two_level_scales=True).quantization()["two_level_scales"] is True
     assert ConvertConfig().quantization() is None
     with pytest.raises(InputError, match="GPTQ quantization needs the calibration rows"):
         bundle_artifact(src, stats, preds, order="identity", out_dir=tmp_path / "nocalib", quantize=quant)
