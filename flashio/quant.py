@@ -24,6 +24,12 @@ llama.cpp's Q4_1 / Q4_K groups). On Gemma 3 270M's FFN rows (groups of 32, held-
 round to nearest) symmetric int4 was +27%, asymmetric +13.5% (tests/bench/quant_ppl.py; GPTQ,
 flashio.gptq, with importance-weighted ranges: +1.93%). Rows written before have no offsets and still open (symmetric).
 
+Two-level scales (RowQuant.sub_bits, `--two-level-scales`; asymmetric int4 where d_model is a
+multiple of 128): a part's scales are 6-bit multiples of an fp16 step per super-block of 256 (or
+128) elements and its offsets likewise of a second step, as llama.cpp's Q4_K: 4.5 bits per
+weight against 5 (OPT-6.7B rows 4608 bytes, aligned, against 5120). scale = step * multiple,
+exact in float32; the kernels decode a row's into float32 before its codes (rows.c qdecode).
+
 Why the product dequantizes chunks of rows instead of calling torch's weight-only kernels
 (measured on this project's 2-core CPU, one thread, 4096-wide rows, one token, up + down):
 rows 820 / 2458 / 4915: fp16 rows 2.7 / 7.5 / 16.7 ms; int8 in chunks of 256 rows through an

@@ -195,10 +195,11 @@ def artifact_bytes(shape: Shape, dtype: str, predictors: bool = True) -> int:
 def write_synthetic(shape: str | Shape, out_dir: str | Path, *, scale: float = 1.0, seed: int = 0,
                     dtype: str = "float16", predictors: bool = True, overwrite: bool = False,
                     quantize: str | None = None, quantize_resident: str | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+                    two_level_scales: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a random-weight artifact of `shape` (a SHAPES name or a Shape) and return its path.
     quantize: the writer's bundle-row scheme ('int8' | 'int4'; None: float rows); quantize_resident:
-    the resident matrices' ('int8', the default with quantize, 'int4' or 'none'). Refuses when the filesystem lacks the space, before writing anything."""
+    the resident matrices' ('int8', the default with quantize, 'int4' or 'none'); two_level_scales:
+    int4's (flashio.quant.RowQuant.sub_bits). Refuses when the filesystem lacks the space, before writing anything."""
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise FlashError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -227,4 +228,4 @@ def write_synthetic(shape: str | Shape, out_dir: str | Path, *, scale: float = 1
     source = ModelSource(shape.model_type, ckpt.config, shape.n_layers, resident, ffn, [], lineage)
     preds = random_predictors(shape, seed) if predictors else None
     return write_artifact(source, out_dir, dtype=dtype, predictors=preds, overwrite=overwrite, quantize=quantize,
-                          quantize_resident=quantize_resident, progress=progress)
+                          quantize_resident=quantize_resident, two_level_scales=two_level_scales, progress=progress)

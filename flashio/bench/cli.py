@@ -110,6 +110,8 @@ def add_commands(sub) -> None:
                         "with offsets) and the resident matrices int8, as `flashio pack --quantize`")
     p.add_argument("--quantize-resident", default=None, choices=["none", "int8", "int4"],
                    help="with --quantize: the resident matrices (default int8), as `flashio pack`")
+    p.add_argument("--two-level-scales", action="store_true",
+                   help="with --quantize int4: two-level scales (4.5 bits per weight), as `flashio pack`")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -197,6 +199,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     out = write_synthetic(args.shape, args.out, scale=args.scale, seed=args.seed, dtype=args.dtype,
                           predictors=not args.no_predictors, overwrite=args.overwrite, quantize=args.quantize,
-                          quantize_resident=args.quantize_resident, progress=progress)
+                          quantize_resident=args.quantize_resident, two_level_scales=args.two_level_scales,
+                          progress=progress)
     print(out)
     return 0
