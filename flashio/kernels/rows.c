@@ -533,7 +533,7 @@ static void qoffsets_axpy(const uint8_t *sc, const uint8_t *of, const qlayout *L
         axpy1(og, sc, -8.0f * a, ng, 1);
 }
 
-/* sum_k x[k] * element_k of one row (its fp16 scales sc and offsets of); xg[g] = sum of x over group g */
+/* sum_k x[k] * element_k of one row (its scales sc and offsets of, see qptrs); xg[g] = sum of x over group g */
 static float qdot1(const uint8_t *row, const uint8_t *sc, const uint8_t *of, const qlayout *L, const float *x,
                    const float *xg) {
     int64_t G = L->group, ng = L->dim / G;
@@ -915,7 +915,7 @@ static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
     batch cur = take4(rows, row_bytes, mask, &pos, n_rows, idx);
     while (cur.n > 0) {
         batch next = take4(rows, row_bytes, mask, &pos, n_rows, nidx);
-        for (int i = 0; i < cur.n; i++) qptrs(cur.row[i], &L, dec + i * 2 * (dim / group), sc + i, of + i);
+        for (int i = 0; i < cur.n; i++) qptrs(cur.row[i], &L, super ? dec + i * 2 * (dim / group) : NULL, sc + i, of + i);
 #if defined(FLASHIO_VNNI)
         if (buf) {
             if (cur.n == 4)
@@ -954,7 +954,7 @@ static void qaxpy_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int6
         float c[4];
         for (int i = 0; i < cur.n; i++) {
             c[i] = a[idx[i]];
-            qptrs(cur.row[i], &L, dec + i * 2 * ng, sc + i, of + i);
+            qptrs(cur.row[i], &L, super ? dec + i * 2 * ng : NULL, sc + i, of + i);
         }
 #if defined(VW)
         if (cur.n == 4 && qvector_ok(&L))
