@@ -47,6 +47,7 @@ class CalibrationHessians:
         self.layers_per_pass = max(1, min(source.n_layers, max_bytes // per_layer))
         self._held: dict[int, dict[str, torch.Tensor]] = {}
         self._head: torch.Tensor | None = None  # H of the LM head's input (untied heads), from the first pass
+        self._head_known = False  # a pass has run: _head is the head's matrix, or None for a tied head
         self.passes = 0
 
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ class CalibrationHessians:
         if not self.resident_inputs:
             return None
         if name == "lm_head.weight":
-            if self._head is None:
+            if not self._head_known:
                 self._fill(range(0, min(self.source.n_layers, self.layers_per_pass)))
             return self._head
         m = _RESIDENT.match(name)
@@ -125,6 +126,7 @@ class CalibrationHessians:
         self.passes += 1
         if head is not None:
             self._head = head
+        self._head_known = True
         log.info("GPTQ calibration matrices of layers %d-%d from %d rows of %d tokens (pass %d)",
                  layers.start, layers.stop - 1, *self.ids.shape, self.passes)
         self._held = held
