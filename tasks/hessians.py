@@ -68,8 +68,8 @@ class CalibrationHessians:
         m = _RESIDENT.match(name)
         if m is None or not 0 <= int(m.group(1)) < self.source.n_layers:
             return None
-        return self._layer(int(m.group(1)), "o" if m.group(2) == "o" else "qkv")[
-            "o" if m.group(2) == "o" else "qkv"]
+        key = "o" if m.group(2) == "o" else "qkv"
+        return self._layer(int(m.group(1)), key)[key]
 
     def _layer(self, layer: int, key: str) -> dict[str, torch.Tensor]:
         if not 0 <= layer < self.source.n_layers:
