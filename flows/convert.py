@@ -231,11 +231,16 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                 "config": config.lineage()},
                    LINEAGE_KEY: key}
 
-        # a quantized conversion's float reference: the same weights unquantized (its dense model only is used,
-        # by the predictor methods' evaluation; the exact methods' does not measure the quantization loss)
-        reference = refreshed(bundle_task, force)(src, stats, predictors[trained[0]], config.order,
-                                                  config.dtype, {"calibration": lineage["calibration"]}, None, None,
-                                                  work).path if config.quantization() and trained else None
+        # the exact selections' artifacts carry the first predictor set (selection 'gate+predictor' can use
+        # it); none when no predictor was trained
+        exact_preds = predictors[trained[0]] if trained else []
+
+        # a quantized conversion's float reference: the same weights unquantized (only its dense model is used:
+        # each method's evaluation scores its main rows on it, to split the loss into quantization and sparsity;
+        # without predictors, the gate-resident layout of the exact selections)
+        reference = refreshed(bundle_task, force)(src, stats, exact_preds, config.order, config.dtype,
+                                                  {"calibration": lineage["calibration"]}, None, None, work,
+                                                  not trained).path if config.quantization() else None
 
         quant_calib = calib if config.quantization() else None  # GPTQ's rows (unquantized bundles: no input)
 
@@ -248,10 +253,6 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
             return cand, refreshed(evaluate_task, force)(cand.manifest_sha256, cand.path, calib, preds,
                                                          config.eval_options(window, src.gated), work, reference)
 
-        # the exact selections' artifacts carry the first predictor set (selection 'gate+predictor' can use
-        # it); none when no predictor was trained
-        exact_preds = predictors[trained[0]] if trained else []
-
         def exact_gate(method: str, settings: list[tuple[str, tuple[float, ...]]]):
             # gate rows (and the up sketch) resident, bundles of up + down; the main setting's densities
             # go into the manifest
@@ -263,7 +264,7 @@ def _convert(config: ConvertConfig, name: str) -> ConvertResult:
                                                  calibration=quant_calib)
             ev, plan = refreshed(exact_gate_task, force)(cand.manifest_sha256, cand.path, calib, settings,
                                                          config.eval_options(1), config.ffn_dram_fraction, work,
-                                                         method)
+                                                         method, reference)
             return cand, ev, plan
 
         # Gated FFNs are evaluated at the window that fits the DRAM limit (their cached neurons change the

@@ -376,11 +376,16 @@ def evaluate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData, 
                           m.perplexity_sparse, 100 * m.perplexity_increase, m.top1_agreement, m.density,
                           m.bytes_per_token, ev.naive_bytes_per_token,
                           ev.heldout.describe() if ev.heldout else f"{m.tokens} held-out tokens")
+    log_quantization(ev)
+    return ev
+
+
+def log_quantization(ev: Evaluation) -> None:
+    """The run log's line of a quantized artifact's loss split (nothing without a float reference)."""
     if (q := ev.quantization) is not None:
         get_run_logger().info("perplexity dense float %.3f, dense %s %.3f (quantization %+.2f%%), sparse %.3f "
                               "(sparsity %+.2f%%)", q.perplexity_float, q.scheme, q.perplexity_quantized,
                               100 * q.quantization_increase, q.perplexity_sparse, 100 * q.sparsity_increase)
-    return ev
 
 
 @task(name="accuracy-gate")

@@ -19,11 +19,15 @@ tokens (a row's step reads the row's union). Its active sets are recorded per to
 (record_trace): the exact engines compute exactly what they select whatever the window holds,
 so the window is chosen afterwards, by tasks.windowing on those sets, with the resident gate rows
 (a third of a SwiGLU/GeGLU FFN's bytes) and up sketch (int4: ~0.09) counted in the FFN's DRAM and
-reads of two thirds of a full bundle per neuron.
+reads of two thirds of a full bundle per neuron. With `reference` (the unquantized artifact of the
+same source, when the evaluated one is quantized) the main setting's rows are also scored on the
+reference's dense model, and the report separates the loss from quantization from the loss from
+sparsity (`Evaluation.quantization`), as tasks.evaluation does for the predictor methods.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -36,7 +40,9 @@ from prefect import get_run_logger, task
 import flashio
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
-from tasks.evaluation import Comparison, EvalOptions, Evaluation, HeldoutSample, _sum_stats, compare
+from tasks.evaluation import (Comparison, EvalOptions, Evaluation, HeldoutSample, _compare, _sum_stats,
+                              log_quantization)
+from tasks.scoring import check_reference, quantization_loss
 from tasks.progress import StageProgress
 from tasks.selection import EXACT_GATE, EXACT_METHODS
 from tasks.threads import torch_threads
@@ -63,12 +69,12 @@ def trace_masks(trace, n_layers: int, n_neurons: int, row_lengths: Sequence[int]
 def evaluate_exact_gate(artifact: Path, calib: CalibrationData, settings: Sequence[tuple[str, tuple[float, ...]]],
                         options: EvalOptions, *, ffn_dram_fraction: float, out_dir: Path,
                         progress: Callable[[int], None] | None = None,
-                        method: str = EXACT_GATE) -> tuple[Evaluation, WindowPlan]:
+                        method: str = EXACT_GATE, reference: Path | None = None) -> tuple[Evaluation, WindowPlan]:
     ids = load_tokens(calib, "heldout")
     sweep_ids = ids[: max(1, min(options.sweep_sequences, len(ids)))]
     with torch_threads(options.torch_threads):
         return _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress,
-                         method)
+                         method, reference)
 
 
 def resident_share(manifest) -> float:
@@ -78,7 +84,8 @@ def resident_share(manifest) -> float:
     return GATE_SHARE + sketch
 
 
-def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress, method):
+def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fraction, out_dir, progress, method,
+              reference=None):
     base = dataclasses.replace(options.flash_config(), window=1, reuse=True)
     with flashio.open(artifact, base, mode="naive") as naive:
         row = ids[0][: max(1, options.naive_tokens)]
@@ -86,8 +93,14 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
         naive_bpt = _sum_stats(naive.stats).bytes_read / len(row)
     comps: list[Comparison] = []
     points: list[WindowPoint] = []
-    with flashio.open(artifact, base, mode="dense") as dense:
+    quant = None
+    with contextlib.ExitStack() as stack:
+        dense = stack.enter_context(flashio.open(artifact, base, mode="dense"))
         m = dense.artifact.manifest
+        float_dense = None
+        if reference is not None:  # held in DRAM beside the quantized model while the main rows run
+            float_dense = stack.enter_context(flashio.open(reference, base, mode="dense"))
+            check_reference(m, float_dense.artifact.manifest)
         n_layers, n = m.n_layers, m.ffn_layers[0].n_neurons
         total_neurons = sum(L.n_neurons for L in m.ffn_layers)
         # the whole FFN: its flash bundles (up + down) and the resident gate rows; naive reads all of it per
@@ -110,8 +123,12 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
                 sparse.forward(ids[0][: max(1, options.bytes_tokens)], token_by_token=True)
                 per_token = _sum_stats(sparse.stats)
             with flashio.open(artifact, dataclasses.replace(cfg, record_trace=True), mode="sparse") as sparse:
-                c = compare(dense_logits, sparse, rows, label=label, recall_target=None, thresholds=(),
-                            n_neurons_total=total_neurons, progress=progress, token_by_token=False)
+                scored = float_dense if j == 0 else None
+                c, vs_float = _compare(dense_logits, sparse, rows, label=label, recall_target=None, thresholds=(),
+                                       n_neurons_total=total_neurons, progress=progress, token_by_token=False,
+                                       float_logits=(lambda k: scored.forward(ids[k])) if scored else None)
+                if vs_float:
+                    quant = quantization_loss(m, vs_float)
                 masks, seq = trace_masks(sparse.trace(), n_layers, n, [len(r) for r in rows])
             kept = sum(int(mk.sum()) for mk in masks)
             steps = max(per_token.tokens, 1)
@@ -127,7 +144,7 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
     heldout = HeldoutSample.of(calib, len(ids))
     ev = Evaluation(main=comps[0], sweep=tuple(comps[1:]), naive_bytes_per_token=naive_bpt, ffn_bytes=ffn_bytes,
                     zero_shot=(), json_path=out_dir / "evaluation.json", curve_json_path=out_dir / "curve.json",
-                    curve_png_path=None, heldout=heldout)
+                    curve_png_path=None, heldout=heldout, quantization=quant)
     plan = WindowPlan(labels=method, tokens=int(ids.numel()), points=tuple(points))
     ev.curve_json_path.write_text(json.dumps({"points": [dataclasses.asdict(c) for c in comps]}, indent=1))
     ev.json_path.write_text(json.dumps({**dataclasses.asdict(ev), "windows": dataclasses.asdict(plan)}, indent=1,
@@ -139,7 +156,9 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
                                                             "tasks.windowing"))
 def exact_gate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData,
                     settings: list[tuple[str, tuple[float, ...]]], options: EvalOptions, ffn_dram_fraction: float,
-                    work_dir: Path, method: str = EXACT_GATE) -> tuple[Evaluation, WindowPlan]:
+                    work_dir: Path, method: str = EXACT_GATE,
+                    reference: Path | None = None) -> tuple[Evaluation, WindowPlan]:
+    """reference: the unquantized artifact of the same source when `artifact` is quantized."""
     def compute(out: Path) -> tuple[Evaluation, WindowPlan]:
         total = calib.n_heldout + (len(settings) - 1) * min(options.sweep_sequences, calib.n_heldout)
         with StageProgress(f"evaluating the {EXACT_METHODS[method].title}", total, unit="seq") as p:
@@ -150,9 +169,10 @@ def exact_gate_task(artifact_sha256: str, artifact: Path, calib: CalibrationData
                 p.update(done[0])
 
             return evaluate_exact_gate(artifact, calib, settings, options, ffn_dram_fraction=ffn_dram_fraction,
-                                       out_dir=out, progress=tick, method=method)
+                                       out_dir=out, progress=tick, method=method, reference=reference)
 
     ev, plan = run_stage("evaluate-exact-gate", [__name__, "tasks.evaluation", "tasks.windowing"], compute)
     get_run_logger().info("%s: top-1 %.4f, perplexity %+.2f%% at density %.3f; %s", method, ev.main.top1_agreement,
                           100 * ev.main.perplexity_increase, ev.main.density, plan.chosen.describe())
+    log_quantization(ev)
     return ev, plan

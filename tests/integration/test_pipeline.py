@@ -200,12 +200,14 @@ def test_convert_tiny_llama_side_by_side(tiny, tmp_path):
 
 
 def test_an_exact_only_conversion_trains_no_predictors(tiny, tmp_path):
-    """`--methods exact-gate,exact-gate-up`: no predictor is trained or windowed, the activation shards
-    keep statistics but no predictor pairs, and the published artifact holds no predictors."""
+    """`--methods exact-gate,exact-gate-up --quantize int8`: no predictor is trained or windowed, the
+    activation shards keep statistics but no predictor pairs, the published artifact holds no
+    predictors, and the report splits the loss into quantization and sparsity (the exact
+    evaluation scores its rows on the float reference too)."""
     from safetensors import safe_open
 
     cfg = config(tiny, tmp_path, "llama", gated_density=0.4, name="tiny-llama-exact",
-                 methods=("exact-gate", "exact-gate-up"))
+                 methods=("exact-gate", "exact-gate-up"), quantize="int8")
     state = convert(cfg, return_state=True)
     assert state.is_completed()
     result = state.result()
@@ -215,6 +217,9 @@ def test_an_exact_only_conversion_trains_no_predictors(tiny, tmp_path):
     assert s["gate"] == "passed" and s["configuration_method"] in {"exact-gate", "exact-gate-up"}
     assert s["predictor_recall_mean"] is None and result.report["layers"] == []
     assert not any(line.startswith("predictor recall") for line in result.summary_lines())
+    assert s["quantization_scheme"] == "int8" and s["perplexity_quantized_dense"] == s["perplexity_dense"]
+    assert s["perplexity_float"] != s["perplexity_dense"] and s["sparsity_perplexity_increase"] == s["perplexity_increase"]
+    assert any(line.startswith("loss split") for line in result.summary_lines())
     shards = sorted((tmp_path / "work").rglob("pairs.safetensors"))
     assert len(shards) == 3  # 24 sequences in shards of 8
     for path in shards:
@@ -223,6 +228,7 @@ def test_an_exact_only_conversion_trains_no_predictors(tiny, tmp_path):
     with flashio.open(result.reference, registry=cfg.registry, mode="sparse") as model:
         m = model.artifact.manifest
         assert m.gate_resident and m.predictors_file is None and m.predictor_layers is None
+        assert m.quant.scheme == "int8"
         assert model.generate("def value", max_new_tokens=4).token_ids
 
 

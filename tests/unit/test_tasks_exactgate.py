@@ -13,6 +13,7 @@ import flashio
 from flashio.exact import kept_count
 from flashio.format import write_artifact
 from tasks.calibration import CalibrationData
+from tasks.errors import InputError
 from tasks.evaluation import EvalOptions, _sum_stats, compare
 from tasks.exactgate import evaluate_exact_gate
 from tasks.selection import EXACT_GATE, EXACT_GATE_UP, EXACT_METHODS
@@ -60,3 +61,39 @@ def test_a_row_per_step_equals_token_by_token(held_out, method):
         assert got.mean_kl > 0 and got.density < 1  # the selection does change the logits
         assert got.bytes_per_token == pytest.approx(first.bytes_read / 7) and got.bytes_per_token > 0
         assert got.reads_per_token == pytest.approx(first.reads / 7)
+
+
+def test_quantized_exact_gate_separates_quantization_from_sparsity(held_out, tiny_llama):
+    """A quantized gate-resident artifact evaluated with its float form as reference: the main rows
+    give dense float (transformers' own loss on them), dense int4 and sparse int4, so the report
+    splits the loss; the sweep's rows are not scored against the reference."""
+    import math
+
+    from tasks.report import quantization_summary
+
+    model, ckpt = tiny_llama
+    _, calib, ids, root = held_out
+    quant = write_artifact(ckpt, root / "int4", dtype="float32", gate_resident=True, up_sketch="int4",
+                           quantize="int4")
+    plain = write_artifact(ckpt, root / "float", dtype="float32")
+    options = EvalOptions(window=1, naive_tokens=2, bytes_tokens=4, sweep_sequences=1)
+    settings = [("chosen", (0.5, 0.5)), ("density 0.25", (0.25, 0.25))]
+    ev, _ = evaluate_exact_gate(quant, calib, settings, options, ffn_dram_fraction=0.5, out_dir=root / "q",
+                                method=EXACT_GATE_UP, reference=plain)
+    q, m = ev.quantization, ev.main
+    with torch.no_grad():
+        want_float = math.exp(model.float()(input_ids=ids, labels=ids).loss.item())
+    assert q.scheme == "int4" and q.tokens == m.tokens == ids.numel()
+    assert q.perplexity_float == pytest.approx(want_float, rel=1e-4)
+    assert q.perplexity_quantized == pytest.approx(m.perplexity_dense, rel=1e-9)
+    assert q.perplexity_sparse == pytest.approx(m.perplexity_sparse, rel=1e-9)
+    assert abs(q.quantization_increase) > 1e-4 and q.top1_quantized <= 1.0 and q.mean_kl_quantized > 0
+    assert ev.sweep[0].tokens == ids[:1].numel()
+    s = quantization_summary(q)
+    together = (1 + s["quantization_perplexity_increase"]) * (1 + s["sparsity_perplexity_increase"]) - 1
+    assert 1 + s["total_perplexity_increase"] == pytest.approx(m.perplexity_sparse / want_float, rel=1e-6)
+    assert s["total_perplexity_increase"] == pytest.approx(together, abs=1e-12)
+
+    with pytest.raises(InputError, match="not quantized"):  # the reference must be the float form
+        evaluate_exact_gate(plain, calib, settings[:1], options, ffn_dram_fraction=0.5, out_dir=root / "p",
+                            reference=plain)
