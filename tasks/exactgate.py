@@ -40,10 +40,17 @@ from prefect import get_run_logger, task
 import flashio
 from tasks.caching import run_stage, stage_cache
 from tasks.calibration import CalibrationData, load_tokens
-from tasks.evaluation import (Comparison, EvalOptions, Evaluation, HeldoutSample, _compare, _sum_stats,
-                              log_quantization)
-from tasks.scoring import check_reference, quantization_loss
+from tasks.evaluation import (
+    Comparison,
+    EvalOptions,
+    Evaluation,
+    HeldoutSample,
+    _compare,
+    _sum_stats,
+    log_quantization,
+)
 from tasks.progress import StageProgress
+from tasks.scoring import check_reference, quantization_loss
 from tasks.selection import EXACT_GATE, EXACT_METHODS
 from tasks.threads import torch_threads
 from tasks.windowing import WindowPlan, WindowPoint, WindowSim, choose_window, simulate_windows
@@ -116,6 +123,8 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
                 dense_rows[k] = dense.forward(ids[k])
             return dense_rows[k]
 
+        # the float reference's dense logits of a main row (the main setting runs on every held-out row: ids)
+        float_logits = (lambda k: float_dense.forward(ids[k])) if float_dense is not None else None
         for j, (label, dens) in enumerate(settings):
             rows = ids if j == 0 else sweep_ids
             cfg = dataclasses.replace(base, selection=EXACT_METHODS[method].selection, density=tuple(dens))
@@ -123,10 +132,9 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
                 sparse.forward(ids[0][: max(1, options.bytes_tokens)], token_by_token=True)
                 per_token = _sum_stats(sparse.stats)
             with flashio.open(artifact, dataclasses.replace(cfg, record_trace=True), mode="sparse") as sparse:
-                scored = float_dense if j == 0 else None
                 c, vs_float = _compare(dense_logits, sparse, rows, label=label, recall_target=None, thresholds=(),
                                        n_neurons_total=total_neurons, progress=progress, token_by_token=False,
-                                       float_logits=(lambda k: scored.forward(ids[k])) if scored else None)
+                                       float_logits=float_logits if j == 0 else None)
                 if vs_float:
                     quant = quantization_loss(m, vs_float)
                 masks, seq = trace_masks(sparse.trace(), n_layers, n, [len(r) for r in rows])
