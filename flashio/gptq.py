@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 
 from flashio.errors import FlashError
-from flashio.quant import GroupCodes, group_codes, group_params, super_steps
+from flashio.quant import (EMBED_CODES, GroupCodes, embeddable, embedded_codes, group_codes, group_params,
+                           scale_parities, super_steps)
 
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse defined (GPTQ's default)
 BLOCK = 128  # columns whose updates are applied to the rest at once (GPTQ's lazy batch)
@@ -92,18 +93,22 @@ def _loudest_first(h: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, offsets: bool,
-              act_order: bool = ACT_ORDER, weighted_ranges: bool = WEIGHTED_RANGES, super_size: int = 0) -> GroupCodes:
+              act_order: bool = ACT_ORDER, weighted_ranges: bool = WEIGHTED_RANGES, super_size: int = 0,
+              embedded: bool = False) -> GroupCodes:
     """Rows [N, D] over D inputs (up or gate), H [D, D] of those inputs: codes in groups of
     `group_size` along D, as flashio.quant.quantize_groups lays them out. act_order: the inputs
     are quantized loudest first, each group's scale (and offset) fixed beforehand from the
     unquantized weights; else in order, a group's parameters chosen when its first input comes
     from its weights as updated so far, each input's error weighted by what it costs
     (weighted_ranges, asymmetric groups). super_size: two-level scales (flashio.quant.RowQuant.sub_bits),
-    each super-block's steps chosen when its first input comes, from its weights as updated so far."""
+    each super-block's steps chosen when its first input comes, from its weights as updated so far.
+    embedded: the scale in the parities of the first codes (flashio.quant.RowQuant.embedded): those
+    inputs are rounded to the nearest code of their parity, their larger errors spread as any other."""
     n, d = w.shape
     g = group_size
     if d % g:
         raise FlashError(f"GPTQ: group size {g} does not divide {d}")
+    _check_embedded(embedded, bits, d, g, offsets)
     _check_inputs(h, d)
     w = w.float().clone()
     codes = torch.empty(n, d, dtype=torch.int16)
@@ -147,11 +152,19 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, o
                     offs[:, c // g] = o[:, 0]
             s, o = scales[:, c // g], None if offs is None else offs[:, c // g]
         k = group_codes(col, s, o, bits)
+        if embedded and j < EMBED_CODES:
+            k = embedded_codes(col[:, None], s[:, None], scale_parities(s)[:, j : j + 1])[:, 0]
         codes[:, j] = k
         return k * s + (0 if o is None else o)
 
     _gptq(w if perm is None else w[:, perm].contiguous(), h, quantize, perm)
     return _codes(codes, scales, offs, steps)
+
+
+def _check_embedded(embedded: bool, bits: int, d: int, g: int, offsets: bool) -> None:
+    if embedded and not embeddable(f"int{bits}", d, g, offsets):
+        raise FlashError(f"GPTQ: scales in the codes need symmetric int8 with one scale per row of at least "
+                         f"{EMBED_CODES} (got int{bits}, groups of {g} in {d}, offsets {offsets})")
 
 
 def _codes(codes: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor | None,
@@ -164,14 +177,16 @@ def _codes(codes: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor | None,
 
 
 def gptq_neurons(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, offsets: bool,
-                 act_order: bool = ACT_ORDER, super_size: int = 0) -> GroupCodes:
+                 act_order: bool = ACT_ORDER, super_size: int = 0, embedded: bool = False) -> GroupCodes:
     """Down rows [N, D] (neuron n's weights onto the D outputs), H [N, N] of the neurons'
     activations: each neuron's row in groups of `group_size` along D, errors spread over the
-    neurons after it (act_order: the most active neurons first; super_size: two-level scales)."""
+    neurons after it (act_order: the most active neurons first; super_size: two-level scales;
+    embedded: the scale in the parities of the row's first codes)."""
     n, d = w.shape
     g = group_size
     if d % g:
         raise FlashError(f"GPTQ: group size {g} does not divide {d}")
+    _check_embedded(embedded, bits, d, g, offsets)
     _check_inputs(h, n)
     perm = _loudest_first(h) if act_order else None
     wt = w.float().t()  # [D, N]: the neurons are the columns
@@ -194,6 +209,8 @@ def gptq_neurons(w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int
             grp = col.view(d // g, g)
             s, o = group_params(grp, bits, offsets)
         k = group_codes(grp, s, o, bits)
+        if embedded:
+            k[:, :EMBED_CODES] = embedded_codes(grp[:, :EMBED_CODES], s.view(1, 1), scale_parities(s))
         codes[j] = k.view(d)
         scales[j] = s.view(-1)
         if offs is not None:

@@ -69,6 +69,9 @@ OFFSET_SEARCH = 4  # asymmetric groups: each end of the [min, max] range trimmed
 SUB_BITS = 6
 SUB_MAX = (1 << SUB_BITS) - 1
 SUPER_SIZES = (256, 128)  # elements per super-block: the first that divides d_model
+# scales in the codes (RowQuant.embedded): a symmetric int8 part's one fp16 scale held in the least
+# significant bits of its first 16 codes, bit k of the scale in code k (see embedded_codes)
+EMBED_CODES = 16
 RESIDENT_SCHEMES = ("int8", "int4")  # int8 per output channel; int4 in groups along the input, as bundle rows
 SCALE_DTYPE = "float16"
 ROW_ALIGN_BYTES = 512  # O_DIRECT's block: float rows that were a multiple stay one where it is cheap
@@ -109,6 +112,10 @@ class RowQuant:
     # d then the groups' sc packed four in three bytes, its "offsets" bytes likewise dmin and m
     sub_bits: int = 0
     super_size: int = 0
+    # scales in the codes (manifest "scales_in_codes"): symmetric int8 rows with one scale per part store
+    # no scale bytes; the part's fp16 scale is the parity of its first EMBED_CODES codes (bit k in code k),
+    # which the quantizer rounds to the nearest code of that parity: a row is exactly the codes' bytes
+    embedded: bool = False
 
     @property
     def bits(self) -> int:
@@ -129,8 +136,8 @@ class RowQuant:
 
     @property
     def scale_bytes(self) -> int:
-        """Bytes of one part's scales (and of its offsets, when it has them)."""
-        return scale_block_bytes(self.dim, self.group_size, self.sub_bits, self.super_size)
+        """Bytes of one part's scales (and of its offsets, when it has them); 0 when in the codes."""
+        return 0 if self.embedded else scale_block_bytes(self.dim, self.group_size, self.sub_bits, self.super_size)
 
     def part(self, name: str) -> PartQuant:
         for p in self.parts:
@@ -141,8 +148,9 @@ class RowQuant:
     def layout(self, name: str) -> QuantLayout:
         """Part `name` as flashio.kernels takes it."""
         p = self.part(name)
-        return QuantLayout(self.row_bytes, self.dim, self.bits, self.group_size, p.codes_start, p.scales_start,
-                           p.offsets_start if self.offsets else -1, self.super_size if self.sub_bits else 0)
+        return QuantLayout(self.row_bytes, self.dim, self.bits, self.group_size, p.codes_start,
+                           -1 if self.embedded else p.scales_start, p.offsets_start if self.offsets else -1,
+                           self.super_size if self.sub_bits else 0)
 
     def to_json(self) -> dict:
         d = {"scheme": self.scheme, "group_size": self.group_size, "scale_dtype": self.scale_dtype,
@@ -151,6 +159,8 @@ class RowQuant:
                        + ([p.offsets_start, p.offsets_end] if self.offsets else []) for p in self.parts]}
         if self.sub_bits:
             d.update(sub_bits=self.sub_bits, super_size=self.super_size)
+        if self.embedded:
+            d.update(scales_in_codes=True)
         return {**d, "offsets": True} if self.offsets else d
 
 
@@ -187,16 +197,25 @@ def default_group_size(scheme: str, dim: int) -> int:
     return INT4_GROUP if scheme == "int4" and dim % INT4_GROUP == 0 else dim
 
 
+def embeddable(scheme: str, dim: int, group: int, offsets: bool) -> bool:
+    """Whether a part's scale can live in its codes (RowQuant.embedded): symmetric int8, one scale
+    per part of at least EMBED_CODES elements."""
+    return scheme == "int8" and not offsets and group == dim >= EMBED_CODES
+
+
 def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int | None = None,
               float_itemsize: int = 2, aligned: bool = True, offsets: bool | None = None,
-              two_level: bool = False) -> RowQuant:
+              two_level: bool = False, embed_scales: bool | None = None) -> RowQuant:
     """The row layout for `parts` of `dim` elements each; padded to ROW_ALIGN_BYTES when the
     float row (`float_itemsize` bytes per element) was a multiple of it and that adds at most
     MAX_PAD_FRACTION, else to MIN_ALIGN_BYTES (see the module docstring). aligned=False: rows that
     are never read from flash (the resident up sketch), padded to an even length only.
     offsets: asymmetric groups (a scale and an offset each); None: int4 asymmetric, int8 symmetric
     (see ASYMMETRIC). two_level: asymmetric int4 only, scales and offsets as 6-bit multiples of a
-    super-block's fp16 steps (RowQuant.sub_bits; needs dim a multiple of 128 and of 4 groups)."""
+    super-block's fp16 steps (RowQuant.sub_bits; needs dim a multiple of 128 and of 4 groups).
+    embed_scales: the scales in the codes (RowQuant.embedded; symmetric int8 with one scale per
+    part); None: wherever that applies to rows read from flash (aligned), which are then exactly
+    the codes' bytes (OPT-6.7B int8: 8192, half of fp16, against 8704 with the scales after them)."""
     bits = check_scheme(scheme)
     offsets = ASYMMETRIC[scheme] if offsets is None else bool(offsets)
     g = default_group_size(scheme, dim) if group_size is None else int(group_size)
@@ -210,7 +229,13 @@ def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int 
             raise FlashError(f"two-level scales are for asymmetric int4 rows whose d_model ({dim}) is a multiple of "
                              f"{min(SUPER_SIZES)} and of 4 groups of {g}")
         sub_bits = SUB_BITS
-    code_bytes, scale_bytes = dim * bits // 8, scale_block_bytes(dim, g, sub_bits, super_size)
+    can_embed = embeddable(scheme, dim, g, offsets)
+    embedded = can_embed and aligned if embed_scales is None else bool(embed_scales)
+    if embedded and not can_embed:
+        raise FlashError(f"scales in the codes are for symmetric int8 rows with one scale per part of at least "
+                         f"{EMBED_CODES} elements (got {scheme}, groups of {g} in {dim}, offsets {offsets})")
+    code_bytes = dim * bits // 8
+    scale_bytes = 0 if embedded else scale_block_bytes(dim, g, sub_bits, super_size)
     out, pos = [], 0
     for name in parts:
         s_end = pos + code_bytes + scale_bytes
@@ -224,7 +249,7 @@ def row_quant(parts: tuple[str, ...], *, dim: int, scheme: str, group_size: int 
         pos = block
     else:
         pos = -(-pos // MIN_ALIGN_BYTES) * MIN_ALIGN_BYTES
-    return RowQuant(scheme, g, SCALE_DTYPE, pos, tuple(out), offsets, sub_bits, super_size)
+    return RowQuant(scheme, g, SCALE_DTYPE, pos, tuple(out), offsets, sub_bits, super_size, embedded)
 
 
 def check_row_quant(q: RowQuant, parts: tuple[str, ...], dim: int, where: str) -> None:
@@ -247,8 +272,12 @@ def check_row_quant(q: RowQuant, parts: tuple[str, ...], dim: int, where: str) -
                           f"{default_super_size(dim, g) or 'none'} for d_model {dim} in groups of {g}")
     if not q.sub_bits and q.super_size:
         raise FormatError(f"{where}: super_size {q.super_size} without sub_bits")
+    if q.embedded and not embeddable(q.scheme, dim, g, q.offsets):
+        raise FormatError(f"{where}: scales_in_codes is for symmetric int8 rows with one scale per part of at least "
+                          f"{EMBED_CODES} elements ({q.scheme}, groups of {g} in {dim}, offsets {q.offsets})")
     nb = q.scale_bytes
-    what = f"{q.n_super} super-blocks' and {dim // g} groups' scales" if q.sub_bits else f"{dim // g} {SCALE_DTYPE} scales"
+    what = (f"{q.n_super} super-blocks' and {dim // g} groups' scales" if q.sub_bits else
+            "its scale in the codes" if q.embedded else f"{dim // g} {SCALE_DTYPE} scales")
     end = 0
     for p in q.parts:
         if (p.codes_start < end or p.codes_end - p.codes_start != dim * bits // 8 or p.scales_start < p.codes_end
@@ -358,9 +387,37 @@ def group_codes(wg: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | No
     return torch.round((wg - offset) / s).clamp_(0, (1 << bits) - 1).to(torch.int16)
 
 
-def quantize_groups(w: torch.Tensor, bits: int, g: int, offsets: bool = False, super_size: int = 0) -> GroupCodes:
+def scale_parities(scale: torch.Tensor) -> torch.Tensor:
+    """[N] (or [N, 1]) scales -> [N, EMBED_CODES] int16: bit k of each one's fp16 pattern, the
+    parity code k carries (RowQuant.embedded)."""
+    b = scale.reshape(-1).half().view(torch.int16).to(torch.int32)
+    return ((b[:, None] >> torch.arange(EMBED_CODES, device=b.device)) & 1).to(torch.int16)
+
+
+def embedded_codes(w: torch.Tensor, scale: torch.Tensor, parity: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 codes of w [N, k] for scale [N, 1], each the nearest of the given parity
+    [N, k] (0 or 1): at most one step from the weight instead of half a step."""
+    s = torch.where(scale > 0, scale, torch.ones_like(scale))
+    par = parity.to(torch.float32)
+    hi = 127.0 - (1.0 - par)  # the largest code of that parity (127 odd, 126 even)
+    c = 2.0 * torch.round((w.float() / s - par) / 2.0) + par
+    return torch.minimum(torch.maximum(c, -hi), hi).to(torch.int16)
+
+
+def embedded_scale(codes: torch.Tensor) -> torch.Tensor:
+    """[R, 1] float32: the fp16 scale a part's codes (uint8 bytes [R, >= EMBED_CODES]) carry in
+    the parities of their first EMBED_CODES."""
+    bits = (codes[:, :EMBED_CODES] & 1).to(torch.int32)
+    v = (bits << torch.arange(EMBED_CODES, device=codes.device, dtype=torch.int32)).sum(dim=1, keepdim=True)
+    v = torch.where(v >= 1 << 15, v - (1 << 16), v)  # the fp16 pattern as int16
+    return v.to(torch.int16).view(torch.float16).float()
+
+
+def quantize_groups(w: torch.Tensor, bits: int, g: int, offsets: bool = False, super_size: int = 0,
+                    embedded: bool = False) -> GroupCodes:
     """w: [N, D] rounded to nearest in groups of g along D (super_size: two-level scales in
-    super-blocks of that many elements, asymmetric int4)."""
+    super-blocks of that many elements, asymmetric int4; embedded: the scale in the parities of the
+    first codes, RowQuant.embedded)."""
     n, d = w.shape
     if super_size:
         ws = w.float().view(n, d // super_size, super_size // g, g)
@@ -372,6 +429,8 @@ def quantize_groups(w: torch.Tensor, bits: int, g: int, offsets: bool = False, s
     wg = w.float().view(n, d // g, g)
     scale, offset = group_params(wg, bits, offsets)
     codes = group_codes(wg, scale, offset, bits).view(n, d)
+    if embedded:
+        codes[:, :EMBED_CODES] = embedded_codes(w[:, :EMBED_CODES], scale.view(n, 1), scale_parities(scale))
     return GroupCodes(codes, scale[..., 0].half(), None if offset is None else offset[..., 0].half())
 
 
@@ -411,10 +470,13 @@ def quantize_rows(bundles: torch.Tensor, q: RowQuant, groups: dict[str, GroupCod
     out = torch.zeros(n, q.row_bytes, dtype=torch.uint8)
     for k, p in enumerate(q.parts):
         gc = (groups or {}).get(p.name) or quantize_groups(bundles[:, k * d : (k + 1) * d], q.bits, q.group_size,
-                                                           q.offsets, q.super_size)
+                                                           q.offsets, q.super_size, q.embedded)
         if gc.codes.shape != (n, d) or (gc.offsets is not None) != q.offsets:
             raise FlashError(f"part {p.name!r}: codes {tuple(gc.codes.shape)} (offsets {gc.offsets is not None}) "
                              f"for rows of {n} x {d} (offsets {q.offsets})")
+        if q.embedded and not torch.equal(gc.codes[:, :EMBED_CODES] & 1, scale_parities(gc.scales)):
+            raise FlashError(f"part {p.name!r}: the codes do not carry their scales (rows with the scales in the "
+                             "codes need codes quantized for them: quantize_groups or flashio.gptq with embedded)")
         codes = gc.codes
         if q.sub_bits:
             _store_two_level(out, p, q, gc)
@@ -424,7 +486,7 @@ def quantize_rows(bundles: torch.Tensor, q: RowQuant, groups: dict[str, GroupCod
         else:
             packed = codes.to(torch.uint8) if q.offsets else codes.to(torch.int8).view(torch.uint8)
         out[:, p.codes_start : p.codes_end] = packed
-        if not q.sub_bits:
+        if not q.sub_bits and not q.embedded:
             out[:, p.scales_start : p.scales_end] = gc.scales.half().contiguous().view(torch.uint8)
             if q.offsets:
                 out[:, p.offsets_start : p.offsets_end] = gc.offsets.half().contiguous().view(torch.uint8)
@@ -477,6 +539,8 @@ def _scales(rows: torch.Tensor, p: PartQuant, q: RowQuant) -> torch.Tensor:
     """[R, groups] float32 scales of part p (an fp16 view of the row bytes; two-level: decoded)."""
     if q.sub_bits:
         return _two_level(rows, p.scales_start, q)
+    if q.embedded:
+        return embedded_scale(rows[:, p.codes_start : p.codes_start + EMBED_CODES])
     return rows[:, p.scales_start : p.scales_end].view(torch.float16).float()
 
 

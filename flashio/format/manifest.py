@@ -424,9 +424,11 @@ def _parse_row_quant(raw: dict, parts: tuple[str, ...], dim: int, w: str) -> Row
     # two-level scales (flashio.quant.RowQuant.sub_bits); absent: fp16 scales per group
     sub_bits = _optional(raw, "sub_bits", int, w) or 0
     super_size = _optional(raw, "super_size", int, w) or 0
+    # scales in the codes (flashio.quant.RowQuant.embedded); absent: after the codes
+    embedded = _optional(raw, "scales_in_codes", bool, w) or False
     q = RowQuant(scheme=scheme, group_size=_nonneg_int(raw, "group_size", w),
                  scale_dtype=_get(raw, "scale_dtype", str, w), row_bytes=_nonneg_int(raw, "row_bytes", w),
-                 parts=tuple(stored), offsets=offsets, sub_bits=sub_bits, super_size=super_size)
+                 parts=tuple(stored), offsets=offsets, sub_bits=sub_bits, super_size=super_size, embedded=embedded)
     check_row_quant(q, parts, dim, f"manifest.json: {w}")
     return q
 

@@ -186,6 +186,7 @@ def write_artifact(
     up_sketch: str | None = None,
     up_sketch_group_size: int | None = None,
     two_level_scales: bool = False,
+    embed_scales: bool | None = None,
     hessians: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     resident_hessians: Callable[[str], torch.Tensor | None] | None = None,
     lineage: dict[str, Any] | None = None,
@@ -210,7 +211,9 @@ def write_artifact(
     quantize: 'int8' or 'int4': bundle rows quantized group-wise (int8 symmetric, int4 with an offset
       per group too), fp16 scales inside each row (flashio.quant; format version 3); group_size:
       elements per scale along d_model (default: int8 d_model, one scale per part of a row; int4 32
-      where it divides d_model). Predictors stay in `dtype`.
+      where it divides d_model). Predictors stay in `dtype`. int8 with one scale per part holds it in
+      the parities of the part's first 16 codes (flashio.quant.RowQuant.embedded: rows of exactly
+      the codes' bytes) unless embed_scales=False (the scales after the codes, as artifacts before).
     two_level_scales: int4 rows (FFN and resident) with two-level scales (flashio.quant.RowQuant.sub_bits:
       each group's scale and offset a 6-bit multiple of its super-block's fp16 steps, 4.5 bits per
       weight against 5), where d_model allows them (a multiple of 128).
@@ -268,7 +271,8 @@ def write_artifact(
     if two_level_scales and quantize != "int4":
         raise FlashError(f"two_level_scales applies to int4 rows: pass quantize='int4' (got {quantize!r})")
     rq = row_quant(tuple(parts), dim=d, scheme=quantize, group_size=group_size,
-                   float_itemsize=tdtype.itemsize, two_level=two_level_scales) if quantize else None
+                   float_itemsize=tdtype.itemsize, two_level=two_level_scales,
+                   embed_scales=embed_scales) if quantize else None
     if group_size is not None and rq is None:
         raise FlashError("group_size applies to quantized rows: pass quantize='int8' or 'int4' with it")
     quantize_resident = quantize_resident or ("int8" if quantize else "none")
@@ -419,7 +423,7 @@ def _gptq_groups(mats: dict[str, torch.Tensor], parts: Sequence[str], rq: RowQua
         w = mats[p].to(tdtype).float()  # the values the unquantized artifact would hold
         solve = gptq_neurons if p == "down" else gptq_rows
         out[p] = solve(w, h_act if p == "down" else h_in, bits=rq.bits, group_size=rq.group_size,
-                       offsets=rq.offsets, super_size=rq.super_size)[order]
+                       offsets=rq.offsets, super_size=rq.super_size, embedded=rq.embedded)[order]
     return out
 
 

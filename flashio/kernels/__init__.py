@@ -342,13 +342,16 @@ class QuantLayout:
     bits: int  # 8 or 4
     group: int  # elements per scale
     codes: int  # byte positions in the row
-    scales: int
+    scales: int  # -1: the scale in the codes (symmetric int8, one per part; flashio.quant.RowQuant.embedded)
     offsets: int  # -1: none (int8: signed codes; int4: codes offset by 8)
     super_size: int = 0  # two-level scales (flashio.quant.RowQuant.sub_bits): elements per super-block
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group <= 0 or self.dim % self.group or (self.bits == 4 and self.dim % 2):
             raise ValueError(f"unsupported quantized layout {self}")
+        if self.scales < 0 and (self.bits != 8 or self.offsets >= 0 or self.group != self.dim or self.dim < 16
+                                or self.super_size):
+            raise ValueError(f"scales in the codes need symmetric int8 with one scale per part of >= 16: {self}")
 
 
 Q8_BLOCK = 32  # rows.c's QB

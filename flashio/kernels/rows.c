@@ -395,11 +395,13 @@ static void ffn_1(const void *rows, int64_t stride, int64_t n_rows, int64_t len,
  * d * sc_g (exact in float32), and likewise offset_g = -dmin * m_g from the offsets' bytes. Each row's
  * are decoded into float32 arrays before its codes are read (qptrs), so every path below takes a row's
  * scales and offsets by pointer (sc, of: fp16 in the row, or float32 decoded, L->super > 0: QS).
+ * Scales in the codes (scales < 0: symmetric int8, one scale per part): the part's fp16 scale is the
+ * parities of its first 16 codes, bit k in code k; qptrs assembles it into dec, read as fp16.
  * The vector paths need group % VW == 0 (and, for int4, (dim / 2) % VW == 0: segments whose low
  * and high nibbles each stay in one group then end on vector boundaries, see seg_end); else scalar. */
 
 typedef struct {
-    int64_t row_bytes, dim, group, codes, scales, offsets; /* offsets: byte position, or -1 */
+    int64_t row_bytes, dim, group, codes, scales, offsets; /* offsets: byte position, or -1; scales -1: in the codes */
     int bits, sym4;
     int64_t super; /* two-level scales: elements per super-block; 0: fp16 scales in the row */
 } qlayout;
@@ -458,11 +460,27 @@ static void qdecode(const uint8_t *row, const qlayout *L, float *out) {
     }
 }
 
-/* a row's scales and offsets (NULL: none stored): fp16 in the row, or decoded into dec (2 ng floats) */
+/* the fp16 scale carried by the parities of a part's first 16 codes (bit k in code k) */
+static inline uint16_t qembedded(const uint8_t *c) {
+#if defined(FLASHIO_AVX2) || defined(FLASHIO_AVX512)
+    return (uint16_t)_mm_movemask_epi8(_mm_slli_epi16(_mm_loadu_si128((const __m128i *)c), 7));
+#else
+    uint16_t v = 0;
+    for (int k = 0; k < 16; k++) v |= (uint16_t)((c[k] & 1u) << k);
+    return v;
+#endif
+}
+
+/* a row's scales and offsets (NULL: none stored): fp16 in the row, or decoded into dec (2 ng floats;
+ * scales in the codes: the one fp16 scale) */
 static inline void qptrs(const uint8_t *row, const qlayout *L, float *dec, const uint8_t **sc, const uint8_t **of) {
     if (L->super) {
         qdecode(row, L, dec);
         *sc = (const uint8_t *)dec, *of = (const uint8_t *)(dec + L->dim / L->group);
+    } else if (L->scales < 0) {
+        uint16_t h = qembedded(row + L->codes);
+        memcpy(dec, &h, sizeof h);
+        *sc = (const uint8_t *)dec, *of = NULL;
     } else {
         *sc = row + L->scales, *of = L->offsets >= 0 ? row + L->offsets : NULL;
     }
@@ -894,7 +912,7 @@ static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
                   int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *mask, const float *x,
                   float *xg, float *out) {
     qlayout L = qmake(row_bytes, dim, bits, group, codes, scales, offsets, super);
-    float dec[super ? 8 * (dim / group) : 1]; /* four rows' decoded scales and offsets (two-level) */
+    float dec[super ? 8 * (dim / group) : 8]; /* four rows' decoded scales and offsets (two-level, in the codes) */
     for (int64_t g = 0; g < dim / group; g++) {
         float t = 0.0f;
         for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[k];
@@ -915,7 +933,7 @@ static void qdot_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64
     batch cur = take4(rows, row_bytes, mask, &pos, n_rows, idx);
     while (cur.n > 0) {
         batch next = take4(rows, row_bytes, mask, &pos, n_rows, nidx);
-        for (int i = 0; i < cur.n; i++) qptrs(cur.row[i], &L, super ? dec + i * 2 * (dim / group) : NULL, sc + i, of + i);
+        for (int i = 0; i < cur.n; i++) qptrs(cur.row[i], &L, dec + i * 2 * (super ? dim / group : 1), sc + i, of + i);
 #if defined(FLASHIO_VNNI)
         if (buf) {
             if (cur.n == 4)
@@ -945,7 +963,7 @@ static void qaxpy_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int6
     int64_t ng = dim / group;
     memset(y, 0, (size_t)dim * sizeof(float));
     memset(og, 0, (size_t)ng * sizeof(float));
-    float dec[super ? 8 * ng : 1]; /* four rows' decoded scales and offsets (two-level) */
+    float dec[super ? 8 * ng : 8]; /* four rows' decoded scales and offsets (two-level, in the codes) */
     int64_t pos = 0, idx[4], nidx[4];
     const uint8_t *sc[4], *of[4];
     batch cur = take4(rows, row_bytes, a, &pos, n_rows, idx); /* inactive neurons (a == 0): not read */
@@ -954,7 +972,7 @@ static void qaxpy_1(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int6
         float c[4];
         for (int i = 0; i < cur.n; i++) {
             c[i] = a[idx[i]];
-            qptrs(cur.row[i], &L, super ? dec + i * 2 * ng : NULL, sc + i, of + i);
+            qptrs(cur.row[i], &L, dec + i * 2 * (super ? ng : 1), sc + i, of + i);
         }
 #if defined(VW)
         if (cur.n == 4 && qvector_ok(&L))

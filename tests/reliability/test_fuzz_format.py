@@ -107,11 +107,12 @@ def test_mutated_manifests_end_in_flash_errors(victim):
     assert seen["open refused"] and seen["parse refused"]  # the mutations do reach the checks
 
 
-@pytest.fixture(scope="module")
-def quant_victim(tiny_opt, tmp_path_factory):
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quant_victim(tiny_opt, tmp_path_factory, request):
     from flashio.format import write_artifact
 
-    d = write_artifact(tiny_opt[1], tmp_path_factory.mktemp("fuzz-quant") / "art", quantize="int4", group_size=16)
+    d = write_artifact(tiny_opt[1], tmp_path_factory.mktemp("fuzz-quant") / "art", quantize=request.param,
+                       group_size=16 if request.param == "int4" else None)
     return d, json.loads((d / "manifest.json").read_text())
 
 
@@ -121,7 +122,9 @@ def test_mutated_quantization_records_end_in_flash_errors(quant_victim):
     paths = [p for p in _paths(good) if p[:1] in (("resident_quant",), ("format_version",))
              or (len(p) > 2 and p[0] == "ffn_layers" and p[2] == "quant")]
     assert any("parts" in p for p in paths) and any(p[:1] == ("resident_quant",) for p in paths)
-    assert any("offsets" in p for p in paths)  # int4 rows are asymmetric: their offsets flag and fields
+    # int4 rows are asymmetric: their offsets flag and fields; int8's one scale per part is in the codes
+    assert any(("offsets" if good["ffn_layers"][0]["quant"]["scheme"] == "int4" else "scales_in_codes") in p
+               for p in paths)
     values = json_values | st.sampled_from(["int8", "int4", "int3", "float16", "output", 0, 1, 3, 16, 2**31])
     seen = _fuzz_manifest(d, good, paths, values)
     print(f"\nquantization record fuzz cases: {dict(seen)}")

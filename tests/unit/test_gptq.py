@@ -8,7 +8,15 @@ import torch
 
 from flashio.errors import FlashError
 from flashio.gptq import gptq_neurons, gptq_rows
-from flashio.quant import GroupCodes, dequantize_rows, quantize_groups, quantize_rows, row_quant
+from flashio.quant import (
+    EMBED_CODES,
+    GroupCodes,
+    dequantize_rows,
+    quantize_groups,
+    quantize_rows,
+    row_quant,
+    scale_parities,
+)
 
 
 def _inputs(n_tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -69,6 +77,32 @@ def test_gptq_neurons_beat_round_to_nearest_and_store_what_they_solved(offsets):
     order = torch.randperm(n)
     rows = quantize_rows(torch.cat([torch.zeros(n, d), down], 1)[order], q, {"down": gc[order]})
     torch.testing.assert_close(dequantize_rows(rows, q, "down"), _values(gc, 4, g)[order], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int8_gptq_with_the_scales_in_the_codes(act_order):
+    """int8 with one scale per part held in the first 16 codes' parities (RowQuant.embedded): GPTQ
+    rounds those inputs to the nearest code of their parity and spreads the larger errors, so its
+    outputs still move less than rounding to nearest; the rows store exactly what it solved."""
+    n, d = 48, 64
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * 0.05
+    x = _inputs(512, d, 1)
+    gc = gptq_rows(w, x.T @ x, bits=8, group_size=d, offsets=False, embedded=True, act_order=act_order)
+    rtn = quantize_groups(w, 8, d, embedded=True)
+    assert torch.equal(gc.codes[:, :EMBED_CODES] & 1, scale_parities(gc.scales))
+    out_err = lambda v: (x @ (v - w).T).square().sum().item()  # noqa: E731
+    assert out_err(_values(gc, 8, d)) < 0.85 * out_err(_values(rtn, 8, d))
+    act = _inputs(1024, n, 3)
+    down = torch.randn(n, d, generator=torch.Generator().manual_seed(1)) * 0.05
+    gd = gptq_neurons(down, act.T @ act, bits=8, group_size=d, offsets=False, embedded=True)
+    assert torch.equal(gd.codes[:, :EMBED_CODES] & 1, scale_parities(gd.scales))
+    q = row_quant(("up", "down"), dim=d, scheme="int8")
+    assert q.embedded
+    rows = quantize_rows(torch.cat([w, down], 1), q, {"up": gc, "down": gd})
+    torch.testing.assert_close(dequantize_rows(rows, q, "up"), _values(gc, 8, d), rtol=0, atol=0)
+    torch.testing.assert_close(dequantize_rows(rows, q, "down"), _values(gd, 8, d), rtol=0, atol=0)
+    with pytest.raises(FlashError, match="scales in the codes"):
+        gptq_rows(w, x.T @ x, bits=8, group_size=16, offsets=False, embedded=True)
 
 
 def test_gptq_refuses_mismatched_shapes():

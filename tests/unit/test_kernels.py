@@ -210,6 +210,17 @@ def _check_quantized_products(built, q):
                                    atol=tol * float(want_dot.abs().max()))
 
 
+@pytest.mark.parametrize("dim", [16, 128, 640])
+@pytest.mark.parametrize("embed", [True, False])
+def test_int8_scales_in_the_codes_or_after_them(built, dim, embed):
+    """int8 rows with one scale per part: the scale assembled from the first 16 codes' parities
+    (the default for rows read from flash) or read after the codes, on every path."""
+    from flashio.quant import row_quant
+    q = row_quant(("up", "gate", "down"), dim=dim, scheme="int8", embed_scales=embed)
+    assert q.embedded == embed and (q.layout("up").scales < 0) == embed
+    _check_quantized_products(built, q)
+
+
 def test_quantized_arguments_are_refused(built):
     from flashio.quant import row_quant
     q = row_quant(("up", "down"), dim=64, scheme="int8")
@@ -222,6 +233,10 @@ def test_quantized_arguments_are_refused(built):
         built.qaxpy(rows, q.layout("down"), torch.ones(5))
     with pytest.raises(ValueError, match="unsupported"):
         kernels.QuantLayout(q.row_bytes, 64, 3, 64, 0, 64, -1)
+    with pytest.raises(ValueError, match="scales in the codes"):  # int4, or groups smaller than the part
+        kernels.QuantLayout(q.row_bytes, 64, 4, 64, 0, -1, -1)
+    with pytest.raises(ValueError, match="scales in the codes"):
+        kernels.QuantLayout(q.row_bytes, 64, 8, 32, 0, -1, -1)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int4-two-level"])

@@ -19,16 +19,19 @@ from flashio.ffn import ffn_compute
 from flashio.format import Artifact, write_artifact
 from flashio.predictor import PredictorWeights
 from flashio.quant import (
+    EMBED_CODES,
     QuantizedRows,
     QuantizedWeight,
     RowScratch,
     dequantize_rows,
+    embedded_scale,
     quant_ffn_compute,
     quantize_groups,
     quantize_resident,
     quantize_resident_rows,
     quantize_rows,
     row_quant,
+    scale_parities,
 )
 
 PROMPT = [2, 17, 101, 55, 9, 240, 33, 78, 12, 5, 99, 301]
@@ -47,7 +50,10 @@ def test_rows_round_trip_within_half_a_step(scheme, bound, group):
         g = q.group_size
         absmax = part.view(50, 64 // g, g).abs().amax(dim=2, keepdim=True).expand(50, 64 // g, g).reshape(50, 64)
         err = (dequantize_rows(rows, q, p) - part).abs()
-        assert (err <= absmax * bound * 0.5 * 1.01 + 1e-6).all()  # half a step (fp16 scale rounding aside)
+        steps = torch.full((64,), 0.5)  # half a step (fp16 scale rounding aside)...
+        if q.embedded:  # ...but int8 with one scale per part: its first 16 codes carry it, each within a step
+            steps[:EMBED_CODES] = 1.0 + 127 * 2.0**-11  # (the largest clamped to 126 of a scale rounded down)
+        assert (err <= absmax * bound * steps * 1.01 + 1e-6).all()
 
 
 @pytest.mark.parametrize("bits,offsets,group,bound", [(8, False, 32, 0.01), (8, False, 640, 0.01), (4, True, 32, 0.1),
@@ -101,7 +107,9 @@ def test_row_layout_keeps_opt_6_7b_rows_near_a_half_and_a_quarter():
     fp16 = 2 * 4096 * 2
     q8 = row_quant(("up", "down"), dim=4096, scheme="int8")
     q4 = row_quant(("up", "down"), dim=4096, scheme="int4", group_size=4096)
-    assert q8.row_bytes == 8704 and q8.row_bytes % 512 == 0  # 8196 padded: aligned O_DIRECT reads
+    assert q8.embedded and q8.row_bytes == fp16 // 2  # the scales in the codes: exactly half, aligned
+    q8s = row_quant(("up", "down"), dim=4096, scheme="int8", embed_scales=False)
+    assert q8s.row_bytes == 8704 and q8s.row_bytes % 512 == 0  # 8196 padded: aligned O_DIRECT reads
     assert q4.row_bytes == 4160  # 4104 to a cache line: 512 would add 12%
     # int4's default: asymmetric groups of 32, a scale and an offset each: 2048 + 2 x 256 bytes a part
     q4d = row_quant(("up", "down"), dim=4096, scheme="int4")
@@ -112,6 +120,43 @@ def test_row_layout_keeps_opt_6_7b_rows_near_a_half_and_a_quarter():
         row_quant(("up", "down"), dim=4096, scheme="int4", group_size=100)
     with pytest.raises(FlashError, match="not one of int8, int4"):
         row_quant(("up", "down"), dim=4096, scheme="int3")
+
+
+def test_int8_scales_in_the_codes():
+    """Symmetric int8 rows with one scale per part hold it in the parities of the part's first 16
+    codes: the rows are exactly the codes (half of fp16), the scale comes back exactly, and only
+    those 16 codes differ from rows with the scales after the codes (each the nearest code of its
+    parity)."""
+    torch.manual_seed(3)
+    w = torch.randn(40, 2 * 640) * torch.rand(40, 1)
+    w[3] = 0  # an all-zero neuron: scale 0, every parity 0
+    emb = row_quant(("up", "down"), dim=640, scheme="int8")
+    plain = row_quant(("up", "down"), dim=640, scheme="int8", embed_scales=False)
+    assert emb.embedded and emb.row_bytes == 2 * 640 and emb.to_json()["scales_in_codes"] is True
+    assert not plain.embedded and plain.row_bytes == 1344 and "scales_in_codes" not in plain.to_json()
+    a, b = quantize_rows(w, emb), quantize_rows(w, plain)
+    for k, name in enumerate(("up", "down")):
+        pe, pp = emb.part(name), plain.part(name)
+        ca, cb = a[:, pe.codes_start : pe.codes_end].view(torch.int8), b[:, pp.codes_start : pp.codes_end].view(torch.int8)
+        scale = b[:, pp.scales_start : pp.scales_end].view(torch.float16)
+        assert torch.equal(embedded_scale(ca.view(torch.uint8)), scale.float())
+        assert torch.equal(ca[:, EMBED_CODES:], cb[:, EMBED_CODES:])
+        parity = scale_parities(scale)
+        assert torch.equal((ca[:, :EMBED_CODES].to(torch.int16) & 1), parity)
+        # the nearest code of that parity: within one step, and never farther than the other one of it
+        x = w[:, k * 640 : k * 640 + EMBED_CODES] / torch.where(scale > 0, scale, 1).float()
+        err = (ca[:, :EMBED_CODES].float() - x).abs()
+        assert (err <= 1 + 127 * 2.0**-11).all() and (err[cb[:, :EMBED_CODES] == ca[:, :EMBED_CODES]] <= 0.5).all()
+        assert torch.equal(dequantize_rows(a, emb, name)[:, EMBED_CODES:], dequantize_rows(b, plain, name)[:, EMBED_CODES:])
+    assert (a[3] == 0).all()
+    with pytest.raises(FlashError, match="scales in the codes"):
+        row_quant(("up", "down"), dim=640, scheme="int4", embed_scales=True)
+    with pytest.raises(FlashError, match="scales in the codes"):
+        row_quant(("up", "down"), dim=640, scheme="int8", group_size=32, embed_scales=True)
+    assert not row_quant(("up",), dim=640, scheme="int8", aligned=False).embedded  # the up sketch's rows
+    gc = quantize_groups(w[:, :640], 8, 640)  # rounded without the parities: refused, not stored wrong
+    with pytest.raises(FlashError, match="do not carry their scales"):
+        quantize_rows(w, emb, {"up": gc})
 
 
 @pytest.mark.parametrize("scheme,offsets", [("int8", False), ("int4", False), ("int4", True), ("int8", True)])
@@ -223,6 +268,23 @@ def opt_quant(tiny_opt, tmp_path_factory):
     out["int4-resident"] = write_artifact(tiny_opt[1], base / "int4r", dtype="float32", quantize="int4",
                                           quantize_resident="int4")
     return out
+
+
+def test_int8_rows_with_the_scales_after_the_codes_still_open(opt_quant, tiny_opt, tmp_path):
+    """int8 artifacts from before the scales moved into the codes (embed_scales=False) open and
+    compute as the default ones do, up to the 16 codes a part rounds to their parity."""
+    old = write_artifact(tiny_opt[1], tmp_path / "old", dtype="float32", quantize="int8", embed_scales=False)
+    m_old, m_new = Artifact(old).manifest, Artifact(opt_quant["int8"]).manifest
+    assert not m_old.ffn_layers[0].quant.embedded and m_new.ffn_layers[0].quant.embedded
+    assert m_new.ffn_layers[0].quant.row_bytes < m_old.ffn_layers[0].quant.row_bytes
+    with flashio.open(opt_quant["none"], mode="dense") as ref:
+        want = ref.forward(PROMPT)
+    for path in (old, opt_quant["int8"]):
+        for mode in ("dense", "naive", "oracle"):  # every neuron in DRAM; read per token; read as the oracle selects
+            with flashio.open(path, mode=mode) as model:
+                torch.testing.assert_close(model.forward(PROMPT), want, rtol=0, atol=0.02 * float(want.abs().max()))
+                one = model.forward(PROMPT, token_by_token=True)  # the one-token kernels
+                torch.testing.assert_close(one, want, rtol=0, atol=0.02 * float(want.abs().max()))
 
 
 def test_int4_resident_matrices(opt_quant):
@@ -344,10 +406,10 @@ def _edit(path, fn):
     (lambda m: m["ffn_layers"][0]["quant"].update(scale_dtype="float32"), "scale_dtype 'float32'"),
     (lambda m: m["ffn_layers"][0]["quant"]["parts"][1].__setitem__(2, 1), "do not hold"),
     (lambda m: m["ffn_layers"][0]["quant"].update(row_bytes=2), "row_bytes 2"),
-    # as wide as layer 0's rows (192 bytes) but two scales a part: decoded with layer 0's record
-    (lambda m: m["ffn_layers"][1].update(quant=row_quant(("up", "down"), dim=64, scheme="int8", group_size=32).to_json()),
+    # as wide as layer 0's rows (128 bytes) but int4 groups: decoded with layer 0's record
+    (lambda m: m["ffn_layers"][1].update(quant=row_quant(("up", "down"), dim=64, scheme="int4", group_size=32).to_json()),
      "quant records differ"),
-    (lambda m: m["ffn_layers"][0].pop("quant"), "length_bytes = 49152 but"),  # codes read as floats
+    (lambda m: m["ffn_layers"][0].pop("quant"), "length_bytes = 32768 but"),  # codes read as floats
     (lambda m: m["resident_quant"].update(scheme="int3"), "resident_quant scheme 'int3'"),
     (lambda m: m["resident_quant"].update(scheme="int4"), "must be the row layout of an int4 matrix"),
     (lambda m: m["resident_quant"]["tensors"].update({"layers.0.attn.q.weight": "layers.0.attn.k.scale"}),
