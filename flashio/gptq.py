@@ -28,8 +28,16 @@ from collections.abc import Callable
 import torch
 
 from flashio.errors import FlashError
-from flashio.quant import (EMBED_CODES, GroupCodes, embeddable, embedded_codes, group_codes, group_params,
-                           scale_parities, super_steps)
+from flashio.quant import (
+    EMBED_CODES,
+    GroupCodes,
+    embeddable,
+    embedded_codes,
+    group_codes,
+    group_params,
+    scale_parities,
+    super_steps,
+)
 
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse defined (GPTQ's default)
 BLOCK = 128  # columns whose updates are applied to the rest at once (GPTQ's lazy batch)
