@@ -10,9 +10,13 @@ A quantized bundle row keeps a neuron one read: for each part (up, gate, down) i
 its fp16 scales (one per `group_size` elements), then zeros up to a multiple of ROW_ALIGN_BYTES
 when the float row was one and the padding costs at most 1/16 of the row (O_DIRECT reads then land
 straight in the window cache), else up to a multiple of 64 bytes (a cache line; the reader then
-reads each run's block-aligned superset into scratch and copies the rows out). At the OPT-6.7B
-shape (4096 wide, up + down) int8 rows are 8196 -> 8704 bytes (0.53x fp16, aligned) and int4
-rows 4100 -> 4160 bytes (0.254x; padding to 4608 would cost 12%). int4 codes hold
+reads each run's block-aligned superset into scratch and copies the rows out). int8 rows with one
+scale per part, the default, store no scale bytes (RowQuant.embedded): the part's fp16 scale is
+the parities of its first 16 codes, each rounded to the nearest code of its parity (within one
+step instead of half a step; GPTQ spreads the difference like any other error). At the OPT-6.7B
+shape (4096 wide, up + down) int8 rows are then 8192 bytes, exactly half of fp16 (8196 -> 8704 with
+the scales after the codes, as artifacts before, which still open), and int4 with one scale per
+part 4100 -> 4160 bytes (0.254x; padding to 4608 would cost 12%). int4 codes hold
 two elements per byte, the part's first half in the low nibbles and its second half in the high
 ones (two contiguous unpacks instead of strided ones); they are stored offset by 8 (0..15 for
 -8..7; the quantizer uses -7..7, symmetric).

@@ -51,13 +51,14 @@ def parse_variant(text: str) -> tuple[str, str | None]:
 
 def artifact_for(ckpt: Path, out: Path, dtype: str, scheme: str | None, group_size: int | None,
                  resident: str | None, calibration: torch.Tensor | None = None, resident_rtn: bool = False,
-                 two_level: bool = False) -> Path:
+                 two_level: bool = False, scales_after: bool = False) -> Path:
     """The variant's artifact under `out`, written unless its manifest is already there (scheme
     'int4+gptq': GPTQ on the `calibration` rows, for the resident matrices too unless resident_rtn)."""
     name = f"{dtype}-{(scheme or 'float').replace('+', '-')}" + (f"-g{group_size}" if scheme and group_size else "") \
         + (f"-resident-{resident}" if scheme and resident else "") \
         + ("-resident-rtn" if scheme and scheme.endswith("+gptq") and resident_rtn else "") \
-        + ("-two-level" if scheme and scheme.startswith("int4") and two_level else "")
+        + ("-two-level" if scheme and scheme.startswith("int4") and two_level else "") \
+        + ("-scales-after" if scheme and scheme.startswith("int8") and scales_after else "")
     path = out / name
     if not (path / "manifest.json").is_file():
         t0 = time.perf_counter()
@@ -71,7 +72,7 @@ def artifact_for(ckpt: Path, out: Path, dtype: str, scheme: str | None, group_si
         write_artifact(ckpt, path, dtype=dtype, quantize=scheme, group_size=group_size if scheme else None,
                        quantize_resident=resident if scheme else None, two_level_scales=two_level, hessians=hessians,
                        resident_hessians=None if hessians is None or resident_rtn else hessians.resident,
-                       overwrite=True)
+                       embed_scales=False if scales_after else None, overwrite=True)
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="+gptq variants: round the resident matrices to nearest (default: GPTQ for them too)")
     ap.add_argument("--two-level", action="store_true",
                     help="int4 variants: two-level scales (6-bit multiples of fp16 steps per super-block)")
+    ap.add_argument("--scales-after-codes", action="store_true",
+                    help="int8 variants: each part's scale after its codes (default: in the first codes' parities)")
     ap.add_argument("--rows", type=int, help="score only the first ROWS rows")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the table as JSON")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = load_file(str(args.tokens))["calibration"].long() if any(
         s and s.endswith("+gptq") for _, s in variants) else None
     paths = [artifact_for(args.checkpoint, args.out, d, s, args.group_size, args.quantize_resident, calibration,
-                          args.resident_rtn, args.two_level) for d, s in variants]
+                          args.resident_rtn, args.two_level, args.scales_after_codes) for d, s in variants]
     tallies = [NextTokenTally() for _ in paths]
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
