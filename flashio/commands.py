@@ -157,9 +157,10 @@ def add_commands(sub) -> None:
                         "int4 holds ~0.28x the up rows' fp16 bytes)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="bundle rows quantized group-wise, rounded to nearest (int8 symmetric, int4 with an "
-                        "offset per group; fp16 scales inside each row): about 1/2 (int8) or 1/4 (int4) of the fp16 "
-                        "bytes read and cached per neuron; `flashio convert --quantize` uses GPTQ on its "
-                        "calibration rows instead (more accurate at int4)")
+                        "offset per group; fp16 scales inside each row, int8's one per part in its first codes' "
+                        "parities): 1/2 (int8) or about 0.3 (int4) of the fp16 bytes read and cached per neuron; "
+                        "`flashio convert --quantize` uses GPTQ on its calibration rows instead (more accurate "
+                        "at int4)")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="elements per scale along d_model (default: int8 d_model, one scale per part of a "
                         "row; int4 32 where it divides d_model)")

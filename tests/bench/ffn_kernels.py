@@ -67,14 +67,17 @@ def main() -> None:
         x = h.to(dtype)
         cases.append((str(dtype).replace("torch.", ""), rows.shape[1] * rows.element_size(),
                       lambda rows=rows, x=x: ffn_compute(x, rows, parts, None, None, activation=act)))
-    for scheme, group, two_level in (("int8", None, False), ("int4", None, False), ("int4", None, True),
-                                     ("int4", 128, False), ("int4", D, False)):
+    # int8: its one scale per part in the first codes' parities (the default) or after the codes (before)
+    for scheme, group, two_level, embed in (("int8", None, False, None), ("int8", None, False, False),
+                                            ("int4", None, False, None), ("int4", None, True, None),
+                                            ("int4", 128, False, None), ("int4", D, False, None)):
         if two_level and D % 128:
             continue
-        q = row_quant(names, dim=D, scheme=scheme, group_size=group, two_level=two_level)
+        q = row_quant(names, dim=D, scheme=scheme, group_size=group, two_level=two_level, embed_scales=embed)
         rows = resident(quantize_rows(bundles, q))
         scratch = RowScratch(q)
-        cases.append((f"{scheme} groups of {q.group_size}" + (", 2-level" if two_level else ""), q.row_bytes,
+        cases.append((f"{scheme} groups of {q.group_size}" + (", 2-level" if two_level else "")
+                      + (", scales after codes" if embed is False else ""), q.row_bytes,
                       lambda rows=rows, q=q, scratch=scratch: quant_ffn_compute(h, rows, q, scratch, None, None,
                                                                              act_fn=getattr(F, act))))
     results = {}
