@@ -86,6 +86,9 @@ def add_commands(sub) -> None:
     p.add_argument("--lookahead-recall", type=float, default=None,
                    help="+lookahead: the share of each step's set that the guess before the attention gets "
                         "right (default: the figure measured on real models, README 'Lookahead')")
+    p.add_argument("--max-gap", type=int, default=None, metavar="ROWS",
+                   help="the tuned configurations' gap reads: unneeded rows read through between two needed "
+                        "ones (default: the cost model's choice for the artifact's rows)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: with CUDA the limit is GPU memory (resident weights, KV "
                         "and window caches on the GPU; flash reads through pinned staging)")
@@ -183,7 +186,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype, run_bandwidth=args.floor_bandwidth == "run",
         profile=args.profile if args.profile is not None else find_profile_path(), seed=args.seed,
         device=args.device, peers=tuple(dict.fromkeys(args.peer)), peer_gguf=args.peer_gguf,
-        lookahead_recall=LOOKAHEAD_RECALL if args.lookahead_recall is None else args.lookahead_recall)
+        lookahead_recall=LOOKAHEAD_RECALL if args.lookahead_recall is None else args.lookahead_recall,
+        max_gap=args.max_gap)
     signal.signal(signal.SIGTERM, _terminate)  # clean up the child and its cgroup on `kill`
     results = run_model_bench(opts, progress=_say)
     print(markdown(results))

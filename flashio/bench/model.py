@@ -122,6 +122,7 @@ class ModelBenchOptions:
     profile: Path | None = None  # device profile for the cost model (None: built-in defaults)
     seed: int = 0
     lookahead_recall: float = LOOKAHEAD_RECALL  # +lookahead: the share of each set the guess gets right
+    max_gap: int | None = None  # the tuned configurations' gap reads in rows (None: the cost model's)
     timeout_s: float = 3600.0
     device: str = "cpu"  # 'cuda[:N]': resident weights, KV and window caches in GPU memory
     peers: tuple[str, ...] = ()  # ("llama.cpp",): its rows beside flashio's (flashio.bench.peer)
@@ -147,6 +148,8 @@ class ModelBenchOptions:
             raise FlashError("tokens, baseline_tokens and window must be >= 1")
         if not 0.0 <= self.lookahead_recall <= 1.0:
             raise FlashError(f"lookahead recall must be in [0, 1], got {self.lookahead_recall}")
+        if self.max_gap is not None and self.max_gap < 0:
+            raise FlashError(f"max_gap must be >= 0, got {self.max_gap}")
 
 
 @dataclass
@@ -379,9 +382,10 @@ def _run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | 
     cm = CostModel(profile)
     row_bytes = m.row_bytes  # as stored: a quantized row is bundle_width bytes
     tuned_threads = cm.best_threads(row_bytes)
-    tuned_gap = cm.best_max_gap(row_bytes, tuned_threads)
+    tuned_gap = cm.best_max_gap(row_bytes, tuned_threads) if opts.max_gap is None else opts.max_gap
     cost = {"profile": str(opts.profile) if opts.profile else None, "source": cm.profile.source,
             "device": cm.profile.device, "tuned_threads": tuned_threads, "tuned_max_gap": tuned_gap,
+            "max_gap_source": "cost model" if opts.max_gap is None else "--max-gap",
             "default_threads": DEFAULT_THREADS, "torch_threads": torch.get_num_threads(),
             "compute_threads": kernels.threads_for(opts.compute_threads),
             "memory_source": cm.profile.memory_source}
