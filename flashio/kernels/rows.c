@@ -1334,7 +1334,7 @@ void flashio_qdot(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_
                   int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *mask, const float *x,
                   float *xg, float *out) {
     int64_t live = live_rows(n_rows, mask);
-    int parts = chunks_for(live * (codes < scales ? scales - codes : row_bytes));
+    int parts = chunks_for(live * (dim * bits / 8)); /* the work: the part's codes */
     float *scratch = parts > 1 ? malloc((size_t)parts * (dim / group) * sizeof(float)) : NULL;
     if (!scratch) {
         qdot_1(rows, row_bytes, n_rows, dim, bits, group, codes, scales, offsets, super, mask, x, xg, out);
@@ -1359,7 +1359,7 @@ static void qaxpy_part(void *v, int p) {
 void flashio_qaxpy(const uint8_t *rows, int64_t row_bytes, int64_t n_rows, int64_t dim, int bits, int64_t group,
                    int64_t codes, int64_t scales, int64_t offsets, int64_t super, const float *a, float *og, float *y) {
     int64_t live = live_rows(n_rows, a);
-    int parts = chunks_for(live * (codes < scales ? scales - codes : row_bytes));
+    int parts = chunks_for(live * (dim * bits / 8)); /* the work: the part's codes */
     float *scratch = parts > 1 ? malloc((size_t)(parts - 1) * dim * sizeof(float) +
                                         (size_t)parts * (dim / group) * sizeof(float))
                                : NULL;
