@@ -396,7 +396,9 @@ def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_o
             if lookahead:
                 assert not model.engine.guessing.any()
                 wait, guess = model.engine._cost_s.T
-                assert (guess > wait + 0.004).all()  # the guess's 5 ms against reads hidden anyway
+                # each guess's 5 ms at least, against reads hidden anyway: the verdict weighs the sums
+                # (a layer's wait moves by milliseconds on a shared disk)
+                assert (guess >= 0.005).all() and guess.sum() > wait.sum()
                 for i in (0, 1):  # the first step, then the probes (staggered over the layers)
                     assert [step for step, j in ran if j == i] == [1, PROBE_STEPS - i, 2 * PROBE_STEPS - i]
     assert torch.allclose(outs[True], outs[False], atol=1e-5)
