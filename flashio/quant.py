@@ -516,9 +516,10 @@ def dequantize_rows(rows: torch.Tensor, q: RowQuant, part: str, out: torch.Tenso
     return out
 
 
-def quantize_resident(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [out, in] matrix -> int8 codes [out, in] and fp16 scales [out] (per output channel)."""
-    gc = quantize_groups(w, 8, w.shape[1])
+def quantize_resident(w: torch.Tensor, gc: GroupCodes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [out, in] matrix -> int8 codes [out, in] and fp16 scales [out] (per output channel);
+    gc: its codes already solved (GPTQ), else rounded to nearest."""
+    gc = quantize_groups(w, 8, w.shape[1]) if gc is None else gc
     return gc.codes.to(torch.int8), gc.scales[:, 0].contiguous()
 
 
@@ -531,10 +532,12 @@ def resident_row_quant(in_features: int, two_level: bool = False) -> RowQuant:
     return row_quant(("w",), dim=in_features, scheme="int4", aligned=False, two_level=two_level)
 
 
-def quantize_resident_rows(w: torch.Tensor, two_level: bool = False) -> tuple[torch.Tensor, RowQuant]:
-    """A [out, in] matrix -> int4 rows [out, row_bytes] uint8 and their layout (round to nearest)."""
+def quantize_resident_rows(w: torch.Tensor, two_level: bool = False,
+                           gc: GroupCodes | None = None) -> tuple[torch.Tensor, RowQuant]:
+    """A [out, in] matrix -> int4 rows [out, row_bytes] uint8 and their layout; gc: its codes
+    already solved (GPTQ), else rounded to nearest."""
     q = resident_row_quant(w.shape[1], two_level)
-    return quantize_rows(w, q), q
+    return quantize_rows(w, q, None if gc is None else {"w": gc}), q
 
 
 # -- computing (the runtime) ---------------------------------------------------------------------------

@@ -84,10 +84,9 @@ class CalibrationHessians:
         held = {i: {"in": torch.zeros(s.dim, s.dim), "act": torch.zeros(s.ffn_dim, s.ffn_dim)} for i in layers}
 
         def gram(i: int, key: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()
             if key not in held[i]:
-                held[i][key] = torch.zeros(x.shape[1], x.shape[1])
-            held[i][key].addmm_(x.T, x)
+                held[i][key] = torch.zeros(x.shape[-1], x.shape[-1])
+            _add_gram(held[i][key], x)
 
         def gate(i: int):
             def hook(_module, inputs, _output):
@@ -116,8 +115,7 @@ class CalibrationHessians:
                     handles.append(mods["o"].register_forward_pre_hook(lambda _m, a, i=i: gram(i, "o", a[0])))
             if head is not None:  # the decoder's output (after its final norm) is the head's input
                 def on_output(_module, _inputs, output):
-                    x = output[0].reshape(-1, output[0].shape[-1]).float()
-                    head.addmm_(x.T, x)
+                    _add_gram(head, output[0])
                 handles.append(model.base_model.register_forward_hook(on_output))
             return handles
 
@@ -130,3 +128,9 @@ class CalibrationHessians:
         log.info("GPTQ calibration matrices of layers %d-%d from %d rows of %d tokens (pass %d)",
                  layers.start, layers.stop - 1, *self.ids.shape, self.passes)
         self._held = held
+
+
+def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += X^T X for the rows X of x [..., width] (tokens of every sequence), in float32."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    h.addmm_(x.T, x)

@@ -451,17 +451,12 @@ def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str,
             continue
         gc = groups.get(name)
         if scheme == "int4":
-            if gc is None:
-                resident[name], rows[name] = quantize_resident_rows(t, two_level)
-            else:
-                rows[name] = resident_row_quant(t.shape[1], two_level)
-                resident[name] = quantize_rows(t, rows[name], {"w": gc})
+            resident[name], rows[name] = quantize_resident_rows(t, two_level, gc)
             continue
         scale_name = f"{name.removesuffix('.weight')}.scale"
         if scale_name in resident:
             raise FlashError(f"resident tensor {scale_name!r} exists: cannot hold the scales of {name!r}")
-        resident[name], resident[scale_name] = (quantize_resident(t) if gc is None else
-                                                (gc.codes.to(torch.int8), gc.scales[:, 0].contiguous()))
+        resident[name], resident[scale_name] = quantize_resident(t, gc)
         scales[name] = scale_name
     if not scales and not rows:
         return None
