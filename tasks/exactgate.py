@@ -105,8 +105,11 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
         dense = stack.enter_context(flashio.open(artifact, base, mode="dense"))
         m = dense.artifact.manifest
         float_dense = None
-        if reference is not None:  # held in DRAM beside the quantized model while the main rows run
-            float_dense = stack.enter_context(flashio.open(reference, base, mode="dense"))
+        # the float reference, held in DRAM beside the quantized model while the main rows run (only they
+        # are scored on it) and closed before the sweep settings
+        reference_stack = stack.enter_context(contextlib.ExitStack())
+        if reference is not None:
+            float_dense = reference_stack.enter_context(flashio.open(reference, base, mode="dense"))
             check_reference(m, float_dense.artifact.manifest)
         n_layers, n = m.n_layers, m.ffn_layers[0].n_neurons
         total_neurons = sum(L.n_neurons for L in m.ffn_layers)
@@ -137,6 +140,7 @@ def _evaluate(artifact, calib, ids, sweep_ids, settings, options, ffn_dram_fract
                                        float_logits=float_logits if j == 0 else None)
                 if vs_float:
                     quant = quantization_loss(m, vs_float)
+                reference_stack.close()
                 masks, seq = trace_masks(sparse.trace(), n_layers, n, [len(r) for r in rows])
             kept = sum(int(mk.sum()) for mk in masks)
             steps = max(per_token.tokens, 1)

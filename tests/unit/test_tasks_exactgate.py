@@ -63,10 +63,12 @@ def test_a_row_per_step_equals_token_by_token(held_out, method):
         assert got.reads_per_token == pytest.approx(first.reads / 7)
 
 
-def test_quantized_exact_gate_separates_quantization_from_sparsity(held_out, tiny_llama):
+def test_quantized_exact_gate_separates_quantization_from_sparsity(held_out, tiny_llama, monkeypatch):
     """A quantized gate-resident artifact evaluated with its float form as reference: the main rows
     give dense float (transformers' own loss on them), dense int4 and sparse int4, so the report
-    splits the loss; the sweep's rows are not scored against the reference."""
+    splits the loss; the sweep's rows are not scored against the reference, which is closed (out of
+    DRAM) before the sweep's models open."""
+    import contextlib
     import math
 
     from tasks.report import quantization_summary
@@ -78,8 +80,24 @@ def test_quantized_exact_gate_separates_quantization_from_sparsity(held_out, tin
     plain = write_artifact(ckpt, root / "float", dtype="float32")
     options = EvalOptions(window=1, naive_tokens=2, bytes_tokens=4, sweep_sequences=1)
     settings = [("chosen", (0.5, 0.5)), ("density 0.25", (0.25, 0.25))]
+    events: list[tuple[str, str, str]] = []
+    real_open = flashio.open
+
+    @contextlib.contextmanager
+    def recording_open(path, config=None, *, mode):
+        events.append(("open", str(path), mode))
+        with real_open(path, config, mode=mode) as fm:
+            yield fm
+        events.append(("close", str(path), mode))
+
+    monkeypatch.setattr(flashio, "open", recording_open)
     ev, _ = evaluate_exact_gate(quant, calib, settings, options, ffn_dram_fraction=0.5, out_dir=root / "q",
                                 method=EXACT_GATE_UP, reference=plain)
+    monkeypatch.undo()
+    sparse_opens = [i for i, e in enumerate(events) if e[0] == "open" and e[2] == "sparse"]
+    assert len(sparse_opens) == 4  # two per setting: reads per token, then the scored rows
+    assert events.index(("close", str(plain), "dense")) < sparse_opens[2]  # before the sweep setting's
+    assert events.index(("open", str(plain), "dense")) < sparse_opens[0]
     q, m = ev.quantization, ev.main
     with torch.no_grad():
         want_float = math.exp(model.float()(input_ids=ids, labels=ids).loss.item())
