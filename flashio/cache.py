@@ -263,7 +263,9 @@ class FillingWindowCache(WindowCache):
         if self._guessed is not None:
             guess, prev = self._guessed
             self._guessed = None
-            wrong = ~np.isin(guess, active, assume_unique=True)
+            listed = np.zeros(len(self.slot_of), dtype=bool)  # a mask rather than np.isin's sort
+            listed[active] = True
+            wrong = ~listed[guess]
             self.last_active[guess[wrong]] = prev[wrong]
             self.history[-1] = active
         else:  # an update_fill opened the step: `active` joins its set
