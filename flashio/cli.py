@@ -93,8 +93,33 @@ def _add_unavailable(sub, name: str, exc: ImportError) -> None:
     p.set_defaults(func=_fail)
 
 
+# how long a SIGTERM's exception may take to end the command before the process ends itself: code
+# that catches every exception (a library's background call storing it in a future nobody reads)
+# can swallow the SystemExit, and the command then ran on to the end as if never stopped
+TERM_GRACE_S = 20.0
+_term: dict = {"signum": None, "left": threading.Event()}
+
+
 def _terminated(signum: int, _frame) -> None:
+    if _term["signum"] is None:
+        _term["signum"] = signum
+        threading.Thread(target=_end_if_still_running, args=(signum,), name="flashio-sigterm", daemon=True).start()
     raise SystemExit(128 + signum)  # the status a shell gives a process a signal ended
+
+
+def _end_if_still_running(signum: int) -> None:
+    """The SIGTERM's last resort: unless the command has left within TERM_GRACE_S, run the atexit
+    handlers (the temporary Prefect server's stop) and end the process with the signal's status."""
+    if _term["left"].wait(TERM_GRACE_S):
+        return
+    print(f"flashio: still running {TERM_GRACE_S:g} s after SIGTERM (its exception was caught somewhere): "
+          "ending the process", file=sys.stderr, flush=True)
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()
+    finally:
+        os._exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -102,16 +127,23 @@ def _sigterm_exits():
     """While a command runs, SIGTERM (kill, a container or service manager stopping it) ends the
     process as an exception would: `finally` blocks and atexit handlers run, so the temporary
     Prefect server a conversion started, reader threads and temporary files go with it (by
-    default SIGTERM ends Python at once and left the server running). Only where SIGTERM still has
-    its default action, in the main thread; the previous handler comes back afterwards."""
+    default SIGTERM ends Python at once and left the server running). Where the exception is
+    swallowed on its way, the command still ends with the signal's status: at its end if it gets
+    there, else after TERM_GRACE_S (_end_if_still_running). Only where SIGTERM still has its
+    default action, in the main thread; the previous handler comes back afterwards."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
+    _term["signum"] = None
+    _term["left"].clear()
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
+        if _term["signum"] is not None:  # the command ran on past a swallowed SIGTERM
+            raise SystemExit(128 + _term["signum"])
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _term["left"].set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,3 +99,46 @@ def test_the_commands_default_to_the_best_configuration(monkeypatch):
     assert [default_torch_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert default_torch_threads() == 2 and torch_threads_option(None) == 2
+
+
+SWALLOWING_COMMAND = """
+import atexit, sys, time
+from flashio import cli
+cli.TERM_GRACE_S = float(sys.argv[2])
+atexit.register(lambda: open(sys.argv[1], "w").write("cleaned up"))
+with cli._sigterm_exits():
+    print("ready", flush=True)
+    end = time.monotonic() + float(sys.argv[3])
+    while time.monotonic() < end:
+        try:  # as code that catches every exception: the SIGTERM's SystemExit is swallowed here
+            time.sleep(0.01)
+        except BaseException:
+            pass
+    print("ran to its end", flush=True)
+print("went on after the command", flush=True)
+"""
+
+
+@pytest.mark.parametrize("grace, runs", [(0.5, 60.0), (60.0, 1.0)], ids=["stuck past the grace", "ends first"])
+def test_sigterm_ends_a_command_that_swallows_its_exception(tmp_path, grace, runs):
+    """A SIGTERM whose SystemExit is caught on its way still ends the command with status 143 and
+    its atexit handlers run: after TERM_GRACE_S where the command would run on, at its end where
+    it gets there first."""
+    import signal
+    import time
+
+    marker = tmp_path / "atexit"
+    proc = subprocess.Popen([sys.executable, "-c", SWALLOWING_COMMAND, str(marker), str(grace), str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert time.monotonic() - t0 < 20
+    assert "went on after the command" not in out
+    assert ("ran to its end" in out) == (runs < grace)
+    assert marker.read_text() == "cleaned up"
