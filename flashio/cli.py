@@ -15,6 +15,7 @@ import time, so that `flashio --help` works on a runtime-only install.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
@@ -94,8 +95,8 @@ def _add_unavailable(sub, name: str, exc: ImportError) -> None:
 
 
 # how long a SIGTERM's exception may take to end the command before the process ends itself: code
-# that catches every exception (a library's background call storing it in a future nobody reads)
-# can swallow the SystemExit, and the command then ran on to the end as if never stopped
+# that catches every exception can swallow the SystemExit on its way (once, a test's stopped
+# conversion ran on to publish and exit 0; where it was caught is not known)
 TERM_GRACE_S = 20.0
 _term: dict = {"signum": None, "left": threading.Event()}
 
@@ -115,8 +116,6 @@ def _end_if_still_running(signum: int) -> None:
     print(f"flashio: still running {TERM_GRACE_S:g} s after SIGTERM (its exception was caught somewhere): "
           "ending the process", file=sys.stderr, flush=True)
     try:
-        import atexit
-
         atexit._run_exitfuncs()
     finally:
         os._exit(128 + signum)
