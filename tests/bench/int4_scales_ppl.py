@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 
 from flashio.gptq import gptq_neurons, gptq_rows
 from flashio.quant import GroupCodes
+from tasks.scoring import next_token_nll
 
 CHANNELS = ("none", "max", "rms")
 
@@ -67,13 +68,9 @@ def channel_scales(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def perplexity(model, rows: torch.Tensor) -> float:
-    nll, n = 0.0, 0
     with torch.no_grad():
-        for r in rows:
-            logits = model(r[None]).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, r[1:], reduction="sum").item()
-            n += len(r) - 1
-    return math.exp(nll / n)
+        nll = [next_token_nll(model(r[None]).logits[0], r) for r in rows]
+    return math.exp(float(torch.cat(nll).mean()))
 
 
 def main(argv: list[str] | None = None) -> int:
