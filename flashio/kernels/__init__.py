@@ -128,6 +128,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_ffn.restype = None
     lib.flashio_i8_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
     lib.flashio_i8_matvec.restype = None
+    lib.flashio_attend1.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    lib.flashio_attend1.restype = None
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
     lib.flashio_set_threads.argtypes, lib.flashio_set_threads.restype = [ctypes.c_int], ctypes.c_int
     lib.flashio_threads.argtypes, lib.flashio_threads.restype = [], ctypes.c_int
@@ -284,6 +288,26 @@ class Kernels:
                              ACTIVATION_CODES[activation], x.data_ptr(),
                              *[None if v is None else v.data_ptr() for v in vecs], a.data_ptr(), y.data_ptr())
         return y, a
+
+    def attend1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """[H * Dh] float32: one query's attention (rows.c's flashio_attend1). q: [H, Dh]; k, v:
+        [Hk, S, Dh] CPU views of one dtype whose keys are contiguous (a KV cache's first S positions),
+        H a multiple of Hk (query head h reads key/value head h // (H / Hk)); scores, softmax and
+        sums in float32."""
+        h, dh = q.shape
+        hk, s_len, kdh = k.shape
+        if (k.shape != v.shape or kdh != dh or hk < 1 or h % hk or s_len < 1 or k.dtype != v.dtype
+                or k.dtype not in DTYPE_CODES or k.device.type != "cpu" or v.device.type != "cpu"
+                or k.stride(2) != 1 or v.stride(2) != 1):
+            raise ValueError(f"attend1 takes q [H, Dh] and CPU k, v [Hk, S, Dh] of one float dtype with contiguous "
+                             f"keys, got {tuple(q.shape)}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+        qf = q.to(torch.float32).contiguous()
+        scores = torch.empty(h, s_len, dtype=torch.float32)
+        out = torch.empty(h * dh, dtype=torch.float32)
+        self.lib.flashio_attend1(qf.data_ptr(), h, hk, dh, k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
+                                 v.stride(0), v.stride(1), s_len, DTYPE_CODES[k.dtype], scale, scores.data_ptr(),
+                                 out.data_ptr())
+        return out
 
     def i8_matvec(self, codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[out] float32: (codes [out, in] int8 * scales [out] fp16, per row) @ x [in]."""

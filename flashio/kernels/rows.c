@@ -1394,6 +1394,61 @@ void flashio_i8_matvec(const int8_t *codes, int64_t n_rows, int64_t len, const u
     run_chunks(i8_part, &j, parts);
 }
 
+/* One query's attention (decoding): for each of the H query heads, softmax(scale * q_h . k_g,t)
+ * over the S keys t of its key/value head g = h / (H / Hk), then the weighted sum of those v_g,t.
+ * q: [H, Dh] float32; k, v: the cache's keys and values in `dtype`, head g's key t at
+ * k + (g * k_head + t * k_pos) elements (each key's Dh elements contiguous; likewise v); scores:
+ * [H, S] float32 scratch; out: [H, Dh] float32. Scores, softmax and sums in float32. Heads are
+ * split over the pool's threads when the keys and values are large enough. */
+typedef struct {
+    const float *q;
+    const char *k, *v;
+    int64_t H, Hk, Dh, S, k_head, k_pos, v_head, v_pos, heads_per_chunk;
+    int dtype;
+    float scale;
+    float *scores, *out;
+} attn_job;
+
+static void attend_heads(const attn_job *j, int64_t h0, int64_t h1) {
+    int64_t size = j->dtype == 0 ? 4 : 2, group = j->H / j->Hk;
+    for (int64_t h = h0; h < h1; h++) {
+        int64_t g = h / group;
+        const char *kb = j->k + g * j->k_head * size, *vb = j->v + g * j->v_head * size;
+        const float *q = j->q + h * j->Dh;
+        float *s = j->scores + h * j->S, *o = j->out + h * j->Dh, m = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < j->S; t++) {
+            s[t] = j->scale * dot1(kb + t * j->k_pos * size, q, j->Dh, j->dtype);
+            if (s[t] > m) m = s[t];
+        }
+        for (int64_t t = 0; t < j->S; t++) sum += (s[t] = expf(s[t] - m));
+        memset(o, 0, (size_t)j->Dh * sizeof(float));
+        float inv = 1.0f / sum;
+        for (int64_t t = 0; t < j->S; t++) axpy1(o, vb + t * j->v_pos * size, s[t] * inv, j->Dh, j->dtype);
+    }
+}
+
+static void attend_part(void *v, int p) {
+    attn_job *j = v;
+    int64_t h0 = p * j->heads_per_chunk, h1 = h0 + j->heads_per_chunk;
+    attend_heads(j, h0, h1 < j->H ? h1 : j->H);
+}
+
+void flashio_attend1(const float *q, int64_t H, int64_t Hk, int64_t Dh, const void *k, int64_t k_head, int64_t k_pos,
+                     const void *v, int64_t v_head, int64_t v_pos, int64_t S, int dtype, float scale, float *scores,
+                     float *out) {
+    int64_t size = dtype == 0 ? 4 : 2;
+    attn_job j = {.q = q, .k = k, .v = v, .H = H, .Hk = Hk, .Dh = Dh, .S = S, .k_head = k_head, .k_pos = k_pos,
+                  .v_head = v_head, .v_pos = v_pos, .dtype = dtype, .scale = scale, .scores = scores, .out = out};
+    int parts = chunks_for(2 * Hk * S * Dh * size);
+    if (parts > H) parts = (int)H;
+    if (parts <= 1) {
+        attend_heads(&j, 0, H);
+        return;
+    }
+    j.heads_per_chunk = (H + parts - 1) / parts;
+    run_chunks(attend_part, &j, (int)((H + j.heads_per_chunk - 1) / j.heads_per_chunk));
+}
+
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */
 int flashio_vector_bits(void) {
 #if FLASHIO_AVX512

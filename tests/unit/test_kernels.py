@@ -496,3 +496,64 @@ def test_predictor_one_token_logits_equal_the_batched_ones(dtype, monkeypatch):
     assert bool(calls) == kernels.available()  # one token: the kernels
     eps = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(one.float(), batched.float(), rtol=0, atol=eps * float(batched.float().abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h, hk, dh, s", [(1, 1, 5, 1), (4, 2, 24, 9), (8, 1, 64, 37), (6, 3, 128, 700)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attend1_matches_float64_over_a_kv_cache(built, dtype, h, hk, dh, s, threads):
+    """One query's attention over the first s positions of a [Hk, cap, Dh] cache (grouped-query
+    heads, odd head sizes; split over threads where the keys are large enough)."""
+    g = torch.Generator().manual_seed(h * 1000 + s)
+    cap = s + 11
+    k, v = torch.randn(hk, cap, dh, generator=g).to(dtype), torch.randn(hk, cap, dh, generator=g).to(dtype)
+    q = torch.randn(h, dh, generator=g).to(dtype)
+    scale = dh ** -0.5
+    kk = k[:, :s].double().repeat_interleave(h // hk, 0)  # [H, S, Dh]: head i reads kv head i // (h // hk)
+    vv = v[:, :s].double().repeat_interleave(h // hk, 0)
+    p = torch.softmax((kk @ q.double()[:, :, None])[..., 0] * scale, dim=-1)  # [H, S]
+    want = (p[:, None, :] @ vv)[:, 0].reshape(-1)
+    assert built.lib.flashio_set_threads(threads) == threads
+    try:
+        got = built.attend1(q, k[:, :s], v[:, :s], scale)
+    finally:
+        built.lib.flashio_set_threads(1)
+    assert got.dtype == torch.float32 and got.shape == (h * dh,)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * (1 + dh ** 0.5) * float(want.abs().max()))
+
+
+def test_attend1_refuses_what_it_cannot_read(built):
+    q, k = torch.randn(4, 8), torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="attend1"):
+        built.attend1(q, k, k.half(), 1.0)  # two dtypes
+    with pytest.raises(ValueError, match="attend1"):
+        built.attend1(torch.randn(3, 8), k, k, 1.0)  # 3 heads over 2 kv heads
+    with pytest.raises(ValueError, match="attend1"):
+        built.attend1(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, 1.0)  # keys not contiguous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_of_one_query_takes_the_kernels(dtype, window, monkeypatch):
+    """flashio.models.base.attend with one query (decoding) goes through attend1 and gives what
+    torch's path gives, within the rounding torch's path adds (it rounds scores and probabilities
+    to dtype); the kernels' result is at least as close to float64."""
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    from flashio.models.base import attend
+    g = torch.Generator().manual_seed(10)
+    h, hk, dh, s = 8, 2, 32, 12
+    k, v = torch.randn(hk, s + 4, dh, generator=g).to(dtype), torch.randn(hk, s + 4, dh, generator=g).to(dtype)
+    q = torch.randn(h, 1, dh, generator=g).to(dtype)
+    calls = []
+    attend1 = kernels.Kernels.attend1
+    monkeypatch.setattr(kernels.Kernels, "attend1", lambda self, *a: calls.append(1) or attend1(self, *a))
+    got = attend(q, k[:, :s], v[:, :s], s - 1, dh ** -0.5, window=window)
+    assert calls == [1] and got.dtype == dtype and got.shape == (1, h * dh)
+    exact = attend(q.double(), k[:, :s].double(), v[:, :s].double(), s - 1, dh ** -0.5, window=window)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    torch_path = attend(q, k[:, :s], v[:, :s], s - 1, dh ** -0.5, window=window)
+    assert calls == [1]
+    eps = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.double(), torch_path.double(), rtol=0, atol=eps)
+    assert (got.double() - exact).abs().max() <= (torch_path.double() - exact).abs().max() + 1e-6
