@@ -22,8 +22,11 @@ from itertools import pairwise, repeat
 
 import numpy as np
 
+from flashio import kernels
+
 __all__ = ["MAX_READ_BYTES", "LayerExtent", "PendingRead", "Piece", "ReadResult", "ScatterTables", "check_ids",
-           "plan_pieces", "plan_range", "plan_runs", "plan_split_pieces", "run_bounds", "scatter_tables", "split_pieces"]
+           "plan_pieces", "plan_range", "plan_runs", "plan_split_pieces", "run_bounds", "scatter_tables", "scatter_tables_numpy",
+           "split_pieces"]
 
 MAX_READ_BYTES = 2 << 20  # one preadv moves at most this: balances threads, bounds scratch size
 
@@ -213,9 +216,35 @@ def scatter_tables(ids: np.ndarray, rows: np.ndarray, ext: LayerExtent, *, max_g
     """The reads of `ids` (sorted unique, non-empty, in the layer) into out's rows `rows` (id j to
     row rows[j]): the same pieces as plan_pieces (runs coalesced across gaps of up to max_gap rows,
     cut at MAX_READ_BYTES) and the same iovecs as scatter_pieces (ids whose rows follow one another
-    in both the file and out share one)."""
+    in both the file and out share one). Built by flashio.kernels' flashio_scatter_tables in one
+    pass where the kernels are built (a Llama-2-7B layer's ~300 ids: a few us against ~60 for
+    numpy's ~30 calls, on the compute thread every layer), else by `scatter_tables_numpy`."""
+    lib = kernels.library()
+    if lib is None:
+        return scatter_tables_numpy(ids, rows, ext, max_gap=max_gap, iov_max=iov_max)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    n = ids.size
+    offs, nbytes, first = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n + 1, np.int64)
+    dest, lens = np.empty(3 * n, np.int64), np.empty(3 * n, np.int64)
+    p = lib.flashio_scatter_tables(ids.ctypes.data, rows.ctypes.data, n, ext.row_bytes, ext.offset_bytes, max_gap,
+                                   _max_rows(ext.row_bytes, iov_max), offs.ctypes.data, nbytes.ctypes.data,
+                                   first.ctypes.data, dest.ctypes.data, lens.ctypes.data)
+    e = int(first[p])
+    return ScatterTables(offs[:p], nbytes[:p], first[: p + 1], dest[:e], lens[:e])
+
+
+def _max_rows(row_bytes: int, iov_max: int) -> int:
+    """The rows one read of scattered rows may cover: MAX_READ_BYTES, and a gap and a row per
+    iovec within iov_max."""
+    return max(1, min(MAX_READ_BYTES // row_bytes, (iov_max - 1) // 2))
+
+
+def scatter_tables_numpy(ids: np.ndarray, rows: np.ndarray, ext: LayerExtent, *, max_gap: int,
+                         iov_max: int) -> ScatterTables:
+    """scatter_tables with numpy alone (no kernels)."""
     rb = ext.row_bytes
-    max_rows = max(1, min(MAX_READ_BYTES // rb, (iov_max - 1) // 2))
+    max_rows = _max_rows(rb, iov_max)
     starts, stops = run_bounds(ids, max_gap)
     lens = stops - starts
     if lens.max() > max_rows:  # cut long runs, as plan_pieces

@@ -132,6 +132,8 @@ def load(path: Path) -> ctypes.CDLL:
                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     lib.flashio_attend1.restype = None
+    lib.flashio_scatter_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
+    lib.flashio_scatter_tables.restype = ctypes.c_int64
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
     lib.flashio_set_threads.argtypes, lib.flashio_set_threads.restype = [ctypes.c_int], ctypes.c_int
     lib.flashio_threads.argtypes, lib.flashio_threads.restype = [], ctypes.c_int

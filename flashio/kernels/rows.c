@@ -1460,6 +1460,44 @@ int flashio_vector_bits(void) {
 #endif
 }
 
+/* readplan.scatter_tables' tables in one pass: the n sorted unique row ids `ids` of a layer whose
+ * rows (row_bytes each) start at file offset `base`, read into out's rows rows[j]. Ids whose rows
+ * lie at most max_gap apart share a run, cut into pieces of at most max_rows rows (pieces without
+ * an id are dropped); piece p reads nbytes[p] bytes at offs[p] into the iovecs first[p] ..
+ * first[p + 1], iovec e lens[e] bytes to out's byte dest[e] or to scratch (dest[e] = -1: rows read
+ * through). An id whose out row follows the previous one's extends its iovec. Capacities: n
+ * pieces, 3n iovecs (a gap, the row, a tail per id), first n + 1. Returns the pieces. */
+int64_t flashio_scatter_tables(const int64_t *ids, const int64_t *rows, int64_t n, int64_t row_bytes, int64_t base,
+                               int64_t max_gap, int64_t max_rows, int64_t *offs, int64_t *nbytes, int64_t *first,
+                               int64_t *dest, int64_t *lens) {
+    int64_t P = 0, V = 0, j = 0;
+    if (max_rows < 1) max_rows = 1;
+    while (j < n) {
+        int64_t e = j; /* the run's last id */
+        while (e + 1 < n && ids[e + 1] - ids[e] - 1 <= max_gap) e++;
+        int64_t run_stop = ids[e] + 1;
+        for (int64_t lo = ids[j]; lo < run_stop && j <= e; lo += max_rows) {
+            int64_t hi = lo + max_rows < run_stop ? lo + max_rows : run_stop;
+            if (ids[j] >= hi) continue; /* all gap */
+            offs[P] = base + lo * row_bytes, nbytes[P] = (hi - lo) * row_bytes, first[P] = V, P++;
+            int64_t prev = lo - 1, prev_row = -2;
+            int head = 1;
+            for (; j <= e && ids[j] < hi; j++) {
+                int64_t gap = ids[j] - prev - 1;
+                if (gap > 0) dest[V] = -1, lens[V] = gap * row_bytes, V++;
+                if (head || gap > 0 || rows[j] != prev_row + 1)
+                    dest[V] = rows[j] * row_bytes, lens[V] = row_bytes, V++;
+                else
+                    lens[V - 1] += row_bytes;
+                prev = ids[j], prev_row = rows[j], head = 0;
+            }
+            if (hi - prev - 1 > 0) dest[V] = -1, lens[V] = (hi - prev - 1) * row_bytes, V++;
+        }
+    }
+    first[P] = V;
+    return P;
+}
+
 /* ---- flash reads (flashio.storage): one reader thread's share of a step's pieces in one call ----
  * piece i reads off[i] with the iovecs iov[first[i] .. first[i + 1]) (each piece fits IOV_MAX; a
  * short read is retried from where it stopped). Called through ctypes, which releases the GIL for

@@ -593,9 +593,16 @@ def _tables_from_pieces(ids, rows, ext, max_gap, iov_max):
     return offs, nbytes.tolist(), first, dest, lens
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "numpy"])
 @pytest.mark.parametrize("seed", range(40))
-def test_scatter_tables_equal_the_planned_pieces(seed):
-    from flashio.readplan import LayerExtent, scatter_tables
+def test_scatter_tables_equal_the_planned_pieces(seed, native):
+    """Both builders of the tables (flashio.kernels' one pass, numpy's) give plan_pieces' pieces
+    and scatter_pieces' iovecs."""
+    from flashio import kernels
+    from flashio.readplan import LayerExtent, scatter_tables, scatter_tables_numpy
+    if native and not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    build = scatter_tables if native else scatter_tables_numpy
     rng = np.random.default_rng(seed)
     n_rows = int(rng.integers(1, 400))
     row_bytes = int(rng.choice([512, 4096, 1 << 20]))  # 1 MiB rows: runs cut at MAX_READ_BYTES
@@ -609,7 +616,7 @@ def test_scatter_tables_equal_the_planned_pieces(seed):
     else:
         rows = rng.choice(k + 100, k, replace=False).astype(np.int64)
     max_gap, iov_max = int(rng.choice([0, 1, 3, 50])), int(rng.choice([7, 64, 1024]))
-    t = scatter_tables(ids, rows, ext, max_gap=max_gap, iov_max=iov_max)
+    t = build(ids, rows, ext, max_gap=max_gap, iov_max=iov_max)
     offs, nbytes, first, dest, lens = _tables_from_pieces(ids, rows, ext, max_gap, iov_max)
     assert t.offs.tolist() == offs and t.nbytes.tolist() == nbytes and t.first.tolist() == first
     assert t.dest.tolist() == dest and t.lens.tolist() == lens
