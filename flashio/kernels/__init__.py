@@ -132,6 +132,9 @@ def load(path: Path) -> ctypes.CDLL:
                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     lib.flashio_attend1.restype = None
+    lib.flashio_rms.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                ctypes.c_float, ctypes.c_void_p]
+    lib.flashio_rms.restype = None
     lib.flashio_scatter_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
     lib.flashio_scatter_tables.restype = ctypes.c_int64
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
@@ -309,6 +312,19 @@ class Kernels:
         self.lib.flashio_attend1(qf.data_ptr(), h, hk, dh, k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
                                  v.stride(0), v.stride(1), s_len, DTYPE_CODES[k.dtype], scale, scores.data_ptr(),
                                  out.data_ptr())
+        return out
+
+    def rms(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """Llama's RMSNorm of x's rows (rows.c's flashio_rms): w * (x * rsqrt(mean(x^2) + eps))
+        rounded as transformers rounds it (x * r to x's dtype, then the product). x: [..., n]
+        contiguous, w: [n] contiguous, both CPU float32/float16/bfloat16 of one dtype."""
+        n = w.numel()
+        if (x.dtype != w.dtype or x.dtype not in DTYPE_CODES or x.device.type != "cpu" or w.device.type != "cpu"
+                or not x.is_contiguous() or not w.is_contiguous() or x.dim() < 1 or x.shape[-1] != n or n < 1):
+            raise ValueError(f"rms takes contiguous CPU x [..., n] and w [n] of one float dtype, got "
+                             f"{tuple(x.shape)} {x.dtype}, {tuple(w.shape)} {w.dtype}")
+        out = torch.empty_like(x)
+        self.lib.flashio_rms(x.data_ptr(), x.numel() // n, n, DTYPE_CODES[x.dtype], w.data_ptr(), eps, out.data_ptr())
         return out
 
     def i8_matvec(self, codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

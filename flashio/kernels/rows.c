@@ -1449,6 +1449,67 @@ void flashio_attend1(const float *q, int64_t H, int64_t Hk, int64_t Dh, const vo
     run_chunks(attend_part, &j, (int)((H + j.heads_per_chunk - 1) / j.heads_per_chunk));
 }
 
+/* float -> fp16 / bf16, rounding to nearest even (as torch's conversions); fp16 without F16C after
+ * the FP16 library's fp16_ieee_from_fp32_value (M. Dukhan, MIT). */
+static inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);
+#else
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w, bits;
+    memcpy(&w, &f, 4);
+    uint32_t shl1 = w + w, sign = w & 0x80000000u, bias = shl1 & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    uint32_t b = (bias >> 1) + 0x07800000u;
+    float bf;
+    memcpy(&bf, &b, 4);
+    base = bf + base;
+    memcpy(&bits, &base, 4);
+    uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+    return (uint16_t)((sign >> 16) | (shl1 > 0xff000000u ? 0x7e00u : nonsign));
+#endif
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* nan stays nan */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* v rounded to `dtype` (0 float32, 1 fp16, 2 bf16), stored at p[i] */
+static inline void store1(void *p, int64_t i, int dtype, float v) {
+    if (dtype == 0)
+        ((float *)p)[i] = v;
+    else
+        ((uint16_t *)p)[i] = dtype == 1 ? float_to_half(v) : float_to_bf16(v);
+}
+
+static inline float round_to(float v, int dtype) {
+    if (dtype == 0) return v;
+    return dtype == 1 ? HALF(float_to_half(v)) : bf16_to_float(float_to_bf16(v));
+}
+
+/* Llama's RMSNorm (transformers' LlamaRMSNorm) of `rows` rows of n elements in `dtype`:
+ * out = w * round(x * rsqrt(mean(x^2) + eps)), the mean in double, then as torch: x * r rounded to
+ * dtype, times w (dtype) rounded to dtype. */
+void flashio_rms(const void *x, int64_t rows, int64_t n, int dtype, const void *w, float eps, void *out) {
+    int64_t size = dtype == 0 ? 4 : 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const char *xr = (const char *)x + r * n * size;
+        char *yr = (char *)out + r * n * size;
+        double ss = 0.0;
+        for (int64_t k = 0; k < n; k++) {
+            double v = load1(xr, k, dtype);
+            ss += v * v;
+        }
+        float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+        for (int64_t k = 0; k < n; k++)
+            store1(yr, k, dtype, load1(w, k, dtype) * round_to(load1(xr, k, dtype) * inv, dtype));
+    }
+}
+
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */
 int flashio_vector_bits(void) {
 #if FLASHIO_AVX512

@@ -557,3 +557,41 @@ def test_attention_of_one_query_takes_the_kernels(dtype, window, monkeypatch):
     eps = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(got.double(), torch_path.double(), rtol=0, atol=eps)
     assert (got.double() - exact).abs().max() <= (torch_path.double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, n", [(1, 5), (3, 64), (1, 4096), (4, 640)])
+def test_rms_rounds_as_llamas_norm(built, dtype, rows, n):
+    """flashio_rms against transformers' LlamaRMSNorm formula in torch: the same values but where
+    the mean's summation order moves r by an ulp and a rounding with it (at most one unit in the
+    last place, rarely); weights over nine decades, so that fp16 products reach its subnormals."""
+    g = torch.Generator().manual_seed(rows * n)
+    x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    w = (torch.randn(n, generator=g) * 10 ** torch.empty(n).uniform_(-7, 2, generator=g)).to(dtype)
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    got = built.rms(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    mant, tiny = {torch.float32: (23, 2.0 ** -149), torch.float16: (10, 2.0 ** -24), torch.bfloat16: (7, 2.0 ** -133)}[dtype]
+    diff = (got.double() - want.double()).abs()
+    assert bool((diff <= want.double().abs() * 2.0 ** -mant + tiny).all())
+    assert float((got != want).float().mean()) <= (0.75 if dtype == torch.float32 else 0.01)
+    with pytest.raises(ValueError, match="rms takes"):
+        built.rms(x, w.float() if dtype != torch.float32 else w.half(), 1e-6)
+
+
+def test_llama_norm_takes_the_kernels(monkeypatch):
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    from flashio.models.llama import Model
+    calls = []
+    rms = kernels.Kernels.rms
+    monkeypatch.setattr(kernels.Kernels, "rms", lambda self, *a: calls.append(1) or rms(self, *a))
+    model = Model.__new__(Model)
+    model.args = type("A", (), {"norm_eps": 1e-5})()
+    x, w = torch.randn(2, 48).half(), torch.randn(48).half()
+    got = model._rms(x, w)
+    assert calls == [1]
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    torch.testing.assert_close(got, model._rms(x, w), rtol=2e-3, atol=1e-5)
+    assert calls == [1]
