@@ -135,6 +135,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_rms.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                 ctypes.c_float, ctypes.c_void_p]
     lib.flashio_rms.restype = None
+    lib.flashio_rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3
+    lib.flashio_rope.restype = None
     lib.flashio_scatter_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
     lib.flashio_scatter_tables.restype = ctypes.c_int64
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
@@ -325,6 +327,22 @@ class Kernels:
                              f"{tuple(x.shape)} {x.dtype}, {tuple(w.shape)} {w.dtype}")
         out = torch.empty_like(x)
         self.lib.flashio_rms(x.data_ptr(), x.numel() // n, n, DTYPE_CODES[x.dtype], w.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x's rows at one position (rows.c's flashio_rope): x * cos +
+        rotate_half(x) * sin, rounded as torch's ops round it. x: [..., Dh] contiguous; cos, sin:
+        [Dh] contiguous, all CPU tensors of one float dtype, Dh even."""
+        dh = x.shape[-1] if x.dim() else 0
+        if (x.dtype not in DTYPE_CODES or cos.dtype != x.dtype or sin.dtype != x.dtype or dh < 2 or dh % 2
+                or cos.shape != (dh,) or sin.shape != (dh,) or not (x.is_contiguous() and cos.is_contiguous()
+                                                                    and sin.is_contiguous())
+                or any(t.device.type != "cpu" for t in (x, cos, sin))):
+            raise ValueError(f"rope takes contiguous CPU x [..., Dh] (Dh even), cos and sin [Dh] of x's float dtype, got "
+                             f"{tuple(x.shape)} {x.dtype}, {tuple(cos.shape)} {cos.dtype}, {tuple(sin.shape)} {sin.dtype}")
+        out = torch.empty_like(x)
+        self.lib.flashio_rope(x.data_ptr(), x.numel() // dh, dh, DTYPE_CODES[x.dtype], cos.data_ptr(), sin.data_ptr(),
+                              out.data_ptr())
         return out
 
     def i8_matvec(self, codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

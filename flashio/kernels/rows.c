@@ -1510,6 +1510,23 @@ void flashio_rms(const void *x, int64_t rows, int64_t n, int dtype, const void *
     }
 }
 
+/* Rotary embedding of `rows` rows of dh elements (transformers' apply_rotary_pos_emb, one position):
+ * out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[dh/2:], x[:dh/2]); cos, sin: [dh] in
+ * x's dtype. Each product and the sum rounded to dtype, as torch's element-wise ops round them. */
+void flashio_rope(const void *x, int64_t rows, int64_t dh, int dtype, const void *cos, const void *sin, void *out) {
+    int64_t size = dtype == 0 ? 4 : 2, half = dh / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const char *xr = (const char *)x + r * dh * size;
+        char *yr = (char *)out + r * dh * size;
+        for (int64_t j = 0; j < dh; j++) {
+            float rot = j < half ? -load1(xr, j + half, dtype) : load1(xr, j - half, dtype);
+            float a = round_to(load1(xr, j, dtype) * load1(cos, j, dtype), dtype);
+            float b = round_to(rot * load1(sin, j, dtype), dtype);
+            store1(yr, j, dtype, a + b);
+        }
+    }
+}
+
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */
 int flashio_vector_bits(void) {
 #if FLASHIO_AVX512

@@ -595,3 +595,21 @@ def test_llama_norm_takes_the_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     torch.testing.assert_close(got, model._rms(x, w), rtol=2e-3, atol=1e-5)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, dh", [(1, 2), (8, 64), (32, 128), (4, 256)])
+def test_rope_equals_torchs_rotation(built, dtype, rows, dh):
+    """flashio_rope against flashio.models.llama.apply_rope (transformers' formula) at one
+    position: equal, every rounding included."""
+    from flashio.models.llama import apply_rope, rope_table
+    g = torch.Generator().manual_seed(rows + dh)
+    x = (torch.randn(rows, 1, dh, generator=g) * 4).to(dtype)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh))
+    cos, sin = rope_table(inv.float(), 37, 1, dtype)
+    want = apply_rope(x, cos, sin)
+    got = built.rope(x.reshape(rows, dh), cos[0], sin[0]).view(rows, 1, dh)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="rope takes"):
+        built.rope(x.reshape(rows, dh), cos[0].double(), sin[0])
