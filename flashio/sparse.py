@@ -419,14 +419,20 @@ class SparseEngine(Engine):
         """The FFN over the cache while `pending` reads fill its rows `dest`: everything else is
         computed while they fly (those rows masked out), then those rows (where `live` keeps them)."""
         n, idx = cache.n_used, torch.from_numpy(cache.neurons)
+        if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
+            # both masks as float32 arrays (a few numpy ops; torch's ones/index_fill cost more per step)
+            kept = np.ones(n, dtype=np.float32) if live is None else live.numpy().copy()
+            kept[dest] = 0.0
+            y = self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=torch.from_numpy(kept))
+            for p in pending:
+                self._wait(p)
+            fresh = np.zeros(n, dtype=np.float32)
+            fresh[dest] = 1.0 if live is None else live.numpy()[dest]
+            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=torch.from_numpy(fresh))
         arriving = torch.from_numpy(dest)
         y = self._compute(i, h, cache.matrix, 0, n, idx, coef, zero=arriving, keep=live)
         for p in pending:
             self._wait(p)
-        if h.shape[0] == 1 and kernels.available():  # the kernels read only the rows a mask keeps
-            keep = torch.zeros(n)
-            keep[arriving] = 1.0
-            return y + self._compute(i, h, cache.matrix, 0, n, idx, coef, keep=keep if live is None else keep * live)
         m = len(dest)
         fresh = self.shared[:m]  # torch's products: the new rows gathered (numpy: see rows_view), then computed
         np.take(rows_view(cache.matrix), dest, axis=0, out=rows_view(fresh))
@@ -482,8 +488,11 @@ class SparseEngine(Engine):
         gate, mask = coef
         mask = None if mask is None else mask[:, idx]
         if keep is not None:  # [hi - lo]: 1 for the rows to compute
-            keep = keep.to(h.device, non_blocking=True)
-            mask = keep[None].to(h.dtype) if mask is None else mask * keep.to(mask.dtype)
+            if keep.device != h.device:
+                keep = keep.to(h.device, non_blocking=True)
+            # one token on the CPU: float32 as the kernels take it (ffn_compute converts it where it must)
+            own = h.shape[0] == 1 and h.device.type == "cpu"
+            mask = (keep[None] if own else keep[None].to(h.dtype)) if mask is None else mask * keep.to(mask.dtype)
         return self.rows_ffn(h, matrix[lo:stop], b_up, b_gate, zero=zero, n_valid=hi - lo,
                              gate_act=None if gate is None else gate[:, idx], mask=mask)
 

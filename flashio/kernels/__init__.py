@@ -232,6 +232,7 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         self.vector_bits = lib.flashio_vector_bits()
+        self._parts: dict[int, tuple] = {}  # ffn: id(parts) -> (parts, row width, part offsets), parts checked
 
     def int8_activations(self, dim: int, bits: int, group: int) -> bool:
         """Whether qdot on a part of `dim` elements (`bits` 8 or 4, `group` elements per scale), and
@@ -280,11 +281,17 @@ class Kernels:
         at 0 are not read. Vectors are [n] float32 or None."""
         n = rows.shape[0] if n is None else n
         _, stride, n, length, code = self._args(rows, parts["up"], n)
-        offset = {name: part.indices(rows.shape[1])[0] for name, part in parts.items()}
-        for name, part in parts.items():
-            a0, b0, st = part.indices(rows.shape[1])
-            if st != 1 or b0 - a0 != length:
-                raise ValueError(f"part {name} {part} is not {length} contiguous elements")
+        width = rows.shape[1]
+        known = self._parts.get(id(parts))  # the engines pass one dict for every call: checked once per width
+        if known is not None and known[0] is parts and known[1] == width:
+            offset = known[2]
+        else:
+            offset = {name: part.indices(width)[0] for name, part in parts.items()}
+            for name, part in parts.items():
+                a0, b0, st = part.indices(width)
+                if st != 1 or b0 - a0 != length:
+                    raise ValueError(f"part {name} {part} is not {length} contiguous elements")
+            self._parts[id(parts)] = (parts, width, offset)
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATION_CODES)}")
         vecs = [None if v is None else _f32_vector(v, n) for v in (b_up, b_gate, gate_act, mask)]
@@ -429,6 +436,8 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 def _f32_vector(v: torch.Tensor, length: int) -> torch.Tensor:
     if v.shape != (length,):
         raise ValueError(f"vector of shape {tuple(v.shape)}, expected ({length},)")
+    if v.dtype is torch.float32 and v.is_contiguous():  # as it is: no dispatched no-op calls per kernel call
+        return v
     return v.to(torch.float32).contiguous()
 
 
