@@ -232,7 +232,7 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         self.vector_bits = lib.flashio_vector_bits()
-        self._parts: dict[int, tuple] = {}  # ffn: id(parts) -> (parts, row width, part offsets), parts checked
+        self._parts: dict[int, tuple] = {}  # ffn: id(parts) -> (parts, row width, part offsets, their slices), checked
 
     def int8_activations(self, dim: int, bits: int, group: int) -> bool:
         """Whether qdot on a part of `dim` elements (`bits` 8 or 4, `group` elements per scale), and
@@ -282,8 +282,10 @@ class Kernels:
         n = rows.shape[0] if n is None else n
         _, stride, n, length, code = self._args(rows, parts["up"], n)
         width = rows.shape[1]
-        known = self._parts.get(id(parts))  # the engines pass one dict for every call: checked once per width
-        if known is not None and known[0] is parts and known[1] == width:
+        # the engines pass one dict for every call: its parts are checked once per width and content
+        key = tuple((name, p.start, p.stop, p.step) for name, p in parts.items())
+        known = self._parts.get(id(parts))
+        if known is not None and known[0] is parts and known[1] == width and known[3] == key:
             offset = known[2]
         else:
             offset = {name: part.indices(width)[0] for name, part in parts.items()}
@@ -291,7 +293,7 @@ class Kernels:
                 a0, b0, st = part.indices(width)
                 if st != 1 or b0 - a0 != length:
                     raise ValueError(f"part {name} {part} is not {length} contiguous elements")
-            self._parts[id(parts)] = (parts, width, offset)
+            self._parts[id(parts)] = (parts, width, offset, key)
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATION_CODES)}")
         vecs = [None if v is None else _f32_vector(v, n) for v in (b_up, b_gate, gate_act, mask)]
