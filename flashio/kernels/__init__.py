@@ -137,10 +137,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_rms.restype = None
     lib.flashio_rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3
     lib.flashio_rope.restype = None
-    lib.flashio_llama_attn1.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
-                                        + [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
-                                        + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_void_p])
-    lib.flashio_llama_attn1.restype = ctypes.c_int
     lib.flashio_scatter_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
     lib.flashio_scatter_tables.restype = ctypes.c_int64
     lib.flashio_vector_bits.argtypes, lib.flashio_vector_bits.restype = [], ctypes.c_int
@@ -356,37 +352,6 @@ class Kernels:
         out = torch.empty_like(x)
         self.lib.flashio_rope(x.data_ptr(), x.numel() // dh, dh, DTYPE_CODES[x.dtype], cos.data_ptr(), sin.data_ptr(),
                               out.data_ptr())
-        return out
-
-    def llama_attention(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: tuple, b: tuple, heads: int,
-                        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                        first: int, scale: float) -> torch.Tensor:
-        """x + a Llama attention block's output for one token (rows.c's flashio_llama_attn1): the
-        norm, q/k/v products (+ biases), rotary embedding, the KV cache's write at `pos`, attention
-        over positions first..pos and the output product, in one call, rounded as
-        flashio.models.llama.Model.attention rounds them on these kernels. x: [1, D]; w: (wq, wk, wv,
-        wo) [out, in]; b: their biases or None; cos, sin: [Dh]; k_cache, v_cache: [Hk, cap, Dh], keys
-        contiguous; every tensor a contiguous CPU tensor of x's float dtype (the caches: rows)."""
-        wq, wk, wv, wo = w
-        d, hk, dh = x.shape[-1], k_cache.shape[0], k_cache.shape[2]
-        ts = (x, norm_w, *w, *(t for t in b if t is not None), cos, sin)
-        if (x.dtype not in DTYPE_CODES or any(t.dtype != x.dtype or t.device.type != "cpu" or not t.is_contiguous()
-                                              for t in ts)
-                or k_cache.dtype != x.dtype or v_cache.dtype != x.dtype or k_cache.stride(2) != 1
-                or v_cache.stride(2) != 1 or v_cache.shape != k_cache.shape or x.numel() != d or heads % hk
-                or wq.shape != (heads * dh, d) or wk.shape != (hk * dh, d) or wv.shape != (hk * dh, d)
-                or wo.shape != (d, heads * dh) or not 0 <= first <= pos < k_cache.shape[1]):
-            raise ValueError("llama_attention takes one token's x and contiguous CPU weights, tables and KV "
-                             "caches of x's float dtype with matching shapes")
-        out = torch.empty_like(x)
-        ptr = [None if t is None else t.data_ptr() for t in b]
-        rc = self.lib.flashio_llama_attn1(x.data_ptr(), norm_w.data_ptr(), eps, d, DTYPE_CODES[x.dtype], wq.data_ptr(),
-                                          wk.data_ptr(), wv.data_ptr(), wo.data_ptr(), *ptr, heads, hk, dh,
-                                          cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                          k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-                                          pos, first, scale, out.data_ptr())
-        if rc != 0:
-            raise MemoryError("llama_attention: no memory for its scratch")
         return out
 
     def i8_matvec(self, codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1527,64 +1527,6 @@ void flashio_rope(const void *x, int64_t rows, int64_t dh, int dtype, const void
     }
 }
 
-/* One token through a Llama attention block (decoding), in the order and with the roundings of
- * flashio.models.llama.Model.attention on these kernels: h = rms(x) (flashio_rms); q, k, v = the
- * dot products of h (flashio_dot), each rounded to dtype, then plus its bias (NULL: none) rounded;
- * q and k rotated (flashio_rope), k and v written to the cache at position `pos` (head g's key at
- * kc + g * k_head + pos * k_pos elements; v likewise); the attention of q over positions first ..
- * pos (flashio_attend1) rounded to dtype; its output projection rounded, plus bo rounded; out =
- * x + that, rounded. Weights [rows, in] contiguous in dtype; cos, sin [Dh] in dtype; x, out [D].
- * Returns 0, or -1 when scratch memory could not be had (nothing written). */
-int flashio_llama_attn1(const void *x, const void *norm_w, float eps, int64_t D, int dtype, const void *wq,
-                        const void *wk, const void *wv, const void *wo, const void *bq, const void *bk, const void *bv,
-                        const void *bo, int64_t H, int64_t Hk, int64_t Dh, const void *cos, const void *sin, void *kc,
-                        void *vc, int64_t k_head, int64_t k_pos, int64_t v_head, int64_t v_pos, int64_t pos,
-                        int64_t first, float scale, void *out) {
-    int64_t size = dtype == 0 ? 4 : 2, nq = H * Dh, nk = Hk * Dh, S = pos + 1 - first;
-    /* float scratch: h (D), q k v (nq + 2 nk), q rotated (nq), scores (H S), attention (nq), o (D);
-     * dtype scratch: h, q, k, v, q rotated */
-    float *f = malloc(sizeof(float) * (size_t)(2 * D + 3 * nq + 2 * nk + H * S + nq));
-    char *d = malloc((size_t)size * (size_t)(D + 2 * nq + 2 * nk));
-    if (!f || !d) {
-        free(f), free(d);
-        return -1;
-    }
-    float *hf = f, *qf = hf + D, *kf = qf + nq, *vf = kf + nk, *q32 = vf + nk, *scores = q32 + nq, *att = scores + H * S,
-          *of = att + nq;
-    char *h = d, *qd = h + D * size, *kd = qd + nq * size, *vd = kd + nk * size, *qr = vd + nk * size;
-    flashio_rms(x, 1, D, dtype, norm_w, eps, h);
-    for (int64_t j = 0; j < D; j++) hf[j] = load1(h, j, dtype);
-    flashio_dot(wq, D, nq, D, dtype, hf, qf);
-    flashio_dot(wk, D, nk, D, dtype, hf, kf);
-    flashio_dot(wv, D, nk, D, dtype, hf, vf);
-    const void *bias[3] = {bq, bk, bv};
-    float *src[3] = {qf, kf, vf};
-    char *dst[3] = {qd, kd, vd};
-    int64_t len[3] = {nq, nk, nk};
-    for (int p = 0; p < 3; p++)
-        for (int64_t j = 0; j < len[p]; j++) {
-            float y = round_to(src[p][j], dtype);
-            store1(dst[p], j, dtype, bias[p] ? y + load1(bias[p], j, dtype) : y);
-        }
-    flashio_rope(qd, H, Dh, dtype, cos, sin, qr);
-    for (int64_t g = 0; g < Hk; g++) {
-        flashio_rope(kd + g * Dh * size, 1, Dh, dtype, cos, sin, (char *)kc + (g * k_head + pos * k_pos) * size);
-        memcpy((char *)vc + (g * v_head + pos * v_pos) * size, vd + g * Dh * size, (size_t)(Dh * size));
-    }
-    for (int64_t j = 0; j < nq; j++) q32[j] = load1(qr, j, dtype);
-    flashio_attend1(q32, H, Hk, Dh, (const char *)kc + first * k_pos * size, k_head, k_pos,
-                    (const char *)vc + first * v_pos * size, v_head, v_pos, S, dtype, scale, scores, att);
-    for (int64_t j = 0; j < nq; j++) att[j] = round_to(att[j], dtype);
-    flashio_dot(wo, nq, D, nq, dtype, att, of);
-    for (int64_t j = 0; j < D; j++) {
-        float o = round_to(of[j], dtype);
-        if (bo) o = round_to(o + load1(bo, j, dtype), dtype);
-        store1(out, j, dtype, load1(x, j, dtype) + o);
-    }
-    free(f), free(d);
-    return 0;
-}
-
 /* Which build this is: 512, 256 (AVX2) or 0 (portable). */
 int flashio_vector_bits(void) {
 #if FLASHIO_AVX512

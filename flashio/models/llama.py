@@ -234,21 +234,15 @@ class Model:
         """Layer i's rotary frequencies [Dh/2] (every Llama layer has the same; Gemma's do not)."""
         return self.inv_freq
 
-    def _rope_table(self, i: int, start: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's cos, sin [T, Dh] of positions start .. start + t - 1, kept for the step."""
-        inv = self._inv_freq(i)
-        if self._rope_step != (start, t):
-            self._rope_step, self._rope_tables = (start, t), {}
-        key = (id(inv), dtype)
-        table = self._rope_tables.get(key)
-        if table is None:
-            table = self._rope_tables[key] = rope_table(inv, start, t, dtype)
-        return table
-
     def _rope(self, i: int, x: torch.Tensor, start: int) -> torch.Tensor:
         # x: [H, T, Dh] of layer i
-        t = x.shape[1]
-        table = self._rope_table(i, start, t, x.dtype)
+        inv, t = self._inv_freq(i), x.shape[1]
+        if self._rope_step != (start, t):
+            self._rope_step, self._rope_tables = (start, t), {}
+        key = (id(inv), x.dtype)
+        table = self._rope_tables.get(key)
+        if table is None:
+            table = self._rope_tables[key] = rope_table(inv, start, t, x.dtype)
         if t == 1 and x.device.type == "cpu" and x.dtype in kernels.DTYPE_CODES and kernels.available():
             # decoding: one native call instead of six ops (x: [H, 1, Dh], a view of [1, H, Dh])
             rows = x.reshape(-1, x.shape[-1])
@@ -259,32 +253,7 @@ class Model:
         return self.tok[tokens]  # [T, D]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
-        fused = self._fused_attention(i, x, kv, start)
-        if fused is not None:
-            return fused
         return x + self.self_attention(i, self._rms(x, self.layers[i]["attn_norm.weight"]), kv, start)
-
-    def _fused_attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor | None:
-        """Decoding's attention block in one native call (flashio.kernels' llama_attention): the
-        same norm, products, rotation, cache write, attention and residual, with the same
-        roundings, as the steps below take on the kernels, without a dozen Python and torch calls
-        between them (each slow after a layer's products have streamed through the caches). None
-        where those steps would not all run on the kernels, or a variant changes one of them."""
-        lw, cls = self.layers[i], type(self)
-        if (x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in kernels.DTYPE_CODES or not kernels.available()
-                or torch.get_num_threads() > kernels.threads()  # quant.linear's rule for the kernels
-                or any(getattr(cls, m) is not getattr(Model, m) for m in ("_project", "self_attention", "_rms", "_rope"))):
-            return None
-        w = tuple(lw[f"attn.{p}.weight"] for p in "qkvo")
-        b = tuple(lw.get(f"attn.{p}.bias") for p in "qkvo")
-        same = (*w, *(t for t in b if t is not None), lw["attn_norm.weight"], kv.k[i], kv.v[i])
-        if not all(type(t) is torch.Tensor and t.dtype == x.dtype for t in same):
-            return None  # quantized resident weights (their own products), or mixed dtypes
-        window = self._window(i)
-        first = max(0, start + 1 - window) if window is not None else 0
-        cos, sin = self._rope_table(i, start, 1, x.dtype)
-        return kernels.kernels().llama_attention(
-            x.contiguous(), lw["attn_norm.weight"], self.args.norm_eps, w, b, self.args.n_heads, cos[0], sin[0], kv.k[i], kv.v[i], start, first, self.scale)
 
     def self_attention(self, i: int, h: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
         """Layer i's attention of the normed input h: [T, D] -> [T, D] (after o_proj)."""

@@ -613,29 +613,3 @@ def test_rope_equals_torchs_rotation(built, dtype, rows, dh):
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="rope takes"):
         built.rope(x.reshape(rows, dh), cos[0].double(), sin[0])
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_fused_llama_attention_equals_its_steps(tmp_path, dtype, monkeypatch):
-    """Decoding through llama_attention (one native call per layer) gives the very logits of the
-    same steps called one by one (norm, products, rotation, cache write, attention, residual: the
-    same kernels, the same roundings), token by token over a KV cache, on a synthetic Llama-2-7B
-    at a tenth of its width; and the fused call is what ran."""
-    if not kernels.available():
-        pytest.skip(f"no kernels here: {kernels.why_not()}")
-    import flashio
-    from flashio.models import llama
-    from flashio.synth import write_synthetic
-    art = write_synthetic("llama-2-7b", tmp_path / "llama", scale=0.1, seed=0)
-    tokens = list(range(5, 17))
-    calls = []
-    fused = kernels.Kernels.llama_attention
-    monkeypatch.setattr(kernels.Kernels, "llama_attention", lambda self, *a: calls.append(1) or fused(self, *a))
-    with flashio.open(art, mode="dense", compute_dtype=dtype, torch_threads=1) as model:
-        got = model.forward(tokens, token_by_token=True)
-        n_layers = len(model.model.layers)
-    assert len(calls) == n_layers * len(tokens)
-    monkeypatch.setattr(llama.Model, "_fused_attention", lambda self, *a: None)
-    with flashio.open(art, mode="dense", compute_dtype=dtype, torch_threads=1) as model:
-        want = model.forward(tokens, token_by_token=True)
-    assert torch.equal(got, want)
