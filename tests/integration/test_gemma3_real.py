@@ -64,10 +64,13 @@ def test_gemma3_270m_dense_logits_match_transformers(gemma_weights_dir, tmp_path
         ref = hf(torch.tensor([PROMPT])).logits[0]
     with flashio.open(art, mode="dense") as model:
         got = model.forward(PROMPT)
+        stepwise = model.forward(PROMPT, token_by_token=True)  # decoding: one query at a time over the KV cache
     # fp32 on both sides, same weights; what differs is the order of the float sums (attention
     # kernels, 262k-wide head): ~1e-5 relative on logits of size ~20
     assert (got - ref).abs().max().item() <= 2e-3
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert (stepwise - ref).abs().max().item() <= 2e-3
+    assert torch.equal(stepwise.argmax(-1), ref.argmax(-1))
     assert got[-1].topk(5).indices.tolist() == ref[-1].topk(5).indices.tolist()
     # and both agree with transformers' own loading of the GGUF (independent dequantization and config)
     assert (got[-1, :5] - torch.tensor(TRANSFORMERS_GGUF_LAST)).abs().max().item() <= 1e-3
