@@ -224,7 +224,7 @@ class Model:
         if (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in kernels.DTYPE_CODES and x.is_contiguous()
                 and w.is_contiguous() and kernels.available()):
             # one native call instead of seven ops, each slow after a layer's products have
-            # streamed through the caches (a Llama-2-7B token: ~12 ms of 64 norms -> ~2)
+            # streamed through the caches (a Llama-2-7B token's ~90 norms, +lookahead: 12.4 -> 6.4 ms)
             return kernels.kernels().rms(x, w, self.args.norm_eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.args.norm_eps)
