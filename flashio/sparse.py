@@ -149,6 +149,9 @@ class SparseEngine(Engine):
         self.shared = self._buffer(capacity, width, self.rows_dtype)
         for c in self.caches:
             c._scratch = self.shared
+        if self.transfer.in_place:  # reads land in these (READ_FIXED: BundleReader.register_buffers)
+            self.reader.register_buffers([c.matrix for c in self.caches]
+                                         + ([self.staging] if self.staging is not None else []))
 
     def scores(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """[T, N] scores; a neuron is active where its score > 0."""
@@ -517,6 +520,10 @@ class SparseEngine(Engine):
         self.preloaded = True
         self.lookahead = False  # nothing left to read
         return nbytes
+
+    def close(self) -> None:
+        self.reader.register_buffers(())  # before the caches' memory goes (registered pages stay pinned)
+        super().close()
 
     def begin_step(self) -> None:
         super().begin_step()

@@ -153,6 +153,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_uring_read_pieces.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
         ctypes.c_int64]
     lib.flashio_uring_read_pieces.restype = ctypes.c_int64
+    lib.flashio_uring_buffers.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.flashio_uring_buffers.restype = ctypes.c_int64
     return lib
 
 

@@ -621,3 +621,73 @@ def test_scatter_tables_equal_the_planned_pieces(seed, native):
     assert t.offs.tolist() == offs and t.nbytes.tolist() == nbytes and t.first.tolist() == first
     assert t.dest.tolist() == dest and t.lens.tolist() == lens
     assert all(b - a <= iov_max for a, b in pairwise(first))
+
+
+def _registered_buffers() -> list[int]:
+    """The number of registered buffers of each io_uring this process holds (/proc fdinfo)."""
+    counts = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "io_uring" not in os.readlink(f"/proc/self/fd/{fd}"):
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                info = f.read()
+        except OSError:
+            continue
+        counts += [int(line.split()[1]) for line in info.splitlines() if line.startswith("UserBufs:")]
+    return counts
+
+
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
+def test_registered_buffers_cover_part_of_out(ffn_file, read_loop):
+    """register_buffers: rows landing inside a registered buffer go as READ_FIXED, the others as
+    before; a row a buffer holds only partly, or one between two buffers, must not take a fixed
+    read (the kernel refuses it: the read would fail). Every ring the reader opens (the calling
+    thread's at registration, the pool's on first use) has them; () takes them back."""
+    path, data = ffn_file
+    ext = EXTENTS[0]
+    rb, capacity = ext.row_bytes, 64
+    rng = np.random.default_rng(7)
+    with _direct_reader(path, threads=2) as reader, AlignedArena(capacity * rb) as arena:
+        out = arena.tensor(torch.uint8, (capacity, rb))
+        # rows [0, 20) registered, [20, 30) not, [30, 47) plus half of row 47 registered, [48, 64) registered
+        half = out.view(-1)[47 * rb : 47 * rb + rb // 2]
+        assert reader.register_buffers([out[30:47], out[:20], half, out[48:]])
+        assert _registered_buffers() == [4]  # the calling thread's ring, opened to register
+        for submit in (False, True, True):
+            ids = np.sort(rng.choice(ext.n_rows, capacity, replace=False))
+            dest = rng.permutation(capacity)
+            out.fill_(0xA5)
+            r = (reader.submit_rows(0, ids, out, rows=dest).result() if submit
+                 else reader.read_rows(0, ids, out, rows=dest))
+            assert r.bytes_read >= capacity * rb
+            np.testing.assert_array_equal(out.numpy()[dest], _block(data, 0)[ids])
+        assert sorted(_registered_buffers()) == [4] * len(reader._rings) and len(reader._rings) >= 2
+        assert reader.register_buffers(())
+        assert _registered_buffers() == [0] * len(reader._rings)
+        ids = np.arange(3, 3 + capacity)
+        reader.read_rows(0, ids, out)
+        np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
+        del out, half
+
+
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
+def test_refused_buffers_leave_reads_as_they_were(ffn_file, read_loop, monkeypatch, caplog):
+    """A kernel that refuses the buffers (RLIMIT_MEMLOCK without CAP_IPC_LOCK: ENOMEM) is logged
+    once; register_buffers says False, no ring holds any, and reads go on unregistered."""
+    path, data = ffn_file
+    lib = kernels.library()
+    real = lib.flashio_uring_buffers
+    monkeypatch.setattr(lib, "flashio_uring_buffers", lambda ring, n, table: -errno.ENOMEM if n else real(ring, 0, None))
+    ext = EXTENTS[0]
+    with caplog.at_level(logging.INFO, logger="flashio.storage"), _direct_reader(path, threads=2) as reader, \
+            AlignedArena(8 * ext.row_bytes) as arena:
+        out = arena.tensor(torch.uint8, (8, ext.row_bytes))
+        assert not reader.register_buffers([out])
+        ids = np.array([1, 5, 9, 10, 11, 40, 41, 90])
+        reader.submit_rows(0, ids, out, rows=np.arange(8)[::-1].copy()).result()
+        np.testing.assert_array_equal(out.numpy()[::-1], _block(data, 0)[ids])
+        assert not reader.register_buffers([out])
+        assert _registered_buffers() == [0] * len(reader._rings)
+        del out
+    assert sum("refused" in r.message for r in caplog.records) == 1
