@@ -16,7 +16,7 @@ pool and reports a ``ReadResult`` (or a ``PendingRead`` that gives one).
 
 from __future__ import annotations
 
-from concurrent.futures import wait
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise, repeat
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from flashio import kernels
 
-__all__ = ["MAX_READ_BYTES", "LayerExtent", "PendingRead", "Piece", "ReadResult", "ScatterTables", "check_ids",
+__all__ = ["MAX_READ_BYTES", "LayerExtent", "PendingRead", "Piece", "ReadResult", "ScatterTables", "check_ids", "max_read_rows",
            "plan_pieces", "plan_range", "plan_runs", "plan_split_pieces", "run_bounds", "scatter_tables", "scatter_tables_numpy",
            "split_pieces"]
 
@@ -66,7 +66,10 @@ class PendingRead:
     The destination tensor must not be used (or freed) before ``result()`` returned.
     """
 
-    def __init__(self, futures: list, n_reads: int, direct: bool, t0: float, predicted_s: float):
+    def __init__(self, futures: list, n_reads: int, direct: bool, t0: float,
+                 predicted_s: float | Callable[[], float]):
+        """predicted_s: the cost model's time, or a function that gives it (called in `result`,
+        before the wait: on the thread that waits anyway, not the one that submits)."""
         self._futures, self._n, self._direct, self._t0 = futures, n_reads, direct, t0
         self._predicted_s = predicted_s
         self._result: ReadResult | None = None
@@ -76,12 +79,20 @@ class PendingRead:
 
     def result(self) -> ReadResult:
         if self._result is None:
-            wait(self._futures)
+            if callable(self._predicted_s):
+                self._predicted_s = self._predicted_s()
             total = end = 0.0
-            for f in self._futures:
-                got, t_end = f.result()  # re-raises a worker's FlashReadError
+            error = None
+            for f in self._futures:  # each waited for before any error is raised: none writes after
+                try:
+                    got, t_end = f.result()  # re-raises a worker's FlashReadError
+                except Exception as e:
+                    error = error or e
+                    continue
                 total += got
                 end = max(end, t_end)
+            if error is not None:
+                raise error
             self._result = ReadResult(int(total), self._n, self._direct,
                                       max(end, self._t0) - self._t0, self._predicted_s)
         return self._result
@@ -228,13 +239,13 @@ def scatter_tables(ids: np.ndarray, rows: np.ndarray, ext: LayerExtent, *, max_g
     offs, nbytes, first = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n + 1, np.int64)
     dest, lens = np.empty(3 * n, np.int64), np.empty(3 * n, np.int64)
     p = lib.flashio_scatter_tables(ids.ctypes.data, rows.ctypes.data, n, ext.row_bytes, ext.offset_bytes, max_gap,
-                                   _max_rows(ext.row_bytes, iov_max), offs.ctypes.data, nbytes.ctypes.data,
+                                   max_read_rows(ext.row_bytes, iov_max), offs.ctypes.data, nbytes.ctypes.data,
                                    first.ctypes.data, dest.ctypes.data, lens.ctypes.data)
     e = int(first[p])
     return ScatterTables(offs[:p], nbytes[:p], first[: p + 1], dest[:e], lens[:e])
 
 
-def _max_rows(row_bytes: int, iov_max: int) -> int:
+def max_read_rows(row_bytes: int, iov_max: int) -> int:
     """The rows one read of scattered rows may cover: MAX_READ_BYTES, and a gap and a row per
     iovec within iov_max."""
     return max(1, min(MAX_READ_BYTES // row_bytes, (iov_max - 1) // 2))
@@ -244,7 +255,7 @@ def scatter_tables_numpy(ids: np.ndarray, rows: np.ndarray, ext: LayerExtent, *,
                          iov_max: int) -> ScatterTables:
     """scatter_tables with numpy alone (no kernels)."""
     rb = ext.row_bytes
-    max_rows = _max_rows(rb, iov_max)
+    max_rows = max_read_rows(rb, iov_max)
     starts, stops = run_bounds(ids, max_gap)
     lens = stops - starts
     if lens.max() > max_rows:  # cut long runs, as plan_pieces

@@ -69,6 +69,7 @@ from flashio.readplan import (
     ReadResult,
     ScatterTables,
     check_ids,
+    max_read_rows,
     plan_pieces,
     plan_range,
     plan_runs,
@@ -92,6 +93,11 @@ URING_READS = os.environ.get("FLASHIO_URING", "1") != "0"
 # against 111-120 at 64 (bfloat16 compute), 97-98 at 128 against 105-108 at 256 (float16)
 URING_DEPTH = int(os.environ.get("FLASHIO_URING_DEPTH", "128"))
 DEFAULT_THREADS = 16  # DESIGN.md section 7: 16-32 threads saturate the virtio disk at 16 KiB
+
+
+# submit_rows' reads into aligned scattered rows (the window caches') go to a native reading
+# thread of the reader's own (flashio_reads_*) where reads go through io_uring; "0": the pool
+READS_THREAD = os.environ.get("FLASHIO_READS_THREAD", "1") != "0"
 
 
 def evict_from_page_cache(path: str | os.PathLike) -> None:
@@ -149,6 +155,10 @@ class BundleReader:
         self._rings: list[int] = []  # every thread's io_uring (flashio.kernels), closed with the reader
         self._fixed: list[tuple[int, int]] = []  # register_buffers: (address, bytes), in every ring
         self._fixed_ok = True  # False once a ring refused them (RLIMIT_MEMLOCK): not asked again
+        self._reads: int | None = None  # submit_rows' native reading thread (flashio_reads_open)
+        self._reads_ok = True  # False once it could not be started
+        self._jobs: dict[int, _NativeJob] = {}  # its jobs not yet waited for
+        self._gaps: AlignedArena | None = None  # its scratch
         self._uring = URING_READS  # False once a ring could not be opened (then threads)
         self._lock = threading.Lock()
         try:
@@ -260,6 +270,10 @@ class BundleReader:
     def _rows(self, layer: int, ids: np.ndarray, out: torch.Tensor, split: int, wait_all: bool,
               rows: np.ndarray | None = None):
         t0 = time.perf_counter()
+        if not wait_all and rows is not None and split == 1 and READS_THREAD:
+            pending = self._submit_native(layer, ids, out, rows, t0)
+            if pending is not None:
+                return pending
         ext = self._extent(layer)
         ids = check_ids(ids)
         if ids.size and (ids[0] < 0 or ids[-1] >= ext.n_rows):
@@ -386,6 +400,72 @@ class BundleReader:
             return self._native_result(got, list(zip(t.offs.tolist(), t.nbytes.tolist())))
         return got
 
+    def _submit_native(self, layer: int, ids: np.ndarray, out: torch.Tensor, rows: np.ndarray,
+                       t0: float) -> PendingRead | None:
+        """submit_rows into aligned scattered rows (a window cache's), the runtime's every layer,
+        in one native call: validated, planned (readplan.scatter_tables) and queued on the
+        reader's reading thread. None where that does not apply (or the arguments are wrong:
+        the general path then says what is wrong)."""
+        if not (type(ids) is np.ndarray and type(rows) is np.ndarray and ids.dtype == np.int64 == rows.dtype
+                and ids.ndim == 1 and rows.shape == ids.shape and ids.size and ids.flags.c_contiguous
+                and rows.flags.c_contiguous and out.device.type == "cpu" and out.is_contiguous()):
+            return None
+        reads = self._reads_thread()
+        if reads is None or not 0 <= layer < len(self._extents):
+            return None
+        ext = self._extents[layer]
+        out_bytes = out.numel() * out.element_size()
+        if out_bytes % ext.row_bytes or not self._tables_apply(out, ext):
+            return None
+        lib = kernels.library()
+        err = ctypes.c_int(0)
+        max_rows = max_read_rows(ext.row_bytes, self._iov_max)
+        scratch = self._shared_scratch(max_rows * ext.row_bytes) if self.max_gap else None
+        job = lib.flashio_reads_rows(reads, self._fd_direct, ids.ctypes.data, rows.ctypes.data, ids.size, ext.n_rows,
+                                     out_bytes // ext.row_bytes, ext.row_bytes, ext.offset_bytes, self.max_gap, max_rows,
+                                     out.data_ptr(), scratch, self._depth(), ctypes.byref(err))
+        if not job:
+            if err.value == errno.ENOMEM:
+                raise MemoryError(f"no memory to plan {ids.size} reads")
+            return None
+        native = _NativeJob(self, reads, job)
+        with self._lock:
+            self._jobs[id(native)] = native
+        cost = self.cost_model
+        predicted = ((lambda: cost.read_time_s(native.sizes(), self._threads)) if cost is not None
+                     else float("nan"))
+        return PendingRead([native], native.pieces, True, t0, predicted)
+
+    def _reads_thread(self) -> int | None:
+        """The native reading thread (opened on first use) where reads go through io_uring and
+        READS_THREAD is on, else None."""
+        if self._reads is None and self._reads_ok and READS_THREAD:
+            lib = self._uring_library()
+            if lib is None:
+                return None
+            with self._lock:
+                if self._reads is None:
+                    err = ctypes.c_int(0)
+                    reads = lib.flashio_reads_open(max(8, 1 << (self._depth() - 1).bit_length()), ctypes.byref(err))
+                    if not reads:
+                        self._reads_ok = False
+                        log.info("%s: no reading thread (%s): reads go through the pool", self._path,
+                                 os.strerror(err.value))
+                        return None
+                    self._register(lib, lib.flashio_reads_ring(reads))
+                    self._reads = reads
+        return self._reads
+
+    def _shared_scratch(self, nbytes: int) -> int:
+        """The address of scratch for the reading thread's gaps (what lands there is thrown away,
+        so jobs may share it); a larger one replaces it, the old one kept until close (a queued
+        job may still read into it)."""
+        with self._lock:
+            if self._gaps is None or self._gaps.nbytes < nbytes:
+                self._gaps = AlignedArena(round_up(max(nbytes, PAGE_BYTES), PAGE_BYTES))
+                self._arenas.append(self._gaps)
+            return ctypes.addressof(ctypes.c_char.from_buffer(self._gaps.memoryview))
+
     def _scratch(self, nbytes: int) -> memoryview:
         """This thread's scratch buffer (page-aligned, >= nbytes), kept between calls."""
         arena = getattr(self._tls, "arena", None)
@@ -458,7 +538,7 @@ class BundleReader:
         with self._lock:
             self._fixed = [(t.data_ptr(), t.numel() * t.element_size()) for t in buffers
                            if t.device.type == "cpu" and t.numel()]
-            ok = [self._register(lib, ring) for ring in self._rings] if lib is not None else [False]
+            ok = [self._register(lib, ring) for ring in self._all_rings(lib)] if lib is not None else [False]
         if lib is not None and self._fixed and getattr(self._tls, "ring", None) is None:
             ok.append(self._ring(lib) is not None and self._fixed_ok)
         return all(ok)
@@ -475,9 +555,13 @@ class BundleReader:
             log.info("%s: io_uring refused %d registered buffers of %.1f GB (%s): reads pin their pages "
                      "each time (a higher `ulimit -l`, or CAP_IPC_LOCK, lets them register)", self._path,
                      len(table), int(table[:, 1].sum()) / 1e9, os.strerror(-got))
-            for r in self._rings:
+            for r in self._all_rings(lib):
                 lib.flashio_uring_buffers(r, 0, None)
         return got >= 0
+
+    def _all_rings(self, lib) -> list[int]:
+        """The threads' rings and the reading thread's."""
+        return self._rings + ([lib.flashio_reads_ring(self._reads)] if self._reads is not None else [])
 
     def _depth(self) -> int:
         """Reads a ring keeps in flight: at least the threads', at least URING_DEPTH."""
@@ -590,6 +674,13 @@ class BundleReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+            reads, self._reads = self._reads, None
+        for job in jobs:  # never close the file or free memory under a read
+            job.wait()
+        if reads is not None:
+            kernels.library().flashio_reads_close(reads)
         for attr in ("_fd_direct", "_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
@@ -614,6 +705,51 @@ class BundleReader:
     def __repr__(self) -> str:
         return (f"BundleReader({self._path!r}, layers={len(self._extents)}, "
                 f"threads={self._threads}, max_gap={self.max_gap}, direct={self.direct})")
+
+
+class _NativeJob:
+    """A job on the reader's native reading thread (flashio_reads_rows), as PendingRead takes a
+    future: ``done()``, ``result()`` -> (bytes, when its last read completed)."""
+
+    def __init__(self, reader: BundleReader, reads: int, job: int):
+        self._reader, self._reads, self._job = reader, reads, job
+        self.pieces = int(kernels.library().flashio_job_pieces(job, None, -1, None))
+        self._got: tuple[int, float] | None = None
+        self._failed = (0, 0)  # where a failed job's error happened: (offset, bytes)
+
+    def sizes(self) -> np.ndarray:
+        """Each read's bytes (before the job was waited for)."""
+        nbytes = np.empty(self.pieces, dtype=np.int64)
+        kernels.library().flashio_job_pieces(self._job, nbytes.ctypes.data, -1, None)
+        return nbytes
+
+    def done(self) -> bool:
+        return self._got is not None or bool(kernels.library().flashio_job_done(self._job))
+
+    def wait(self) -> tuple[int, float]:
+        """Wait for the job (once) and release it: (bytes or the native error, end time)."""
+        if self._got is None:
+            lib = kernels.library()
+            t_end = ctypes.c_double(0.0)
+            got = lib.flashio_job_wait(self._reads, self._job, ctypes.byref(t_end))
+            if got < 0:
+                piece = -1_000_000 - got if got <= -1_000_000 else 0
+                off, sizes = ctypes.c_int64(0), self.sizes()
+                lib.flashio_job_pieces(self._job, None, piece, ctypes.byref(off))
+                self._failed = (off.value, int(sizes[piece]) if got <= -1_000_000 else int(sizes.sum()))
+            lib.flashio_job_free(self._job)
+            self._got, self._job = (got, t_end.value), None
+            with self._reader._lock:
+                self._reader._jobs.pop(id(self), None)
+        return self._got
+
+    def result(self) -> tuple[int, float]:
+        got, t_end = self.wait()
+        if got <= -1_000_000:  # the file ended inside a piece
+            raise self._reader._short_read(*self._failed, 0)
+        if got < 0:
+            raise self._reader._os_error(OSError(-got, os.strerror(-got)), *self._failed)
+        return got, t_end
 
 
 def _timed(worker: Callable[..., int], *args: object) -> tuple[int, float]:

@@ -155,6 +155,19 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_uring_read_pieces.restype = ctypes.c_int64
     lib.flashio_uring_buffers.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.flashio_uring_buffers.restype = ctypes.c_int64
+    lib.flashio_reads_open.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int)]
+    lib.flashio_reads_open.restype = ctypes.c_void_p
+    lib.flashio_reads_ring.argtypes, lib.flashio_reads_ring.restype = [ctypes.c_void_p], ctypes.c_void_p
+    lib.flashio_reads_rows.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [
+        ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.POINTER(ctypes.c_int)]
+    lib.flashio_reads_rows.restype = ctypes.c_void_p
+    lib.flashio_job_pieces.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+    lib.flashio_job_pieces.restype = ctypes.c_int64
+    lib.flashio_job_done.argtypes, lib.flashio_job_done.restype = [ctypes.c_void_p], ctypes.c_int
+    lib.flashio_job_wait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]
+    lib.flashio_job_wait.restype = ctypes.c_int64
+    lib.flashio_job_free.argtypes, lib.flashio_job_free.restype = [ctypes.c_void_p], None
+    lib.flashio_reads_close.argtypes, lib.flashio_reads_close.restype = [ctypes.c_void_p], None
     return lib
 
 

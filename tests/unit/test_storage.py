@@ -518,13 +518,15 @@ def test_arenas_ask_for_huge_pages_only_when_large(monkeypatch):
     assert asked == [mmap_module.MADV_HUGEPAGE] * 2
 
 
+@pytest.mark.parametrize("reads_thread", [True, False])
 @pytest.mark.parametrize("max_gap", [0, 3])
 @pytest.mark.parametrize("layer", range(len(LAYERS)))
-def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap, monkeypatch):
+def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap, monkeypatch, reads_thread):
     """rows=: id j lands in out's row rows[j] (a window cache's freed rows), every read path
     (O_DIRECT into aligned rows through io_uring: readplan.scatter_tables); the other rows of out
     are untouched."""
     import flashio.storage as storage
+    monkeypatch.setattr(storage, "READS_THREAD", reads_thread)  # submit_rows: the native thread, or the pool
     tables = []
     real = storage.scatter_tables
     monkeypatch.setattr(storage, "scatter_tables", lambda *a, **k: tables.append(1) or real(*a, **k))
@@ -553,12 +555,34 @@ def test_read_rows_into_scattered_rows(ffn_file, layer, max_gap, monkeypatch):
                         r = reader.read_rows(layer, ids, out, rows=dest)
                     takes = (reader is direct and out is aligned and reader._uring_library() is not None
                              and (ext.offset_bytes | ext.row_bytes) % reader.block_bytes == 0)
-                    assert len(tables) - before == takes
+                    native = takes and submit and reads_thread  # planned in the native call
+                    assert len(tables) - before == (takes and not native)
+                    assert (reader._reads is not None) >= native
                     assert r.bytes_read >= len(ids) * ext.row_bytes
                     np.testing.assert_array_equal(out.numpy()[dest], expected_block[ids])
                     untouched = np.setdiff1d(np.arange(capacity), dest)
                     assert (out.numpy()[untouched] == 0xA5).all()
                 del aligned
+
+
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
+def test_submit_rows_refuses_bad_arguments_on_the_native_path(ffn_file, read_loop):
+    """The reading thread's one call checks what the general path checks: whatever it refuses
+    goes to the general path, which says what is wrong; nothing is queued."""
+    path, _ = ffn_file
+    ext = EXTENTS[0]
+    with _direct_reader(path) as reader, AlignedArena(4 * ext.row_bytes) as arena:
+        out = arena.tensor(torch.uint8, (4, ext.row_bytes))
+        for ids, rows, match in (([5, 2, 9], [0, 1, 2], "sorted and unique"), ([2, 2, 9], [0, 1, 2], "sorted and unique"),
+                                 ([2, 5, ext.n_rows], [0, 1, 2], "has rows"), ([-1, 5, 9], [0, 1, 2], "has rows"),
+                                 ([2, 5, 9], [0, 0, 1], "distinct rows"), ([2, 5, 9], [0, 1, 4], "distinct rows"),
+                                 ([2, 5, 9], [0, -1, 1], "distinct rows")):
+            with pytest.raises(ValueError, match=match):
+                reader.submit_rows(0, np.array(ids, dtype=np.int64), out, rows=np.array(rows, dtype=np.int64))
+        assert reader._jobs == {}
+        reader.submit_rows(0, np.array([2, 5, 9]), out, rows=np.array([3, 0, 1])).result()
+        assert reader._reads is not None
+        del out
 
 
 def test_read_rows_scattered_refuses_bad_rows(ffn_file):
@@ -662,9 +686,10 @@ def test_registered_buffers_cover_part_of_out(ffn_file, read_loop):
                  else reader.read_rows(0, ids, out, rows=dest))
             assert r.bytes_read >= capacity * rb
             np.testing.assert_array_equal(out.numpy()[dest], _block(data, 0)[ids])
-        assert sorted(_registered_buffers()) == [4] * len(reader._rings) and len(reader._rings) >= 2
+        rings = reader._all_rings(kernels.library())  # the caller's, the reading thread's, a pool thread's
+        assert sorted(_registered_buffers()) == [4] * len(rings) and len(rings) >= 2
         assert reader.register_buffers(())
-        assert _registered_buffers() == [0] * len(reader._rings)
+        assert _registered_buffers() == [0] * len(rings)
         ids = np.arange(3, 3 + capacity)
         reader.read_rows(0, ids, out)
         np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
@@ -688,6 +713,37 @@ def test_refused_buffers_leave_reads_as_they_were(ffn_file, read_loop, monkeypat
         reader.submit_rows(0, ids, out, rows=np.arange(8)[::-1].copy()).result()
         np.testing.assert_array_equal(out.numpy()[::-1], _block(data, 0)[ids])
         assert not reader.register_buffers([out])
-        assert _registered_buffers() == [0] * len(reader._rings)
+        assert _registered_buffers() == [0] * len(reader._all_rings(lib))
         del out
     assert sum("refused" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
+def test_reading_thread_jobs(ffn_file, read_loop, tmp_path):
+    """submit_rows into aligned scattered rows goes to the reader's native reading thread: jobs
+    queued one after another all land, in any order of waiting; a job whose reads fail raises
+    FlashReadError from result(); close() waits for a job nobody waited for."""
+    _, data = ffn_file
+    path = tmp_path / "jobs.bin"
+    data.tofile(path)
+    ext = EXTENTS[0]
+    rng = np.random.default_rng(11)
+    with _direct_reader(str(path), threads=2) as reader, AlignedArena(4 * 64 * ext.row_bytes) as arena:
+        outs = [arena.tensor(torch.uint8, (4 * 64, ext.row_bytes))[k * 64 : (k + 1) * 64] for k in range(4)]
+        jobs = []
+        for out in outs:
+            ids, rows = np.sort(rng.choice(ext.n_rows, 64, replace=False)), rng.permutation(64)
+            jobs.append((ids, rows, reader.submit_rows(0, ids, out, rows=rows), out))
+        assert reader._reads is not None
+        for ids, rows, pending, out in reversed(jobs):
+            r = pending.result()
+            assert pending.done() and r.bytes_read == 64 * ext.row_bytes and 0 <= r.elapsed_s < 60
+            np.testing.assert_array_equal(out.numpy()[rows], _block(data, 0)[ids])
+        assert reader._jobs == {}
+        os.truncate(path, ext.offset_bytes + 600 * ext.row_bytes + 100)
+        pending = reader.submit_rows(0, np.array([3, 700, 1100]), outs[0], rows=np.array([0, 1, 2]))
+        with pytest.raises(FlashReadError, match=r"jobs\.bin.*expected \d+ bytes, got"):
+            pending.result()
+        reader.submit_rows(0, np.array([5, 9]), outs[1], rows=np.array([1, 0]))  # never waited for
+        del outs
+    assert reader._jobs == {} and reader._reads is None
