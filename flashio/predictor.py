@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from flashio.quant import linear
+from flashio import kernels
+from flashio.quant import KERNEL_LINEAR_DTYPES, linear
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class PredictorWeights:
         if x.shape[0] == 1:
             return linear(linear(x, self.A), self.B, self.bias)
         return torch.addmm(self.bias, x @ self.A.T, self.B.T)
+
+    def active(self, x: torch.Tensor) -> np.ndarray | None:
+        """One token x [1, D]: the ids (ascending int64) of the neurons whose logits exceed
+        `logit_threshold`, the same neurons as `logits` gives, in one native call (flashio.kernels'
+        predict); None where `logits` would not take the kernels (then use it)."""
+        A, B = self.A, self.B
+        if not (x.numel() == x.shape[-1] and x.device.type == "cpu" and x.dtype == A.dtype == B.dtype == self.bias.dtype
+                and A.dtype in KERNEL_LINEAR_DTYPES and A.is_contiguous() and B.is_contiguous()
+                and self.bias.is_contiguous() and kernels.available() and torch.get_num_threads() <= kernels.threads()):
+            return None
+        return kernels.kernels().predict(A, B, self.bias, x, self.logit_threshold)
 
     def permuted(self, order: torch.Tensor) -> PredictorWeights:
         """The same predictor with output rows in stored order: row j predicts source neuron order[j]."""

@@ -158,9 +158,18 @@ class SparseEngine(Engine):
         p = self.predictors[i]
         return p.logits(h) - p.logit_threshold
 
+    def _predict(self, i: int, h: torch.Tensor) -> np.ndarray | None:
+        """One token's predicted neurons in one native call (PredictorWeights.active), or None
+        where the scores are needed (several tokens, a recorder, no kernels)."""
+        if self.predictors is None or self.recorder is not None or h.shape[0] != 1:
+            return None
+        return self.predictors[i].active(h)
+
     def _active(self, i: int, h: torch.Tensor, cap: int) -> np.ndarray:
-        s = self.scores(i, h) if self.predictors is not None or self.source is None else None
+        predicted = self._predict(i, h)
         if self.source is not None:
+            if predicted is None and self.predictors is not None:  # the predictor's cost is part of every real step
+                self.scores(i, h)
             ids = self.source.active(i, h)
             if self.recorder is not None:
                 mask = torch.zeros(h.shape[0], self.layers[i].n_neurons, dtype=torch.bool)
@@ -170,6 +179,9 @@ class SparseEngine(Engine):
                 self.rec.truncated += len(ids) - cap
                 ids = ids[:cap]
             return ids
+        if predicted is not None and len(predicted) <= cap:
+            return predicted
+        s = self.scores(i, h)
         if self.recorder is not None:
             self.recorder.record(i, (s > 0).cpu())
         s = s.amax(dim=0)  # [N]: a neuron is needed if any token needs it
@@ -244,7 +256,7 @@ class SparseEngine(Engine):
         replay's model of a predictor's misses), else the selection run on `h`, unrecorded."""
         guess = getattr(self.source, "lookahead", None)
         if guess is not None:
-            if self.predictors is not None:  # as `_active`: the predictor's cost, its scores unused
+            if self.predictors is not None and self._predict(i, h) is None:  # as `_active`: the predictor's cost
                 self.scores(i, h)
             return guess(i, h)[:cap]
         recorder, truncated = self.recorder, self.rec.truncated

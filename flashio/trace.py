@@ -282,6 +282,20 @@ class TraceReplay:
         self.lookahead_recall = lookahead_recall
         self.seed = seed
         self._step = start - 1
+        self._guesses: dict[tuple[int, int], np.ndarray] = {}  # prepare(): (step, layer) -> lookahead
+
+    def prepare(self, steps: int) -> None:
+        """Draw the lookahead's guesses of the first `steps` steps now (the same ones `lookahead`
+        draws), so that a timed run pays for the predictor it stands for (the engine runs that
+        anyway), not for these draws: ~0.3 ms a layer on a 2-vCPU machine, 8 ms a Llama-2-7B token."""
+        saved = self._step
+        try:
+            for step in range(self.start, min(self.start + steps, self.trace.steps)):
+                self._step = step
+                for layer in range(self.trace.n_layers):
+                    self._guesses[step, layer] = self._draw_guess(layer)
+        finally:
+            self._step = saved
 
     @property
     def description(self) -> dict[str, Any]:
@@ -299,7 +313,12 @@ class TraceReplay:
         return self.trace.active(self._step, layer)
 
     def lookahead(self, layer: int, h: torch.Tensor) -> np.ndarray:
-        ids = self.active(layer, h)
+        del h
+        got = self._guesses.get((self._step, layer))
+        return got if got is not None else self._draw_guess(layer)
+
+    def _draw_guess(self, layer: int) -> np.ndarray:
+        ids = self.trace.active(self._step, layer)
         swap = round(len(ids) * (1.0 - self.lookahead_recall))
         if not swap:
             return ids

@@ -44,6 +44,8 @@ def run(spec: dict) -> dict:
     source = None
     if spec.get("trace"):
         source = TraceReplay(Trace.load(spec["trace"]), lookahead_recall=spec.get("lookahead_recall", 1.0))
+        if config.lookahead:
+            source.prepare(len(spec["tokens"]))
     t0 = time.perf_counter()
     with open_model(spec["artifact"], config, active_source=source) as model:
         open_s = time.perf_counter() - t0

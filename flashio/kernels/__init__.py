@@ -44,6 +44,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_uring_read_pieces.restype = ctypes.c_int64
     lib.flashio_uring_buffers.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.flashio_uring_buffers.restype = ctypes.c_int64
+    lib.flashio_predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 3
+    lib.flashio_predict.restype = ctypes.c_int64
     lib.flashio_reads_open.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int)]
     lib.flashio_reads_open.restype = ctypes.c_void_p
     lib.flashio_reads_ring.argtypes, lib.flashio_reads_ring.restype = [ctypes.c_void_p], ctypes.c_void_p
@@ -319,6 +323,23 @@ class Kernels:
                              ACTIVATION_CODES[activation], x.data_ptr(),
                              *[None if v is None else v.data_ptr() for v in vecs], a.data_ptr(), y.data_ptr())
         return y, a
+
+    def predict(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, thr: float) -> np.ndarray:
+        """The neurons a low-rank predictor finds active for one token (rows.c's flashio_predict):
+        ids (int64, ascending) where B (A x) + bias - thr > 0, rounded as the torch path rounds
+        (dot, .to(dtype), + bias, - thr). A [r, D], B [N, r], bias [N]: one contiguous CPU dtype."""
+        (r, d), (n, rb) = A.shape, B.shape
+        code = DTYPE_CODES.get(A.dtype)
+        if (code is None or rb != r or B.dtype != A.dtype or bias.dtype != A.dtype or bias.shape != (n,)
+                or not (A.is_contiguous() and B.is_contiguous() and bias.is_contiguous())
+                or A.device.type != "cpu" or B.device.type != "cpu" or bias.device.type != "cpu"):
+            raise ValueError(f"predict takes contiguous CPU A [r, D], B [N, r], bias [N] of one float dtype, got "
+                             f"{tuple(A.shape)} {A.dtype}, {tuple(B.shape)} {B.dtype}, {tuple(bias.shape)} {bias.dtype}")
+        xf = _f32_vector(x.reshape(-1), d)
+        h, z, ids = np.empty(r, np.float32), np.empty(n, np.float32), np.empty(n, np.int64)
+        c = self.lib.flashio_predict(A.data_ptr(), r, d, B.data_ptr(), n, bias.data_ptr(), code, xf.data_ptr(), thr,
+                                     h.ctypes.data, z.ctypes.data, ids.ctypes.data)
+        return ids[:c]
 
     def attend1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """[H * Dh] float32: one query's attention (rows.c's flashio_attend1). q: [H, Dh]; k, v:

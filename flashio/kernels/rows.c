@@ -1491,6 +1491,40 @@ static inline float round_to(float v, int dtype) {
     return dtype == 1 ? HALF(float_to_half(v)) : bf16_to_float(float_to_bf16(v));
 }
 
+/* A low-rank predictor's active neurons for one token (flashio.predictor.PredictorWeights.active):
+ * h = A x (A: [r, d]), then s = B h + bias - thr (B: [n, r]), rounded to `dtype` after each step
+ * as the torch path rounds it (the products' float32 sums to dtype, the bias added and the
+ * threshold, itself rounded to dtype, taken in float32 and rounded again); ids[] = the neurons
+ * with s > 0, in order.
+ * h (r floats) and z (n floats) are scratch. Returns the number of ids. One call instead of two
+ * products and six small torch steps, each slow after the layer's products went through the caches. */
+int64_t flashio_predict(const void *A, int64_t r, int64_t d, const void *B, int64_t n, const void *bias, int dtype,
+                        const float *x, float thr, float *h, float *z, int64_t *ids) {
+    flashio_dot(A, d, r, d, dtype, x, h);
+    for (int64_t k = 0; k < r; k++) h[k] = round_to(h[k], dtype);
+    flashio_dot(B, r, n, r, dtype, h, z);
+    int64_t c = 0;
+    thr = round_to(thr, dtype); /* torch casts a Python scalar to the tensor's dtype first */
+    /* The roundings move z + bias - thr by at most ~2u (|z| + |bias|) (u: the dtype's unit
+     * roundoff), or make a value below the dtype's smallest step zero: outside `rel` x that plus
+     * `tiny` the sign is the unrounded sum's, and only the few scores near the threshold take the
+     * three roundings (each a conversion to and from fp16/bf16: ~18 ns a neuron for all of them) */
+    const float rel = dtype == 0 ? 0x1p-20f : dtype == 1 ? 0x1p-8f : 0x1p-5f, tiny = 0x1p-20f;
+    for (int64_t k = 0; k < n; k++) { /* z[k] becomes 1 for a neuron kept, else 0 */
+        float b = load1(bias, k, dtype), v = z[k] + b - thr;
+        float margin = rel * (fabsf(z[k]) + fabsf(b) + fabsf(thr)) + tiny;
+        int keep = v > margin;
+        if (__builtin_expect(fabsf(v) <= margin, 0))
+            keep = round_to(round_to(round_to(z[k], dtype) + b, dtype) - thr, dtype) > 0.0f;
+        z[k] = (float)keep;
+    }
+    for (int64_t k = 0; k < n; k++) { /* without a branch: about as many kept as not */
+        ids[c] = k;
+        c += z[k] != 0.0f;
+    }
+    return c;
+}
+
 /* Llama's RMSNorm (transformers' LlamaRMSNorm) of `rows` rows of n elements in `dtype`:
  * out = w * round(x * rsqrt(mean(x^2) + eps)), the mean in double, then as torch: x * r rounded to
  * dtype, times w (dtype) rounded to dtype. */

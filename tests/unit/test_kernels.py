@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -613,3 +614,35 @@ def test_rope_equals_torchs_rotation(built, dtype, rows, dh):
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="rope takes"):
         built.rope(x.reshape(rows, dh), cos[0].double(), sin[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_predictor_active_equals_the_logits_selection(dtype, threads):
+    """PredictorWeights.active (one native call) picks exactly the neurons that the logits path
+    picks (logits - logit_threshold > 0 after torch's roundings), scores crowded around the
+    threshold so that the roundings decide some of them; the rank-1024 shape splits over threads."""
+    from flashio.predictor import PredictorWeights
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    before = kernels.threads()
+    kernels.set_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        for r, d, n in ((24, 96, 300), (1024, 512, 2000)):
+            A = (torch.randn(r, d, generator=g) * d ** -0.5).to(dtype)
+            B = (torch.randn(n, r, generator=g) * 1e-3).to(dtype)  # small products: the bias decides near the threshold
+            p = PredictorWeights(A, B, torch.zeros(n, dtype=dtype), threshold=0.6)
+            p = PredictorWeights(A, B, (p.logit_threshold + torch.randn(n, generator=g) * 2e-3).to(dtype), threshold=0.6)
+            for _ in range(4):
+                x = torch.randn(1, d, generator=g).to(dtype)
+                s = (p.logits(x) - p.logit_threshold)[0]
+                want = torch.nonzero(s > 0).flatten().numpy()
+                got = p.active(x)
+                assert got is not None and got.dtype == np.int64
+                np.testing.assert_array_equal(got, want)
+                near = int((s.float().abs() < 4e-3).sum())
+                assert 0 < len(want) < n and near > n // 20  # a real mix, many at the threshold
+    finally:
+        kernels.set_threads(before)
+    assert PredictorWeights(A, B, p.bias).active(torch.randn(2, d).to(dtype)) is None  # two tokens: logits

@@ -64,6 +64,41 @@ def test_sparse_with_all_active_predictor_and_reordering_equals_dense(tiny_opt, 
         assert (reordered.forward(PROMPT) - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("compute_dtype", ["float32", "float16"])
+def test_one_token_selection_in_one_native_call_picks_what_the_scores_pick(tiny_opt, tmp_path, monkeypatch,
+                                                                          compute_dtype):
+    """Decoding selects each layer's neurons with PredictorWeights.active (one native call), which
+    must pick exactly the neurons the scores path picks: the same logits and the same sets, step
+    by step, as with that call turned off."""
+    from flashio import kernels
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.why_not()}")
+    g = torch.Generator().manual_seed(5)
+    preds = [PredictorWeights(torch.randn(8, 64, generator=g) * 0.3, torch.randn(256, 8, generator=g) * 0.5,
+                              torch.randn(256, generator=g) * 0.5) for _ in range(2)]
+    art = write_artifact(tiny_opt[1], tmp_path / "pred", predictors=preds)
+    calls = []
+    active = PredictorWeights.active
+
+    def counted(self, x):
+        ids = active(self, x)
+        calls.append(ids is not None)
+        return ids
+
+    monkeypatch.setattr(PredictorWeights, "active", counted)
+    runs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(PredictorWeights, "active", lambda self, x: None)
+        # no lookahead: whether a layer guesses is decided by timings, and changes the sums' order
+        with flashio.open(art, mode="sparse", compute_dtype=compute_dtype, lookahead=False) as model:
+            logits = model.forward(PROMPT, token_by_token=True)
+            runs.append((logits, [(s.neurons_active, s.neurons_loaded) for s in model.stats]))
+    assert len(calls) == 2 * len(PROMPT) and all(calls)  # two layers a token
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert 0 < sum(a for a, _ in runs[0][1]) < 2 * 256 * len(PROMPT)
+
+
 def test_sparse_reads_only_missing_bundles(tiny_opt, tmp_path):
     """Bytes read per step equal the bundles of the neurons missing from the window."""
     torch.manual_seed(1)

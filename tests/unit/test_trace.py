@@ -155,6 +155,16 @@ def test_replay_lookahead_guesses_a_set_of_the_same_size_with_the_recall_asked()
         truth, guess = replay.active(layer, None), replay.lookahead(layer, None)
         wrong = np.setdiff1d(guess, truth)
         assert len(wrong) == 40 and np.isin(wrong, trace.active(0, layer)).all()
+    prepared = TraceReplay(trace, lookahead_recall=0.8)
+    prepared.prepare(5)  # drawn before the run (the trace has 2 steps): the same guesses, step by step
+    assert len(prepared._guesses) == 2 * 3 and prepared._step == -1
+    replay.reset()
+    for _ in range(2):
+        replay.begin_step()
+        prepared.begin_step()
+        for layer in range(3):
+            assert np.array_equal(prepared.lookahead(layer, None), replay.lookahead(layer, None))
+            assert prepared.lookahead(layer, None) is prepared._guesses[prepared._step, layer]
     exact = TraceReplay(trace)  # recall 1: the set itself
     exact.begin_step()
     assert np.array_equal(exact.lookahead(0, None), trace.active(0, 0))
