@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import threading
@@ -452,7 +453,7 @@ class BundleReader:
                         log.info("%s: no reading thread (%s): reads go through the pool", self._path,
                                  os.strerror(err.value))
                         return None
-                    self._register(lib, lib.flashio_reads_ring(reads))
+                    self._register(lib, functools.partial(lib.flashio_reads_buffers, reads))
                     self._reads = reads
         return self._reads
 
@@ -520,7 +521,7 @@ class BundleReader:
                 return None
             with self._lock:
                 self._rings.append(ring)
-                self._register(lib, ring)
+                self._register(lib, functools.partial(lib.flashio_uring_buffers, ring))
             self._tls.ring = ring
         return ring
 
@@ -543,25 +544,28 @@ class BundleReader:
             ok.append(self._ring(lib) is not None and self._fixed_ok)
         return all(ok)
 
-    def _register(self, lib, ring: int) -> bool:
-        """Give `ring` the registered buffers (self._fixed), or none; under self._lock."""
+    def _register(self, lib, ring: Callable[[int, int | None], int]) -> bool:
+        """Give a ring the registered buffers (self._fixed), or none; under self._lock. `ring`
+        registers on one: flashio_uring_buffers bound to a thread's ring, or flashio_reads_buffers
+        bound to the reading thread (whose ring only it may change)."""
         if not self._fixed or not self._fixed_ok:
-            lib.flashio_uring_buffers(ring, 0, None)
+            ring(0, None)
             return not self._fixed
         table = np.array(self._fixed, dtype=np.uint64)
-        got = lib.flashio_uring_buffers(ring, len(table), table.ctypes.data)
+        got = ring(len(table), table.ctypes.data)
         if got < 0:
             self._fixed_ok = False
             log.info("%s: io_uring refused %d registered buffers of %.1f GB (%s): reads pin their pages "
                      "each time (a higher `ulimit -l`, or CAP_IPC_LOCK, lets them register)", self._path,
                      len(table), int(table[:, 1].sum()) / 1e9, os.strerror(-got))
             for r in self._all_rings(lib):
-                lib.flashio_uring_buffers(r, 0, None)
+                r(0, None)
         return got >= 0
 
-    def _all_rings(self, lib) -> list[int]:
-        """The threads' rings and the reading thread's."""
-        return self._rings + ([lib.flashio_reads_ring(self._reads)] if self._reads is not None else [])
+    def _all_rings(self, lib) -> list[Callable[[int, int | None], int]]:
+        """The threads' rings and the reading thread's, as `_register` takes them."""
+        rings = [functools.partial(lib.flashio_uring_buffers, ring) for ring in self._rings]
+        return rings + ([functools.partial(lib.flashio_reads_buffers, self._reads)] if self._reads is not None else [])
 
     def _depth(self) -> int:
         """Reads a ring keeps in flight: at least the threads', at least URING_DEPTH."""
