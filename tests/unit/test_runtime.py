@@ -383,11 +383,15 @@ def _record_prefetches(model) -> list[tuple[int, int]]:
     return ran
 
 
-def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt, tmp_path):
+def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt, tmp_path, monkeypatch):
     """A layer whose guesses are all wrong stops its early reads after a step and tries again every
     PROBE_STEPS steps; a layer guessing right keeps guessing (but for the probe's one plain step).
-    The time rule is told that guessing pays here (a tiny model's reads hide without it)."""
-    from flashio.sparse import PROBE_STEPS
+    The time rule is told that guessing pays here (a tiny model's reads hide without it). Probes
+    every 8 steps: over the default's steps the tiny model's cache comes to hold its FFN."""
+    import flashio.sparse
+
+    PROBE_STEPS = 8
+    monkeypatch.setattr(flashio.sparse, "PROBE_STEPS", PROBE_STEPS)
 
     class WrongFirstLayer(_GuessingSource):
         def lookahead(self, layer, h):  # layer 0: nothing right; layer 1: the set itself
@@ -408,13 +412,17 @@ def test_layers_whose_guesses_waste_reads_stop_guessing_and_probe_again(tiny_opt
         assert [step for step, i in ran if i == 1] == [s for s in range(1, len(tokens) + 1) if s not in probes]
 
 
-def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_opt, tmp_path):
+def test_layers_whose_guesses_cost_more_time_than_they_hide_stop_guessing(tiny_opt, tmp_path, monkeypatch):
     """The time rule: a guess that takes longer than the reads it could hide (a tiny model's reads
     are done before its cached rows are) is timed against a plain step after its first one-token
-    step, stops, and is tried again every PROBE_STEPS steps; the output is the same as without."""
+    step, stops, and is tried again every PROBE_STEPS steps (8 here, as above); the output is the
+    same as without."""
     import time as _time
 
-    from flashio.sparse import PROBE_STEPS
+    import flashio.sparse
+
+    PROBE_STEPS = 8
+    monkeypatch.setattr(flashio.sparse, "PROBE_STEPS", PROBE_STEPS)
 
     class SlowGuess(_GuessingSource):
         def lookahead(self, layer, h):
