@@ -158,6 +158,7 @@ class BundleReader:
         self._fixed_ok = True  # False once a ring refused them (RLIMIT_MEMLOCK): not asked again
         self._reads: int | None = None  # submit_rows' native reading thread (flashio_reads_open)
         self._reads_ok = True  # False once it could not be started
+        self._reads_pid = os.getpid()  # the process whose thread it is
         self._jobs: dict[int, _NativeJob] = {}  # its jobs not yet waited for
         self._gaps: AlignedArena | None = None  # its scratch
         self._uring = URING_READS  # False once a ring could not be opened (then threads)
@@ -439,7 +440,10 @@ class BundleReader:
 
     def _reads_thread(self) -> int | None:
         """The native reading thread (opened on first use) where reads go through io_uring and
-        READS_THREAD is on, else None."""
+        READS_THREAD is on, else None. A forked child has none of its parent's threads: it
+        reads through the pool (a job queued for a thread that is not there would never end)."""
+        if self._reads_pid != os.getpid():
+            return None
         if self._reads is None and self._reads_ok and READS_THREAD:
             lib = self._uring_library()
             if lib is None:
@@ -681,6 +685,8 @@ class BundleReader:
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
             reads, self._reads = self._reads, None
+        if self._reads_pid != os.getpid():  # a forked child: its parent's thread and jobs are not here
+            jobs, reads = [], None
         for job in jobs:  # never close the file or free memory under a read
             job.wait()
         if reads is not None:

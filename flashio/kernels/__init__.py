@@ -161,6 +161,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.flashio_predict.restype = ctypes.c_int64
     lib.flashio_reads_open.argtypes = [ctypes.c_uint, ctypes.POINTER(ctypes.c_int)]
     lib.flashio_reads_open.restype = ctypes.c_void_p
+    lib.flashio_uring_fd.argtypes, lib.flashio_uring_fd.restype = [ctypes.c_void_p], ctypes.c_int
+    lib.flashio_reads_fd.argtypes, lib.flashio_reads_fd.restype = [ctypes.c_void_p], ctypes.c_int
     lib.flashio_reads_buffers.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.flashio_reads_buffers.restype = ctypes.c_int64
     lib.flashio_reads_rows.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [

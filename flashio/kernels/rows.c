@@ -2012,7 +2012,7 @@ flashio_reads *flashio_reads_open(unsigned entries, int *err) {
         while (!atomic_load(&q->opened)) pthread_cond_wait(&q->finished, &q->mu);
         pthread_mutex_unlock(&q->mu);
         if (!q->ring) {
-            e = q->open_err;
+            e = q->open_err ? q->open_err : EIO;
             pthread_join(q->tid, NULL);
         }
     }
@@ -2126,6 +2126,11 @@ int64_t flashio_job_wait(flashio_reads *q, flashio_job *j, double *t_end) {
     return j->result;
 }
 
+/* The file descriptors of a ring and of a reading thread's ring (/proc/self/fdinfo says what is
+ * registered: tests, diagnostics). */
+int flashio_uring_fd(flashio_ring *r) { return r->fd; }
+int flashio_reads_fd(flashio_reads *q) { return q->ring->fd; }
+
 /* Release a job that was waited for. */
 void flashio_job_free(flashio_job *j) { free(j); }
 
@@ -2180,6 +2185,8 @@ int64_t flashio_job_pieces(void *j, int64_t *nbytes, int64_t i, int64_t *off) {
     return 0;
 }
 int flashio_job_done(void *j) { (void)j; return 1; }
+int flashio_uring_fd(void *r) { (void)r; return -1; }
+int flashio_reads_fd(void *q) { (void)q; return -1; }
 int64_t flashio_job_wait(void *q, void *j, double *t_end) {
     (void)q, (void)j;
     *t_end = 0;

@@ -647,18 +647,17 @@ def test_scatter_tables_equal_the_planned_pieces(seed, native):
     assert all(b - a <= iov_max for a, b in pairwise(first))
 
 
-def _registered_buffers() -> list[int]:
-    """The number of registered buffers of each io_uring this process holds (/proc fdinfo)."""
+def _registered_buffers(reader: BundleReader) -> list[int]:
+    """The number of registered buffers of each io_uring of `reader` (/proc fdinfo)."""
+    lib = kernels.library()
+    fds = [lib.flashio_uring_fd(ring) for ring in reader._rings]
+    if reader._reads is not None:
+        fds.append(lib.flashio_reads_fd(reader._reads))
     counts = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if "io_uring" not in os.readlink(f"/proc/self/fd/{fd}"):
-                continue
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                info = f.read()
-        except OSError:
-            continue
-        counts += [int(line.split()[1]) for line in info.splitlines() if line.startswith("UserBufs:")]
+    for fd in fds:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            counts += [int(line.split()[1]) for line in f.read().splitlines() if line.startswith("UserBufs:")]
+    assert len(counts) == len(fds)
     return counts
 
 
@@ -677,7 +676,7 @@ def test_registered_buffers_cover_part_of_out(ffn_file, read_loop):
         # rows [0, 20) registered, [20, 30) not, [30, 47) plus half of row 47 registered, [48, 64) registered
         half = out.view(-1)[47 * rb : 47 * rb + rb // 2]
         assert reader.register_buffers([out[30:47], out[:20], half, out[48:]])
-        assert _registered_buffers() == [4]  # the calling thread's ring, opened to register
+        assert _registered_buffers(reader) == [4]  # the calling thread's ring, opened to register
         for submit in (False, True, True):
             ids = np.sort(rng.choice(ext.n_rows, capacity, replace=False))
             dest = rng.permutation(capacity)
@@ -687,9 +686,9 @@ def test_registered_buffers_cover_part_of_out(ffn_file, read_loop):
             assert r.bytes_read >= capacity * rb
             np.testing.assert_array_equal(out.numpy()[dest], _block(data, 0)[ids])
         rings = reader._all_rings(kernels.library())  # the caller's, the reading thread's, a pool thread's
-        assert sorted(_registered_buffers()) == [4] * len(rings) and len(rings) >= 2
+        assert _registered_buffers(reader) == [4] * len(rings) and len(rings) >= 2
         assert reader.register_buffers(())
-        assert _registered_buffers() == [0] * len(rings)
+        assert _registered_buffers(reader) == [0] * len(rings)
         ids = np.arange(3, 3 + capacity)
         reader.read_rows(0, ids, out)
         np.testing.assert_array_equal(out.numpy(), _block(data, 0)[ids])
@@ -713,7 +712,7 @@ def test_refused_buffers_leave_reads_as_they_were(ffn_file, read_loop, monkeypat
         reader.submit_rows(0, ids, out, rows=np.arange(8)[::-1].copy()).result()
         np.testing.assert_array_equal(out.numpy()[::-1], _block(data, 0)[ids])
         assert not reader.register_buffers([out])
-        assert _registered_buffers() == [0] * len(reader._all_rings(lib))
+        assert _registered_buffers(reader) == [0] * len(reader._all_rings(lib))
         del out
     assert sum("refused" in r.message for r in caplog.records) == 1
 
@@ -747,3 +746,30 @@ def test_reading_thread_jobs(ffn_file, read_loop, tmp_path):
         reader.submit_rows(0, np.array([5, 9]), outs[1], rows=np.array([1, 0]))  # never waited for
         del outs
     assert reader._jobs == {} and reader._reads is None
+
+
+@pytest.mark.parametrize("read_loop", ["uring"], indirect=True)
+def test_a_forked_child_does_not_use_its_parents_reading_thread(ffn_file, read_loop):
+    """A child forked while the reader has its reading thread does not queue jobs for a thread it
+    does not have (they would never end), and its close() leaves the parent's thread alone."""
+    import multiprocessing
+    path, data = ffn_file
+    ext = EXTENTS[0]
+    with _direct_reader(path, threads=2) as reader, AlignedArena(8 * ext.row_bytes) as arena:
+        out = arena.tensor(torch.uint8, (8, ext.row_bytes))
+        ids = np.array([1, 5, 9, 10, 11, 40, 41, 90])
+        reader.submit_rows(0, ids, out, rows=np.arange(8)).result()
+        assert reader._reads is not None
+        ctx = multiprocessing.get_context("fork")
+        p = ctx.Process(target=_child_reads, args=(reader,))
+        p.start()
+        p.join(timeout=60)
+        assert p.exitcode == 0
+        reader.submit_rows(0, ids, out, rows=np.arange(8)[::-1].copy()).result()  # the parent's thread still serves
+        np.testing.assert_array_equal(out.numpy()[::-1], _block(data, 0)[ids])
+        del out
+
+
+def _child_reads(reader: BundleReader) -> None:
+    assert reader._reads_thread() is None
+    reader.close()
