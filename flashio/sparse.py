@@ -330,9 +330,9 @@ class SparseEngine(Engine):
             ids, coef = self._select(i, h, cache.capacity)
             t0 = time.perf_counter()
             late, took_in_flight = cache.extend(ids, guess.dest)
-            listed = np.zeros(len(cache.slot_of), dtype=bool)  # a mask rather than np.isin's sort
-            listed[ids] = True
-            guessed = int(np.count_nonzero(listed[guess.missing]))  # the guess's reads the step needs
+            # the guess's reads the step needs: extend left the step's neurons marked active this
+            # step and gave the guess's others back their earlier activity
+            guessed = int(np.count_nonzero(cache.last_active[guess.missing] == cache.step - 1))
             score = self._guess_reads[i]
             score *= SCORE_DECAY
             score += (guessed, len(guess.missing) - guessed)
