@@ -86,7 +86,7 @@ class MemoryBudget:
         def gate_row_bytes(g: str) -> int:
             if g not in quant:
                 return art.args.dim * compute_dtype.itemsize
-            return rq.rows[g].row_bytes if rq.scheme == "int4" else art.args.dim + 2
+            return rq.rows[g].row_bytes if g in rq.rows else art.args.dim + 2
 
         gate_bytes = sum(n * gate_row_bytes(g) for g, n in rows.items())
         # the up sketch: uint8 codes + scales, as stored whatever the compute dtype

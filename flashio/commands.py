@@ -165,9 +165,8 @@ def add_commands(sub) -> None:
                    help="elements per scale along d_model (default: int8 d_model, one scale per part of a "
                         "row; int4 32 where it divides d_model)")
     p.add_argument("--quantize-resident", choices=["none", "int8", "int4"], default=None,
-                   help="attention, an untied head and resident gate rows: int8 per output channel, or int4 "
-                        "in groups of 32 along the input (default: int8 with --quantize, else none); embeddings "
-                        "stay in --dtype")
+                   help="attention, the head, the token embeddings and resident gate rows: int8 per output "
+                        "channel, or int4 in groups of 32 along the input (default: int8 with --quantize, else none)")
     p.add_argument("--two-level-scales", action="store_true",
                    help="with --quantize int4: each group's scale and offset a 6-bit multiple of its super-block's "
                         "fp16 steps (4.5 bits per weight against 5, as llama.cpp's Q4_K), where d_model is a "

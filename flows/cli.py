@@ -73,7 +73,7 @@ def add_convert_command(sub) -> None:
                    help="with --quantize: gptq (default) compensates rounding errors on the calibration rows; rtn "
                         "rounds to nearest")
     g.add_argument("--quantize-resident", choices=["none", "int8", "int4"],
-                   help="with --quantize: resident attention/head matrices (default int8)")
+                   help="with --quantize: resident attention/head matrices and token embeddings (default int8)")
     g.add_argument("--two-level-scales", action="store_true", default=None,
                    help="with --quantize int4: each group's scale and offset a 6-bit multiple of its super-block's "
                         "fp16 steps (4.5 bits per weight against 5: 10%% fewer bytes read and cached; the one-token "

@@ -110,7 +110,8 @@ class ConvertConfig(BaseModel):
                                                            "whole part of the row, int4 32 where it divides "
                                                            "d_model)")
     quantize_resident: Literal["none", "int8", "int4"] | None = Field(None, description="resident matrices (attention, "
-                                                                                "head): int8 with quantize unless "
+                                                                                "head, token embeddings): int8 "
+                                                                                "with quantize unless "
                                                                                 "'none'")
     two_level_scales: bool = Field(False, description="int4 rows and int4 resident matrices with two-level scales: "
                                                       "each group's scale and offset a 6-bit multiple of its "

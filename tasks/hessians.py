@@ -33,7 +33,7 @@ _RESIDENT = re.compile(r"^layers\.(\d+)\.attn\.([qkvo])\.weight$")
 
 class CalibrationHessians:
     """layer -> (H of the FFN input [D, D], H of the down projection's input [N, N]), float32;
-    `resident(name)`: H of a resident matrix's input (attention, untied head)."""
+    `resident(name)`: H of a resident matrix's input (attention, the head: tied or not)."""
 
     def __init__(self, source: SourceModel, ids: torch.Tensor, *, max_bytes: int = MAX_BYTES,
                  batch_sequences: int = 8, threads: int | None = None, resident_inputs: bool = True):
@@ -46,8 +46,7 @@ class CalibrationHessians:
         per_layer = 4 * (source.dim**2 + source.ffn_dim**2) + (8 * source.dim**2 if resident_inputs else 0)
         self.layers_per_pass = max(1, min(source.n_layers, max_bytes // per_layer))
         self._held: dict[int, dict[str, torch.Tensor]] = {}
-        self._head: torch.Tensor | None = None  # H of the LM head's input (untied heads), from the first pass
-        self._head_known = False  # a pass has run: _head is the head's matrix, or None for a tied head
+        self._head: torch.Tensor | None = None  # H of the LM head's input, from the first pass
         self.passes = 0
 
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +55,14 @@ class CalibrationHessians:
 
     def resident(self, name: str) -> torch.Tensor | None:
         """H of the input of resident matrix `name` (flashio's name): layers.{i}.attn.{q,k,v,o}.weight
-        or lm_head.weight; None for any other name, or when resident_inputs is off. A layer's
+        or lm_head.weight (the head's input, also when the head is the tied token embeddings); None
+        for any other name, or when resident_inputs is off. A layer's
         matrices stay until the next pass (ask for them after `self(i)`, before `self(i + 1)`, to
         need no pass of their own)."""
         if not self.resident_inputs:
             return None
         if name == "lm_head.weight":
-            if not self._head_known:
+            if self._head is None:
                 self._fill(range(0, min(self.source.n_layers, self.layers_per_pass)))
             return self._head
         m = _RESIDENT.match(name)
@@ -102,7 +102,7 @@ class CalibrationHessians:
 
         model = load_model(str(s.path), "float32", s.fingerprint)
         head = None
-        if self.resident_inputs and self._head is None and not model.config.get_text_config().tie_word_embeddings:
+        if self.resident_inputs and self._head is None:
             head = torch.zeros(s.dim, s.dim)
 
         def more() -> list:
@@ -124,7 +124,6 @@ class CalibrationHessians:
         self.passes += 1
         if head is not None:
             self._head = head
-        self._head_known = True
         log.info("GPTQ calibration matrices of layers %d-%d from %d rows of %d tokens (pass %d)",
                  layers.start, layers.stop - 1, *self.ids.shape, self.passes)
         self._held = held

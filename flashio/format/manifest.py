@@ -26,7 +26,7 @@ from typing import Any
 
 from flashio.dtypes import ITEMSIZE
 from flashio.errors import FormatError
-from flashio.quant import RESIDENT_SCHEMES, SCALE_DTYPE, PartQuant, RowQuant, check_row_quant
+from flashio.quant import EMBEDDING_ROWS, RESIDENT_SCHEMES, SCALE_DTYPE, SCHEMES, PartQuant, RowQuant, check_row_quant
 
 FORMAT_VERSION = 1  # what an artifact with 3-part (or ReLU's 2-part) bundles is written as
 GATE_RESIDENT_VERSION = 2  # version 1 + gate rows resident (bundles of up + down for a gated FFN)
@@ -92,17 +92,18 @@ class ResidentQuant:
     int8 (per output channel): codes under the matrix's own name, int8 [out, in], and its fp16
     scales [out] under the name in `scales`. int4 (groups along the input, as the FFN's bundle
     rows): one uint8 tensor [out, row_bytes] under the matrix's name, each row its codes, scales
-    and offsets as the RowQuant in `rows` (one part, "w") lays them out."""
+    and offsets as the RowQuant in `rows` (one part, "w") lays them out. The token embeddings are
+    rows of int8 in groups (flashio.quant.embedding_row_quant) in either scheme's record."""
 
     scheme: str  # "int8" | "int4"
     scale_dtype: str
     scales: dict[str, str] = field(default_factory=dict)  # int8: matrix name -> scale tensor name
-    rows: dict[str, RowQuant] = field(default_factory=dict)  # int4: matrix name -> its rows' layout
+    rows: dict[str, RowQuant] = field(default_factory=dict)  # matrix name -> its rows' layout
 
     @property
     def matrices(self) -> tuple[str, ...]:
         """The names of the quantized matrices."""
-        return tuple(self.rows) if self.scheme == "int4" else tuple(self.scales)
+        return (*self.rows, *self.scales)
 
     @property
     def stored_tensors(self) -> tuple[str, ...]:
@@ -110,7 +111,7 @@ class ResidentQuant:
         return (*self.matrices, *self.scales.values())
 
     def to_json(self) -> dict:
-        tensors = ({k: q.to_json() for k, q in self.rows.items()} if self.scheme == "int4" else dict(self.scales))
+        tensors = {**self.scales, **{k: q.to_json() for k, q in self.rows.items()}}
         return {"scheme": self.scheme, "axis": "output", "scale_dtype": self.scale_dtype, "tensors": tensors}
 
 
@@ -462,27 +463,31 @@ def _resident_quant(d: dict) -> ResidentQuant | None:
     tensors = _get(raw, "tensors", dict, w)
     if d["format_version"] < QUANTIZED_VERSION:
         raise FormatError(f"manifest.json: resident_quant needs format_version {QUANTIZED_VERSION}")
-    if scheme == "int4":  # each matrix's rows: a one-part RowQuant record ("w", its input width)
-        rows = {}
-        for k, v in tensors.items():
-            if not isinstance(k, str) or not isinstance(v, dict):
-                raise FormatError(f"manifest.json: resident_quant.tensors[{str(k)[:60]!r}] must be the row layout "
-                                  f"of an int4 matrix, got {str(v)[:80]}")
-            parts = v.get("parts")
-            span = parts[0] if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], list) else None
-            if span is None or len(span) < 3 or not all(type(x) is int for x in span[1:3]) or span[2] <= span[1]:
-                raise FormatError(f"manifest.json: resident_quant.tensors[{k!r}].parts must be one part's "
-                                  f"[name, codes_start, codes_end, ...], got {str(parts)[:80]}")
-            if v.get("scheme") != "int4":
-                raise FormatError(f"manifest.json: resident_quant.tensors[{k!r}] is {str(v.get('scheme'))[:20]}, "
-                                  "the record says int4")
-            rows[k] = _parse_row_quant(v, ("w",), (span[2] - span[1]) * 2, f"{w}.tensors[{k!r}]")
-        return ResidentQuant(scheme, scale_dtype, rows=rows)
-    if not all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in tensors.items()) \
-            or len(set(tensors.values())) != len(tensors) or set(tensors) & set(tensors.values()):
+    # rows (a one-part RowQuant record: "w", its input width): every int4 matrix, and the token
+    # embeddings as int8 rows in groups in either record; the other int8 matrices: a scale tensor's name
+    rows, scales = {}, {}
+    for k, v in tensors.items():
+        if isinstance(k, str) and isinstance(v, str) and scheme == "int8":
+            scales[k] = v
+            continue
+        if not isinstance(k, str) or not isinstance(v, dict):
+            raise FormatError(f"manifest.json: resident_quant.tensors[{str(k)[:60]!r}] must be the row layout "
+                              f"of a quantized matrix" + (" or its scale tensor's name" if scheme == "int8" else "")
+                              + f", got {str(v)[:80]}")
+        parts = v.get("parts")
+        span = parts[0] if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], list) else None
+        if span is None or len(span) < 3 or not all(type(x) is int for x in span[1:3]) or span[2] <= span[1]:
+            raise FormatError(f"manifest.json: resident_quant.tensors[{k!r}].parts must be one part's "
+                              f"[name, codes_start, codes_end, ...], got {str(parts)[:80]}")
+        row_scheme = v.get("scheme")
+        if row_scheme != scheme and not (row_scheme == "int8" and k == EMBEDDING_ROWS):
+            raise FormatError(f"manifest.json: resident_quant.tensors[{k!r}] is {str(row_scheme)[:20]}, "
+                              f"the record says {scheme}")
+        rows[k] = _parse_row_quant(v, ("w",), (span[2] - span[1]) * 8 // SCHEMES[row_scheme], f"{w}.tensors[{k!r}]")
+    if len(set(scales.values())) != len(scales) or (set(scales) | set(rows)) & set(scales.values()):
         raise FormatError(f"manifest.json: resident_quant.tensors must map each matrix to its own scale tensor, "
                           f"got {str(tensors)[:120]}")
-    return ResidentQuant(scheme, scale_dtype, dict(tensors))
+    return ResidentQuant(scheme, scale_dtype, scales, rows)
 
 
 def parse_manifest(text: bytes | str) -> Manifest:

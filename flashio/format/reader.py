@@ -116,11 +116,11 @@ class Artifact:
                 raise FormatError(f"{path}: quantized matrix {name!r} and its scales {scale_name!r} are (dtype, "
                                   f"shape) = {found}; expected int8 [out, in] and float16 [out]; rebuild the artifact")
         rows = m.resident_quant.rows if m.resident_quant is not None else {}
-        for name, q in rows.items():  # int4: [out, row_bytes] uint8, the record's layout
+        for name, q in rows.items():  # [out, row_bytes] uint8, the record's layout
             info = infos.get(name)
             if info is None or info.dtype != "U8" or len(info.shape) != 2 or info.shape[1] != q.row_bytes:
                 found = None if info is None else (info.dtype, info.shape)
-                raise FormatError(f"{path}: int4 matrix {name!r} is (dtype, shape) = {found}; expected uint8 rows of "
+                raise FormatError(f"{path}: {q.scheme} matrix {name!r} is (dtype, shape) = {found}; expected uint8 rows of "
                                   f"{q.row_bytes} bytes ([out, {q.row_bytes}]); rebuild the artifact")
         for i, L in enumerate(m.ffn_layers if m.gate_resident else ()):
             info = infos.get(L.gate_tensor)

@@ -55,12 +55,15 @@ from flashio.models import get_architecture
 from flashio.models.base import FFNWeights
 from flashio.predictor import PredictorWeights
 from flashio.quant import (
+    EMBEDDING_ROWS,
     RESIDENT_QUANTIZED,
     RESIDENT_SCHEMES,
     SCALE_DTYPE,
     GroupCodes,
     RowQuant,
     check_scheme,
+    embedding_row_quant,
+    quantize_embedding_rows,
     quantize_resident,
     quantize_resident_rows,
     quantize_rows,
@@ -227,7 +230,9 @@ def write_artifact(
     quantize_resident: 'int8' (the default when quantize is given), 'int4' or 'none': the resident
       matrices (attention, an untied head, resident gate rows): int8 per output channel, int4 in
       groups along the input as the bundle rows (32 where they divide it, with offsets; rounded to
-      nearest unless resident_hessians); embeddings stay in `dtype`.
+      nearest unless resident_hessians); in either scheme the token embeddings as int8 rows in groups of
+      32 (flashio.quant.EMBEDDING_ROWS; by GPTQ on the head's input when a tied head multiplies by them);
+      position embeddings stay in `dtype`.
     up_sketch: gate-resident artifacts: 'int4' or 'int8': a quantized copy of every layer's up rows
       stays in DRAM too (UP_SKETCH_TENSOR, unaligned rows; format version 3), with which selection
       'gate+up' ranks neurons by |act(gate) * (x @ up)|; up_sketch_group_size: elements per scale
@@ -329,12 +334,12 @@ def write_artifact(
                     resident[f"layers.{i}.ffn.gate"] = w.gate.to(tdtype)[order].contiguous()  # [N, D]
                     if gptq_resident and h_in is not None:
                         resident_groups[f"layers.{i}.ffn.gate"] = _gptq_resident(
-                            w.gate.to(tdtype), h_in, quantize_resident, two_level_scales)[order]
+                            "ffn.gate", w.gate.to(tdtype), h_in, quantize_resident, two_level_scales)[order]
                 if gptq_resident:
                     for key in (f"layers.{i}.attn.{x}.weight" for x in "qkvo"):
                         hm = resident_hessians(key) if key in resident else None
                         if hm is not None:
-                            resident_groups[key] = _gptq_resident(resident[key], hm, quantize_resident,
+                            resident_groups[key] = _gptq_resident(key, resident[key], hm, quantize_resident,
                                                                   two_level_scales)
                 if sketch is not None:
                     resident[UP_SKETCH_TENSOR.format(i)] = quantize_rows(w.up.to(tdtype)[order], sketch)
@@ -364,10 +369,13 @@ def write_artifact(
             f.flush()
             os.fsync(f.fileno())
         files = {FFN: FileEntry(FFN, total, h.hexdigest())}
-        hm = resident_hessians("lm_head.weight") if gptq_resident and "lm_head.weight" in resident else None
+        # the head by GPTQ on its input: an untied lm_head, or the token embeddings a tied head multiplies by
+        # (their rows looked up then carry the errors GPTQ spreads over the head's inputs)
+        head = "lm_head.weight" if "lm_head.weight" in resident else "tok_embeddings.weight"
+        hm = resident_hessians("lm_head.weight") if gptq_resident and head in resident else None
         if hm is not None:
-            resident_groups["lm_head.weight"] = _gptq_resident(resident["lm_head.weight"], hm, quantize_resident,
-                                                               two_level_scales)
+            resident_groups[head] = _gptq_resident(head, resident[head], hm, quantize_resident,
+                                                    two_level_scales)
         resident_quant = (_quantize_resident(resident, quantize_resident, resident_groups, two_level_scales)
                           if quantize_resident != "none" else None)
         save_file(resident, str(tmp / RESIDENT), metadata={"format": "pt"})
@@ -427,9 +435,13 @@ def _gptq_groups(mats: dict[str, torch.Tensor], parts: Sequence[str], rq: RowQua
     return out
 
 
-def _gptq_resident(w: torch.Tensor, h: torch.Tensor, scheme: str, two_level: bool = False) -> GroupCodes:
+def _gptq_resident(name: str, w: torch.Tensor, h: torch.Tensor, scheme: str, two_level: bool = False) -> GroupCodes:
     """A resident [out, in] matrix quantized by GPTQ on H of its input, laid out as _quantize_resident
-    stores `scheme`: int4 in the resident rows' groups, int8 one symmetric scale per output row."""
+    stores `scheme`: int4 in the resident rows' groups, int8 one symmetric scale per output row;
+    the token embeddings (a tied head) in their int8 rows' groups, whatever the scheme."""
+    if name == EMBEDDING_ROWS:
+        q = embedding_row_quant(w.shape[1])
+        return gptq_rows(w.float(), h, bits=q.bits, group_size=q.group_size, offsets=False)
     if scheme == "int4":
         q = resident_row_quant(w.shape[1], two_level)
         return gptq_rows(w.float(), h, bits=q.bits, group_size=q.group_size, offsets=q.offsets,
@@ -450,6 +462,9 @@ def _quantize_resident(resident: dict[str, torch.Tensor], scheme: str,
         if not (RESIDENT_QUANTIZED.search(name) and t.ndim == 2 and t.is_floating_point()):
             continue
         gc = groups.get(name)
+        if name == EMBEDDING_ROWS:
+            resident[name], rows[name] = quantize_embedding_rows(t, gc)
+            continue
         if scheme == "int4":
             resident[name], rows[name] = quantize_resident_rows(t, two_level, gc)
             continue

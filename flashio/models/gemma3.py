@@ -145,10 +145,10 @@ class Model(llama.Model):
     def __init__(self, args: ModelArgs, w: dict[str, torch.Tensor]):
         super().__init__(args, w)  # self.inv_freq: the global layers'
         local = dataclasses.replace(args, rope_theta=args.rope_local_theta, rope_type="default")
-        self.inv_freq_local = llama.rope_inv_freq(local).to(self.tok.device)  # [Dh/2]
+        self.inv_freq_local = llama.rope_inv_freq(local).to(self.norm_w.device)  # [Dh/2]
         self.scale = args.query_pre_attn_scalar**-0.5
         # transformers keeps sqrt(hidden) as an fp32 buffer and rounds it to the weight's dtype
-        self.embed_scale = torch.tensor(math.sqrt(args.dim)).to(self.tok.dtype)
+        self.embed_scale = torch.tensor(math.sqrt(args.dim)).to(self.dtype)
         # (1 + weight) in fp32 of every norm, by weight: computed once instead of in each call (the
         # same values; two ops fewer in each of a layer's six norms)
         norms = [self.norm_w, *(t for lw in self.layers for k, t in lw.items() if k.endswith("norm.weight"))]
@@ -171,7 +171,7 @@ class Model(llama.Model):
         return self._rms(q, lw["attn.q_norm.weight"]), self._rms(k, lw["attn.k_norm.weight"]), v
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        return self.tok[tokens] * self.embed_scale  # [T, D]
+        return llama.embedding(self.tok, tokens, self.dtype) * self.embed_scale  # [T, D]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
         lw = self.layers[i]

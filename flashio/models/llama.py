@@ -20,6 +20,7 @@ from flashio.models.base import (
     FFNWeights,
     KVCache,
     attend,
+    embedding,
     head_linear,
     linear,
 )
@@ -209,11 +210,12 @@ class Model:
         self.tok = w["tok_embeddings.weight"]  # [V, D]
         self.lm_head = w.get("lm_head.weight", self.tok)
         self.norm_w = w["norm.weight"]
+        self.dtype = self.norm_w.dtype  # of the computation (the embeddings may be quantized)
         self.layers = [
             {k.split(".", 2)[2]: t for k, t in w.items() if k.startswith(f"layers.{i}.")}
             for i in range(args.n_layers)
         ]
-        self.inv_freq = rope_inv_freq(args).to(self.tok.device)  # [Dh/2]
+        self.inv_freq = rope_inv_freq(args).to(self.norm_w.device)  # [Dh/2]
         self.scale = args.head_dim**-0.5
         # the step's rope tables, by frequencies and dtype: computed once per step instead of
         # twice per layer (q and k), ~7 small ops each; they depend only on the key and (start, T)
@@ -250,7 +252,7 @@ class Model:
         return apply_rope(x, *table)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        return self.tok[tokens]  # [T, D]
+        return embedding(self.tok, tokens, self.dtype)  # [T, D]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
         return x + self.self_attention(i, self._rms(x, self.layers[i]["attn_norm.weight"]), kv, start)

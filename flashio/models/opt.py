@@ -19,6 +19,7 @@ from flashio.models.base import (
     FFNWeights,
     KVCache,
     attend,
+    embedding,
     head_linear,
     linear,
 )
@@ -170,7 +171,7 @@ class Model:
     def __init__(self, args: ModelArgs, w: dict[str, torch.Tensor]):
         self.args = args
         self.tok = w["tok_embeddings.weight"]  # [V, D]
-        self.pos = w["pos_embeddings.weight"]  # [max_pos + 2, D]
+        self.pos = w["pos_embeddings.weight"]  # [max_pos + 2, D], float (the token embeddings may be quantized)
         self.lm_head = w.get("lm_head.weight", self.tok)
         self.norm = (w.get("norm.weight"), w.get("norm.bias")) if args.final_norm else None
         self.layers = [
@@ -186,7 +187,7 @@ class Model:
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         # tokens: [T] -> [T, D]
         pos = torch.arange(start, start + tokens.shape[0], device=self.pos.device) + POSITION_OFFSET
-        return self.tok[tokens] + self.pos[pos]
+        return embedding(self.tok, tokens, self.pos.dtype) + self.pos[pos]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
         a, lw = self.args, self.layers[i]

@@ -120,7 +120,10 @@ def test_quantized_rows_and_resident_codes_count_as_held(opt, opt_int4):
     plain = TokenTraffic.of(opt, "sparse", "bfloat16").step_bytes(step(active=120, cache_rows=300), context=3)
     assert plain["terms"]["attention"] == L * (4 * d * d + 4 * d) * 2
     assert out["terms"]["attention"] == L * (4 * d * d * 1 + 4 * d * 2 + 4 * d * 2)  # codes, scales, biases
-    assert out["terms"]["head"] == plain["terms"]["head"]  # tied: the float embedding matrix
+    # tied: the embedding matrix as int8 rows, codes and an fp16 scale per 32; a token's row, the float position row
+    row = d + d // 32 * 2
+    assert out["terms"]["head"] == a.vocab_size * row and plain["terms"]["head"] == a.vocab_size * d * 2
+    assert out["terms"]["embeddings"] == row + d * 2
 
 
 def mem_profile(**kw) -> DeviceProfile:

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import flashio  # noqa: E402
 from flashio.errors import UnsupportedArchitectureError  # noqa: E402
 from flashio.format import Artifact, write_artifact  # noqa: E402
 from flashio.models import gemma3  # noqa: E402
@@ -94,3 +95,25 @@ def test_pipeline_source_check_knows_gemma3(tiny_gemma):
     _, path, _ = tiny_gemma
     src = inspect_source(str(path), hash_files=False)
     assert (src.model_type, src.gated, src.n_layers, src.dim, src.ffn_dim) == ("gemma3_text", True, 3, 64, 192)
+
+
+def test_quantized_token_embeddings_are_scaled_like_float_ones(tiny_gemma, tmp_path):
+    """--quantize-resident int8: a token's row is its int8 codes times their group's fp16 scale
+    (groups of 32, decoded here by hand), then times sqrt(hidden) as float rows are; the tied head
+    multiplies by the same rows."""
+    from safetensors.torch import load_file
+
+    hf, path, art = tiny_gemma
+    q = write_artifact(path, tmp_path / "q", dtype="float32", quantize="int8")
+    stored = load_file(str(Artifact(q).file(Artifact(q).manifest.resident_file)))
+    tokens = torch.tensor(PROMPT)
+    raw = stored["tok_embeddings.weight"][tokens]  # [T, 64 codes + 2 fp16 scales]
+    assert raw.shape[1] == 64 + 2 * 2
+    scale = raw[:, 64:].contiguous().view(torch.float16).float()  # [T, 2]
+    rows = (raw[:, :64].contiguous().view(torch.int8).float().view(-1, 2, 32) * scale[..., None]).view(-1, 64)
+    with flashio.open(q, mode="dense") as model, flashio.open(art, mode="dense") as ref:
+        torch.testing.assert_close(model.model.embed(tokens, 0), rows * math.sqrt(64), rtol=1e-6, atol=1e-6)
+        assert model.model.lm_head is model.model.tok
+        got, want = model.forward(PROMPT), ref.forward(PROMPT)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8

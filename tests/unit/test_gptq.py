@@ -198,6 +198,42 @@ def test_resident_matrices_quantized_by_gptq_move_their_calibration_outputs_less
         assert err["gptq"][name] < err["rtn"][name], (name, err["gptq"][name], err["rtn"][name])
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tied_head_is_quantized_by_gptq_on_its_input(tmp_path, scheme):
+    """A tied head: CalibrationHessians records its input (the decoder's normed output) as for an
+    untied one, and the writer quantizes the token embeddings it shares by GPTQ on it, which moves
+    the head's calibration outputs (tr(dW H dW^T)) less than round to nearest does."""
+    from flashio.format import Artifact, write_artifact
+    from flashio.quant import assemble_resident
+    from tasks.hessians import CalibrationHessians
+    from tests.conftest import make_llama
+
+    path = tmp_path / "ckpt"
+    model = make_llama(path, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(3, 320, (8, 24), generator=torch.Generator().manual_seed(2))
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    src = _source(model, path)
+    h = CalibrationHessians(src, ids).resident("lm_head.weight")
+    torch.testing.assert_close(h, torch.cat(seen).T @ torch.cat(seen), rtol=1e-4, atol=1e-4)
+    ref_w = model.model.embed_tokens.weight.detach()
+    err = {}
+    for method in ("gptq", "rtn"):
+        hess = CalibrationHessians(src, ids)
+        art = Artifact(write_artifact(path, tmp_path / method, dtype="float32", quantize="int4",
+                                      quantize_resident=scheme, hessians=hess,
+                                      resident_hessians=hess.resident if method == "gptq" else None))
+        assert "lm_head.weight" not in art.load_resident()
+        dw = (_dense(assemble_resident(art.load_resident(), art.manifest.resident_quant)["tok_embeddings.weight"])
+              - ref_w).double()
+        err[method] = float(((dw @ h.double()) * dw).sum())
+    assert err["gptq"] < 0.9 * err["rtn"], err
+
+
 def _source(model, path):
     from tasks.source import SourceModel
 
