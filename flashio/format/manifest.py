@@ -26,7 +26,15 @@ from typing import Any
 
 from flashio.dtypes import ITEMSIZE
 from flashio.errors import FormatError
-from flashio.quant import EMBEDDING_ROWS, RESIDENT_SCHEMES, SCALE_DTYPE, SCHEMES, PartQuant, RowQuant, check_row_quant
+from flashio.quant import (
+    EMBEDDING_ROWS,
+    RESIDENT_SCHEMES,
+    SCALE_DTYPE,
+    SCHEMES,
+    PartQuant,
+    RowQuant,
+    check_row_quant,
+)
 
 FORMAT_VERSION = 1  # what an artifact with 3-part (or ReLU's 2-part) bundles is written as
 GATE_RESIDENT_VERSION = 2  # version 1 + gate rows resident (bundles of up + down for a gated FFN)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from flashio import kernels
 from flashio.errors import FlashError
-from flashio.quant import QuantizedRows, QuantizedWeight, embedding
+from flashio.quant import QuantizedRows, QuantizedWeight
 from flashio.quant import linear as quant_linear
 
 # vocabulary rows per matmul of a head over several positions (head_linear)

@@ -20,10 +20,10 @@ from flashio.models.base import (
     FFNWeights,
     KVCache,
     attend,
-    embedding,
     head_linear,
     linear,
 )
+from flashio.quant import embedding
 
 MODEL_TYPES = ("llama",)
 FFN = FFNSpec(parts=("up", "gate", "down"), activation="silu", hook_path="model.layers.{i}.mlp.gate_proj")

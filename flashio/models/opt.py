@@ -19,10 +19,10 @@ from flashio.models.base import (
     FFNWeights,
     KVCache,
     attend,
-    embedding,
     head_linear,
     linear,
 )
+from flashio.quant import embedding
 
 MODEL_TYPES = ("opt",)
 FFN = FFNSpec(parts=("up", "down"), activation="relu", hook_path="model.decoder.layers.{i}.fc1")

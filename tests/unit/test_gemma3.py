@@ -103,7 +103,7 @@ def test_quantized_token_embeddings_are_scaled_like_float_ones(tiny_gemma, tmp_p
     multiplies by the same rows."""
     from safetensors.torch import load_file
 
-    hf, path, art = tiny_gemma
+    _, path, art = tiny_gemma
     q = write_artifact(path, tmp_path / "q", dtype="float32", quantize="int8")
     stored = load_file(str(Artifact(q).file(Artifact(q).manifest.resident_file)))
     tokens = torch.tensor(PROMPT)
