@@ -91,12 +91,11 @@ def resident_terms(infos: Mapping[str, TensorInfo], itemsize: int, *, tied_head:
                           or not SAFETENSORS_TORCH[info.dtype].is_floating_point):
             continue  # integer tensors (the stored neuron order) serve the open, not the token
         whole = _numel(info) * (1 if codes else itemsize)
-        if name in ("tok_embeddings.weight", "tok_embeddings.scale", "pos_embeddings.weight"):
-            # one row per token (a quantized row's scale: one element)
-            terms["embeddings"] += (info.shape[-1] if len(info.shape) == 2 else 1) * (1 if codes else itemsize)
-            if name != "pos_embeddings.weight" and tied_head:
+        if name in ("tok_embeddings.weight", "pos_embeddings.weight"):
+            terms["embeddings"] += info.shape[-1] * (1 if codes else itemsize)  # one row per token
+            if name == "tok_embeddings.weight" and tied_head:
                 terms["head"] += whole  # the head multiplies by the whole matrix
-        elif name in ("lm_head.weight", "lm_head.scale"):
+        elif name in ("lm_head.weight", "lm_head.scale"):  # an untied int8 head's codes and their scales
             terms["head"] += whole
         elif name.endswith((".ffn.up_bias", ".ffn.gate_bias")):
             per_row += 1  # indexed by the rows computed: counted with the FFN

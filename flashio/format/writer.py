@@ -334,7 +334,7 @@ def write_artifact(
                     resident[f"layers.{i}.ffn.gate"] = w.gate.to(tdtype)[order].contiguous()  # [N, D]
                     if gptq_resident and h_in is not None:
                         resident_groups[f"layers.{i}.ffn.gate"] = _gptq_resident(
-                            "ffn.gate", w.gate.to(tdtype), h_in, quantize_resident, two_level_scales)[order]
+                            f"layers.{i}.ffn.gate", w.gate.to(tdtype), h_in, quantize_resident, two_level_scales)[order]
                 if gptq_resident:
                     for key in (f"layers.{i}.attn.{x}.weight" for x in "qkvo"):
                         hm = resident_hessians(key) if key in resident else None
@@ -371,7 +371,7 @@ def write_artifact(
         files = {FFN: FileEntry(FFN, total, h.hexdigest())}
         # the head by GPTQ on its input: an untied lm_head, or the token embeddings a tied head multiplies by
         # (their rows looked up then carry the errors GPTQ spreads over the head's inputs)
-        head = "lm_head.weight" if "lm_head.weight" in resident else "tok_embeddings.weight"
+        head = "lm_head.weight" if "lm_head.weight" in resident else EMBEDDING_ROWS
         hm = resident_hessians("lm_head.weight") if gptq_resident and head in resident else None
         if hm is not None:
             resident_groups[head] = _gptq_resident(head, resident[head], hm, quantize_resident,

@@ -27,6 +27,7 @@ from flashio.errors import UnsupportedArchitectureError
 from flashio.models import llama
 from flashio.models.base import ConfigDims, FFNSpec, KVCache
 from flashio.models.llama import base_fields, rope_fields
+from flashio.quant import embedding
 
 MODEL_TYPES = ("gemma3_text",)
 FFN = FFNSpec(parts=("up", "gate", "down"), activation="gelu_pytorch_tanh",
@@ -171,7 +172,7 @@ class Model(llama.Model):
         return self._rms(q, lw["attn.q_norm.weight"]), self._rms(k, lw["attn.k_norm.weight"]), v
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        return llama.embedding(self.tok, tokens, self.dtype) * self.embed_scale  # [T, D]
+        return embedding(self.tok, tokens, self.dtype) * self.embed_scale  # [T, D]
 
     def attention(self, i: int, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
         lw = self.layers[i]
