@@ -335,6 +335,26 @@ def test_token_embeddings_are_quantized_with_the_resident_matrices(opt_quant):
         assert (got - want).abs().max() < 0.01 * want.abs().max()
 
 
+def test_artifacts_with_float_token_embeddings_still_open(opt_quant, tiny_opt, tmp_path, monkeypatch):
+    """Quantized artifacts written before the embeddings were quantized (their resident record
+    without them) open with float embeddings and compute as the current ones do, up to the
+    embeddings' rounding."""
+    import re
+
+    import flashio.format.writer as writer
+
+    monkeypatch.setattr(writer, "RESIDENT_QUANTIZED", re.compile(r"(^lm_head\.weight$)|(\.attn\.[qkvo]\.weight$)"))
+    old = write_artifact(tiny_opt[1], tmp_path / "old", dtype="float32", quantize="int8")
+    rq = Artifact(old).manifest.resident_quant
+    assert "layers.0.attn.q.weight" in rq.matrices and "tok_embeddings.weight" not in rq.matrices
+    with flashio.open(old, mode="dense") as model:
+        assert isinstance(model.model.tok, torch.Tensor) and model.model.tok.dtype == torch.float32
+        got = model.forward(PROMPT)
+    with flashio.open(opt_quant["int8"], mode="dense") as model:
+        want = model.forward(PROMPT)
+    assert 0 < (got - want).abs().max() < 0.01 * want.abs().max()
+
+
 def test_int4_resident_matrices(opt_quant):
     """--quantize-resident int4: attention and head as int4 rows (embeddings int8 rows), a quarter of
     int8's resident codes plus their scales; the model computes close to the float one."""
