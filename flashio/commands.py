@@ -271,6 +271,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  FFN on flash : {format_size(s['ffn_bytes'])} ({format_size(s['bundle_bytes'])} per bundle: "
           f"{' + '.join(p for p, _, _ in m.bundle_layout)})")
     print(f"  resident     : {format_size(s['resident_bytes'])}")
+    if s["quantization"] or s["resident_quantization"]:
+        rows = f"{s['quantization']} (groups of {s['quantization_group_size']})" if s["quantization"] else "float"
+        print(f"  quantized    : FFN rows {rows}, resident matrices {s['resident_quantization'] or 'float'}, "
+              f"token embeddings {s['embedding_quantization'] or 'float'}")
     print(f"  predictors   : {'none' if s['predictors'] is None else 'ranks ' + str(sorted(set(s['predictors'])))}")
     print(f"  tokenizer    : {'yes' if s['tokenizer'] else 'no (token ids only)'}")
     src = m.lineage.get("source", {})

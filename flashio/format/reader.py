@@ -35,6 +35,7 @@ from flashio.format.resident import read_resident
 from flashio.hashing import sha256_file
 from flashio.models import get_architecture
 from flashio.predictor import PredictorWeights
+from flashio.quant import EMBEDDING_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ class Artifact:
             "quantization": None if m.quant is None else m.quant.scheme,
             "quantization_group_size": None if m.quant is None else m.quant.group_size,
             "resident_quantization": None if m.resident_quant is None else m.resident_quant.scheme,
+            "embedding_quantization": None if m.resident_quant is None or EMBEDDING_ROWS not in m.resident_quant.rows
+            else m.resident_quant.rows[EMBEDDING_ROWS].scheme,
             "ffn_bytes": sum(L.length_bytes for L in m.ffn_layers),
             "resident_bytes": m.files[m.resident_file].size_bytes,
             "predictors": None if m.predictor_layers is None else [p.rank for p in m.predictor_layers],

@@ -36,6 +36,21 @@ def test_pack_inspect_run(tiny_opt, tmp_path, capsys):
     assert main(["run", str(out), "--prompt", "x", "--max-new-tokens", "3", "--mode", "naive", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["per_token"]["bytes_read"] == 2 * 256 * 512
+    assert main(["inspect", str(out)]) == 0
+    assert "quantized" not in capsys.readouterr().out  # a float artifact has no quantization line
+
+
+def test_inspect_names_the_quantization(tiny_opt, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["pack", str(tiny_opt[1]), str(out), "--dtype", "float32", "--quantize", "int4",
+                 "--quantize-resident", "int4"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert ("quantized    : FFN rows int4 (groups of 32), resident matrices int4, token embeddings int8"
+            in capsys.readouterr().out)
+    assert main(["inspect", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["quantization"], s["resident_quantization"], s["embedding_quantization"]) == ("int4", "int4", "int8")
 
 
 def test_errors_are_one_line(opt_artifact, capsys):
