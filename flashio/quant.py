@@ -1,6 +1,7 @@
 """Quantized weights (format version 3): group-wise int8 (symmetric) / int4 (asymmetric) bundle
 rows, resident matrices as int8 per output channel (QuantizedWeight) or int4 rows laid out as a
-one-part bundle row (QuantizedRows), and the matrix-vector products on them.
+one-part bundle row (QuantizedRows), token embeddings as int8 rows in groups (QuantizedRows,
+EMBEDDING_ROWS), and the matrix-vector products on them.
 
     spec = row_quant(("up", "down"), dim=4096, scheme="int4", group_size=4096)
     rows = quantize_rows(bundles, spec)                    # [N, parts*D] float -> [N, row_bytes] uint8
@@ -755,10 +756,6 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.codes.numel() + self.scale.numel() * self.scale.element_size()
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the matrix in float32 (an embedding lookup)."""
-        return self.codes[ids].float() * self.scale[ids].float().unsqueeze(-1)
-
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out]; on the CPU torch's weight-only int8 kernel (bf16 in, fastest
         measured), elsewhere the codes converted in x's dtype."""
@@ -831,8 +828,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight | QuantizedRows,
     return F.linear(x, w, b)
 
 
-def embedding(w: torch.Tensor | QuantizedWeight | QuantizedRows, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` of an embedding matrix in `dtype`: indexed when float, dequantized when quantized."""
+def embedding(w: torch.Tensor | QuantizedRows, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of an embedding matrix in `dtype`: indexed when float, dequantized when quantized
+    (EMBEDDING_ROWS)."""
     if isinstance(w, torch.Tensor):
         return w[ids]
     return w.lookup(ids).to(dtype)
