@@ -211,6 +211,26 @@ def _check_quantized_products(built, q):
                                    atol=tol * float(want_dot.abs().max()))
 
 
+@pytest.mark.parametrize("dim, group", [(640, 32), (128, 64), (96, 32), (128, 128)])
+def test_one_part_int8_rows_read_in_order_match_the_batched_path(built, dim, group):
+    """Resident int8 rows of one part (the token embeddings) with every row read go a row at a
+    time in order (VNNI builds); with a mask they go four at a time: the same products, row for
+    row, and both the dequantized rows times x as the kernels round it."""
+    from flashio.quant import embedding_row_quant, quantize_rows, row_quant
+    q = row_quant(("w",), dim=dim, scheme="int8", group_size=group, aligned=False, offsets=False, embed_scales=False)
+    if group == 32:
+        assert q == embedding_row_quant(dim)
+    g = torch.Generator().manual_seed(6)
+    n = 37  # four-row batches and a tail
+    rows = quantize_rows(torch.randn(n, dim, generator=g) * 0.05, q)
+    x = torch.randn(dim, generator=g)
+    in_order = built.qdot(rows, q.layout("w"), x)
+    batched = built.qdot(rows, q.layout("w"), x, mask=torch.ones(n))
+    torch.testing.assert_close(in_order, batched, rtol=0, atol=1e-6 * float(batched.abs().max()))
+    want = _qdot_reference(built, rows, q, "w", x)
+    torch.testing.assert_close(in_order.double(), want, rtol=0, atol=2e-6 * dim * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("dim", [16, 128, 640])
 @pytest.mark.parametrize("embed", [True, False])
 def test_int8_scales_in_the_codes_or_after_them(built, dim, embed):
