@@ -23,18 +23,16 @@ import torch
 from safetensors.torch import load_file
 
 import flashio
-from flashio.quant import quantize_groups
+from flashio.quant import dequantize_rows, quantize_rows, row_quant
 from tasks.scoring import NextTokenTally
 
 
 def rounded(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """w [V, D] rounded to nearest in groups of `group` along D (int4: with offsets), as float32."""
-    gc = quantize_groups(w.float(), bits, group, offsets=bits == 4)
-    n, d = w.shape
-    v = gc.codes.float().view(n, d // group, group) * gc.scales.float()[..., None]
-    if gc.offsets is not None:
-        v = v + gc.offsets.float()[..., None]
-    return v.view(n, d).to(w.dtype)
+    """w [V, D] rounded to nearest in groups of `group` along D (int4: with offsets), stored as
+    flashio stores one-part rows and read back."""
+    q = row_quant(("w",), dim=w.shape[1], scheme=f"int{bits}", group_size=group, aligned=False,
+                  offsets=bits == 4, embed_scales=False)
+    return dequantize_rows(quantize_rows(w.float(), q), q, "w").to(w.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

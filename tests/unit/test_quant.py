@@ -293,18 +293,6 @@ def _stored(path, name):
     return load_file(str(Artifact(path).file(Artifact(path).manifest.resident_file)))[name]
 
 
-def _by_hand_int4(rows, q):
-    """int4 rows [R, row_bytes] of one part "w" decoded here, as the format describes them: the low
-    nibbles the first half of the row, the high ones the second; code * scale + offset per group."""
-    p = q.part("w")
-    codes = rows[:, p.codes_start : p.codes_end].long()
-    vals = torch.cat([codes & 15, codes >> 4], dim=1).float()  # [R, D]
-    scale = rows[:, p.scales_start : p.scales_end].contiguous().view(torch.float16).float()
-    offset = rows[:, p.offsets_start : p.offsets_end].contiguous().view(torch.float16).float()
-    g = q.group_size
-    return (vals.view(len(rows), -1, g) * scale[..., None] + offset[..., None]).view(len(rows), -1)
-
-
 def _by_hand_int8(rows, q):
     """Symmetric int8 rows of one part "w" decoded here: signed codes times each group's fp16 scale."""
     p = q.part("w")
